@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both create the virtual environment when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lorablend-installed
+
+.PHONY: test demo bench example venv clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 first where that wheel exists (a CPU build on our machines), so that a plain
+# `torch` requirement does not pull a multi-GB CUDA build; a torch that is already there is kept.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m lorablend demo --output demo-output
+
+example: $(STAMP)
+	$(PY) examples/merge_loras.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_cpu.py
+
+clean:
+	rm -rf $(VENV) demo-output bench-output

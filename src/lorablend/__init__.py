@@ -1,0 +1,43 @@
+"""lorablend: load, blend, merge, fuse and unfuse LoRA adapters on SD1.x and SDXL pipelines.
+
+>>> import lorablend
+>>> adapter = lorablend.load_adapter("style.safetensors")            # doctest: +SKIP
+>>> print(adapter.report.summary())                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .adapter import Adapter, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
+from .errors import LoraCompatibilityError, LoraFormatError
+from .report import KeyRecord, LoadReport
+
+# Heavier names import diffusers; they load on first use so `import lorablend` stays fast.
+_LAZY = {
+    "load_adapter": "lorablend.io",
+    "save_adapter": "lorablend.io",
+    "merge": "lorablend.merge",
+    "DiffusionPipeline": "lorablend.pipeline",
+}
+
+__all__ = [
+    "Adapter",
+    "LowRankDelta",
+    "LoHaDelta",
+    "LoKrDelta",
+    "FullDelta",
+    "DoRADelta",
+    "LoadReport",
+    "KeyRecord",
+    "LoraFormatError",
+    "LoraCompatibilityError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorablend' has no attribute {name!r}")
