@@ -1,0 +1,258 @@
+"""ModuleIndex: every adaptable layer of a model, and every name other tools use for it.
+
+Built from a real module tree: a live pipeline or model, or the standard SD1.x / SD2.x / SDXL architecture
+built on the meta device (no weights, a fraction of a second). Each Linear / Conv2d of the UNet and text
+encoders gets a canonical target key and the aliases readers meet in files:
+
+* diffusers dotted paths (``down_blocks.1.attentions.0.proj_in``), LDM/SGM dotted paths
+  (``input_blocks.4.1.proj_in``), text-encoder paths with and without ``text_model.``;
+* kohya flattened names (``lora_unet_input_blocks_4_1_proj_in``, ``lora_unet_down_blocks_…``,
+  ``lora_te_…``, ``lora_te1_…``, ``lora_te2_…``, ``lora_te2_text_projection``).
+
+Flattened names are looked up, never un-flattened by guessing where underscores were dots.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .configs import STANDARD
+from .ldm import block_label, ldm_unet_path
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", *TEXT_COMPONENTS)
+_KOHYA_PREFIX = {"unet": ["lora_unet"], "text_encoder": ["lora_te", "lora_te1"], "text_encoder_2": ["lora_te2"]}
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One adaptable layer: its target key, where it lives in the live model, and its weight's shape."""
+
+    target_key: str
+    component: str
+    live_path: str
+    weight_shape: tuple[int, ...]
+    kind: str  # "linear" | "conv"
+    has_bias: bool
+    ldm_path: str | None = None  # UNet modules only
+
+    @property
+    def path(self) -> str:
+        """The canonical module path inside the component (after ``component.``)."""
+        return self.target_key.split(".", 1)[1]
+
+
+@dataclass
+class ModuleIndex:
+    """The adaptable layers of one model and the name tables that lead to them.
+
+    >>> idx = module_index(family="sdxl")                                    # doctest: +SKIP
+    >>> idx.lookup_kohya("lora_unet_input_blocks_4_1_proj_in")               # doctest: +SKIP
+    'unet.down_blocks.1.attentions.0.proj_in'
+    """
+
+    family: str | None
+    modules: dict[str, ModuleInfo]
+    unet_config: dict[str, Any] = field(default_factory=dict)
+    _dotted: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _kohya: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for key, info in self.modules.items():
+            comp, path = info.component, info.path
+            self._dotted[(comp, path)] = key
+            self._dotted.setdefault((comp, info.live_path), key)
+            if comp in TEXT_COMPONENTS and path.startswith("text_model."):
+                self._dotted.setdefault((comp, path[len("text_model."):]), key)
+            if info.ldm_path:
+                self._dotted.setdefault((comp, info.ldm_path), key)
+            for name in self._kohya_aliases(info):
+                self._kohya.setdefault(name, key)
+
+    def _kohya_aliases(self, info: ModuleInfo) -> Iterable[str]:
+        paths = [info.path]
+        if info.ldm_path:
+            paths.append(info.ldm_path)
+        if info.component in TEXT_COMPONENTS and info.path.startswith("text_model."):
+            paths.append(info.path[len("text_model."):])
+        for prefix in _KOHYA_PREFIX[info.component]:
+            for p in paths:
+                yield f"{prefix}_{p.replace('.', '_')}"
+
+    @property
+    def components(self) -> list[str]:
+        return [c for c in COMPONENTS if any(i.component == c for i in self.modules.values())]
+
+    def lookup(self, component: str, dotted_path: str) -> str | None:
+        """Target key of a dotted module path (diffusers or LDM/SGM names, ``text_model.`` optional)."""
+        return self._dotted.get((component, dotted_path))
+
+    def lookup_kohya(self, flat_name: str) -> str | None:
+        """Target key of a kohya flattened module name such as ``lora_te1_text_model_encoder_layers_0_mlp_fc1``."""
+        return self._kohya.get(flat_name)
+
+    def kohya_name(self, target_key: str, sgm: bool | None = None) -> str:
+        """The kohya name a trainer would write for a target key.
+
+        UNet names use SGM/LDM names for SDXL (as sd-scripts' SDXL trainer does) and diffusers names for
+        SD1.x/SD2.x, unless ``sgm`` says otherwise. Text encoders: ``lora_te`` (SD1/2), ``lora_te1``/``lora_te2`` (SDXL).
+        """
+        info = self.modules[target_key]
+        if info.component == "unet":
+            use_sgm = (self.family == "sdxl") if sgm is None else sgm
+            path = info.ldm_path if (use_sgm and info.ldm_path) else info.path
+            return "lora_unet_" + path.replace(".", "_")
+        if info.component == "text_encoder":
+            prefix = "lora_te1" if "text_encoder_2" in self.components else "lora_te"
+        else:
+            prefix = "lora_te2"
+        return f"{prefix}_{info.path.replace('.', '_')}"
+
+    def block(self, target_key: str) -> str:
+        """The block label of a target key: ``BASE`` for text encoders, else ``IN00``…, ``M00``, ``OUT00``…,
+        ``TIME`` (time/label embeddings) or ``FINAL`` (conv_out) — the A1111 LoRA-Block-Weight vocabulary,
+        which means the same for SD1.x and SDXL and covers resnets and samplers as well as attentions."""
+        info = self.modules.get(target_key)
+        if info is None:
+            return "OTHER"
+        if info.component in TEXT_COMPONENTS:
+            return "BASE"
+        return block_label(info.ldm_path)
+
+    def block_labels(self) -> list[str]:
+        """All block labels of this model in UNet order: BASE, TIME, IN00…, M00, OUT00…, FINAL."""
+        labels = {self.block(k) for k in self.modules}
+        rank = {"BASE": 0, "TIME": 1, "IN": 2, "M": 3, "OUT": 4, "FINAL": 5, "OTHER": 6}
+
+        def order(label: str) -> tuple[int, int]:
+            head = label.rstrip("0123456789")
+            tail = label[len(head):]
+            return rank.get(head, 6), int(tail) if tail else 0
+
+        return sorted(labels, key=order)
+
+
+def _canonical_text_path(live_path: str) -> str:
+    if live_path.startswith("text_model.") or live_path == "text_projection":
+        return live_path
+    return "text_model." + live_path
+
+
+def _index_component(component: str, model: nn.Module, unet_config: dict | None) -> dict[str, ModuleInfo]:
+    out: dict[str, ModuleInfo] = {}
+    for live_path, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if component == "unet":
+            path = live_path
+            ldm = ldm_unet_path(path, unet_config or {}) if unet_config else None
+        else:
+            path, ldm = _canonical_text_path(live_path), None
+        key = f"{component}.{path}"
+        out[key] = ModuleInfo(
+            target_key=key,
+            component=component,
+            live_path=live_path,
+            weight_shape=tuple(module.weight.shape),
+            kind="conv" if isinstance(module, nn.Conv2d) else "linear",
+            has_bias=module.bias is not None,
+            ldm_path=ldm,
+        )
+    return out
+
+
+def _unet_config(unet: nn.Module) -> dict:
+    cfg = getattr(unet, "config", None)
+    return dict(cfg) if cfg is not None else {}
+
+
+def family_of_target(components: dict[str, nn.Module]) -> str | None:
+    """Family of a live model: SDXL when it has a second text encoder or text-time embeddings,
+    SD2.x when its cross-attention width is 1024, else SD1.x."""
+    unet = components.get("unet")
+    if "text_encoder_2" in components:
+        return "sdxl"
+    cfg = _unet_config(unet) if unet is not None else {}
+    if cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if cfg.get("cross_attention_dim") == 1024:
+        return "sd2"
+    if unet is None and "text_encoder" in components:
+        te_cfg = getattr(components["text_encoder"], "config", None)
+        if getattr(te_cfg, "hidden_size", None) == 1024:
+            return "sd2"
+    return "sd1"
+
+
+def components_of(target: Any) -> dict[str, nn.Module]:
+    """The adaptable components of a pipeline (diffusers or ours), a dict of modules, or one model."""
+    inner = getattr(target, "pipe", None)  # lorablend.DiffusionPipeline wraps a diffusers pipeline
+    if inner is not None and not isinstance(target, nn.Module):
+        target = inner
+    if isinstance(target, dict):
+        return {k: v for k, v in target.items() if k in COMPONENTS and v is not None}
+    if isinstance(target, nn.Module):
+        name = type(target).__name__
+        if "UNet" in name:
+            return {"unet": target}
+        if "CLIPText" in name:
+            return {"text_encoder": target}
+        raise TypeError(f"cannot tell which pipeline component a {name} is; pass a dict {{'unet': model, ...}}")
+    comps = {c: getattr(target, c, None) for c in COMPONENTS}
+    comps = {c: m for c, m in comps.items() if isinstance(m, nn.Module)}
+    if not comps:
+        raise TypeError(
+            f"target must be a pipeline with unet / text_encoder components, a model or a dict of them; "
+            f"got {type(target).__name__}"
+        )
+    return comps
+
+
+def index_from_components(components: dict[str, nn.Module], family: str | None = None) -> ModuleIndex:
+    """Index a live model's components (``{"unet": unet, "text_encoder": te, ...}``)."""
+    modules: dict[str, ModuleInfo] = {}
+    unet_cfg: dict = {}
+    for comp in COMPONENTS:
+        model = components.get(comp)
+        if model is None:
+            continue
+        if comp == "unet":
+            unet_cfg = _unet_config(model)
+        modules.update(_index_component(comp, model, unet_cfg if comp == "unet" else None))
+    return ModuleIndex(family=family or family_of_target(components), modules=modules, unet_config=unet_cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def standard_index(family: str) -> ModuleIndex:
+    """The index of the standard architecture of a family, built once on the meta device (cached: it is
+    immutable data derived from constants, not state)."""
+    if family not in STANDARD:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(STANDARD)}")
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_cfg, text_specs = STANDARD[family]
+    with torch.device("meta"):
+        comps: dict[str, nn.Module] = {"unet": UNet2DConditionModel.from_config(unet_cfg)}
+        for comp, cfg, with_projection in text_specs:
+            cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+            comps[comp] = cls(CLIPTextConfig(**cfg))
+    return index_from_components(comps, family=family)
+
+
+def module_index(target: Any = None, family: str | None = None) -> ModuleIndex:
+    """The ModuleIndex of a live target (pipeline, model, or dict of components), else of a standard family.
+
+    >>> module_index(family="sd1").lookup("unet", "input_blocks.1.1.proj_in")     # doctest: +SKIP
+    'unet.down_blocks.0.attentions.0.proj_in'
+    """
+    if target is not None:
+        return index_from_components(components_of(target), family=family)
+    if family is None:
+        raise ValueError("module_index needs a target (pipeline or model) or a family ('sd1', 'sd2', 'sdxl')")
+    return standard_index(family)
