@@ -49,7 +49,8 @@ def _fit_to_shape(delta: torch.Tensor, weight_shape: tuple[int, ...] | torch.Siz
 
 def _tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """LyCORIS' rebuild_tucker: ΔW[p, r, ...] = Σ_ij core[i, j, ...] · left[i, p] · right[j, r]."""
-    return torch.einsum("i j ..., i p, j r -> p r ...", core.float(), left.float(), right.float())
+    # contiguous: torch.kron (LoKr with a Tucker w2) fails on the strided view einsum returns
+    return torch.einsum("i j ..., i p, j r -> p r ...", core.float(), left.float(), right.float()).contiguous()
 
 
 @dataclass(eq=False)
@@ -289,10 +290,14 @@ class DoRADelta:
         merged = w0 + self.inner.delta_weight(w0.shape)
         if self.axis == "out":
             dims = tuple(range(1, merged.dim()))
-            norm = merged.norm(dim=dims, keepdim=True)
+            # vector_norm: Tensor.norm over three dims (a conv's in, kh, kw) is a matrix-norm error
+            norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
             mag = self.magnitude.float().reshape(merged.shape[0], *([1] * (merged.dim() - 1)))
         else:
-            norm = merged.norm(dim=0, keepdim=True)
+            # per input column: the norm runs over every dim but 1 (output rows and, for convs, the kernel),
+            # as A1111's and LyCORIS' apply_weight_decompose do; magnitude is (1, in, 1, 1) for convs
+            dims = (0, *range(2, merged.dim()))
+            norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
             mag = self.magnitude.float().reshape(norm.shape)
         return _fit_to_shape(merged * (mag / norm) - w0, weight_shape, "DoRA")
 

@@ -1,0 +1,244 @@
+"""Read a LoRA source into plain tensors and header metadata, refusing bad input with errors that teach.
+
+A source is a file (``.safetensors``; ``.bin`` / ``.pt`` / ``.ckpt`` / ``.pth`` torch pickles), a folder holding
+exactly one weight file, or a dict of tensors. Files are recognised by their bytes, not their suffix.
+Pickles go through ``torch.load(weights_only=True)`` only: we never run code from a file.
+
+Every refusal is a :class:`~lorablend.errors.LoraFormatError` that names the source and the problem, raised
+before anything is returned (there is no partial result).
+
+>>> import torch
+>>> raw = read_source({"unet.x.lora_A.weight": torch.zeros(2, 3)})
+>>> raw.label, list(raw.tensors)
+('<state dict>', ['unet.x.lora_A.weight'])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import LoraFormatError
+from .legacy import refuse_tensor_list
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
+# safetensors dtype names and their element sizes, to check a header against the file length ourselves
+# (the library's own message for a cut-off download is "incomplete metadata, file not fully covered").
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+@dataclass
+class RawSource:
+    """What a source holds before any LoRA interpretation: tensors by key, header metadata, a label for messages."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    label: str = "<state dict>"
+    name: str = "adapter"
+
+
+def read_source(source: Any, *, weight_name: str | None = None) -> RawSource:
+    """Tensors and metadata of a file, a folder holding one weight file, or a dict of tensors.
+
+    The caller's dict is never changed (a new dict is returned; tensors are shared, never modified).
+
+    >>> read_source("missing.safetensors")                                    # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lorablend.errors.LoraFormatError: missing.safetensors: no such file or folder...
+    """
+    if isinstance(source, Mapping):
+        return RawSource(tensors=_check_tensor_dict(dict(source), "<state dict>"), label="<state dict>")
+    if isinstance(source, (list, tuple)):
+        refuse_tensor_list(source, "<list>")
+    if not isinstance(source, (str, Path)):
+        raise LoraFormatError(
+            f"cannot read a LoRA from a {type(source).__name__}: pass a file path, a folder, or a dict of tensors"
+        )
+    path = Path(source)
+    if path.is_dir():
+        path = _pick_weight_file(path, weight_name)
+        name = Path(source).name
+    elif weight_name is not None:
+        raise LoraFormatError(f"{source}: weight_name={weight_name!r} is only meaningful when the source is a folder")
+    else:
+        name = path.stem
+    if not path.exists():
+        raise LoraFormatError(f"{path}: no such file or folder; pass the path of a LoRA .safetensors file")
+    tensors, metadata = _read_file(path)
+    return RawSource(tensors=tensors, metadata=metadata, label=str(path), name=name)
+
+
+def _pick_weight_file(folder: Path, weight_name: str | None) -> Path:
+    """The one weight file of a folder. A ``.bin`` beside a ``.safetensors`` of the same stem is the same
+    weights saved twice (diffusers used to write both), so the safetensors file is taken; any other choice
+    is the user's to make."""
+    if weight_name is not None:
+        chosen = folder / weight_name
+        if not chosen.is_file():
+            present = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+            raise LoraFormatError(f"{folder}: no file named {weight_name!r} in this folder (weight files: {present})")
+        return chosen
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise LoraFormatError(
+            f"{folder}: the folder holds no weight file (.safetensors, .bin, .pt, .ckpt); pass the LoRA file itself"
+        )
+    safetensors_files = [p for p in files if p.suffix in SAFETENSORS_SUFFIXES]
+    stems = {p.stem for p in safetensors_files}
+    candidates = safetensors_files + [p for p in files if p.suffix in PICKLE_SUFFIXES and p.stem not in stems]
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise LoraFormatError(
+            f"{folder}: the folder holds {len(candidates)} weight files ({names}); say which one to load: "
+            f"pass the file path, or weight_name='{candidates[0].name}'"
+        )
+    return candidates[0]
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    size = path.stat().st_size
+    if size == 0:
+        raise LoraFormatError(f"{path}: empty file (0 bytes); the download or copy did not complete")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    # safetensors first: its 8-byte little-endian header length may itself start with 0x80, a pickle's first byte
+    if _looks_like_safetensors(head, size):
+        return _read_safetensors(path, size)
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return _read_pickle(path), {}
+    raise LoraFormatError(
+        f"{path}: not a LoRA weight file: it is neither safetensors (8-byte header length + JSON header) nor a "
+        f"torch pickle (first bytes {head[:8]!r}); check that the file is the weights and not an HTML error page "
+        f"or a Git LFS pointer"
+    )
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= _MAX_HEADER and head[8:9] == b"{"
+
+
+def _read_safetensors(path: Path, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if 8 + n > size:
+            raise LoraFormatError(
+                f"{path}: truncated safetensors file: the header says it is {n} bytes long but the file has only "
+                f"{size} bytes; download the file again"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LoraFormatError(f"{path}: corrupt safetensors header ({e}); download the file again") from None
+    if not isinstance(header, dict):
+        raise LoraFormatError(f"{path}: corrupt safetensors header (not a JSON object); download the file again")
+    metadata = header.pop("__metadata__", None) or {}
+    declared = 0
+    for key, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            declared = max(declared, int(end))
+            expected = math.prod(info["shape"]) * _DTYPE_BYTES.get(info["dtype"], 0)
+        except (TypeError, KeyError, ValueError):
+            raise LoraFormatError(f"{path}: corrupt safetensors header entry for {key!r}; download the file again") from None
+        if _DTYPE_BYTES.get(info["dtype"]) and end - begin != expected:
+            raise LoraFormatError(
+                f"{path}: corrupt safetensors header: {key!r} spans {end - begin} bytes but its dtype and shape "
+                f"need {expected}; download the file again"
+            )
+    present = size - 8 - n
+    if declared > present:
+        raise LoraFormatError(
+            f"{path}: truncated safetensors file: the header declares {declared:,} data bytes but only "
+            f"{present:,} are present (the download or upload was cut off); download the file again"
+        )
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:  # the library's own checks: report them in our words, naming the file
+        raise LoraFormatError(f"{path}: unreadable safetensors file ({e}); download the file again") from None
+    bad_meta = [k for k, v in metadata.items() if not isinstance(v, str)]
+    if bad_meta:
+        raise LoraFormatError(f"{path}: corrupt safetensors metadata: value of {bad_meta[0]!r} is not a string")
+    return tensors, dict(metadata)
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
+        if blocked is None:
+            detail = next((line.strip() for line in text.splitlines()[1:] if line.strip() and "WeightsUnpickler" not in line
+                           and "Check the documentation" not in line), text.splitlines()[0] if text else "")
+            raise LoraFormatError(f"{path}: corrupt or truncated torch pickle ({detail})") from None
+        raise LoraFormatError(
+            f"{path}: this pickle holds Python objects, not only tensors ({blocked}); safe loading "
+            f"(torch.load(weights_only=True)) refuses it and lorablend never runs code from a file: convert it to "
+            f"safetensors where you trust it"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise LoraFormatError(f"{path}: corrupt or truncated torch pickle ({type(e).__name__}: {e})") from None
+    if isinstance(obj, (list, tuple)):
+        refuse_tensor_list(obj, str(path))
+    if isinstance(obj, Mapping) and set(obj) == {"state_dict"} and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]  # Lightning-style wrapper around the weights
+    if not isinstance(obj, Mapping):
+        raise LoraFormatError(
+            f"{path}: the pickle holds a {type(obj).__name__}, not a dict of tensors; a LoRA file maps key names to tensors"
+        )
+    return _check_tensor_dict(dict(obj), str(path))
+
+
+def _check_tensor_dict(tensors: dict, label: str) -> dict[str, torch.Tensor]:
+    if not tensors:
+        raise LoraFormatError(f"{label}: holds no tensors; a LoRA file maps key names to tensors")
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise LoraFormatError(f"{label}: key {key!r} is a {type(key).__name__}; LoRA keys are strings")
+        if not isinstance(value, torch.Tensor):
+            raise LoraFormatError(
+                f"{label}: value of {key!r} is a {type(value).__name__}, not a tensor; a LoRA file holds only tensors"
+            )
+    return tensors
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], label: str) -> None:
+    """Refuse NaN / Inf anywhere: a LoRA with them would turn every image black. Names the first bad key.
+
+    >>> check_finite({"a": torch.tensor([1.0, float("nan")])}, "x.safetensors")
+    Traceback (most recent call last):
+    ...
+    lorablend.errors.LoraFormatError: x.safetensors: tensor 'a' holds NaN or Inf values (1 of 2); the file is damaged or was saved from a diverged training run
+    """
+    for key, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise LoraFormatError(
+                    f"{label}: tensor {key!r} holds NaN or Inf values ({bad} of {t.numel()}); the file is damaged "
+                    f"or was saved from a diverged training run"
+                )

@@ -1,0 +1,252 @@
+"""``load_adapter``: any LoRA source -> one canonical :class:`~lorablend.adapter.Adapter` with a full report.
+
+The steps, each in its own module: read the bytes (:mod:`.files`), refuse positional legacy formats
+(:mod:`.legacy`), detect the format and sort keys into modules (:mod:`.detect`, :mod:`.read_kohya`,
+:mod:`.read_diffusers`), build one Delta per module (:mod:`.deltas`), then resolve each module's name through a
+ModuleIndex and check its shape against the module's weight.
+
+Names resolve against ``target``'s module tree when a target is given (its family is the target's), else
+against the standard architecture of the family whose modules the file's tensors fit best (SD1.x, SD2.x or
+SDXL, decided by shapes: SD1 cross-attention reads 768-wide text, SD2 1024, SDXL 2048).
+
+Decisions:
+
+* Every input key ends up in ``adapter.report`` as mapped (with its target key), unsupported (with why:
+  an algorithm we do not apply, an embedding, a shape that does not fit, a layer the target lacks) or
+  unknown (a name that is no layer of any SD model we know).
+* With a target, layers that do not fit are reported, not raised: the runtime's ``strict`` decides.
+  A file none of whose keys name a layer of any SD1.x / SD2.x / SDXL model is not a LoRA we can read:
+  :class:`~lorablend.errors.LoraFormatError`, with or without a target.
+* Without a target, a file none of whose layers fits any standard family also raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adapter import FAMILIES, Adapter, Delta
+from ..errors import LoraFormatError
+from ..naming import ModuleIndex, module_index, standard_index
+from ..report import LoadReport
+from .deltas import DeltaProblem, ModuleGroup, build_delta, delta_shape, shape_problem
+from .detect import FORMATS, detect_format, diagnose, embedding_reason, split_keys
+from .files import RawSource, check_finite, read_source
+from .legacy import is_cloneofsimo, refuse_cloneofsimo
+from .read_diffusers import parse_diffusers
+from .read_kohya import parse_kohya
+
+_FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+_CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def load_adapter(
+    source: Any,
+    *,
+    target: Any = None,
+    format: str | None = None,
+    name: str | None = None,
+    weight_name: str | None = None,
+) -> Adapter:
+    """Read a LoRA file, folder or state dict into an :class:`Adapter` whose report accounts for every key.
+
+    ``source``: a ``.safetensors`` / ``.bin`` / ``.pt`` path, a folder with one weight file (``weight_name``
+    picks one of several), or a dict of tensors (left unchanged). ``target``: a pipeline, a
+    ``lorablend.DiffusionPipeline``, a model or a dict of components to resolve names against.
+    ``format``: ``"diffusers"`` or ``"kohya"`` to skip detection (never needed for a well-formed file).
+    ``name`` defaults to the file's stem.
+
+    >>> adapter = load_adapter("pytorch_lora_weights.safetensors")           # doctest: +SKIP
+    >>> adapter.family, adapter.report.counts()                             # doctest: +SKIP
+    ('sd1', {'mapped': 256, 'unsupported': 0, 'unknown': 0})
+    """
+    raw = read_source(source, weight_name=weight_name)
+    keys = list(raw.tensors)
+    if is_cloneofsimo(keys):
+        refuse_cloneofsimo(keys, raw.label)
+    check_finite(raw.tensors, raw.label)
+    fmt, groups, leftovers = _parse(raw, format)
+    built = [_build(g, raw.tensors) for g in groups]
+
+    if target is not None:
+        idx = module_index(target)
+        family = idx.family if idx.family in FAMILIES else "sd1"
+        _require_some_name(raw, groups, idx)
+    else:
+        family = _choose_family(raw, groups, built)
+        idx = standard_index(family)
+
+    report = LoadReport(source=raw.label, format=fmt)
+    status: dict[str, tuple[str, str | None, str]] = {k: (s, None, r) for k, s, r in leftovers}
+    deltas: dict[str, Delta] = {}
+    claimed: dict[str, str] = {}
+    for group, (delta, problem) in zip(groups, built):
+        target_key = _resolve(idx, group)
+        if target_key is None:
+            record = _unresolved(group, idx, family, target is not None)
+        elif problem is not None:
+            record = ("unsupported", None, problem)
+        elif target_key in claimed:
+            record = ("unsupported", None, f"{claimed[target_key]!r} in this file already targets {target_key}")
+        else:
+            why = shape_problem(delta, idx.modules[target_key].weight_shape)
+            if why is not None:
+                record = ("unsupported", None, f"does not fit {target_key}: {why}")
+            else:
+                record = ("mapped", target_key, "")
+                deltas[target_key] = delta
+                claimed[target_key] = group.name
+        for key in group.all_keys():
+            status[key] = record
+    for key in keys:
+        s, t, reason = status[key]
+        report.add(key, s, target=t, reason=reason)
+    return Adapter(
+        name=name or raw.name,
+        family=family,
+        deltas=deltas,
+        metadata=dict(raw.metadata),
+        report=report,
+        format=fmt,
+    )
+
+
+def _parse(raw: RawSource, forced: str | None) -> tuple[str, list[ModuleGroup], list[tuple[str, str, str]]]:
+    keys = list(raw.tensors)
+    leftovers: list[tuple[str, str, str]] = []
+    rest = []
+    for key in keys:
+        why = embedding_reason(key)
+        if why:
+            leftovers.append((key, "unsupported", why))
+        else:
+            rest.append(key)
+    if forced is not None:
+        if forced not in FORMATS:
+            raise LoraFormatError(f"{raw.label}: format={forced!r} is not one we read; use one of {FORMATS} or None")
+        fmt = forced
+        kohya_keys, diffusers_keys, other = (rest, [], []) if forced == "kohya" else ([], rest, [])
+    else:
+        fmt = detect_format(rest)
+        kohya_keys, diffusers_keys, other = split_keys(rest)
+        if fmt == "unknown":
+            if not rest:
+                raise LoraFormatError(
+                    f"{raw.label}: holds only textual-inversion embeddings ({keys[:3]}), no LoRA layers; "
+                    f"load it with the pipeline's load_textual_inversion"
+                )
+            raise LoraFormatError(
+                f"{raw.label}: none of its {len(keys)} keys is spelled like a LoRA key of a format lorablend reads "
+                f"(kohya lora_unet_…/lora_te…, diffusers/PEFT …lora_A/lora_B, …lora.down/up); first keys: "
+                f"{keys[:3]}.{diagnose(keys)}"
+            )
+    groups: list[ModuleGroup] = []
+    if kohya_keys:
+        g, left = parse_kohya({k: raw.tensors[k] for k in kohya_keys})
+        groups += g
+        leftovers += left
+    if diffusers_keys:
+        g, left = parse_diffusers({k: raw.tensors[k] for k in diffusers_keys}, raw.metadata)
+        groups += g
+        leftovers += left
+    for key in other:
+        leftovers.append((key, "unknown", "not a key of any LoRA format lorablend reads"))
+    return fmt, groups, leftovers
+
+
+def _build(group: ModuleGroup, tensors: dict[str, torch.Tensor]) -> tuple[Delta | None, str | None]:
+    try:
+        return build_delta(group, tensors), None
+    except DeltaProblem as e:
+        return None, str(e)
+
+
+def _resolve(idx: ModuleIndex, group: ModuleGroup) -> str | None:
+    if group.lookup[0] == "kohya":
+        return idx.lookup_kohya(group.lookup[1])
+    for component, path in group.lookup[1]:
+        key = idx.lookup(component, path)
+        if key is not None:
+            return key
+    return None
+
+
+def _unresolved(group: ModuleGroup, idx: ModuleIndex, family: str, has_target: bool) -> tuple[str, None, str]:
+    where = "the target" if has_target else f"the {_FAMILY_NAMES[family]} model"
+    for fam in FAMILIES:
+        other = _resolve(standard_index(fam), group)
+        if other is not None:
+            return ("unsupported", None, f"{where} has no such layer (it names {other} of a {_FAMILY_NAMES[fam]} model)")
+    return ("unknown", None, f"no layer named {group.name!r} in {where} or any SD1.x / SD2.x / SDXL model")
+
+
+def _require_some_name(raw: RawSource, groups: list[ModuleGroup], idx: ModuleIndex) -> None:
+    if any(_resolve(idx, g) for g in groups):
+        return
+    if any(_resolve(standard_index(f), g) for f in FAMILIES for g in groups):
+        return
+    _no_layer_error(raw)
+
+
+def _no_layer_error(raw: RawSource) -> None:
+    keys = list(raw.tensors)
+    raise LoraFormatError(
+        f"{raw.label}: none of its {len(keys)} keys names a layer of an SD1.x, SD2.x or SDXL model "
+        f"(first key {keys[0]!r}), so there is nothing to load.{diagnose(keys)}"
+    )
+
+
+def _family_order(groups: list[ModuleGroup], built: list[tuple[Delta | None, str | None]]) -> list[str]:
+    """Families in the order to prefer on a tie: the hints the keys and shapes give first."""
+    hints: list[str] = []
+    for group, (delta, _) in zip(groups, built):
+        name = group.lookup[1] if group.lookup[0] == "kohya" else ".".join(p for _, p in group.lookup[1][:1])
+        if group.lookup[0] == "kohya" and name.startswith(("lora_te1_", "lora_te2_")):
+            hints.append("sdxl")
+        elif group.lookup[0] == "dotted" and group.lookup[1][0][0] == "text_encoder_2":
+            hints.append("sdxl")
+        elif delta is not None and ("attn2_to_k" in name or "attn2.to_k" in name):
+            width = delta_shape(delta)[1] if len(delta_shape(delta)) > 1 else None
+            if width in _CROSS_ATTENTION_WIDTH:
+                hints.append(_CROSS_ATTENTION_WIDTH[width])
+        if hints:
+            break
+    return list(dict.fromkeys([*hints, "sd1", "sdxl", "sd2"]))
+
+
+def _choose_family(raw: RawSource, groups: list[ModuleGroup], built: list[tuple[Delta | None, str | None]]) -> str:
+    """The standard family whose modules the most layers fit (by name and shape); ties go to the hints."""
+    scores: dict[str, tuple[int, int]] = {}
+    for fam in _family_order(groups, built):
+        idx = standard_index(fam)
+        fit = named = 0
+        for group, (delta, _) in zip(groups, built):
+            key = _resolve(idx, group)
+            if key is None:
+                continue
+            named += 1
+            if delta is not None and shape_problem(delta, idx.modules[key].weight_shape) is None:
+                fit += 1
+        scores[fam] = (fit, named)
+    best = max(scores, key=lambda f: scores[f])  # max keeps the first of equals: the hint order
+    fit, named = scores[best]
+    if fit:
+        return best
+    if not named:
+        _no_layer_error(raw)
+    problems = sorted({p for _, p in built if p})
+    if problems and all(d is None for d, _ in built):
+        raise LoraFormatError(
+            f"{raw.label}: none of its {len(groups)} modules can be applied: {'; '.join(problems[:3])}"
+        )
+    idx = standard_index(best)
+    example = next(
+        (f"{g.name}: {shape_problem(d, idx.modules[k].weight_shape)}"
+         for g, (d, _) in zip(groups, built) if d is not None and (k := _resolve(idx, g))),
+        "",
+    )
+    raise LoraFormatError(
+        f"{raw.label}: its layers name SD modules but their shapes fit no SD1.x, SD2.x or SDXL model "
+        f"(e.g. {example}); it was made for another model"
+    )

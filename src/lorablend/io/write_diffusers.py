@@ -1,0 +1,152 @@
+"""Adapter -> the diffusers / PEFT LoRA format that ``pipe.load_lora_weights`` reads.
+
+Keys are ``<component>.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``unet.``, ``text_encoder.``,
+``text_encoder_2.``; text-encoder paths keep ``text_model.``, which diffusers strips when the live CLIP lacks it).
+Alpha travels in diffusers' ``lora_adapter_metadata`` header entry, one PEFT ``LoraConfig`` per component
+flattened with a ``<component>.`` prefix (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``,
+``unet.alpha_pattern``, ``unet.target_modules``), exactly as diffusers 0.42's ``save_lora_weights`` writes
+it; diffusers builds the LoraConfig from it, so PEFT's scale ``lora_alpha / r`` is ours per module.
+
+Pattern keys are module paths relative to the component (text encoders without ``text_model.``): PEFT matches
+them as suffixes, so they fit both transformers 4 (``text_model.encoder…``) and 5 (``encoder…``) CLIP trees.
+
+Low-rank deltas fit (LoRA, LoCon, Tucker LoCon, the last contracted exactly into a k×k ``lora_A``), and PEFT
+DoRA (``lora_magnitude_vector``, ``use_dora``) when a whole component is DoRA with per-output-row magnitudes.
+LoHa, LoKr, full diffs, DoRA on those, per-input DoRA and DoRA mixed with plain LoRA in one component are
+refused with an error that points to ``format="kohya"``, which holds them losslessly: expanding them to dense
+"rank = min(out, in)" LoRAs would be exact but silently many times larger (and DoRA's rescaling needs the
+base weight, so it cannot become a plain LoRA at all).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..adapter import Adapter, DoRADelta, LowRankDelta
+from ..naming import TEXT_COMPONENTS, ModuleIndex
+from .write_kohya import module_shaped, written_alpha
+
+
+def _pattern_path(component: str, path: str) -> str:
+    if component in TEXT_COMPONENTS and path.startswith("text_model."):
+        return path[len("text_model."):]
+    return path
+
+
+def _diffusers_problem(delta: Any) -> str | None:
+    if isinstance(delta, LowRankDelta):
+        return None
+    if isinstance(delta, DoRADelta):
+        if not isinstance(delta.inner, LowRankDelta):
+            return f"DoRA on {delta.inner.kind}"
+        if delta.axis != "out":
+            return "DoRA with per-input-column magnitudes"
+        return None
+    return delta.kind
+
+
+def check_diffusers_compatible(adapter: Adapter) -> None:
+    """Raise a ValueError naming the layers a diffusers LoRA file cannot hold, and the fix.
+
+    It holds LoRA / LoCon / Tucker LoCon, and PEFT DoRA (a low-rank delta with per-output-row magnitudes)
+    when every layer of that component is DoRA: PEFT's ``use_dora`` is one switch per component.
+    """
+    bad = [(k, why) for k, d in adapter.deltas.items() if (why := _diffusers_problem(d)) is not None]
+    if bad:
+        kinds = collections.Counter(why for _, why in bad)
+        summary = ", ".join(f"{n} {why}" for why, n in sorted(kinds.items()))
+        raise ValueError(
+            f"adapter {adapter.name!r} cannot be written in diffusers format: it has {summary} layer(s) "
+            f"(first: {bad[0][0]}), and diffusers' LoRA format holds only low-rank (lora_A/lora_B) layers and "
+            f"PEFT DoRA. Save with format='kohya' (lossless; ComfyUI, A1111 and lorablend load it), or reduce it "
+            f"to a low-rank LoRA first with lorablend.merge(..., method='svd')"
+        )
+    for component in adapter.components():
+        dora = [isinstance(d, DoRADelta) for k, d in adapter.deltas.items() if k.split(".", 1)[0] == component]
+        if any(dora) and not all(dora):
+            raise ValueError(
+                f"adapter {adapter.name!r} mixes DoRA and plain LoRA layers in {component}: diffusers / PEFT "
+                f"switch DoRA on for a whole component (use_dora), which would change the plain layers. "
+                f"Save with format='kohya', which holds the mix exactly"
+            )
+
+
+def _peft_magnitude(delta: DoRADelta, weight_shape: tuple[int, ...] | None) -> torch.Tensor:
+    """PEFT's ``lora_magnitude_vector``: ``(out,)`` for a Linear, ``(1, out, 1, 1)`` for a Conv2d."""
+    conv = len(weight_shape) == 4 if weight_shape is not None else delta.inner.is_conv
+    return delta.magnitude.reshape(1, -1, 1, 1) if conv else delta.magnitude.reshape(-1)
+
+
+def _lowrank_factors(delta: LowRankDelta, weight_shape: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` with the dims PEFT builds for the module: 2-D for Linear, 4-D for Conv2d."""
+    if delta.mid is None:
+        return module_shaped(delta.down, delta.up, weight_shape)
+    # Tucker: contract mid into down exactly as LowRankDelta.factors() does, so the ΔW stays bit-identical.
+    _, in_ch, *kernel = delta.natural_shape()
+    core = delta.factors()[1]
+    return core.reshape(core.shape[0], in_ch, *kernel), delta.up.reshape(delta.up.shape[0], -1, 1, 1)
+
+
+def diffusers_state_dict(
+    adapter: Adapter, index: ModuleIndex | None = None, progress: Callable[[Iterable], Iterable] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, lora_adapter_metadata)`` for ``adapter``; ``index`` (optional) gives conv layers 4-D factors.
+
+    >>> import torch
+    >>> from lorablend import Adapter, LowRankDelta
+    >>> a = Adapter("x", "sd1", {"unet.mid_block.attentions.0.proj_in":
+    ...                          LowRankDelta(torch.zeros(4, 8), torch.zeros(8, 4), alpha=2.0)})
+    >>> tensors, meta = diffusers_state_dict(a)
+    >>> sorted(tensors)[0], meta["unet.r"], meta["unet.lora_alpha"]
+    ('unet.mid_block.attentions.0.proj_in.lora_A.weight', 4, 2.0)
+    """
+    check_diffusers_compatible(adapter)
+    tensors: dict[str, torch.Tensor] = {}
+    per_component: dict[str, dict[str, tuple[int, float]]] = {}
+    dora_components: set[str] = set()
+    items: Iterable = adapter.deltas.items()
+    if progress is not None:
+        items = progress(items)
+    for target_key, delta in items:
+        component, path = target_key.split(".", 1)
+        info = index.modules.get(target_key) if index is not None else None
+        shape = info.weight_shape if info is not None else None
+        if isinstance(delta, DoRADelta):
+            # PEFT's own state-dict key (no ".weight"); set_peft_model_state_dict maps it onto the DoRA layer
+            tensors[f"{target_key}.lora_magnitude_vector"] = _peft_magnitude(delta, shape)
+            dora_components.add(component)
+            delta = delta.inner
+        down, up = _lowrank_factors(delta, shape)
+        tensors[f"{target_key}.lora_A.weight"] = down
+        tensors[f"{target_key}.lora_B.weight"] = up
+        rank = int(down.shape[0])
+        alpha = written_alpha(delta)
+        if alpha is None:
+            alpha = float(rank)  # no alpha = scale 1 = (alpha == rank), the PEFT spelling
+        elif rank != delta.rank:  # Tucker core of another width: keep alpha / rank the same
+            alpha = alpha * rank / delta.rank
+        per_component.setdefault(component, {})[_pattern_path(component, path)] = (rank, alpha)
+
+    metadata: dict[str, Any] = {}
+    for component, layers in per_component.items():
+        ranks = collections.Counter(r for r, _ in layers.values())
+        alphas = collections.Counter(a for _, a in layers.values())
+        r = ranks.most_common(1)[0][0]
+        lora_alpha = alphas.most_common(1)[0][0]
+        config = {
+            "r": r,
+            "lora_alpha": lora_alpha,
+            "rank_pattern": {p: rk for p, (rk, _) in sorted(layers.items()) if rk != r},
+            "alpha_pattern": {p: a for p, (_, a) in sorted(layers.items()) if a != lora_alpha},
+            "target_modules": sorted(layers),
+        }
+        if component in dora_components:
+            config["use_dora"] = True
+        metadata.update({f"{component}.{k}": v for k, v in config.items()})
+    return tensors, metadata
+
+
+__all__ = ["diffusers_state_dict", "check_diffusers_compatible"]
