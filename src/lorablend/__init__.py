@@ -12,13 +12,13 @@ from typing import Any
 
 from .adapter import Adapter, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
 from .errors import LoraCompatibilityError, LoraFormatError
+from .merge import merge, merge_with_report  # eager: a lazy name would be shadowed by the submodule
 from .report import KeyRecord, LoadReport
 
 # Heavier names import diffusers; they load on first use so `import lorablend` stays fast.
 _LAZY = {
     "load_adapter": "lorablend.io",
     "save_adapter": "lorablend.io",
-    "merge": "lorablend.merge",
     "DiffusionPipeline": "lorablend.pipeline",
 }
 
@@ -33,6 +33,8 @@ __all__ = [
     "KeyRecord",
     "LoraFormatError",
     "LoraCompatibilityError",
+    "merge",
+    "merge_with_report",
     *_LAZY,
 ]
 
