@@ -65,7 +65,7 @@ def _alpha(group: ModuleGroup, tensors: dict[str, torch.Tensor]) -> float | None
     t = tensors[key]
     if t.numel() != 1:
         raise DeltaProblem(f"alpha {key!r} has {t.numel()} values; an alpha is one number")
-    return float(t.float().item())
+    return float(t.double().item())  # fp64 keeps an alpha such as 0.1 exact as written
 
 
 def _need(group: ModuleGroup, tensors: dict[str, torch.Tensor], *roles: str) -> list[torch.Tensor]:

@@ -222,7 +222,8 @@ def _check_tensor_dict(tensors: dict, label: str) -> dict[str, torch.Tensor]:
             raise LoraFormatError(
                 f"{label}: value of {key!r} is a {type(value).__name__}, not a tensor; a LoRA file holds only tensors"
             )
-    return tensors
+    # detach (no copy): Parameters from a live model would make every ΔW built from them carry autograd history
+    return {k: (v.detach() if v.requires_grad else v) for k, v in tensors.items()}
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], label: str) -> None:

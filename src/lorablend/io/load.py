@@ -197,22 +197,26 @@ def _no_layer_error(raw: RawSource) -> None:
     )
 
 
+def _family_hint(group: ModuleGroup, delta: Delta | None) -> str | None:
+    """What one module says about the family: a second text encoder means SDXL; a cross-attention key
+    projection's input width is the text width (768 SD1.x, 1024 SD2.x, 2048 SDXL)."""
+    kind, name = group.lookup[0], group.lookup[1]
+    if kind == "kohya" and name.startswith(("lora_te1_", "lora_te2_")):
+        return "sdxl"
+    if kind == "dotted":
+        component, name = name[0]
+        if component == "text_encoder_2":
+            return "sdxl"
+    if delta is not None and ("attn2_to_k" in name or "attn2.to_k" in name):
+        shape = delta_shape(delta)
+        return _CROSS_ATTENTION_WIDTH.get(shape[1]) if len(shape) > 1 else None
+    return None
+
+
 def _family_order(groups: list[ModuleGroup], built: list[tuple[Delta | None, str | None]]) -> list[str]:
-    """Families in the order to prefer on a tie: the hints the keys and shapes give first."""
-    hints: list[str] = []
-    for group, (delta, _) in zip(groups, built):
-        name = group.lookup[1] if group.lookup[0] == "kohya" else ".".join(p for _, p in group.lookup[1][:1])
-        if group.lookup[0] == "kohya" and name.startswith(("lora_te1_", "lora_te2_")):
-            hints.append("sdxl")
-        elif group.lookup[0] == "dotted" and group.lookup[1][0][0] == "text_encoder_2":
-            hints.append("sdxl")
-        elif delta is not None and ("attn2_to_k" in name or "attn2.to_k" in name):
-            width = delta_shape(delta)[1] if len(delta_shape(delta)) > 1 else None
-            if width in _CROSS_ATTENTION_WIDTH:
-                hints.append(_CROSS_ATTENTION_WIDTH[width])
-        if hints:
-            break
-    return list(dict.fromkeys([*hints, "sd1", "sdxl", "sd2"]))
+    """Families in the order to prefer on a tie: the first hint the keys and shapes give, then sd1, sdxl, sd2."""
+    hint = next((h for g, (d, _) in zip(groups, built) if (h := _family_hint(g, d))), None)
+    return list(dict.fromkeys([h for h in (hint,) if h] + ["sd1", "sdxl", "sd2"]))
 
 
 def _choose_family(raw: RawSource, groups: list[ModuleGroup], built: list[tuple[Delta | None, str | None]]) -> str:
