@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["lorablend.adapter", "lorablend.report", "lorablend.errors", "lorablend.naming.blocks", "lorablend.naming.ldm"]
+MODULES = ["lorablend.adapter", "lorablend.report", "lorablend.errors", "lorablend.merge", "lorablend.naming.blocks", "lorablend.naming.ldm"]
 
 
 @pytest.mark.parametrize("name", MODULES)

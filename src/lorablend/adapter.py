@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Union
+from typing import Any, Iterator, Literal, Union
 
 import torch
 
@@ -328,6 +328,8 @@ class Adapter:
     metadata: dict[str, str] = field(default_factory=dict)
     report: LoadReport = field(default_factory=LoadReport)
     format: str = "canonical"
+    # Set by lorablend.merge: per layer the rank used and the relative error against the exact sum.
+    merge_report: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

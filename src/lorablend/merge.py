@@ -48,7 +48,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
@@ -204,48 +204,6 @@ def merge(
     >>> merged.deltas["unet.x"].rank, merged.metadata["modelspec.merged_from"]
     (4, 'a, b')
     """
-    return merge_with_report(
-        adapters,
-        weights,
-        method,
-        rank=rank,
-        energy=energy,
-        clamp=clamp,
-        density=density,
-        majority_sign=majority_sign,
-        seed=seed,
-        block_weights=block_weights,
-        name=name,
-        device=device,
-        base_weights=base_weights,
-        progress=progress,
-    )[0]
-
-
-def merge_with_report(
-    adapters: Sequence[Adapter],
-    weights: Sequence[float] | None,
-    method: str = "svd",
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    clamp: float | None = None,
-    density: float | None = None,
-    majority_sign: str = "total",
-    seed: int | None = None,
-    block_weights: BlockWeights = None,
-    name: str | None = None,
-    device: str | torch.device | None = None,
-    base_weights: BaseWeights = None,
-    progress: bool = False,
-) -> tuple[Adapter, MergeReport]:
-    """:func:`merge`, also returning the :class:`MergeReport` (per layer: rank, relative error, sources).
-
-    >>> a = Adapter("a", "sd1", {"unet.x": LowRankDelta(down=torch.randn(4, 8), up=torch.randn(6, 4))})
-    >>> merged, report = merge_with_report([a, a], [1.0, -1.0], method="cat")
-    >>> report.layers[0].rank, report.layers[0].rel_error
-    (8, 0.0)
-    """
     adapters = list(adapters)
     weights = _check_args(adapters, weights, method, rank, energy, clamp, density, majority_sign, seed)
     per_adapter_blocks = _normalize_block_weights(block_weights, adapters)
@@ -304,7 +262,22 @@ def merge_with_report(
         metadata=_provenance(adapters, weights, method, report, rank, energy, clamp, density, majority_sign, seed, block_weights),
         report=load_report,
     )
-    return result, report
+    result.merge_report = report
+    return result
+
+
+def merge_with_report(
+    adapters: Sequence[Adapter], weights: Sequence[float] | None, method: str = "svd", **options: Any
+) -> tuple[Adapter, MergeReport]:
+    """:func:`merge`, also returning the :class:`MergeReport` (per layer: rank, relative error, sources).
+
+    >>> a = Adapter("a", "sd1", {"unet.x": LowRankDelta(down=torch.randn(4, 8), up=torch.randn(6, 4))})
+    >>> merged, report = merge_with_report([a, a], [1.0, -1.0], method="cat")
+    >>> report.layers[0].rank, report.layers[0].rel_error
+    (8, 0.0)
+    """
+    result = merge(adapters, weights, method, **options)
+    return result, result.merge_report
 
 
 # --------------------------------------------------------------------------------------------
