@@ -1,0 +1,624 @@
+"""lorablend vs diffusers + PEFT on the same UNet and the same LoRA files, in one run.
+
+Each system runs in its own subprocess (one after the other, never at the same time), so that its memory
+high-water mark is its own and neither sees the other's state. Both build the identical real-size UNet
+(deterministic weights) inside a diffusers pipeline, read the identical files from disk and are driven through
+the same pipeline-level calls — diffusers' own names, which lorablend keeps:
+
+    pipe.load_lora_weights(path, adapter_name=...)      # diffusers: lora_state_dict + unet.load_lora_adapter (PEFT)
+    pipe.set_adapters(names, adapter_weights=...)
+    pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=...)
+    pipe.unfuse_lora(components=["unet"])
+    pipe.unet(**inputs)                                 # one denoising step, unfused adapters active
+
+Timed: load per LoRA (kohya/SGM names and diffusers names), set_adapters with 2 and with 50 loaded adapters,
+the base forward and the unfused forward with 1, 2, 4 adapters, fuse, unfuse, switch (unfuse → set_adapters →
+fuse another pair); checked: restore error after unfuse (against regenerated original weights) and the
+agreement of the two systems' outputs.
+
+    python benchmarks/bench_runtime.py --model sd15 --latent 16 --threads 2          # CPU
+    python benchmarks/bench_runtime.py --model sdxl --device cuda --dtype float16 --resolution 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+MAIN = ["A", "B", "C", "D"]  # kohya-format LoRAs (SGM names for SDXL)
+DIFF = ["E", "F"]  # diffusers-format LoRAs
+N_LOADED = 50
+
+
+# ============================================================================ the two systems
+
+
+class Theirs:
+    label = "diffusers+PEFT"
+
+    def __init__(self, pipe, args) -> None:
+        import peft  # noqa: F401  (imports out of the timed region)
+        import peft.tuners.lora  # noqa: F401
+
+        self.pipe = pipe
+
+    def load(self, path: Path, name: str) -> None:
+        self.pipe.load_lora_weights(str(path), adapter_name=name)
+
+    def set_adapters(self, names, weights) -> None:
+        self.pipe.set_adapters(list(names), adapter_weights=list(weights))
+
+    def fuse(self, names) -> None:
+        self.pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=list(names))
+
+    def unfuse(self) -> None:
+        self.pipe.unfuse_lora(components=["unet"])
+
+    def unload(self) -> None:
+        self.pipe.unload_lora_weights()
+
+    def disable(self) -> None:
+        self.pipe.disable_lora()
+
+    def enable(self) -> None:
+        self.pipe.enable_lora()
+
+    def settle(self) -> None:
+        """diffusers + PEFT does all its work inside each call: nothing deferred."""
+
+    def extra_memory(self) -> dict:
+        return {}
+
+
+class Ours:
+    label = "lorablend"
+
+    def __init__(self, pipe, args) -> None:
+        import lorablend
+        import lorablend.io  # noqa: F401  (imports out of the timed region)
+
+        self.pipe = lorablend.DiffusionPipeline(pipe, pristine_device=args.pristine_device)
+
+    def load(self, path: Path, name: str) -> None:
+        self.pipe.load_lora_weights(str(path), adapter_name=name)
+
+    def set_adapters(self, names, weights) -> None:
+        self.pipe.set_adapters(list(names), adapter_weights=list(weights))
+
+    def fuse(self, names) -> None:
+        self.pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=list(names))
+
+    def unfuse(self) -> None:
+        self.pipe.unfuse_lora(components=["unet"])
+
+    def unload(self) -> None:
+        self.pipe.unload_lora_weights()
+
+    def disable(self) -> None:
+        self.pipe.disable_lora()
+
+    def enable(self) -> None:
+        self.pipe.enable_lora()
+
+    def settle(self) -> None:
+        """lorablend may defer rebuilding blended terms to the next forward; do it now so it is timed."""
+        prepare = getattr(self.pipe._runtime, "prepare", None)
+        if prepare is not None:
+            prepare()
+
+    def extra_memory(self) -> dict:
+        return {k: v / 2**30 for k, v in self.pipe._runtime.memory().items()}
+
+
+SYSTEMS = {"theirs": Theirs, "ours": Ours}
+
+
+# ============================================================================ one system, in its own process
+
+
+def live_weight(unet, path: str) -> torch.Tensor:
+    mod = unet.get_submodule(path)
+    return getattr(mod, "base_layer", mod).weight.detach()  # PEFT wraps the original module as base_layer
+
+
+@torch.no_grad()
+def restore_error(unet, pool, targets) -> dict:
+    """max |W − W0| over the touched weights, and how many are not bit-exact (W0 regenerated from the seed)."""
+    worst, inexact, changed = 0.0, 0, 0
+    for path, _shape in targets:
+        w = live_weight(unet, path)
+        w0 = C.expected_param(pool, path + ".weight", tuple(w.shape), w.dtype)
+        if not torch.equal(w, w0):
+            inexact += 1
+            diff = (w.float() - w0.float()).abs()
+            worst = max(worst, float(diff.max()))
+            changed += int((diff > 0).sum())
+    return {"max_abs": worst, "not_bit_exact": inexact, "of": len(targets), "entries_changed": changed}
+
+
+def profile_forward(fn, device) -> str:
+    """Top operators of one forward (torch.profiler, by self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        C.sync(device)
+    keys = ["self_device_time_total", "self_cuda_time_total"] if torch.device(device).type == "cuda" else []
+    for key in keys + ["self_cpu_time_total"]:
+        try:
+            return prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40)
+        except Exception:  # noqa: BLE001 - the sort key's name changed across torch versions
+            continue
+    return ""
+
+
+def cprofile_top(fn, n: int = 12) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(n)
+    return "\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000]
+
+
+def run_system(args) -> dict:
+    C.setup_threads(args.threads)
+    C.quiet_libraries()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    files = {k: Path(v) for k, v in json.loads(Path(args.files).read_text()).items()}
+    out: dict = {"system": args.system, "times": {}, "errors": {}}
+    mem = C.Memory(device)
+    t0 = time.perf_counter()
+    unet, pool = C.build_unet(args.model, device, dtype, seed=args.seed)
+    pipe = C.build_pipeline(args.model, unet, device, dtype)
+    out["build_s"] = time.perf_counter() - t0
+    targets = [(p, tuple(m.weight.shape)) for p, m in C.target_modules(unet)]
+    out["touched_layers"] = len(targets)
+    out["touched_weights"] = sum(torch.Size(s).numel() for _, s in targets)
+    mem.mark("model built")
+    kw = C.unet_inputs(args.model, unet, args.latent, device, dtype, batch=args.batch)
+
+    def forward():
+        with torch.no_grad():
+            return unet(**kw, return_dict=False)[0]
+
+    T = out["times"]
+    R = args.repeats
+    T["forward_base"] = C.timed(forward, device, repeats=R, warmup=1)
+    base_out = forward().float().cpu()
+
+    try:
+        system = SYSTEMS[args.system](pipe, args)
+    except Exception as e:  # noqa: BLE001 - a missing library part is a table entry, not a crash
+        out["unavailable"] = f"{type(e).__name__}: {e}"
+        out["memory"] = mem.phases
+        return out
+
+    def step(name, fn):
+        """Run one benchmark section; a failure is recorded and the run goes on."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            out["errors"][name] = f"{type(e).__name__}: {e}"
+            C.log(f"[{args.system}] {name} failed:\n{traceback.format_exc()}")
+
+    # ---- load, and set_adapters with 2 loaded
+    loads = {"kohya": [], "diffusers": []}
+
+    def load(name, fmt):
+        dt, _ = C.once(lambda: system.load(files[name], name), device)
+        loads[fmt].append(dt)
+
+    def load_first_two():
+        for name in MAIN[:2]:
+            load(name, "kohya")
+
+    step("load", load_first_two)
+    mem.mark("2 LoRAs loaded")
+    flip = [0]
+
+    def set_two():
+        flip[0] ^= 1  # alternate the weights so that nothing can be skipped as unchanged
+        system.set_adapters(MAIN[:2], [0.7, 0.8] if flip[0] else [0.6, 0.9])
+
+    def set_two_settled():
+        set_two()
+        system.settle()
+
+    def time_set_adapters(tag):
+        T[f"set_adapters_{tag}"] = C.timed(set_two, device, repeats=args.set_repeats)
+        T[f"set_adapters_{tag}_settled"] = C.timed(set_two_settled, device, repeats=args.set_repeats)
+
+    step("set_adapters_2", lambda: time_set_adapters("2"))
+
+    def load_rest():
+        for name in MAIN[2:]:
+            load(name, "kohya")
+        for name in DIFF:
+            load(name, "diffusers")
+
+    step("load_rest", load_rest)
+    T["load_kohya"] = {"median": _median(loads["kohya"]), "samples": loads["kohya"]}
+    T["load_diffusers"] = {"median": _median(loads["diffusers"]), "samples": loads["diffusers"]}
+    mem.mark(f"{len(MAIN) + len(DIFF)} LoRAs loaded")
+
+    # ---- unfused forward with 1, 2, 4 active adapters, interleaved with the base forward (adapters disabled)
+    # Rounds alternate the settings so that drift in machine load hits every setting alike; the overhead of
+    # each setting is the median over rounds of t_k / t_base of the same round. The disabled base of PEFT
+    # still passes through its wrapper layers (so its overhead reads slightly low: conservative for us).
+    weights = [0.7, 0.8, 0.5, 0.6]
+
+    def forwards():
+        settings = ["off", 1, 2, 4]
+        samples = {k: [] for k in settings}
+        for _ in range(R):
+            for k in settings:
+                if k == "off":
+                    system.disable()
+                else:
+                    system.enable()
+                    system.set_adapters(MAIN[:k], weights[:k])
+                forward()  # warm-up after the state change
+                dt, _ = C.once(forward, device)
+                samples[k].append(dt)
+        T["forward_off"] = {"median": _median(samples["off"]), "samples": samples["off"]}
+        for k in (1, 2, 4):
+            T[f"forward_{k}"] = {"median": _median(samples[k]), "samples": samples[k]}
+            ratios = [a / b for a, b in zip(samples[k], samples["off"])]
+            out[f"overhead_{k}"] = _median(ratios) - 1
+        system.set_adapters(MAIN[:2], weights[:2])
+        torch.save(forward().float().cpu(), Path(args.outdir) / f"{args.system}-out-unfused2.pt")
+
+    step("forwards", forwards)
+    mem.mark("after unfused forwards")
+
+    # ---- fuse, unfuse, restore error, switch
+    def fuse_cycles():
+        system.set_adapters(MAIN[:2], [0.7, 0.8])
+        fus, unf = [], []
+        for i in range(args.cycles):
+            rss0 = C.Memory.rss_gib()
+            dt, _ = C.once(lambda: (system.fuse(MAIN[:2]), system.settle()), device)
+            fus.append(dt)
+            if i == 0:
+                out["fuse_extra_rss_gib"] = C.Memory.rss_gib() - rss0
+                out["runtime_memory_gib_fused"] = system.extra_memory()
+                mem.mark("fused (2 adapters)")
+                torch.save(forward().float().cpu(), Path(args.outdir) / f"{args.system}-out-fused2.pt")
+            dt, _ = C.once(lambda: (system.unfuse(), system.settle()), device)
+            unf.append(dt)
+            if i == 0:
+                out["restore_after_1"] = restore_error(unet, pool, targets)
+        T["fuse"] = {"median": _median(fus), "samples": fus}
+        T["unfuse"] = {"median": _median(unf), "samples": unf}
+        out["restore_after_cycles"] = restore_error(unet, pool, targets)
+        mem.mark("after fuse/unfuse cycles")
+
+    step("fuse", fuse_cycles)
+
+    def switch_cycles():
+        combos = [(MAIN[2:4], [0.5, 0.6]), (MAIN[:2], [0.7, 0.8])]
+        system.set_adapters(MAIN[:2], [0.7, 0.8])
+        system.fuse(MAIN[:2])
+        sw = []
+        for i in range(args.cycles):
+            names, w = combos[i % 2]
+
+            def switch():
+                system.unfuse()
+                system.set_adapters(names, w)
+                system.fuse(names)
+                system.settle()
+
+            dt, _ = C.once(switch, device)
+            sw.append(dt)
+        system.unfuse()
+        T["switch"] = {"median": _median(sw), "samples": sw}
+        out["restore_after_switches"] = restore_error(unet, pool, targets)
+
+    step("switch", switch_cycles)
+
+    # ---- profiles (after the timed parts; the profiler slows what it watches)
+    if args.profile:
+        def profiles():
+            system.set_adapters(MAIN[:2], [0.7, 0.8])
+            forward()
+            out["profile_forward2"] = profile_forward(forward, device)
+            out["cprofile_forward2"] = cprofile_top(forward)
+            out["cprofile_fuse"] = cprofile_top(lambda: system.fuse(MAIN[:2]))
+            out["cprofile_unfuse"] = cprofile_top(system.unfuse)
+            extra = sorted(files)[-1]
+            out["cprofile_load"] = cprofile_top(lambda: system.load(files[extra], "profiled_load"))
+        step("profile", profiles)
+
+    # ---- set_adapters with 50 loaded adapters
+    def fifty():
+        loaded = len(MAIN) + len(DIFF) + (1 if args.profile else 0)
+        fill = [n for n in sorted(files) if n.startswith("fill")][: max(0, args.loaded - loaded)]
+        for name in fill:
+            system.load(files[name], name)
+        out["loaded_for_50"] = loaded + len(fill)
+        mem.mark(f"{loaded + len(fill)} LoRAs loaded (for set_adapters)")
+        time_set_adapters("50")
+
+    step("set_adapters_50", fifty)
+
+    # ---- the base forward again, after every adapter is unloaded (so machine drift shows in the reference)
+    def base_again():
+        system.unload()
+        T["forward_base_after"] = C.timed(forward, device, repeats=R, warmup=1)
+        after = forward().float().cpu()
+        out["base_after_unload_max_abs"] = float((after - base_out).abs().max())
+
+    step("base_after", base_again)
+    samples = T["forward_base"]["samples"] + T.get("forward_base_after", {}).get("samples", [])
+    T["forward_base_all"] = {"median": _median(samples), "samples": samples}
+    out["memory"] = mem.phases
+    out["base_out_norm"] = float(base_out.norm())
+    return out
+
+
+def _median(xs):
+    import statistics
+
+    return statistics.median(xs) if xs else None
+
+
+# ============================================================================ the parent: files, both runs, table
+
+
+def prepare_files(args) -> Path:
+    """Write the LoRA files both systems read; return the JSON that lists them."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(C.unet_config(args.model))
+    targets = [(p, tuple(m.weight.shape)) for p, m in C.target_modules(meta)]
+    specs = [(n, "kohya", args.rank, args.rank / 2) for n in MAIN]
+    specs += [(n, "diffusers", args.rank, None) for n in DIFF]
+    specs += [(f"fill{i:02d}", "diffusers", args.filler_rank, None) for i in range(args.loaded)]
+    t0 = time.perf_counter()
+    files = C.lora_files(Path(args.cache), args.model, targets, specs)
+    C.log(f"LoRA files ready in {time.perf_counter() - t0:.1f} s ({len(targets)} layers each)")
+    path = Path(args.outdir) / "runtime-files.json"
+    path.write_text(json.dumps({k: str(v) for k, v in files.items()}, indent=1))
+    return path
+
+
+def run_child(args, system: str, files: Path) -> dict:
+    res_path = Path(args.outdir) / f"runtime-{system}.json"
+    if res_path.exists():
+        res_path.unlink()
+    cmd = [sys.executable, __file__, "--child", "--system", system, "--files", str(files), "--result", str(res_path)]
+    cmd += _forward_args(args)
+    C.log(f"--- {system}: {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0 or not res_path.exists():
+        return {"system": system, "unavailable": f"process failed (exit {proc.returncode}); see stderr above"}
+    res = json.loads(res_path.read_text())
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def _forward_args(args) -> list[str]:
+    out = []
+    for k in ("model", "device", "dtype", "latent", "batch", "threads", "repeats", "set_repeats", "cycles", "rank",
+              "filler_rank", "loaded", "seed", "outdir", "cache", "pristine_device"):
+        v = getattr(args, k)
+        if v is not None:
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    if args.profile:
+        out.append("--profile")
+    return out
+
+
+TARGETS = {
+    "load_kohya": "≥ 10× faster",
+    "load_diffusers": "≥ 10× faster",
+    "set_adapters_2": "≥ 20× faster",
+    "set_adapters_50": "≥ 20× faster, flat 2→50",
+    "fuse": "≥ 4× faster",
+    "unfuse": "≥ 10× faster, bit-exact",
+}
+
+
+def report(args, ours: dict, theirs: dict) -> str:
+    gpu = torch.device(args.device).type == "cuda"
+    lines = []
+    head = (f"## Runtime: {args.model.upper()} UNet (real config, random weights), {args.device} {args.dtype}, "
+            f"latent {args.latent}×{args.latent} (= {args.latent * 8}² px), batch {args.batch}, "
+            f"LoRA rank {args.rank} (alpha {args.rank / 2:g}), "
+            f"{ours.get('touched_layers', theirs.get('touched_layers', '?'))} touched layers")
+    lines.append(head)
+    lines.append("")
+    for res in (ours, theirs):
+        if "unavailable" in res:
+            lines.append(f"**{res['system']}: not available ({res['unavailable']})**")
+        for k, v in res.get("errors", {}).items():
+            lines.append(f"**{res['system']}: section `{k}` failed: {v}**")
+    rows = []
+
+    def t(res, key):
+        v = res.get("times", {}).get(key)
+        return None if v is None else v["median"]
+
+    def ratio(a, b):
+        return f"{b / a:.1f}×" if a and b else "—"
+
+    n50 = ours.get("loaded_for_50", theirs.get("loaded_for_50", args.loaded))
+    for key, label in (("load_kohya", "load one LoRA, kohya/SGM names (median per LoRA)"),
+                       ("load_diffusers", "load one LoRA, diffusers names (median per LoRA)"),
+                       ("set_adapters_2", "set_adapters, 2 loaded (the call)"),
+                       ("set_adapters_2_settled", "set_adapters, 2 loaded, incl. deferred rebuild"),
+                       ("set_adapters_50", f"set_adapters, {n50} loaded (the call)"),
+                       ("set_adapters_50_settled", f"set_adapters, {n50} loaded, incl. deferred rebuild")):
+        a, b = t(ours, key), t(theirs, key)
+        rows.append([label, C.fmt_s(a), C.fmt_s(b), ratio(a, b), TARGETS[key.replace("_settled", "")]])
+    for suffix, what in (("", "the call"), ("_settled", "incl. rebuild")):
+        a2, a50 = t(ours, "set_adapters_2" + suffix), t(ours, "set_adapters_50" + suffix)
+        b2, b50 = t(theirs, "set_adapters_2" + suffix), t(theirs, "set_adapters_50" + suffix)
+        if a2 and a50:
+            rows.append([f"set_adapters growth 2→{n50} loaded ({what})", f"{a50 / a2:.2f}×",
+                         f"{b50 / b2:.2f}×" if b2 and b50 else "—", "", "flat (≈1×)"])
+    base_a, base_b = t(ours, "forward_base_all"), t(theirs, "forward_base_all")
+    rows.append(["UNet forward, base (no LoRA; before load + after unload)", C.fmt_s(base_a), C.fmt_s(base_b), "",
+                 "(reference)"])
+    off_a, off_b = t(ours, "forward_off"), t(theirs, "forward_off")
+    rows.append(["UNet forward, adapters loaded but disabled (interleaved base)", C.fmt_s(off_a), C.fmt_s(off_b), "",
+                 "(base of the overheads below)"])
+    frac = "1/4" if gpu else "1/2"
+    for k in (1, 2, 4):
+        a, b = t(ours, f"forward_{k}"), t(theirs, f"forward_{k}")
+        oa, ob = ours.get(f"overhead_{k}"), theirs.get(f"overhead_{k}")
+        cell = lambda x, o: f"{C.fmt_s(x)} ({o * 100:+.1f} %)" if x and o is not None else "—"  # noqa: E731
+        r = f"overhead {oa / ob:.2f}×" if oa is not None and ob and ob > 0 else "—"
+        rows.append([f"UNet forward, {k} adapter{'s' if k > 1 else ''} unfused (overhead vs base)", cell(a, oa),
+                     cell(b, ob), r, f"overhead ≤ {frac} of theirs" if k > 1 else "(reported)"])
+    for key, label in (("fuse", "fuse 2 adapters"), ("unfuse", "unfuse")):
+        a, b = t(ours, key), t(theirs, key)
+        rows.append([label, C.fmt_s(a), C.fmt_s(b), ratio(a, b), TARGETS[key]])
+    a, b = t(ours, "switch"), t(theirs, "switch")
+    rows.append(["switch combination (unfuse + set_adapters + fuse)", C.fmt_s(a), C.fmt_s(b), ratio(a, b),
+                 f"< one UNet step ({C.fmt_s(base_a)})" + ("" if gpu and args.latent == 128 else " [target is at 1024² GPU]")])
+    for key, label in (("restore_after_1", "restore error after the first fuse/unfuse"),
+                       ("restore_after_cycles", f"restore error after {args.cycles} fuse/unfuse cycles"),
+                       ("restore_after_switches", f"restore error after {args.cycles} switches + unfuse")):
+        cells = []
+        for res in (ours, theirs):
+            e = res.get(key)
+            cells.append("—" if e is None else f"max {e['max_abs']:.2g}, {e['not_bit_exact']}/{e['of']} not exact")
+        rows.append([label, cells[0], cells[1], "", "0 / all exact"])
+    lines.append(C.table(["operation", "lorablend (ours)", "diffusers+PEFT (theirs)", "ratio", "target"], rows))
+    lines.append("")
+    lines.append("ratio = theirs / ours for times (higher is better for us); for forwards, ours' overhead / theirs' "
+                 "(lower is better), each overhead being the median over interleaved rounds of t_k / t_disabled − 1. "
+                 "lorablend builds blended terms lazily (on the next forward); 'incl. deferred rebuild', fuse, unfuse "
+                 "and switch include that work (runtime.prepare()), so no cost hides in the next forward.")
+    # agreement of outputs
+    agree = []
+    for tag in ("unfused2", "fused2"):
+        pa, pb = Path(args.outdir) / f"ours-out-{tag}.pt", Path(args.outdir) / f"theirs-out-{tag}.pt"
+        if pa.exists() and pb.exists():
+            xa, xb = torch.load(pa), torch.load(pb)
+            agree.append(f"{tag}: max |ours − theirs| = {float((xa - xb).abs().max()):.3g} "
+                         f"(output max |x| {float(xb.abs().max()):.3g})")
+    if agree:
+        lines.append("Same weights, same result — " + "; ".join(agree) + ".")
+    # memory
+    lines.append("")
+    lines.append("### Memory per phase (host RSS now / process high-water mark" + (", CUDA now / peak" if gpu else "")
+                 + "), GiB")
+    mrows = []
+    phases = [p["phase"] for p in (ours.get("memory") or theirs.get("memory") or [])]
+    by = lambda res: {p["phase"]: p for p in res.get("memory", [])}  # noqa: E731
+    mo, mt = by(ours), by(theirs)
+    for ph in phases + [p for p in mt if p not in phases]:
+        def cell(m):
+            p = m.get(ph)
+            if not p:
+                return "—"
+            s = f"{p['rss_gib']:.2f} / {p['maxrss_gib']:.2f}"
+            if "cuda_gib" in p:
+                s += f" ; {p['cuda_gib']:.2f} / {p['cuda_peak_gib']:.2f}"
+            return s
+        mrows.append([ph, cell(mo), cell(mt)])
+    lines.append(C.table(["phase", "lorablend", "diffusers+PEFT"], mrows))
+    tw = ours.get("touched_weights") or theirs.get("touched_weights")
+    if tw:
+        esize = torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
+        lines.append("")
+        lines.append(f"Touched weights: {tw / 1e9:.3f} B = {tw * esize / 2**30:.2f} GiB in {args.dtype}. "
+                     f"Extra host RSS right after the first fuse: ours {ours.get('fuse_extra_rss_gib', float('nan')):.2f} GiB, "
+                     f"theirs {theirs.get('fuse_extra_rss_gib', float('nan')):.2f} GiB. "
+                     f"lorablend runtime memory while fused (GiB): {ours.get('runtime_memory_gib_fused', {})} "
+                     f"(pristine copies on {args.pristine_device or 'the weights device'}).")
+    lines.append("")
+    lines.append(f"Build: ours {ours.get('build_s', float('nan')):.1f} s, theirs {theirs.get('build_s', float('nan')):.1f} s "
+                 f"(not timed in the table). Subprocess wall: ours {ours.get('wall_s', float('nan')):.0f} s, "
+                 f"theirs {theirs.get('wall_s', float('nan')):.0f} s.")
+    return "\n".join(lines)
+
+
+def profiles_text(ours: dict, theirs: dict) -> str:
+    parts = []
+    for res in (ours, theirs):
+        for key in ("profile_forward2", "cprofile_forward2", "cprofile_load", "cprofile_fuse", "cprofile_unfuse"):
+            if key in res:
+                parts.append(f"### {res['system']}: {key}\n```\n{res[key]}\n```")
+    return "\n\n".join(parts)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["sdxl", "sd15"], default="sd15")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--latent", type=int, default=None, help="latent side (image side / 8); default from --resolution")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (1024 → latent 128)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards per setting (after one warm-up)")
+    p.add_argument("--set-repeats", type=int, default=10)
+    p.add_argument("--cycles", type=int, default=3, help="fuse/unfuse cycles and switches")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--loaded", type=int, default=N_LOADED, help="adapters loaded for the second set_adapters timing")
+    p.add_argument("--filler-rank", type=int, default=4, help="rank of the extra adapters that make 50 loaded")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pristine-device", default=None, help="lorablend: where pristine copies live (default: weights' device)")
+    p.add_argument("--profile", action="store_true", help="add torch.profiler / cProfile tops to the output")
+    p.add_argument("--systems", default="theirs,ours")
+    p.add_argument("--outdir", default=str(C.REPO / "bench-output"))
+    p.add_argument("--cache", default=str(C.REPO / "bench-output" / "lora-cache"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--system", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--files", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.latent is None:
+        args.latent = (args.resolution or 128) // 8
+    Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.child:
+        res = run_system(args)
+        Path(args.result).write_text(json.dumps(res, indent=1))
+        return res
+    C.setup_threads(args.threads)
+    files = prepare_files(args)
+    results = {}
+    for system in args.systems.split(","):
+        results[system] = run_child(args, system, files)
+    ours = results.get("ours", {"system": "ours", "unavailable": "not run"})
+    theirs = results.get("theirs", {"system": "theirs", "unavailable": "not run"})
+    text = report(args, ours, theirs)
+    print(text, flush=True)
+    out = Path(args.outdir)
+    (out / f"runtime-{args.model}-{args.device}.md").write_text(text + "\n")
+    prof = profiles_text(ours, theirs)
+    if prof:
+        (out / f"runtime-{args.model}-{args.device}-profiles.md").write_text(prof + "\n")
+    return {"ours": ours, "theirs": theirs, "text": text}
+
+
+if __name__ == "__main__":
+    main()

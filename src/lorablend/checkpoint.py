@@ -1,0 +1,394 @@
+"""Single-file SD1.x / SD2.x / SDXL checkpoints: what model a file holds, and which tensor holds each target layer.
+
+A1111 / ComfyUI checkpoints keep the original (LDM / SGM) names: ``model.diffusion_model.input_blocks.4.1…`` for
+the UNet, ``cond_stage_model.transformer.text_model.…`` (SD1.x CLIP-L, HF names), ``conditioner.embedders.0.…``
+(SDXL CLIP-L) and OpenCLIP layouts for SD2.x and SDXL's second encoder (``….transformer.resblocks.K.attn.
+in_proj_weight`` holds q, k and v stacked on dim 0; ``text_projection`` is stored transposed).
+
+Names are never guessed from strings alone: the architecture is read off the header (block structure, widths,
+depths), built on the meta device (no weights, no memory), and the module tree gives every canonical target
+key with its LDM path (``naming``). Only the header is read here; tensors stay on disk.
+
+>>> layout = checkpoint_layout("sd15.safetensors")                       # doctest: +SKIP
+>>> layout.family, layout.placement("unet.down_blocks.1.attentions.0.proj_in").weight_key   # doctest: +SKIP
+('sd1', 'model.diffusion_model.input_blocks.4.1.proj_in.weight')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LoraFormatError
+from .resolve import ModelView
+
+UNET_PREFIX = "model.diffusion_model."
+
+# family -> [(component, key prefix, layout)]; "hf" keeps transformers' CLIP names, "openclip" is the fused layout.
+TEXT_LAYOUTS: dict[str, list[tuple[str, str, str]]] = {
+    "sd1": [("text_encoder", "cond_stage_model.transformer.text_model.", "hf")],
+    "sd2": [("text_encoder", "cond_stage_model.model.", "openclip")],
+    "sdxl": [
+        ("text_encoder", "conditioner.embedders.0.transformer.text_model.", "hf"),
+        ("text_encoder_2", "conditioner.embedders.1.model.", "openclip"),
+    ],
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: name, dtype code (``"F16"``…), shape and byte range in the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SafetensorsHeader:
+    """The parsed header of a ``.safetensors`` file; ``entries`` are in data order."""
+
+    path: Path
+    data_start: int  # byte offset of the data section in the file
+    entries: list[TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_name = {e.name: e for e in self.entries}
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        entry = self.by_name.get(name)
+        return None if entry is None else entry.shape
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse a safetensors header without reading any tensor; a file that is not one raises ``LoraFormatError``.
+
+    >>> read_header("model.safetensors").entries[0].name                       # doctest: +SKIP
+    'cond_stage_model.transformer.text_model.embeddings.position_embedding.weight'
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise LoraFormatError(f"{path}: not a safetensors checkpoint (only {size} bytes)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > min(size - 8, 100 * 2**20):
+            raise LoraFormatError(
+                f"{path}: not a safetensors checkpoint (bad header length); a .ckpt/.pt pickle must be converted "
+                "to .safetensors first"
+            )
+        try:
+            raw = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise LoraFormatError(f"{path}: not a safetensors checkpoint (the header is not JSON)") from None
+    if not isinstance(raw, dict):
+        raise LoraFormatError(f"{path}: not a safetensors checkpoint (the header is not a JSON object)")
+    metadata = raw.pop("__metadata__", None) or {}
+    entries = []
+    try:
+        for name, info in raw.items():
+            start, end = (int(x) for x in info["data_offsets"])
+            entries.append(TensorEntry(name, str(info["dtype"]), tuple(int(s) for s in info["shape"]), start, end))
+    except (KeyError, TypeError, ValueError):
+        raise LoraFormatError(f"{path}: malformed safetensors header (entry {name!r})") from None
+    entries.sort(key=lambda e: e.start)
+    data_start = 8 + n
+    if entries and data_start + entries[-1].end > size:
+        raise LoraFormatError(f"{path}: truncated safetensors file ({size} bytes, the header promises more)")
+    return SafetensorsHeader(path, data_start, entries, {str(k): str(v) for k, v in metadata.items()})
+
+
+# ------------------------------------------------------------------------------------------- family
+
+
+def detect_family(header: SafetensorsHeader) -> str:
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from the checkpoint's key layout; anything else raises.
+
+    >>> detect_family(read_header("sd_xl_base_1.0.safetensors"))               # doctest: +SKIP
+    'sdxl'
+    """
+    names = header.by_name
+    if not any(n.startswith(UNET_PREFIX) for n in names):
+        hint = ""
+        if any(n.startswith(("unet.", "lora_", "down_blocks.")) or ".lora_" in n for n in list(names)[:50]):
+            hint = " (it looks like a LoRA or a diffusers component; pass a pipeline folder or an SD checkpoint)"
+        raise LoraFormatError(
+            f"{header.path}: not a single-file SD1.x/SDXL checkpoint: no 'model.diffusion_model.' tensors{hint}"
+        )
+    if any(n.startswith("conditioner.embedders.1.model.") for n in names) or UNET_PREFIX + "label_emb.0.0.weight" in names:
+        return "sdxl"
+    if any(n.startswith("cond_stage_model.model.transformer.") for n in names):
+        return "sd2"
+    if any(n.startswith("cond_stage_model.transformer.") for n in names):
+        return "sd1"
+    raise LoraFormatError(
+        f"{header.path}: UNet tensors but no text encoder this tool knows (cond_stage_model.* for SD1.x/SD2.x, "
+        "conditioner.embedders.* for SDXL); is it a UNet-only file?"
+    )
+
+
+# ------------------------------------------------------------------------------------------- architecture
+
+
+def _indices(names: Any, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for n in names if (m := rx.match(n))})
+
+
+def _transformer_depth(names: Any, ldm_block: str) -> int:
+    depth = _indices(names, re.escape(UNET_PREFIX + ldm_block) + r"\.transformer_blocks\.(\d+)\.")
+    return len(depth) or 1
+
+
+def unet_config(header: SafetensorsHeader) -> dict[str, Any]:
+    """A ``UNet2DConditionModel`` config whose module tree has the shapes of this checkpoint's UNet.
+
+    Only what shapes the Linear/Conv2d layers is read (block structure, widths, transformer depths, projection
+    kind, cross-attention and embedding widths); head counts and norm groups do not change any weight shape,
+    so they are set to values valid for every width.
+    """
+    names, shape, p = header.by_name, header.shape, UNET_PREFIX
+
+    def need(key: str) -> tuple[int, ...]:
+        s = shape(p + key)
+        if s is None:
+            raise LoraFormatError(f"{header.path}: no {p + key}; this is not an SD1.x/SD2.x/SDXL UNet this tool knows")
+        return s
+
+    c0, in_ch = need("input_blocks.0.0.weight")[:2]
+    out_ch = need("out.2.weight")[0]
+    blocks: list[list[int]] = [[]]
+    for n in _indices(names, re.escape(p) + r"input_blocks\.(\d+)\.")[1:]:
+        if p + f"input_blocks.{n}.0.op.weight" in names:
+            blocks.append([])
+        else:
+            blocks[-1].append(n)
+    blocks = [b for b in blocks if b]
+    layers = {len(b) for b in blocks}
+    if len(layers) != 1:
+        raise LoraFormatError(f"{header.path}: UNet blocks have different numbers of layers {sorted(layers)}; unsupported")
+    lpb = layers.pop()
+    channels, down_types, depths = [], [], []
+    for b in blocks:
+        channels.append(need(f"input_blocks.{b[0]}.0.out_layers.3.weight")[0])
+        attn = p + f"input_blocks.{b[0]}.1.proj_in.weight" in names
+        down_types.append("CrossAttnDownBlock2D" if attn else "DownBlock2D")
+        depths.append(_transformer_depth(names, f"input_blocks.{b[0]}.1") if attn else 1)
+    up_types = []
+    for i in range(len(blocks)):
+        attn = p + f"output_blocks.{i * (lpb + 1)}.1.proj_in.weight" in names
+        up_types.append("CrossAttnUpBlock2D" if attn else "UpBlock2D")
+    proj = next((e.shape for n, e in names.items() if n.startswith(p) and n.endswith(".proj_in.weight")), None)
+    to_k = next((e.shape for n, e in names.items() if n.startswith(p) and n.endswith("attn2.to_k.weight")), None)
+    mid_attn = p + "middle_block.1.proj_in.weight" in names
+    cfg: dict[str, Any] = {
+        "in_channels": int(in_ch),
+        "out_channels": int(out_ch),
+        "block_out_channels": [int(c) for c in channels],
+        "layers_per_block": lpb,
+        "down_block_types": down_types,
+        "up_block_types": up_types,
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if mid_attn else "UNetMidBlock2D",
+        "transformer_layers_per_block": depths,
+        "use_linear_projection": proj is not None and len(proj) == 2,
+        "cross_attention_dim": int(to_k[1]) if to_k is not None else 768,
+        "attention_head_dim": 1,  # one head of full width: every projection keeps its (width, width) shape
+        "norm_num_groups": 1,  # GroupNorm(1, c) is valid for any width; norms are not LoRA targets
+        "time_embedding_dim": int(need("time_embed.0.weight")[0]),
+    }
+    if mid_attn and _transformer_depth(names, "middle_block.1") != depths[-1]:
+        raise LoraFormatError(f"{header.path}: the middle block's transformer depth differs from the last down block's; unsupported")
+    label = shape(p + "label_emb.0.0.weight")
+    if label is not None:
+        cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=int(label[1]),
+                   addition_time_embed_dim=256)  # a sinusoid width: no weight depends on it
+    return cfg
+
+
+def _clip_config(header: SafetensorsHeader, prefix: str, layout: str) -> dict[str, Any]:
+    names, shape = header.by_name, header.shape
+    if layout == "hf":
+        tok, pos = shape(prefix + "embeddings.token_embedding.weight"), shape(prefix + "embeddings.position_embedding.weight")
+        layers = _indices(names, re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+        fc1 = shape(prefix + "encoder.layers.0.mlp.fc1.weight")
+        proj = None
+    else:
+        tok, pos = shape(prefix + "token_embedding.weight"), shape(prefix + "positional_embedding")
+        layers = _indices(names, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+        fc1 = shape(prefix + "transformer.resblocks.0.mlp.c_fc.weight")
+        proj = shape(prefix + "text_projection")
+    if tok is None or pos is None or fc1 is None or not layers:
+        raise LoraFormatError(f"{header.path}: the text encoder under {prefix!r} is incomplete (no embeddings or layers)")
+    cfg = {
+        "vocab_size": int(tok[0]),
+        "hidden_size": int(tok[1]),
+        "intermediate_size": int(fc1[0]),
+        "num_hidden_layers": layers[-1] + 1,
+        "num_attention_heads": 1,  # as for the UNet: heads do not change any weight shape
+        "max_position_embeddings": int(pos[0]),
+    }
+    if proj is not None:
+        cfg["projection_dim"] = int(proj[1])
+    return cfg
+
+
+def build_components(header: SafetensorsHeader, family: str) -> dict[str, nn.Module]:
+    """The UNet and text encoders of this checkpoint on the meta device (module tree and shapes, no storage)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    components: dict[str, nn.Module] = {}
+    with torch.device("meta"):
+        components["unet"] = UNet2DConditionModel.from_config(unet_config(header))
+        for component, prefix, layout in TEXT_LAYOUTS[family]:
+            cfg = _clip_config(header, prefix, layout)
+            cls = CLIPTextModelWithProjection if "projection_dim" in cfg else CLIPTextModel
+            components[component] = cls(CLIPTextConfig(**cfg))
+    return components
+
+
+# ------------------------------------------------------------------------------------------- placements
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one target layer's weight (and bias) lives in the checkpoint.
+
+    ``rows`` is a row range of a fused tensor (OpenCLIP ``in_proj_weight``: q, k, v stacked on dim 0);
+    ``transposed`` marks a tensor stored as the transpose of the module's weight (OpenCLIP ``text_projection``).
+    """
+
+    target_key: str
+    weight_key: str
+    bias_key: str | None = None
+    rows: tuple[int, int] | None = None
+    transposed: bool = False
+
+
+_OPENCLIP = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc1|mlp\.fc2)$")
+_OPENCLIP_NAMES = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+@dataclass
+class CheckpointLayout:
+    """A checkpoint's family, its meta-device model view (module index) and the target-key -> tensor map."""
+
+    header: SafetensorsHeader
+    family: str
+    view: ModelView
+
+    def placement(self, target_key: str) -> Placement | None:
+        """Where ``target_key``'s weight is stored, or None when this layout has no tensor for it."""
+        info = self.view.index.modules.get(target_key)
+        if info is None:
+            return None
+        if info.component == "unet":
+            if info.ldm_path is None:
+                return None
+            stem = UNET_PREFIX + info.ldm_path
+            return Placement(target_key, stem + ".weight", self._bias(stem + ".bias"))
+        layout = next(((p, l) for c, p, l in TEXT_LAYOUTS[self.family] if c == info.component), None)
+        if layout is None:
+            return None
+        prefix, kind = layout
+        path = info.path
+        if kind == "hf":
+            if not path.startswith("text_model."):
+                return None
+            stem = prefix + path[len("text_model."):]
+            return Placement(target_key, stem + ".weight", self._bias(stem + ".bias"))
+        if path == "text_projection":
+            return Placement(target_key, prefix + "text_projection", None, transposed=True)
+        m = _OPENCLIP.match(path)
+        if m is None:
+            return None
+        block, sub = prefix + f"transformer.resblocks.{m.group(1)}.", m.group(2)
+        if sub in _OPENCLIP_NAMES:
+            stem = block + _OPENCLIP_NAMES[sub]
+            return Placement(target_key, stem + ".weight", self._bias(stem + ".bias"))
+        width = info.weight_shape[0]
+        i = "qkv".index(sub[len("self_attn.")])
+        rows = (i * width, (i + 1) * width)
+        return Placement(target_key, block + "attn.in_proj_weight", self._bias(block + "attn.in_proj_bias"), rows=rows)
+
+    def _bias(self, key: str) -> str | None:
+        return key if key in self.header.by_name else None
+
+    def problem(self, placement: Placement) -> str | None:
+        """Why ``placement`` does not match the file (missing tensor, wrong shape, not float), or None."""
+        entry = self.header.by_name.get(placement.weight_key)
+        if entry is None:
+            return f"no tensor {placement.weight_key!r} in {self.header.path.name}"
+        if entry.dtype not in FLOAT_DTYPES:
+            return f"{placement.weight_key} is {entry.dtype}, not a float tensor"
+        want = tuple(self.view.index.modules[placement.target_key].weight_shape)
+        have = entry.shape
+        if placement.transposed:
+            have = tuple(reversed(have))
+        if placement.rows is not None:
+            lo, hi = placement.rows
+            if len(have) != len(want) or hi > have[0]:
+                return f"{placement.weight_key} of shape {have} has no rows {lo}:{hi} of shape {want}"
+            have = (hi - lo, *have[1:])
+        if have != want:
+            return f"{placement.weight_key} has shape {entry.shape}, the layer needs {want}"
+        return None
+
+
+def checkpoint_layout(path: str | os.PathLike, header: SafetensorsHeader | None = None) -> CheckpointLayout:
+    """Read a single-file checkpoint's header and build its layout (family, module index, tensor map).
+
+    >>> checkpoint_layout("v1-5-pruned-emaonly.safetensors").family            # doctest: +SKIP
+    'sd1'
+    """
+    header = header or read_header(path)
+    family = detect_family(header)
+    components = build_components(header, family)
+    view = ModelView.of(components)
+    view.index.family = family  # the file's layout decides; the meta model's widths may be a tiny test model's
+    return CheckpointLayout(header, family, view)
+
+
+__all__ = [
+    "CheckpointLayout",
+    "DTYPES",
+    "Placement",
+    "SafetensorsHeader",
+    "TensorEntry",
+    "build_components",
+    "checkpoint_layout",
+    "detect_family",
+    "read_header",
+    "unet_config",
+]

@@ -1,0 +1,602 @@
+"""The ``lorablend`` command: argument parsing and printing only; the work is the library's.
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that builds its parser and sets ``func`` to one
+``_cmd_<name>(args) -> int`` function; ``SUBCOMMANDS`` lists the adders in ``--help`` order. To add a command,
+write those two functions and append the adder to ``SUBCOMMANDS``.
+
+Conventions: every command takes ``--json`` (one JSON document on stdout); exit 0 only on success; an error
+prints ONE line ``lorablend: error: …`` on stderr and exits 2 (bad input or usage) or 1 (anything else);
+progress bars go to stderr and only on a terminal.
+
+>>> main(["inspect", "style.safetensors", "--json"])                 # doctest: +SKIP
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+PROG = "lorablend"
+
+
+class UsageError(Exception):
+    """A command line that argparse (or a command) rejects; reported as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage block and exits; we want one line and a return code from main().
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show what a LoRA file holds: format, family, layers, ranks, blocks, metadata, key report",
+        description="Read a LoRA file (any supported format) and summarise it; nothing is written.",
+    )
+    p.add_argument("file", help="a LoRA file (.safetensors, .bin, .pt) or a folder holding one")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--keys", type=int, default=10, metavar="N", help="list at most N unmapped keys (default 10)")
+    p.add_argument("other", nargs="?", default=None, metavar="FILE2",
+                   help="with --plot: a second LoRA file, to draw the per-layer cosine similarity of the two")
+    p.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="also draw a heatmap PNG: ||dW|| per block and layer type (or, with FILE2, their cosine similarity)")
+    p.add_argument("--overwrite", action="store_true", help="with --plot: replace OUT.png if it exists")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_file, render_text
+
+    if args.other is not None or args.plot is not None:
+        return _cmd_inspect_plot(args)
+    info = inspect_file(args.file, max_keys=args.keys)
+    if args.json:
+        _print_json(info)
+    else:
+        print(render_text(info))
+    return 0
+
+
+def _cmd_inspect_plot(args: argparse.Namespace) -> int:
+    from .inspect import inspect_file, render_text
+    from .plot import plot_files
+
+    if args.plot is None:
+        raise UsageError(f"a second file ({args.other}) is only for --plot OUT.png, which compares two LoRAs")
+    if not args.plot.lower().endswith(".png"):
+        raise UsageError(f"--plot {args.plot}: name a .png file")
+    for path in (args.file, args.other):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{path}: no such file; pass a LoRA file")
+        if path is not None and _same_file(path, args.plot):
+            raise UsageError(f"--plot {args.plot}: that is an input; lorablend never overwrites an input")
+    heat, out = plot_files(args.file, args.plot, args.other, overwrite=args.overwrite)
+    if args.json:
+        data = {"plot": str(out), **heat.to_dict()}
+        if args.other is None:
+            data["inspect"] = inspect_file(args.file, max_keys=args.keys)
+        _print_json(data)
+    else:
+        if args.other is None:
+            print(render_text(inspect_file(args.file, max_keys=args.keys)))
+        print(f"wrote {out}: {heat.title} ({len(heat.rows)} blocks x {len(heat.cols)} layer types)")
+    return 0
+
+
+# ---------------------------------------------------------------- convert
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a LoRA file in diffusers or kohya format",
+        description=(
+            "Read a LoRA file in any supported format and write it in diffusers format (what "
+            "pipe.load_lora_weights reads; low-rank layers only) or kohya format (what A1111 and ComfyUI read; "
+            "every layer kind, LyCORIS included). The input is never overwritten."
+        ),
+    )
+    p.add_argument("input", help="the LoRA file to read")
+    p.add_argument("output", help="the .safetensors file to write (or an existing folder)")
+    p.add_argument("--to", required=True, choices=["diffusers", "kohya"], help="the output format")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast the weights (default: keep)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or (Path(b).exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .io import load_adapter, save_adapter
+
+    if _same_file(args.input, args.output):
+        raise UsageError(f"{args.output}: OUTPUT is the INPUT file; lorablend never overwrites an input")
+    adapter = load_adapter(args.input)
+    out = save_adapter(
+        adapter, args.output, format=args.to, overwrite=args.overwrite, dtype=args.dtype, progress=not args.json
+    )
+    from .io.hashing import sshs_model_hash
+
+    result = {
+        "input": str(args.input),
+        "output": str(out),
+        "from_format": adapter.format,
+        "to_format": args.to,
+        "family": adapter.family,
+        "layers": len(adapter.deltas),
+        "kinds": adapter.kinds(),
+        "bytes": out.stat().st_size,
+        "sshs_model_hash": sshs_model_hash(out),
+        "report": adapter.report.counts(),
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        c = result["report"]
+        print(
+            f"wrote {out} ({args.to} format, {result['layers']} layers, {result['bytes']:,} bytes) "
+            f"from {args.input} ({adapter.format}, {adapter.family}); "
+            f"source keys: {c['mapped']} mapped, {c['unsupported']} unsupported, {c['unknown']} unknown"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------- merge
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    from .merge import METHODS
+
+    p = sub.add_parser(
+        "merge",
+        help="merge LoRA files into one LoRA file (svd, cat, ties, dare, ...), with a per-layer error report",
+        description=(
+            "Merge LoRA files (any supported format and kind: LoRA, LoCon, LoHa, LoKr, full diff) into one LoRA. "
+            "'cat' is exact (rank = sum of ranks); 'svd' is the best rank-k approximation of the exact weighted sum, "
+            "computed from the factors; ties/dare/magnitude_prune follow PEFT. Inputs are never overwritten and "
+            "nothing is written on error."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files, each with an optional weight (default 1), e.g. style.safetensors:0.7")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write (or an existing folder)")
+    p.add_argument("--method", default="svd", choices=METHODS, help="combination method (default svd)")
+    p.add_argument("--rank", type=int, default=None, help="output rank for svd methods (default: largest input rank per layer)")
+    p.add_argument("--energy", type=float, default=None, help="svd: per-layer rank keeping this fraction of the squared singular values, e.g. 0.99")
+    p.add_argument("--clamp", type=float, default=None, help="svd: clamp factor values at this quantile, as kohya (e.g. 0.99)")
+    p.add_argument("--density", type=float, default=None, help="ties/dare/magnitude_prune: fraction of values kept, in (0, 1]")
+    p.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="ties/dare_ties sign election")
+    p.add_argument("--seed", type=int, default=None, help="dare: random seed (default 0; results are deterministic)")
+    p.add_argument("--block-weights", default=None, metavar="JSON", help='per-block multipliers, e.g. \'{"IN04": 0.5, "M00": 0}\' or an LBW list')
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"], help="output format (default diffusers)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="output dtype (default: the inputs' dtype, fp32 if they differ)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the math runs (default cpu)")
+    p.add_argument("--name", default=None, help="name of the merged adapter (default: the input names joined by '+')")
+    p.add_argument("--report", default=None, metavar="JSON_FILE", help="also write the per-layer merge report (rank, relative error) here")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and the report file) if they exist")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.set_defaults(func=_cmd_merge)
+
+
+def _parse_weighted_input(spec: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:WEIGHT``. A colon followed by a path separator belongs to the path (``C:\\x``)."""
+    if Path(spec).exists() or ":" not in spec:
+        return spec, 1.0
+    path, text = spec.rsplit(":", 1)
+    if "/" in text or "\\" in text:
+        return spec, 1.0
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = float("nan")
+    if not path or weight != weight or weight in (float("inf"), float("-inf")):
+        raise UsageError(f"bad weight {text!r} in {spec!r}: write FILE:WEIGHT with a finite number, e.g. style.safetensors:0.7")
+    return path, weight
+
+
+def _input_dtype(adapters: list) -> str:
+    """The inputs' common float dtype as a --dtype name; fp32 when they differ."""
+    import torch
+
+    dtypes = {next(iter(d.tensors())).dtype for a in adapters for d in a.deltas.values()}
+    if len(dtypes) == 1:
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtypes.pop(), "fp32")
+    return "fp32"
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .io import load_adapter, save_adapter
+    from .io.write import output_path
+    from .merge import merge_with_report
+
+    specs = [_parse_weighted_input(s) for s in args.inputs]
+    # Cheap checks first, so a typo fails before minutes of loading and merging.
+    if args.rank is not None and args.rank <= 0:
+        raise UsageError(f"--rank {args.rank}: the rank must be a positive integer, e.g. --rank 64")
+    for path, _ in specs:
+        if not Path(path).exists():
+            raise UsageError(f"{path}: no such file; pass existing LoRA files as FILE[:WEIGHT]")
+    out_target = output_path(args.output, args.format, args.name or "merged")
+    for path, _ in specs:
+        if _same_file(path, out_target) or _same_file(path, args.output):
+            raise UsageError(f"{args.output}: OUTPUT is an INPUT file; lorablend never overwrites an input")
+    if out_target.exists() and not args.overwrite:
+        raise UsageError(f"{out_target} exists; pass --overwrite to replace it")
+    if args.report is not None:
+        if any(_same_file(args.report, p) for p, _ in specs) or _same_file(args.report, out_target):
+            raise UsageError(f"--report {args.report}: that is an input or the output; name a new .json file")
+        if Path(args.report).exists() and not args.overwrite:
+            raise UsageError(f"--report {args.report} exists; pass --overwrite to replace it")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    block_weights = None
+    if args.block_weights is not None:
+        try:
+            block_weights = json.loads(args.block_weights)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--block-weights is not JSON ({exc.msg}); write e.g. '{{\"IN04\": 0.5}}'") from None
+
+    adapters = [load_adapter(path) for path, _ in specs]
+    progress = sys.stderr.isatty() and not args.json
+    merged, report = merge_with_report(
+        adapters,
+        [w for _, w in specs],
+        args.method,
+        rank=args.rank,
+        energy=args.energy,
+        clamp=args.clamp,
+        density=args.density,
+        majority_sign=args.majority_sign,
+        seed=args.seed,
+        block_weights=block_weights,
+        name=args.name,
+        device=args.device,
+        progress=progress,
+    )
+    dtype = args.dtype or _input_dtype(adapters)
+    out = save_adapter(merged, args.output, format=args.format, overwrite=args.overwrite, dtype=dtype, progress=progress)
+    report_data = {"inputs": [{"path": p, "weight": w} for p, w in specs], "output": str(out), **report.to_dict()}
+    if args.report is not None:
+        # Written after the LoRA file, through a temp file: an error leaves neither half-written.
+        from .io.write import atomic_write
+
+        atomic_write(Path(args.report), [json.dumps(report_data, indent=2).encode()], overwrite=args.overwrite)
+    errors = [layer.rel_error for layer in report.layers]
+    result = {
+        "output": str(out),
+        "format": args.format,
+        "dtype": dtype,
+        "method": args.method,
+        "inputs": [
+            {"path": p, "weight": w, "name": a.name, "format": a.format, "family": a.family, "layers": len(a.deltas)}
+            for (p, w), a in zip(specs, adapters)
+        ],
+        "family": merged.family,
+        "layers": len(merged.deltas),
+        "rank": merged.metadata.get("lorablend.merge.rank"),
+        "max_rel_error": report.max_rel_error,
+        "mean_rel_error": sum(errors) / len(errors) if errors else 0.0,
+        "dropped": report.dropped,
+        "bytes": out.stat().st_size,
+        "report": args.report,
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {out} ({args.format}, {dtype}, {result['layers']} layers, {result['bytes']:,} bytes)")
+        print(report.summary())
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the Merge LoRAs guide end to end on a tiny offline SDXL pipeline, checking every step",
+        description="Build a tiny SDXL pipeline and two LoRAs offline, run load / set_adapters / generate / "
+        "add_weighted_adapter / fuse / unload / save / reload / unfuse, check each step's invariant, and write "
+        "the images (PNG) and a report to the output folder.",
+    )
+    p.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
+    p.add_argument("--steps", type=int, default=2, help="inference steps per image (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .demo import run_demo
+
+    steps = run_demo(args.output, steps=args.steps)
+    if args.json:
+        _print_json({"output": str(args.output), "steps": [asdict(s) for s in steps]})
+    else:
+        for s in steps:
+            print(f"{'ok ' if s.ok else 'FAIL'} {s.seconds:6.2f}s  {s.name}: {s.invariant}")
+        print(f"images and report.md written to {args.output}/")
+    return 0 if all(s.ok for s in steps) else 1
+
+
+# ---------------------------------------------------------------- fuse
+
+
+def _bool_arg(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_fuse(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fuse",
+        help="bake LoRAs into a model: a diffusers pipeline folder or a single-file SD1.x/SDXL checkpoint",
+        description=(
+            "Write MODEL with the LoRAs fused in (W0 + lora_scale * sum of weight_i * dW_i, in fp32 from the original "
+            "weights, cast once: the same weights as fuse_lora + save_pretrained). A single-file .safetensors "
+            "checkpoint is streamed tensor by tensor (memory: about one tensor). Every layer is checked before "
+            "anything is written; the output appears only when complete and never replaces an input."
+        ),
+    )
+    p.add_argument("--model", required=True, help="a diffusers pipeline folder or a single-file .safetensors checkpoint")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
+                   help="a LoRA file with an optional weight (default 1); repeat for several, e.g. --lora style.safetensors:0.7")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="global multiplier, as fuse_lora(lora_scale=...) (default 1)")
+    p.add_argument("-o", "--output", required=True, help="the checkpoint file (or pipeline folder) to write")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast the output's float tensors (default: keep)")
+    p.add_argument("--strict", type=_bool_arg, default=True, metavar="true|false",
+                   help="false: bake the layers that fit and report the rest (default true: any misfit is an error)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.set_defaults(func=_cmd_fuse)
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    from .bake import bake
+
+    specs = [_parse_weighted_input(s) for s in args.lora]
+    if args.lora_scale != args.lora_scale or abs(args.lora_scale) == float("inf"):
+        raise UsageError(f"--lora-scale {args.lora_scale}: must be a finite number, e.g. --lora-scale 0.8")
+    for path, _ in specs:
+        if not Path(path).exists():
+            raise UsageError(f"{path}: no such file; pass existing LoRA files as --lora FILE[:WEIGHT]")
+    _hf_progress_bars(sys.stderr.isatty() and not args.json)
+    report = bake(
+        args.model,
+        specs,
+        args.output,
+        lora_scale=args.lora_scale,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        strict=args.strict,
+        progress=sys.stderr.isatty() and not args.json,
+    )
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.summary())
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate an image (or an X/Y grid over LoRA weights and prompts) with LoRAs on a pipeline",
+        description=(
+            "Load a diffusers pipeline (folder or hub id) with LoRAs at their weights and write one PNG. With --grid, "
+            "columns vary the weight of the first LoRA over --grid-weights; rows are the prompts (several --prompt), "
+            "or, with one prompt and two LoRAs, the weight of the second LoRA over --grid-weights-y (default: the "
+            "same values). Every cell starts from the same seed's noise."
+        ),
+    )
+    p.add_argument("--model", required=True, help="a diffusers pipeline folder or a hub repo id")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA file with an optional weight (default 1); repeat for several")
+    p.add_argument("--prompt", action="append", required=True, help="the prompt; repeat for grid rows")
+    p.add_argument("--negative-prompt", default=None, help="the negative prompt")
+    p.add_argument("-o", "--output", required=True, help="the .png file to write")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
+    p.add_argument("--grid", action="store_true", help="draw an X/Y grid instead of one image")
+    p.add_argument("--grid-weights", default="0,0.5,1", metavar="W,W,...", help="X axis: weights of the first LoRA (default 0,0.5,1)")
+    p.add_argument("--grid-weights-y", default=None, metavar="W,W,...", help="Y axis (one prompt, two LoRAs): weights of the second LoRA")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when present)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _weights_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v != v or abs(v) == float("inf") for v in values):
+        raise UsageError(f"{flag} {text!r}: write comma-separated finite numbers, e.g. {flag} 0,0.5,1")
+    return values
+
+
+def _hf_progress_bars(enabled: bool) -> None:
+    """diffusers and transformers draw loading bars on stderr; keep them only for a person at a terminal."""
+    if enabled:
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from .generate import GenerationSettings, generate_image, load_pipeline, save_png, weight_grid
+
+    started = time.perf_counter()
+    specs = [_parse_weighted_input(s) for s in args.lora]
+    for path, _ in specs:
+        if not Path(path).exists():
+            raise UsageError(f"{path}: no such file; pass existing LoRA files as --lora FILE[:WEIGHT]")
+        if _same_file(path, args.output):
+            raise UsageError(f"{args.output}: OUTPUT is an input file; lorablend never overwrites an input")
+    model = Path(args.model)
+    if not model.exists() and (args.model.count("/") != 1 or args.model.startswith((".", "/"))):
+        raise UsageError(f"{args.model}: no such pipeline folder (and not a hub id like 'org/name')")
+    if model.exists() and (_same_file(model, args.output) or (model.is_dir() and Path(args.output).resolve().is_relative_to(model.resolve()))):
+        raise UsageError(f"{args.output}: that is inside the model folder; write the image elsewhere")
+    if not args.output.lower().endswith(".png"):
+        raise UsageError(f"-o {args.output}: name a .png file")
+    if Path(args.output).exists() and not args.overwrite:
+        raise UsageError(f"{args.output} exists; pass --overwrite to replace it")
+    if args.steps <= 0:
+        raise UsageError(f"--steps {args.steps}: must be a positive integer")
+    for flag, v in (("--width", args.width), ("--height", args.height)):
+        if v is not None and (v <= 0 or v % 8):
+            raise UsageError(f"{flag} {v}: must be a positive multiple of 8")
+    x_weights = _weights_list(args.grid_weights, "--grid-weights") if args.grid else None
+    y_weights = None
+    if args.grid:
+        if not specs:
+            raise UsageError("--grid varies LoRA weights: pass at least one --lora FILE")
+        if len(args.prompt) == 1 and len(specs) >= 2:
+            y_weights = _weights_list(args.grid_weights_y or args.grid_weights, "--grid-weights-y")
+        elif args.grid_weights_y is not None:
+            raise UsageError("--grid-weights-y needs one --prompt and two --lora files (rows are the prompts otherwise)")
+    elif len(args.prompt) > 1:
+        raise UsageError(f"{len(args.prompt)} prompts but no --grid: pass one --prompt, or --grid for one row per prompt")
+    dtype = None
+    if args.dtype:
+        from .io.write import parse_dtype
+
+        dtype = parse_dtype(args.dtype)
+    _hf_progress_bars(sys.stderr.isatty() and not args.json)
+    settings = GenerationSettings(seed=args.seed, steps=args.steps, width=args.width, height=args.height,
+                                  guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
+    pipe, names = load_pipeline(args.model, specs, device=args.device, dtype=dtype)
+    weights = [w for _, w in specs]
+    result: dict[str, Any] = {"model": args.model, "loras": [{"path": p, "name": n, "weight": w} for (p, w), n in zip(specs, names)],
+                              "seed": args.seed, "steps": args.steps}
+    if args.grid:
+        grid = weight_grid(pipe, names, weights, args.prompt, settings, x_weights=x_weights, y_weights=y_weights,
+                           progress=sys.stderr.isatty() and not args.json)
+        out = save_png(grid.image, args.output, overwrite=args.overwrite)
+        result.update(grid={"x": grid.x_label, "y": grid.y_label, "columns": grid.x_values, "rows": grid.y_values,
+                            "cells": grid.cells}, images=len(grid.cells))
+    else:
+        out = save_png(generate_image(pipe, names, weights, args.prompt[0], settings), args.output, overwrite=args.overwrite)
+        result.update(prompt=args.prompt[0], images=1)
+    result.update(output=str(out), seconds=round(time.perf_counter() - started, 3))
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {out} ({result['images']} image{'s' if result['images'] != 1 else ''}, {result['seconds']:.1f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_inspect,
+    _add_convert,
+    _add_merge,
+    _add_demo,
+    _add_fuse,
+    _add_generate,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: ``lorablend --help`` lists every subcommand."""
+    parser = _Parser(
+        prog=PROG,
+        description="Load, blend, merge, fuse and unfuse LoRA adapters for Stable Diffusion 1.x and SDXL.",
+    )
+    try:
+        from importlib.metadata import version
+
+        parser.add_argument("--version", action="version", version=f"{PROG} {version('lorablend')}")
+    except Exception:  # not installed (running from a source tree): no --version
+        pass
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lorablend`` command line; returns the exit status (0 only on success).
+
+    >>> main(["--help"])                                               # doctest: +SKIP
+    """
+    if argv is None:
+        # Run as the `lorablend` program, the command line owns the process: keep the libraries' import-time
+        # chatter (transformers' notes on missing optional backends) out of stderr, where an error must be one
+        # line. Users may still override; called as a function (argv given), the caller's settings stand.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.func(args) or 0)
+    except SystemExit as exc:  # --help / --version exit through argparse
+        return int(exc.code or 0) if isinstance(exc.code, int) else 0
+    except UsageError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # LoraFormatError / LoraCompatibilityError are ValueErrors
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: still one line, but say what kind so it can be reported
+        print(f"{PROG}: error: internal error ({type(exc).__name__}): {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,387 @@
+"""Tiny SD1.5 / SDXL diffusers pipelines built offline from config numbers, with random weights.
+
+The numbers are those diffusers' own tests build in code (``tests/lora/test_lora_layers_sd{,xl}.py`` for the
+UNet, VAE and scheduler; ``tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py`` for the 32-wide CLIP
+text encoders), transcribed in ``shared/realdata/configs``. The tokenizer is generated: a byte-level CLIP BPE
+vocabulary with no merges (514 tokens), so any prompt tokenizes and every id is below the encoders' vocab size.
+
+These pipelines serve the ``demo`` command, the example script and the tests; they need no network and no files.
+
+>>> pipe = tiny_pipeline("sd1")                                   # doctest: +SKIP
+>>> pipe("a cat", num_inference_steps=2, output_type="np").images.shape   # doctest: +SKIP
+(1, 64, 64, 3)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .adapter import Adapter, LowRankDelta
+
+_UNET_COMMON = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+}
+SD1_UNET = {**_UNET_COMMON, "cross_attention_dim": 32}
+SDXL_UNET = {
+    **_UNET_COMMON,
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": [1, 2],
+    "projection_class_embeddings_input_dim": 80,  # 6 * 8 time ids + 32 pooled text embedding
+    "cross_attention_dim": 64,  # the two 32-wide text encoders concatenated
+}
+VAE = {
+    "block_out_channels": [32, 64],
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "latent_channels": 4,
+    "sample_size": 128,
+}
+CLIP_TEXT = {
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "layer_norm_eps": 1e-05,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 5,
+    "pad_token_id": 1,
+    "vocab_size": 1000,
+    "hidden_act": "gelu",
+    "projection_dim": 32,
+}
+SD1_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+
+
+def _bytes_to_unicode() -> list[str]:
+    # CLIP's byte-level alphabet: printable bytes map to themselves, the rest to code points above 255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            codes.append(b)
+        else:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer over the 256 byte symbols (with and without ``</w>``) and the two special tokens.
+
+    >>> tiny_tokenizer()("a cat").input_ids                           # doctest: +SKIP
+    [512, 64, 94, 66, 64, 83, 513]
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = _bytes_to_unicode()
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    try:  # transformers >= 5 builds the tokenizer from in-memory vocab and merges
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    except TypeError:  # transformers 4 wants files
+        import json
+        import tempfile
+        from pathlib import Path
+
+        folder = Path(tempfile.mkdtemp(prefix="lorablend-tok-"))
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def tiny_pipeline(family: str = "sdxl", *, seed: int = 0, torch_dtype: torch.dtype = torch.float32):
+    """Build a tiny diffusers ``StableDiffusionPipeline`` (``"sd1"``) or ``StableDiffusionXLPipeline`` (``"sdxl"``).
+
+    Weights are random but reproducible: ``torch.manual_seed(seed)`` before each model, as diffusers' tests do.
+    Default image size is 64x64 (latents 4x32x32); pass ``height=32, width=32`` for even faster calls.
+
+    >>> pipe = tiny_pipeline("sdxl")                                  # doctest: +SKIP
+    >>> type(pipe).__name__                                           # doctest: +SKIP
+    'StableDiffusionXLPipeline'
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if family not in ("sd1", "sdxl"):
+        raise ValueError(f"tiny_pipeline builds 'sd1' or 'sdxl', got {family!r}")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD1_UNET))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT))
+    tokenizer = tiny_tokenizer()
+    if family == "sd1":
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=DDIMScheduler(**SD1_SCHEDULER),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tiny_tokenizer(),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+
+
+def random_adapter(
+    pipe: Any,
+    name: str,
+    *,
+    rank: int = 4,
+    alpha: float | None = None,
+    seed: int = 0,
+    components: Sequence[str] | None = None,
+    targets: str = "all",
+    strength: float = 0.5,
+) -> Adapter:
+    """A random LoRA (``LowRankDelta`` per layer) for a live pipeline, in canonical target keys.
+
+    ``targets="attn"`` touches the attention projections (UNet ``to_q/to_k/to_v/to_out.0``, CLIP
+    ``q/k/v/out_proj``), ``"all"`` every Linear / Conv2d (convs get LoCon factors ``(r, in, kh, kw)`` and
+    ``(out, r, 1, 1)``). ``strength`` sets ``‖ΔW‖`` relative to a unit-variance weight.
+
+    >>> a = random_adapter(tiny_pipeline("sd1"), "style", rank=4)       # doctest: +SKIP
+    """
+    from .naming import components_of, index_from_components
+
+    comps = components_of(pipe)
+    index = index_from_components(comps)
+    gen = torch.Generator().manual_seed(seed)
+    attn = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+    deltas: dict[str, LowRankDelta] = {}
+    for key, info in index.modules.items():
+        if components is not None and info.component not in components:
+            continue
+        if targets == "attn" and not key.endswith(attn):
+            continue
+        out_f, *rest = info.weight_shape
+        r = max(1, min(rank, out_f, math.prod(rest)))
+        fan_in = math.prod(rest)
+        down = torch.randn(r, *rest, generator=gen) / math.sqrt(fan_in)
+        up_shape = (out_f, r, 1, 1) if info.kind == "conv" else (out_f, r)
+        up = torch.randn(up_shape, generator=gen) * (strength / math.sqrt(r))
+        deltas[key] = LowRankDelta(down=down, up=up, alpha=alpha)
+    return Adapter(name, index.family or "sd1", deltas)
+
+
+# --------------------------------------------------------------------------------------------- the demo
+
+
+@dataclass
+class DemoStep:
+    """One step of the demo: what ran, the invariant checked, whether it held, and how long it took."""
+
+    name: str
+    invariant: str
+    ok: bool
+    seconds: float
+    detail: str = ""
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    import numpy as np
+
+    return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
+
+
+def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0) -> list[DemoStep]:
+    """Run the "Merge LoRAs" guide end to end on a tiny SDXL pipeline, offline, checking each step.
+
+    Writes to ``output``: the tiny base pipeline, two LoRA files (kohya with SGM names, and diffusers format),
+    the fused pipeline, one PNG per generated image and ``report.md`` / ``report.json``. Returns the steps;
+    raises ``AssertionError`` at the first invariant that does not hold.
+
+    >>> steps = run_demo("demo-output")                                 # doctest: +SKIP
+    >>> all(s.ok for s in steps)                                        # doctest: +SKIP
+    True
+    """
+    import numpy as np
+
+    from .io import save_adapter
+    from .pipeline import DiffusionPipeline
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[DemoStep] = []
+    images: dict[str, Any] = {}
+    prompt = "A bowl of ramen shaped like a cute kawaii bear, by Feng Zikai"
+
+    def step(name: str, invariant: str, fn: Any) -> Any:
+        start = time.perf_counter()
+        value = fn()
+        ok, detail = value if isinstance(value, tuple) else (bool(value), "")
+        results.append(DemoStep(name, invariant, bool(ok), time.perf_counter() - start, detail))
+        if not ok:
+            _write_report(out, results)
+            raise AssertionError(f"demo step {name!r}: {invariant} does not hold ({detail})")
+        return value
+
+    def generate(pipe: Any, key: str, **kw: Any) -> Any:
+        image = pipe(prompt, generator=np.random.Generator(np.random.PCG64(seed)), num_inference_steps=steps,
+                     output_type="np", **kw).images[0]
+        images[key] = image
+        return image
+
+    base_dir, lora_dir = out / "base-pipeline", out / "loras"
+
+    def build() -> tuple[bool, str]:
+        pipe = tiny_pipeline("sdxl", seed=seed)
+        pipe.save_pretrained(base_dir)
+        ikea = random_adapter(pipe, "ikea", rank=4, alpha=2.0, seed=seed + 1)
+        feng = random_adapter(pipe, "feng", rank=8, alpha=8.0, seed=seed + 2, targets="attn")
+        lora_dir.mkdir(exist_ok=True)
+        save_adapter(ikea, lora_dir / "ikea_instructions_xl_v1_5.safetensors", format="kohya", target=pipe,
+                     overwrite=True)
+        save_adapter(feng, lora_dir / "fengzikai_v1.0_XL.safetensors", format="diffusers", target=pipe,
+                     overwrite=True)
+        return True, f"tiny SDXL saved to {base_dir.name}/; LoRAs: kohya (SGM names) + diffusers"
+
+    step("build", "a tiny SDXL pipeline and two LoRA files are written offline", build)
+
+    pipeline = DiffusionPipeline.from_pretrained(str(base_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    base_image = generate(pipeline, "base")
+    pristine = {k: v.detach().clone() for k, v in pipeline.unet.state_dict().items()}
+
+    def load() -> tuple[bool, str]:
+        r1 = pipeline.load_lora_weights(str(lora_dir), weight_name="ikea_instructions_xl_v1_5.safetensors",
+                                        adapter_name="ikea")
+        r2 = pipeline.load_lora_weights(str(lora_dir), weight_name="fengzikai_v1.0_XL.safetensors",
+                                        adapter_name="feng")
+        ok = r1.complete and r2.complete and pipeline.get_list_adapters()["unet"] == ["ikea", "feng"]
+        return ok, f"{r1.counts()['mapped']} + {r2.counts()['mapped']} keys mapped, none skipped"
+
+    step("load_lora_weights", "every key of both files is applied", load)
+
+    def blend() -> tuple[bool, str]:
+        pipeline.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
+        blended = generate(pipeline, "set_adapters", cross_attention_kwargs={"scale": 1.0})
+        zero = pipeline(prompt, generator=np.random.Generator(np.random.PCG64(seed)), num_inference_steps=steps,
+                        output_type="np", cross_attention_kwargs={"scale": 0.0}).images[0]
+        again = generate(pipeline, "set_adapters_again")
+        ok = _max_diff(blended, base_image) > 1e-3 and _max_diff(zero, base_image) < 1e-5 and _max_diff(again, blended) == 0
+        return ok, f"blend vs base {_max_diff(blended, base_image):.3f}; scale=0 vs base {_max_diff(zero, base_image):.1e}"
+
+    step("set_adapters [0.7, 0.8]", "the blend changes the image, scale=0 is the base, and leaves no state", blend)
+
+    def weighted() -> tuple[bool, str]:
+        pipeline.add_weighted_adapter(["ikea", "feng"], [0.7, 0.8], "ikea_feng", combination_type="cat")
+        pipeline.set_adapters("ikea_feng")
+        merged = generate(pipeline, "add_weighted_adapter")
+        pipeline.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
+        d = _max_diff(merged, images["set_adapters"])
+        return d < 1e-3, f"cat merge vs blend: max diff {d:.1e}"
+
+    step("add_weighted_adapter (cat)", "the exact merge gives the blend's image", weighted)
+
+    def fuse() -> tuple[bool, str]:
+        pipeline.fuse_lora(adapter_names=["ikea", "feng"], lora_scale=1.0)
+        fused = generate(pipeline, "fuse_lora")
+        d = _max_diff(fused, images["set_adapters"])
+        return d < 1e-3 and pipeline.num_fused_loras == 2, f"fused vs unfused blend: max diff {d:.1e}"
+
+    step("fuse_lora", "fusing keeps the image", fuse)
+
+    def unload_save_reload() -> tuple[bool, str]:
+        pipeline.unload_lora_weights()
+        unloaded = generate(pipeline, "unload_lora_weights")
+        pipeline.save_pretrained(out / "fused-pipeline")
+        reloaded_pipe = DiffusionPipeline.from_pretrained(str(out / "fused-pipeline"))
+        reloaded_pipe.set_progress_bar_config(disable=True)
+        reloaded = generate(reloaded_pipe, "reloaded")
+        ok = _max_diff(unloaded, images["fuse_lora"]) == 0 and _max_diff(reloaded, unloaded) == 0
+        return ok, "unload keeps the fused weights; the reloaded fused pipeline gives the same image bit for bit"
+
+    step("unload_lora_weights + save_pretrained + from_pretrained", "the fused pipeline reloads unchanged",
+         unload_save_reload)
+
+    def unfuse_second() -> tuple[bool, str]:
+        second = DiffusionPipeline.from_pretrained(str(base_dir))
+        second.set_progress_bar_config(disable=True)
+        second.load_lora_weights(str(lora_dir / "ikea_instructions_xl_v1_5.safetensors"), adapter_name="ikea")
+        second.load_lora_weights(str(lora_dir / "fengzikai_v1.0_XL.safetensors"), adapter_name="feng")
+        second.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
+        second.fuse_lora(adapter_names=["ikea", "feng"], lora_scale=1.0)
+        second.unfuse_lora(adapter_names=["feng"])  # one of several: the guide says this needs a reload
+        second.unfuse_lora()
+        exact = all(torch.equal(v, pristine[k]) for k, v in second.unet.state_dict().items())
+        second.unload_lora_weights()
+        restored = generate(second, "unfuse_lora")
+        return exact and _max_diff(restored, base_image) == 0, "2 fused LoRAs unfused (one, then the other): every UNet weight bit-exact"
+
+    step("unfuse_lora on a second pipeline", "unfuse restores the original weights bit for bit", unfuse_second)
+
+    _write_images(out, images)
+    _write_report(out, results)
+    return results
+
+
+def _write_images(out: Path, images: dict[str, Any]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for key, image in images.items():
+        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8")).save(out / f"{key}.png")
+
+
+def _write_report(out: Path, steps: list[DemoStep]) -> None:
+    lines = ["# lorablend demo: the Merge LoRAs guide on a tiny SDXL pipeline", "",
+             "| step | invariant | ok | seconds | detail |", "|---|---|---|---|---|"]
+    lines += [f"| {s.name} | {s.invariant} | {'yes' if s.ok else 'NO'} | {s.seconds:.2f} | {s.detail} |" for s in steps]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps([asdict(s) for s in steps], indent=2))

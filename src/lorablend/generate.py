@@ -1,0 +1,220 @@
+"""Images from a pipeline with LoRAs: one image, or an X/Y grid (LoRA weights × prompts, or weights × weights).
+
+Generation is diffusers' own, through ``lorablend.DiffusionPipeline``. Every cell of a grid starts from the same
+initial latents (drawn on the host from ``seed`` with numpy, so a seed means the same noise on every device) and
+only the adapter weights or the prompt change between cells: switching weights re-blends the factors, it does not
+reload anything. The grid is one PNG with labelled rows and columns (drawn with PIL, which diffusers needs anyway).
+
+>>> pipe, names = load_pipeline("sd15/", [("style.safetensors", 0.7)])                    # doctest: +SKIP
+>>> grid = weight_grid(pipe, names, [0.7], ["a cat", "a dog"], x_weights=[0, 0.5, 1])       # doctest: +SKIP
+>>> grid.image.save("grid.png")                                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    """What every image of a run shares."""
+
+    seed: int = 0
+    steps: int = 30
+    width: int | None = None
+    height: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+
+    def call_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"num_inference_steps": self.steps, "output_type": "pil"}
+        for name in ("width", "height", "guidance_scale", "negative_prompt"):
+            value = getattr(self, name)
+            if value is not None:
+                kw[name] = value
+        return kw
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    loras: Sequence[tuple[str | os.PathLike, float]],
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+) -> tuple[Any, list[str]]:
+    """A ``lorablend.DiffusionPipeline`` from a folder or hub id, with ``loras`` loaded, active at their weights.
+
+    ``device`` defaults to CUDA when present, else CPU; ``dtype`` to fp16 on CUDA and fp32 on CPU (fp16 matmuls
+    are slow or missing on CPUs). Returns the pipeline and the adapter names, in the order of ``loras``.
+
+    >>> pipe, names = load_pipeline("sd15/", [("style.safetensors", 0.7)], device="cpu")     # doctest: +SKIP
+    """
+    from .pipeline import DiffusionPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    names: list[str] = []
+    for path, _ in loras:
+        base = name = Path(path).stem
+        n = 1
+        while name in names:
+            n += 1
+            name = f"{base}_{n}"
+        pipe.load_lora_weights(str(path), adapter_name=name, strict=strict)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[float(w) for _, w in loras])
+    return pipe, names
+
+
+def generate_image(pipe: Any, names: Sequence[str], weights: Sequence[float], prompt: str, settings: GenerationSettings):
+    """One PIL image of ``prompt`` with the adapters ``names`` at ``weights`` (same seed, same latents every call).
+
+    >>> image = generate_image(pipe, ["style"], [0.5], "a cat", GenerationSettings(seed=1, steps=20))   # doctest: +SKIP
+    """
+    if names:
+        pipe.set_adapters(list(names), adapter_weights=[float(w) for w in weights])
+    generator = np.random.Generator(np.random.PCG64(settings.seed))
+    return pipe(prompt, generator=generator, **settings.call_kwargs()).images[0]
+
+
+@dataclass
+class Grid:
+    """A rendered grid and what each axis meant (for reports)."""
+
+    image: Any
+    x_label: str
+    y_label: str
+    x_values: list[str]
+    y_values: list[str]
+    cells: list[dict[str, Any]] = field(default_factory=list)
+
+
+def weight_grid(
+    pipe: Any,
+    names: Sequence[str],
+    weights: Sequence[float],
+    prompts: Sequence[str],
+    settings: GenerationSettings,
+    *,
+    x_weights: Sequence[float],
+    y_weights: Sequence[float] | None = None,
+    progress: bool = False,
+) -> Grid:
+    """An X/Y grid: columns vary the weight of ``names[0]`` over ``x_weights``; rows are ``prompts``, or, with
+    ``y_weights``, the weight of ``names[1]`` (one prompt). Other adapters keep ``weights``.
+
+    >>> weight_grid(pipe, ["a", "b"], [1, 1], ["a cat"], s, x_weights=[0, 1], y_weights=[0, 1])   # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    if not names:
+        raise ValueError("a weight grid needs at least one LoRA (--lora FILE)")
+    if y_weights is not None and len(names) < 2:
+        raise ValueError("a weights × weights grid needs two LoRAs: the first varies along X, the second along Y")
+    if y_weights is not None and len(prompts) != 1:
+        raise ValueError("a weights × weights grid takes one prompt")
+    rows = list(y_weights) if y_weights is not None else list(prompts)
+    images: list[list[Any]] = []
+    cells = []
+    bar = tqdm(total=len(rows) * len(x_weights), desc="grid", unit="image", disable=not progress, leave=False)
+    with bar:
+        for r, row in enumerate(rows):
+            line = []
+            for c, xw in enumerate(x_weights):
+                w = [float(v) for v in weights]
+                w[0] = float(xw)
+                prompt = prompts[0] if y_weights is not None else str(row)
+                if y_weights is not None:
+                    w[1] = float(row)
+                line.append(generate_image(pipe, names, w, prompt, settings))
+                cells.append({"row": r, "col": c, "prompt": prompt, "weights": dict(zip(names, w))})
+                bar.update(1)
+            images.append(line)
+    x_label = f"{names[0]} weight"
+    y_label = f"{names[1]} weight" if y_weights is not None else "prompt"
+    x_values = [f"{names[0]}={float(v):g}" for v in x_weights]
+    y_values = [f"{names[1]}={float(v):g}" for v in y_weights] if y_weights is not None else list(prompts)
+    title = f"X: {x_label}   Y: {y_label}   seed {settings.seed}, {settings.steps} steps"
+    return Grid(render_grid(images, x_values, y_values, title), x_label, y_label, x_values, y_values, cells)
+
+
+def render_grid(images: Sequence[Sequence[Any]], col_labels: Sequence[str], row_labels: Sequence[str], title: str = ""):
+    """Paste equally sized PIL images into one labelled sheet (column labels on top, row labels at the left).
+
+    >>> from PIL import Image
+    >>> render_grid([[Image.new("RGB", (8, 8))]], ["w=0"], ["a cat"]).size[0] > 8
+    True
+    """
+    from PIL import Image, ImageDraw
+
+    from .plot import font, text_size, wrap
+
+    f = font()
+    w, h = images[0][0].size
+    line_h = text_size("Ag", f)[1] + 4
+    # a column is as wide as its image, or its label when the images are small: labels are never cut mid-number
+    col_w = max(w, max(text_size(str(t), f)[0] for t in col_labels) + 8)
+    left = min(max(text_size(str(t), f)[0] for t in row_labels) + 12, max(160, w))
+    row_text = [wrap(str(t), left - 12, f) for t in row_labels]
+    top = line_h * (2 if title else 1) + 8
+    width = max(left + col_w * len(col_labels), text_size(title, f)[0] + 8)
+    sheet = Image.new("RGB", (width, top + h * len(row_labels)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 4), title, fill="black", font=f)
+    for c, label in enumerate(col_labels):
+        tw = text_size(str(label), f)[0]
+        draw.text((left + c * col_w + (col_w - tw) // 2, top - line_h - 2), str(label), fill="black", font=f)
+    pad = (col_w - w) // 2
+    for r, (line_imgs, lines) in enumerate(zip(images, row_text)):
+        for i, line in enumerate(lines[: max(1, h // line_h)]):
+            draw.text((4, top + r * h + 4 + i * line_h), line, fill="black", font=f)
+        for c, img in enumerate(line_imgs):
+            sheet.paste(img.convert("RGB"), (left + c * col_w + pad, top + r * h))
+    return sheet
+
+
+def save_png(image: Any, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a PIL image as PNG through a temp file in the same folder (never a partial file), then rename.
+
+    >>> save_png(image, "out.png")                                              # doctest: +SKIP
+    PosixPath('out.png')
+    """
+    from .io.write import OutputExistsError
+
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        image.save(tmp, format="PNG")
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # fails if the file appeared meanwhile: never clobber
+            except FileExistsError:
+                raise OutputExistsError(f"{out} exists; pass --overwrite to replace it") from None
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return out
+
+
+__all__ = ["GenerationSettings", "Grid", "generate_image", "load_pipeline", "render_grid", "save_png", "weight_grid"]

@@ -1,0 +1,369 @@
+"""``DiffusionPipeline``: the LoRA API of diffusers' "Merge LoRAs" guide on a diffusers SD1.x / SDXL pipeline.
+
+Generation is diffusers' own; this class adds the LoRA methods (same names and arguments as diffusers)
+on top of the exact runtime in ``runtime.py``, and delegates everything else to the wrapped pipeline
+(``pipeline.unet``, ``pipeline.to(...)``, ``pipeline.enable_model_cpu_offload()``, ...).
+
+Where the guide is wrong, this is what is true here:
+
+* "unfuse only works if you've only fused one LoRA; if you've fused multiple LoRAs you'll need to reload
+  the model": ``unfuse_lora()`` restores the original weights **bit for bit** for any number of fused
+  adapters, in every dtype (the pristine weights are copied back, never subtracted), and
+  ``unfuse_lora(adapter_names=[...])`` unfuses some adapters and leaves the others fused. It even works after
+  ``unload_lora_weights()``.
+* "``scale`` won't work in ``cross_attention_kwargs`` after fusing": with fused adapters, a ``scale`` other
+  than 1.0 raises a clear error instead of being silently ignored; ``fuse_lora(lora_scale=...)`` is the way.
+* A runtime ``scale`` applies to that call only (UNet and text encoders); ``scale=0`` does not erase the
+  ``set_adapters`` weights (it does in diffusers + PEFT).
+* A pipeline reloaded from a folder saved after fuse → unload → ``save_pretrained`` has the LoRA baked in:
+  there is nothing to unfuse there (``unfuse_lora`` says so); keep the original base model to go back.
+
+>>> pipeline = DiffusionPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", torch_dtype=torch.float16)  # doctest: +SKIP
+>>> pipeline.load_lora_weights("ostris/ikea-instructions-lora-sdxl", weight_name="ikea_instructions_xl_v1_5.safetensors", adapter_name="ikea")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import hub
+from .adapter import Adapter
+from .report import LoadReport
+from .resolve import bind_adapter
+from .runtime import LoraRuntime
+
+logger = logging.getLogger(__name__)
+_OWN = ("pipe", "_runtime")
+
+
+def _is_numpy_generator(generator: Any) -> bool:
+    if isinstance(generator, np.random.Generator):
+        return True
+    return isinstance(generator, (list, tuple)) and bool(generator) and all(
+        isinstance(g, np.random.Generator) for g in generator
+    )
+
+
+class DiffusionPipeline:
+    """A diffusers pipeline with lorablend's LoRA runtime.
+
+    ``DiffusionPipeline(pipe)`` wraps a pipeline you already built; ``DiffusionPipeline.from_pretrained``
+    builds one. ``pristine_device`` is where pristine copies of fused weights live (default: next to the
+    weight; ``"cpu"`` trades restore speed for device memory).
+
+    >>> from diffusers import StableDiffusionXLPipeline                      # doctest: +SKIP
+    >>> pipeline = DiffusionPipeline(StableDiffusionXLPipeline.from_pretrained(path))   # doctest: +SKIP
+    """
+
+    def __init__(self, pipe: Any, *, pristine_device: str | torch.device | None = None):
+        if isinstance(pipe, DiffusionPipeline):
+            pipe = pipe.pipe
+        if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+            raise TypeError(
+                f"DiffusionPipeline wraps a diffusers SD1.x/SDXL pipeline (with a unet); got {type(pipe).__name__}"
+            )
+        from .naming import components_of
+
+        object.__setattr__(self, "pipe", pipe)
+        object.__setattr__(self, "_runtime", LoraRuntime(components_of(pipe), pristine_device=pristine_device))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> "DiffusionPipeline":
+        """Build the diffusers pipeline (``diffusers.DiffusionPipeline.from_pretrained``) and wrap it.
+
+        >>> pipeline = DiffusionPipeline.from_pretrained("path/to/fused-pipeline", torch_dtype=torch.float16)  # doctest: +SKIP
+        """
+        import diffusers
+
+        pristine_device = kwargs.pop("pristine_device", None)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls(pipe, pristine_device=pristine_device)
+
+    # ------------------------------------------------------------------------------ delegation
+    def __getattr__(self, name: str) -> Any:
+        if name in _OWN or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWN:
+            raise AttributeError(f"{name} cannot be replaced")
+        setattr(self.pipe, name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(self.pipe)))
+
+    def __repr__(self) -> str:
+        return f"lorablend.DiffusionPipeline({type(self.pipe).__name__}, adapters={list(self._runtime.adapters)})"
+
+    def to(self, *args: Any, **kwargs: Any) -> "DiffusionPipeline":
+        """Move the pipeline like diffusers' ``to`` and return this wrapper (so chaining keeps the LoRA API)."""
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    # ------------------------------------------------------------------------------ generation
+    def __call__(self, *args: Any, generator: Any = None, cross_attention_kwargs: dict | None = None, **kwargs: Any):
+        """Generate with diffusers; returns diffusers' output (``out[0][0]`` and ``out.images[0]`` both work).
+
+        ``generator`` may be a ``torch.Generator`` (passed to diffusers) or a ``np.random.Generator`` / a list
+        of them, one per image: the initial latents are then drawn on the host with
+        ``generator.standard_normal(shape)``, so a seed gives the same latents on every device.
+        ``cross_attention_kwargs={"scale": s}`` scales the unfused adapters in the UNet and text encoders for
+        this call only.
+
+        >>> image = pipeline("a bowl of ramen", generator=np.random.Generator(np.random.PCG64(0)))[0][0]  # doctest: +SKIP
+        """
+        attention_kwargs = dict(cross_attention_kwargs or {})
+        scale = attention_kwargs.pop("scale", 1.0)
+        if _is_numpy_generator(generator):
+            if kwargs.get("latents") is not None:
+                raise ValueError("pass either latents= or a numpy generator, not both")
+            kwargs["latents"] = self._host_latents(generator, args, kwargs)
+            generator = None
+        with self._runtime.call_scale(scale):
+            return self.pipe(*args, generator=generator, cross_attention_kwargs=attention_kwargs or None, **kwargs)
+
+    def _host_latents(self, generator: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        pipe = self.pipe
+        signature = inspect.signature(pipe.__call__)
+        if "latents" not in signature.parameters:
+            raise TypeError(f"{type(pipe).__name__} takes no latents=; pass a torch.Generator instead")
+        params = signature.bind_partial(*args, **kwargs).arguments
+        prompt, embeds = params.get("prompt"), params.get("prompt_embeds")
+        if prompt is not None:
+            batch = 1 if isinstance(prompt, str) else len(prompt)
+        elif embeds is not None:
+            batch = int(embeds.shape[0])
+        else:
+            raise ValueError("pass a prompt or prompt_embeds")
+        batch *= params.get("num_images_per_prompt") or 1
+        scale_factor = pipe.vae_scale_factor
+        default = pipe.unet.config.sample_size * scale_factor
+        height, width = params.get("height") or default, params.get("width") or default
+        shape = (pipe.unet.config.in_channels, int(height) // scale_factor, int(width) // scale_factor)
+        if isinstance(generator, np.random.Generator):
+            noise = generator.standard_normal((batch, *shape))
+        else:
+            if len(generator) != batch:
+                raise ValueError(f"got {len(generator)} numpy generators for {batch} images; pass one per image")
+            noise = np.stack([g.standard_normal(shape) for g in generator])
+        # diffusers' prepare_latents multiplies given latents by scheduler.init_noise_sigma itself.
+        return torch.from_numpy(noise).to(device=pipe._execution_device, dtype=pipe.unet.dtype)
+
+    # ------------------------------------------------------------------------------ loading
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: Any,
+        adapter_name: str | None = None,
+        *,
+        weight_name: str | None = None,
+        strict: bool = True,
+        hotswap: bool = False,
+        **kwargs: Any,
+    ) -> LoadReport:
+        """Load a LoRA (file, folder, repo id, state dict or ``Adapter``) into the UNet and text encoders.
+
+        The whole adapter is checked against the pipeline first; on any problem nothing changes and one
+        ``LoraCompatibilityError`` names the first offending keys. ``strict=False`` applies the layers that
+        fit. The new adapter becomes the active one with weight 1 (as in diffusers). ``hotswap=True``
+        replaces the tensors of the loaded adapter ``adapter_name``, keeping its activation and weights.
+        Returns the per-key ``LoadReport``.
+
+        >>> report = pipeline.load_lora_weights("ostris/ikea-instructions-lora-sdxl",
+        ...     weight_name="ikea_instructions_xl_v1_5.safetensors", adapter_name="ikea")   # doctest: +SKIP
+        """
+        kwargs.pop("low_cpu_mem_usage", None)  # always "low": nothing is randomly initialised
+        source = hub.fetch_lora(pretrained_model_name_or_path_or_dict, weight_name=weight_name, **kwargs)
+        if adapter_name is None and isinstance(source, Adapter):
+            adapter_name = source.name
+        name = adapter_name or self._default_adapter_name()
+        if isinstance(source, Adapter):
+            adapter = dataclasses.replace(source, name=name)
+        else:
+            from .io import load_adapter
+
+            adapter = load_adapter(source, target=self.pipe, name=name)
+        bound = bind_adapter(adapter, self._runtime.view, strict=strict)
+        self._runtime.add(bound, replace_existing=hotswap)
+        return bound.report
+
+    def _default_adapter_name(self) -> str:
+        n = len(self._runtime.adapters)
+        while f"default_{n}" in self._runtime.adapters or f"default_{n}" in self._runtime.fused_names:
+            n += 1
+        return f"default_{n}"
+
+    # ------------------------------------------------------------------------------ blending
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights: Any = None) -> None:
+        """Activate exactly these adapters, each with a weight: a float, a per-component dict
+        ``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}``, diffusers' per-block dict
+        ``{"unet": {"down": ..., "mid": ..., "up": {"block_0": [...]}}}`` or block labels
+        ``{"IN04": 0.5, "M00": 0.0, "BASE": 1.0}`` (every layer of a block: resnets and samplers too).
+        The blend is exact: ``W0 + Σ w_i ΔW_i``.
+
+        >>> pipeline.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])      # doctest: +SKIP
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None:
+            weights: list[Any] = [None] * len(names)
+        elif isinstance(adapter_weights, (list, tuple)):
+            if len(adapter_weights) != len(names):
+                raise ValueError(
+                    f"set_adapters: {len(adapter_weights)} weights for {len(names)} adapters {names}; "
+                    "give one weight per adapter"
+                )
+            weights = list(adapter_weights)
+        else:
+            weights = [adapter_weights] * len(names)
+        self._runtime.set_adapters(names, weights)
+
+    def get_active_adapters(self) -> list[str]:
+        """The active adapters, in ``set_adapters`` order. >>> pipeline.get_active_adapters()  # doctest: +SKIP"""
+        return list(self._runtime.active)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """``{component: [loaded adapter names]}``. >>> pipeline.get_list_adapters()  # doctest: +SKIP"""
+        return self._runtime.list_adapters()
+
+    def enable_lora(self) -> None:
+        """Turn the (unfused) active adapters back on. >>> pipeline.enable_lora()  # doctest: +SKIP"""
+        self._runtime.set_enabled(True)
+
+    def disable_lora(self) -> None:
+        """Turn off the unfused adapters (kept loaded); fused ones stay in the weights until ``unfuse_lora``.
+
+        >>> pipeline.disable_lora()                                           # doctest: +SKIP
+        """
+        self._runtime.set_enabled(False)
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        """Remove adapters. A fused adapter stays fused (``unfuse_lora`` still restores the weights).
+
+        >>> pipeline.delete_adapters("ikea")                                 # doctest: +SKIP
+        """
+        self._runtime.delete([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
+    def set_lora_device(self, adapter_names: str | Sequence[str], device: str | torch.device) -> None:
+        """Park the stored tensors of these adapters on ``device`` (e.g. ``"cpu"``); the blended per-layer
+        term of the active ones stays on each module's device.
+
+        >>> pipeline.set_lora_device(["feng"], "cpu")                        # doctest: +SKIP
+        """
+        self._runtime.move_adapters([adapter_names] if isinstance(adapter_names, str) else list(adapter_names), device)
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Merge loaded adapters into a new one (``lorablend.merge``; PEFT's argument names), not activated.
+
+        ``svd`` is the optimal rank-``svd_rank`` approximation of ``Σ w_i ΔW_i`` with each alpha/rank scale
+        applied once; ``cat`` is exact. ``svd_full_matrices`` and ``svd_driver`` are accepted for PEFT
+        compatibility and have no effect (the SVD is taken from the factors).
+
+        >>> pipeline.add_weighted_adapter(["ikea", "feng"], [0.7, 0.8], "mix", combination_type="cat")  # doctest: +SKIP
+        """
+        from .merge import merge
+
+        names = [adapters] if isinstance(adapters, str) else list(adapters)
+        self._runtime._check_names(names, "add_weighted_adapter")
+        if len(weights) != len(names):
+            raise ValueError(f"add_weighted_adapter: {len(weights)} weights for {len(names)} adapters {names}")
+        if adapter_name in self._runtime.adapters or adapter_name in self._runtime.fused_names:
+            raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} already exists")
+        sources = []
+        for n in names:
+            bound = self._runtime.adapters[n]
+            sources.append(Adapter(n, bound.adapter.family, {k: l.delta for k, l in bound.layers.items()},
+                                   dict(bound.adapter.metadata)))
+        merged = merge(
+            sources,
+            list(weights),
+            combination_type,
+            rank=svd_rank,
+            clamp=svd_clamp,
+            density=density,
+            majority_sign=majority_sign_method,
+            name=adapter_name,
+            base_weights=self._runtime.pristine_weight,
+        )
+        bound = bind_adapter(merged, self._runtime.view, strict=True)
+        self._runtime.add(bound, activate=False)
+
+    # ------------------------------------------------------------------------------ fuse
+    def fuse_lora(
+        self,
+        components: Sequence[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: Sequence[str] | None = None,
+    ) -> None:
+        """Write ``W0 + lora_scale · Σ w_i ΔW_i`` into the weights (fp32 from the pristine ``W0``, cast once).
+
+        ``adapter_names`` defaults to the active adapters; the weights are their ``set_adapters`` weights.
+        ``safe_fusing=True`` refuses NaN/Inf results. Any failure leaves every weight as it was. Fusing an
+        adapter that is already fused is an error (unfuse first).
+
+        >>> pipeline.fuse_lora(adapter_names=["ikea", "feng"], lora_scale=1.0)   # doctest: +SKIP
+        """
+        self._runtime.fuse(adapter_names, components, lora_scale, safe_fusing)
+
+    def unfuse_lora(self, components: Sequence[str] | None = None, adapter_names: Sequence[str] | None = None) -> None:
+        """Restore the pristine weights bit for bit (any number of fused adapters, any dtype).
+
+        With ``adapter_names``, only those are unfused; the others stay fused (re-fused from the pristine
+        weights, so the result equals fusing only them).
+
+        >>> pipeline.unfuse_lora()                                            # doctest: +SKIP
+        """
+        self._runtime.unfuse(adapter_names, components)
+
+    def unload_lora_weights(self) -> None:
+        """Drop every adapter. What is fused stays fused (the guide's fuse → unload → save recipe), and can
+        still be unfused.
+
+        >>> pipeline.unload_lora_weights()                                   # doctest: +SKIP
+        """
+        self._runtime.unload()
+
+    @property
+    def num_fused_loras(self) -> int:
+        return len(self._runtime.fused_names)
+
+    @property
+    def fused_loras(self) -> set[str]:
+        return set(self._runtime.fused_names)
+
+    # ------------------------------------------------------------------------------ save / push
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``: the weights as they are (fused adapters included; unfused ones are
+        not part of the weights and are not saved).
+
+        >>> pipeline.save_pretrained("path/to/fused-pipeline")               # doctest: +SKIP
+        """
+        unfused = [n for n in self._runtime.active if n not in self._runtime.fused_names]
+        if unfused and self._runtime.enabled:
+            logger.warning("save_pretrained: active unfused adapters %s are not saved; fuse_lora() first to keep them", unfused)
+        self.pipe.save_pretrained(save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """diffusers' ``push_to_hub`` (uploads the weights as ``save_pretrained`` writes them).
+
+        >>> pipeline.push_to_hub("fused-ikea-feng")                          # doctest: +SKIP
+        """
+        return self.pipe.push_to_hub(repo_id, **kwargs)

@@ -1,0 +1,331 @@
+"""``bake`` / ``lorablend fuse``: a baked single-file checkpoint holds exactly the pipeline's ``fuse_lora`` weights.
+
+The single-file checkpoints here are written by a converter of this test's own (the LDM/SGM rules of
+``shared/research/ecosystem_tools.md`` §2.2–2.5, as plain string rules: no ``lorablend.naming`` and no
+``lorablend.checkpoint``), cross-checked against ai-toolkit's independent key maps where those are present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lorablend
+from lorablend.adapter import Adapter, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
+from lorablend.bake import bake
+from lorablend.checkpoint import checkpoint_layout, read_header
+from lorablend.errors import LoraCompatibilityError, LoraFormatError
+from lorablend.io import save_adapter
+from lorablend.io.write import OutputExistsError
+
+from realdata import KEYMAPS
+
+# ------------------------------------------------------------------------------ the test's own LDM converter
+
+_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+        "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TEXT = {"sd1": [("text_encoder", "cond_stage_model.transformer.text_model.", "hf")],
+         "sdxl": [("text_encoder", "conditioner.embedders.0.transformer.text_model.", "hf"),
+                  ("text_encoder_2", "conditioner.embedders.1.model.", "openclip")]}
+
+
+def _ldm_unet(name: str, up_has_attention: list[bool]) -> str:
+    """diffusers UNet parameter name -> LDM name (layers_per_block = 2, as both tiny UNets)."""
+    for k, v in _TOP.items():
+        if name.startswith(k + "."):
+            return v + name[len(k):]
+    m = re.match(r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", name)
+    side, i, kind, j, rest = m.group(1), int(m.group(2) or 0), m.group(3), int(m.group(4)), m.group(5)
+    if kind == "resnets":
+        head, _, tail = rest.partition(".")
+        rest = _RES[head] + "." + tail
+    if side == "mid_block":
+        return f"middle_block.{1 if kind == 'attentions' else 2 * j}.{rest}"
+    if side == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{3 * (i + 1)}.0.op.{rest.split('.', 1)[1]}"
+        return f"input_blocks.{3 * i + j + 1}.{0 if kind == 'resnets' else 1}.{rest}"
+    if kind == "upsamplers":
+        return f"output_blocks.{3 * i + 2}.{2 if up_has_attention[i] else 1}.{rest}"
+    return f"output_blocks.{3 * i + j}.{0 if kind == 'resnets' else 1}.{rest}"
+
+
+def _openclip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in sd.items():
+        if name == "text_projection.weight":
+            out[prefix + "text_projection"] = t.t().contiguous()  # OpenCLIP multiplies x @ P: stored transposed
+            continue
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", name)
+        if m:
+            block, rest = f"{prefix}transformer.resblocks.{m.group(1)}.", m.group(2)
+            q = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+            if q:
+                if q.group(1) == "q":  # q, k, v stacked on dim 0, in that order
+                    parts = [sd[f"text_model.encoder.layers.{m.group(1)}.self_attn.{x}_proj.{q.group(2)}"] for x in "qkv"]
+                    out[block + f"attn.in_proj_{q.group(2)}"] = torch.cat(parts, 0)
+                continue
+            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+                         ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2")):
+                if rest.startswith(a + "."):
+                    out[block + b + rest[len(a):]] = t
+            continue
+        simple = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                  "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_model.final_layer_norm.weight": "ln_final.weight",
+                  "text_model.final_layer_norm.bias": "ln_final.bias"}
+        out[prefix + simple[name]] = t
+    return out
+
+
+def to_ldm(pipe, family: str) -> dict[str, torch.Tensor]:
+    """A pipeline's weights under single-file checkpoint names (VAE under first_stage_model.*, untouched by LoRAs)."""
+    up_attn = [t.startswith("CrossAttn") for t in pipe.unet.config.up_block_types]
+    sd = {"model.diffusion_model." + _ldm_unet(k, up_attn): v for k, v in pipe.unet.state_dict().items()}
+    for comp, prefix, kind in _TEXT[family]:
+        # transformers 5 names CLIPTextModel's parameters without "text_model."; checkpoints always have it
+        te = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+              for k, v in getattr(pipe, comp).state_dict().items()}
+        if kind == "hf":
+            sd.update({prefix + k[len("text_model."):]: v for k, v in te.items() if k.startswith("text_model.")})
+        else:
+            sd.update(_openclip(te, prefix))
+    sd.update({"first_stage_model." + k: v for k, v in pipe.vae.state_dict().items()})
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def _mixed_adapter(pipe, family: str) -> Adapter:
+    """Every non-LoRA kind on a few layers, including a DoRA on a fused q/k/v row block and a bias diff."""
+    g = torch.Generator().manual_seed(7)
+    te = "text_encoder_2" if family == "sdxl" else "text_encoder"
+    attn = "unet.down_blocks.1.attentions.0.transformer_blocks.0"
+    w_k = dict(pipe.unet.named_parameters())["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight"]
+    out_f, in_f = w_k.shape
+    conv_in = pipe.unet.conv_in.weight
+    deltas = {
+        "unet.conv_in": FullDelta(torch.randn(conv_in.shape, generator=g) * 0.1, diff_b=torch.randn(conv_in.shape[0], generator=g)),
+        f"{attn}.attn1.to_k": LoHaDelta(torch.randn(out_f, 2, generator=g), torch.randn(2, in_f, generator=g),
+                                        torch.randn(out_f, 2, generator=g), torch.randn(2, in_f, generator=g), alpha=1.0),
+        f"{attn}.attn1.to_v": LoKrDelta(w1=torch.randn(2, 2, generator=g), w2=torch.randn(out_f // 2, in_f // 2, generator=g)),
+        f"{te}.text_model.encoder.layers.1.self_attn.k_proj": DoRADelta(
+            LowRankDelta(torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g) * 0.1, alpha=1.0),
+            magnitude=torch.rand(32, generator=g) + 0.5),
+    }
+    return Adapter("mixed", family, deltas)
+
+
+def _write_loras(tmp_path, pipe, family: str):
+    from lorablend.demo import random_adapter
+
+    a = random_adapter(pipe, "style", rank=4, seed=1)  # every Linear/Conv2d of the UNet and text encoders
+    b = random_adapter(pipe, "detail", rank=2, alpha=1.0, seed=2, targets="attn")
+    pa = save_adapter(a, tmp_path / "style.safetensors", format="kohya", target=pipe)
+    pb = save_adapter(b, tmp_path / "detail.safetensors", format="diffusers", target=pipe)
+    return pa, pb, _mixed_adapter(pipe, family)
+
+
+def _raw(path, header, name) -> bytes:
+    e = header.by_name[name]
+    with open(path, "rb") as f:
+        f.seek(header.data_start + e.start)
+        return f.read(e.nbytes)
+
+
+# ------------------------------------------------------------------------------ the acceptance test
+
+
+@pytest.mark.parametrize("family,dtype", [("sd1", torch.float32), ("sdxl", torch.float16)])
+def test_bake_single_file_equals_pipeline_fuse(tmp_path, make_pipe, family, dtype):
+    pipe = make_pipe(family, dtype)
+    ckpt = tmp_path / "model.safetensors"
+    save_file(to_ldm(pipe, family), str(ckpt), metadata={"modelspec.title": "tiny"})
+    pa, pb, mixed = _write_loras(tmp_path, pipe, family)
+    weights, scale = [0.7, 0.8, -0.5], 0.9
+
+    report = bake(ckpt, [(pa, 0.7), (pb, 0.8), (mixed, -0.5)], tmp_path / "baked.safetensors", lora_scale=scale)
+
+    live = lorablend.DiffusionPipeline(pipe)
+    for src, name in ((str(pa), "style"), (str(pb), "detail"), (mixed, "mixed")):
+        live.load_lora_weights(src, adapter_name=name)
+    live.set_adapters(["style", "detail", "mixed"], adapter_weights=weights)
+    live.fuse_lora(lora_scale=scale)
+    expected = to_ldm(pipe, family)
+
+    out = tmp_path / "baked.safetensors"
+    got = load_file(str(out))
+    h_in, h_out = read_header(ckpt), read_header(out)
+    assert [(e.name, e.dtype, e.shape) for e in h_in.entries] == [(e.name, e.dtype, e.shape) for e in h_out.entries]
+    assert h_out.metadata["modelspec.title"] == "tiny" and "lorablend.baked_loras" in h_out.metadata
+    before = load_file(str(ckpt))
+    changed = [k for k in got if not torch.equal(got[k], before[k])]
+    mismatched = [k for k in got if not torch.equal(got[k], expected[k])]
+    assert not mismatched, f"{len(mismatched)} tensors differ from the pipeline's fused weights, e.g. {mismatched[:3]}"
+    assert report.touched == len(lorablend.naming.module_index(pipe).modules)  # "style" touches every layer
+    assert len(changed) > 50
+    assert "model.diffusion_model.input_blocks.0.0.bias" in changed  # the full diff's bias difference
+    if family == "sdxl":
+        assert "conditioner.embedders.1.model.text_projection" in changed
+        assert "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight" in changed
+    for name in got:  # untouched tensors are copied byte for byte
+        if name not in changed:
+            assert _raw(ckpt, h_in, name) == _raw(out, h_out, name), name
+    assert report.family == family and report.kind == "single_file" and not report.skipped
+
+
+def test_bake_pipeline_folder_equals_fuse_and_save(tmp_path, make_pipe):
+    pipe = make_pipe("sd1")
+    pipe.save_pretrained(tmp_path / "base")
+    pa, pb, _ = _write_loras(tmp_path, pipe, "sd1")
+    report = bake(tmp_path / "base", [(pa, 0.7), (pb, 0.8)], tmp_path / "baked", lora_scale=0.5)
+    live = lorablend.DiffusionPipeline(pipe)
+    live.load_lora_weights(str(pa), adapter_name="a")
+    live.load_lora_weights(str(pb), adapter_name="b")
+    live.set_adapters(["a", "b"], adapter_weights=[0.7, 0.8])
+    live.fuse_lora(lora_scale=0.5)
+    baked = load_file(str(tmp_path / "baked" / "unet" / "diffusion_pytorch_model.safetensors"))
+    for name, p in pipe.unet.state_dict().items():
+        assert torch.equal(baked[name], p), name
+    assert report.kind == "pipeline" and report.touched > 0
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------ layout and names
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_layout_places_every_layer_of_the_tiny_models(tmp_path, make_pipe, family):
+    pipe = make_pipe(family)
+    ckpt = tmp_path / "m.safetensors"
+    save_file(to_ldm(pipe, family), str(ckpt))
+    layout = checkpoint_layout(ckpt)
+    assert layout.family == family
+    live = lorablend.naming.module_index(pipe)
+    assert set(layout.view.index.modules) == set(live.modules)
+    problems = {k: layout.problem(layout.placement(k)) for k in live.modules}
+    assert not any(problems.values()), {k: v for k, v in problems.items() if v}
+
+
+@pytest.mark.skipif(not KEYMAPS.is_dir(), reason="ai-toolkit key maps not present")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_layout_names_agree_with_ai_toolkit_keymap(tmp_path, make_pipe, family):
+    """Every tiny-model layer whose diffusers name is in ai-toolkit's full-size map lands on the same LDM tensor."""
+    keymap = json.loads((KEYMAPS / "stable_diffusion_sdxl.json").read_text())  # tiny SD1 shares the SDXL block types
+    diffusers_to_ldm = {v: k for k, v in keymap["ldm_diffusers_keymap"].items()}
+    if family == "sd1":
+        sd1 = json.loads((KEYMAPS / "stable_diffusion_sd1.json").read_text())["ldm_diffusers_keymap"]
+        diffusers_to_ldm.update({v: k for k, v in sd1.items() if v.startswith("te_")})
+    slices = keymap["diffusers_ldm_operator_map"]  # te1 q/k/v -> a row slice of in_proj_weight (full width 1280)
+    pipe = make_pipe(family)
+    ckpt = tmp_path / "m.safetensors"
+    save_file(to_ldm(pipe, family), str(ckpt))
+    layout = checkpoint_layout(ckpt)
+    te_tag = {"text_encoder": "te_" if family == "sd1" else "te0_", "text_encoder_2": "te1_"}
+    checked = 0
+    for key, info in layout.view.index.modules.items():
+        tag = "unet_" if info.component == "unet" else te_tag[info.component]
+        name = tag + info.path + ".weight"
+        p = layout.placement(key)
+        if name in diffusers_to_ldm:
+            assert p.weight_key == diffusers_to_ldm[name] and p.rows is None, key
+            checked += 1
+        elif name in slices:
+            ldm, rows = slices[name]["slice"]
+            block = int(rows.split(":")[0] or 0) // 1280  # q, k, v order
+            assert p.weight_key == ldm and p.rows[0] == block * info.weight_shape[0], key
+            checked += 1
+    assert checked >= len(layout.view.index.modules) - 1, (checked, len(layout.view.index.modules))  # all but text_projection
+
+
+# ------------------------------------------------------------------------------ errors: nothing written
+
+
+def _tiny_ckpt(tmp_path, make_pipe, family="sd1"):
+    pipe = make_pipe(family)
+    ckpt = tmp_path / "m.safetensors"
+    save_file(to_ldm(pipe, family), str(ckpt))
+    return pipe, ckpt
+
+
+def test_bake_refuses_before_writing(tmp_path, make_pipe):
+    pipe, ckpt = _tiny_ckpt(tmp_path, make_pipe)
+    from lorablend.demo import random_adapter
+
+    lora = save_adapter(random_adapter(pipe, "s", seed=3, targets="attn"), tmp_path / "s.safetensors", format="kohya", target=pipe)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        bake(ckpt, [(tmp_path / "missing.safetensors", 1.0)], out)
+    with pytest.raises(ValueError, match="input"):
+        bake(ckpt, [(lora, 1.0)], ckpt, overwrite=True)
+    with pytest.raises(ValueError, match="input"):
+        bake(ckpt, [(lora, 1.0)], lora, overwrite=True)
+    with pytest.raises(ValueError, match="finite"):
+        bake(ckpt, [(lora, float("nan"))], out)
+    with pytest.raises(LoraFormatError, match="not a single-file"):
+        bake(lora, [(lora, 1.0)], out)
+    out.write_bytes(b"keep")
+    with pytest.raises(OutputExistsError):
+        bake(ckpt, [(lora, 1.0)], out)
+    assert out.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "out.safetensors", "s.safetensors"]
+
+
+def test_layer_without_tensor_fails_or_is_reported(tmp_path, make_pipe):
+    pipe, ckpt = _tiny_ckpt(tmp_path, make_pipe)
+    sd = load_file(str(ckpt))
+    gone = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    del sd[gone]
+    pruned = tmp_path / "pruned.safetensors"
+    save_file(sd, str(pruned))
+    from lorablend.demo import random_adapter
+
+    lora = save_adapter(random_adapter(pipe, "s", seed=3, targets="attn"), tmp_path / "s.safetensors", format="kohya", target=pipe)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(LoraCompatibilityError, match="to_q"):
+        bake(pruned, [(lora, 1.0)], out)
+    assert not out.exists()
+    report = bake(pruned, [(lora, 1.0)], out, strict=False)
+    assert [s["key"] for s in report.skipped] == ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert out.exists()
+
+
+def test_sdxl_lora_on_sd1_checkpoint_is_refused(tmp_path, make_pipe):
+    _, ckpt = _tiny_ckpt(tmp_path, make_pipe, "sd1")
+    from lorablend.demo import random_adapter
+
+    xl = random_adapter(make_pipe("sdxl"), "xl", seed=4, targets="attn")
+    with pytest.raises(LoraCompatibilityError):
+        bake(ckpt, [(xl, 1.0)], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_dtype_cast_and_non_finite_refusal(tmp_path, make_pipe):
+    pipe, ckpt = _tiny_ckpt(tmp_path, make_pipe)
+    from lorablend.demo import random_adapter
+
+    a = random_adapter(pipe, "s", seed=5, targets="attn")
+    out = tmp_path / "half.safetensors"
+    bake(ckpt, [(a, 1.0)], out, dtype="fp16")
+    assert {e.dtype for e in read_header(out).entries} == {"F16"}
+    huge = Adapter("huge", "sd1", {k: LowRankDelta(d.down, d.up * 1e6) for k, d in a.deltas.items()})
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        bake(ckpt, [(huge, 1e6)], tmp_path / "inf.safetensors", dtype="fp16")
+    assert not (tmp_path / "inf.safetensors").exists()
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())

@@ -1,0 +1,183 @@
+"""The runtime on its own: bit-exact fuse/unfuse, selective unfuse, rollback, one term per layer, call scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorablend.adapter import Adapter, FullDelta, LoHaDelta, LowRankDelta
+from lorablend.resolve import bind_adapter
+from lorablend.runtime import LoraRuntime
+
+from conftest import assert_params_equal, params_of
+
+
+def _runtime(pipe, **kw) -> LoraRuntime:
+    comps = {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None}
+    return LoraRuntime(comps, **kw)
+
+
+def _load(rt: LoraRuntime, adapter: Adapter) -> None:
+    rt.add(bind_adapter(adapter, rt.view))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_unfuse_restores_every_parameter_bit_for_bit(make_pipe, make_adapter, dtype, n):
+    pipe = make_pipe("sd1", dtype)
+    before = params_of(pipe)
+    rt = _runtime(pipe)
+    names = [f"a{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        _load(rt, make_adapter("sd1", name, seed=i, alpha=2.0 + i, targets="all"))
+    rt.set_adapters(names, [0.7 - 0.3 * i for i in range(n)])
+    rt.fuse(lora_scale=0.9)
+    assert rt.fused_names == names
+    changed = sum(not torch.equal(p, before[k]) for k, p in params_of(pipe).items())
+    assert changed > 0
+    rt.unfuse()
+    assert_params_equal(pipe, before)
+    assert rt.fused_names == [] and rt.memory()["pristine"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_unfuse_equals_fusing_only_the_rest(make_pipe, make_adapter, dtype):
+    adapters = [make_adapter("sd1", f"a{i}", seed=10 + i, targets="all") for i in range(3)]
+
+    pipe = make_pipe("sd1", dtype)
+    rt = _runtime(pipe)
+    for a in adapters:
+        _load(rt, a)
+    rt.set_adapters(["a0", "a1", "a2"], [0.5, -0.4, 0.8])
+    rt.fuse(["a0", "a1", "a2"], lora_scale=0.7)
+    rt.unfuse(["a1"])
+    assert rt.fused_names == ["a0", "a2"]
+
+    ref = make_pipe("sd1", dtype)
+    rt_ref = _runtime(ref)
+    for a in adapters:
+        _load(rt_ref, a)
+    rt_ref.set_adapters(["a0", "a1", "a2"], [0.5, -0.4, 0.8])
+    rt_ref.fuse(["a0", "a2"], lora_scale=0.7)
+    assert_params_equal(pipe, params_of(ref))
+
+
+def test_200_fuse_unfuse_cycles_in_bf16_leave_zero_drift(make_pipe, make_adapter):
+    pipe = make_pipe("sd1", torch.bfloat16)
+    before = params_of(pipe)
+    rt = _runtime(pipe)
+    pool = [make_adapter("sd1", f"a{i}", seed=100 + i, targets="attn", strength=2.0) for i in range(4)]
+    for a in pool:
+        _load(rt, a)
+    for cycle in range(200):
+        name = f"a{cycle % 4}"
+        rt.fuse([name], lora_scale=1.0 + 0.01 * cycle)
+        rt.unfuse()
+    assert_params_equal(pipe, before)
+
+
+def test_one_term_per_layer_for_any_number_of_adapters(make_pipe, make_adapter):
+    pipe = make_pipe("sd1")
+    rt = _runtime(pipe)
+    for i in range(3):
+        _load(rt, make_adapter("sd1", f"a{i}", seed=i, rank=2, targets="attn"))
+    rt.set_adapters(["a0", "a1", "a2"], [1.0, 0.5, 0.0])
+    to_q = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    assert len(to_q._forward_hooks) == 1
+    slot = rt._slots["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert slot.up is None  # built lazily, on the next forward or by prepare()
+    rt.prepare()
+    # weight 0 drops an adapter from the blend: rank 2 + 2, one pair
+    assert slot.up.shape[1] == 4 and slot.down.shape[0] == 4
+    # the blended pair is exactly Σ w_i ΔW_i
+    expected = sum(w * rt.adapters[n].layers[slot.key].delta.delta_weight() for n, w in [("a0", 1.0), ("a1", 0.5)])
+    torch.testing.assert_close(slot.up @ slot.down, expected, rtol=1e-6, atol=1e-6)
+    rt.set_enabled(False)
+    assert len(to_q._forward_hooks) == 0  # disabled: no hook at all, base speed
+
+
+def test_non_low_rank_kinds_add_one_dense_term(make_pipe):
+    pipe = make_pipe("sd1")
+    rt = _runtime(pipe)
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    w = pipe.unet.get_submodule(key.split(".", 1)[1]).weight
+    g = torch.Generator().manual_seed(0)
+    loha = LoHaDelta(*(torch.randn(s, generator=g) * 0.3 for s in [(64, 2), (2, 64), (64, 2), (2, 64)]), alpha=1.0)
+    full = FullDelta(diff=torch.randn(64, 64, generator=g) * 0.01)
+    lora = LowRankDelta(down=torch.randn(2, 64, generator=g), up=torch.randn(64, 2, generator=g) * 0.1)
+    for name, d in [("loha", loha), ("full", full), ("lora", lora)]:
+        _load(rt, Adapter(name, "sd1", {key: d}))
+    rt.set_adapters(["loha", "full", "lora"], [0.5, 1.0, -1.0])
+    rt.prepare()
+    slot = rt._slots[key]
+    assert slot.dense is not None and slot.up is None
+    expected = 0.5 * loha.delta_weight() + full.delta_weight() - lora.delta_weight()
+    torch.testing.assert_close(slot.dense, expected, rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, 64)
+    module = pipe.unet.get_submodule(key.split(".", 1)[1])
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), x @ (w + expected).T, rtol=1e-4, atol=1e-5)
+
+
+def test_failure_midway_through_fuse_rolls_back_every_layer(make_pipe, make_adapter, monkeypatch):
+    pipe = make_pipe("sd1", torch.float16)
+    rt = _runtime(pipe)
+    _load(rt, make_adapter("sd1", "a", seed=1))
+    _load(rt, make_adapter("sd1", "b", seed=2))
+    rt.fuse(["a"])
+    fused_a = params_of(pipe)
+    calls = {"n": 0}
+    original = rt._write_fused
+
+    def flaky(slot, entries, safe):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise RuntimeError("device lost")
+        original(slot, entries, safe)
+
+    monkeypatch.setattr(rt, "_write_fused", flaky)
+    with pytest.raises(RuntimeError, match="device lost"):
+        rt.fuse(["b"])
+    assert_params_equal(pipe, fused_a)
+    assert rt.fused_names == ["a"]
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="device lost"):
+        rt.unfuse(["a"])
+    assert_params_equal(pipe, fused_a)
+    monkeypatch.undo()
+    rt.unfuse()
+    assert rt.fused_names == []
+
+
+def test_safe_fusing_refuses_inf_and_changes_nothing(make_pipe, make_adapter):
+    pipe = make_pipe("sd1", torch.float16)
+    before = params_of(pipe)
+    rt = _runtime(pipe)
+    _load(rt, make_adapter("sd1", "a", seed=1))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rt.fuse(["a"], lora_scale=1e6, safe_fusing=True)  # overflows fp16
+    assert_params_equal(pipe, before)
+    assert rt.fused_names == [] and rt.memory()["pristine"] == 0
+
+
+def test_call_scale_is_restored_even_when_the_call_raises(make_pipe, make_adapter):
+    pipe = make_pipe("sd1")
+    rt = _runtime(pipe)
+    _load(rt, make_adapter("sd1", "a", seed=1))
+    with pytest.raises(ZeroDivisionError):
+        with rt.call_scale(0.25):
+            assert rt._scale.get() == 0.25
+            1 / 0
+    assert rt._scale.get() == 1.0
+
+
+def test_pristine_copies_can_live_on_the_host(make_pipe, make_adapter):
+    pipe = make_pipe("sd1")
+    before = params_of(pipe)
+    rt = _runtime(pipe, pristine_device="cpu")
+    _load(rt, make_adapter("sd1", "a", seed=1))
+    rt.fuse()
+    mem = rt.memory()
+    assert mem["pristine"] > 0 and mem["adapters"] > 0
+    rt.unfuse()
+    assert_params_equal(pipe, before)
