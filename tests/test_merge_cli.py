@@ -126,3 +126,35 @@ def test_real_files_from_the_command_line(tmp_path, capsys):
     assert main(["merge", str(timo[0]), str(sd2), "-o", str(out3)]) == 2
     err = capsys.readouterr().err
     assert "sd1" in err and "sd2" in err and not out3.exists()
+
+
+@pytest.mark.parametrize("method", ["svd", "cat"])
+def test_merged_file_loads_in_diffusers_with_provenance(tmp_path, make_pipe, make_adapter, method):
+    """issue 4 item 3: a merged file carries provenance metadata and diffusers' own loader applies it exactly."""
+    from safetensors import safe_open
+    from conftest import params_of
+
+    from lorablend import merge
+    from lorablend.naming import module_index
+
+    pipe = make_pipe("sd1")
+    a = make_adapter("sd1", "a", rank=4, alpha=2.0, targets="attn", seed=11)
+    b = make_adapter("sd1", "b", rank=4, alpha=4.0, targets="attn", seed=12)
+    merged = merge([a, b], [0.7, -0.3], method=method, **({"rank": 4} if method == "svd" else {}))
+    path = save_adapter(merged, tmp_path / "m.safetensors", "diffusers", target=pipe)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.merged_from"] == "a, b" and meta["lorablend.merge.method"] == method
+    assert json.loads(meta["lorablend.merge.weights"]) == [0.7, -0.3]
+    assert load_adapter(path, target=pipe).metadata["modelspec.merged_from"] == "a, b"
+
+    w0 = params_of(pipe)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    now = params_of(pipe)
+    idx = module_index(pipe)
+    for key, d in merged.deltas.items():
+        info = idx.modules[key]
+        name = f"{info.component}.{info.live_path}.weight"
+        torch.testing.assert_close(now[name], w0[name] + d.delta_weight(info.weight_shape), atol=1e-6, rtol=0)
