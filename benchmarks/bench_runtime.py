@@ -92,6 +92,8 @@ class Ours:
         import lorablend.io  # noqa: F401  (imports out of the timed region)
 
         self.pipe = lorablend.DiffusionPipeline(pipe, pristine_device=args.pristine_device)
+        # opt-in: keep fused tensors after unfuse for the next fuse (holds one copy of the touched weights)
+        self.pipe._runtime.keep_fuse_buffers = bool(args.keep_fuse_buffers)
 
     def load(self, path: Path, name: str) -> None:
         self.pipe.load_lora_weights(str(path), adapter_name=name)
@@ -426,6 +428,8 @@ def _forward_args(args) -> list[str]:
             out += [f"--{k.replace('_', '-')}", str(v)]
     if args.profile:
         out.append("--profile")
+    if args.keep_fuse_buffers:
+        out.append("--keep-fuse-buffers")
     return out
 
 
@@ -548,7 +552,8 @@ def report(args, ours: dict, theirs: dict) -> str:
                      f"Extra host RSS right after the first fuse: ours {ours.get('fuse_extra_rss_gib', float('nan')):.2f} GiB, "
                      f"theirs {theirs.get('fuse_extra_rss_gib', float('nan')):.2f} GiB. "
                      f"lorablend runtime memory while fused (GiB): {ours.get('runtime_memory_gib_fused', {})} "
-                     f"(pristine copies on {args.pristine_device or 'the weights device'}).")
+                     f"(pristine copies on {args.pristine_device or 'the weights device'}"
+                     f"{'; fuse buffers kept for reuse' if args.keep_fuse_buffers else ''}).")
     lines.append("")
     lines.append(f"Build: ours {ours.get('build_s', float('nan')):.1f} s, theirs {theirs.get('build_s', float('nan')):.1f} s "
                  f"(not timed in the table). Subprocess wall: ours {ours.get('wall_s', float('nan')):.0f} s, "
@@ -582,6 +587,8 @@ def parse(argv=None):
     p.add_argument("--filler-rank", type=int, default=4, help="rank of the extra adapters that make 50 loaded")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pristine-device", default=None, help="lorablend: where pristine copies live (default: weights' device)")
+    p.add_argument("--keep-fuse-buffers", action="store_true",
+                   help="lorablend: keep fused tensors after unfuse and reuse them (LoraRuntime(keep_fuse_buffers=True))")
     p.add_argument("--profile", action="store_true", help="add torch.profiler / cProfile tops to the output")
     p.add_argument("--systems", default="theirs,ours")
     p.add_argument("--outdir", default=str(C.REPO / "bench-output"))

@@ -91,7 +91,13 @@ def test_one_term_per_layer_for_any_number_of_adapters(make_pipe, make_adapter):
     assert slot.up.shape[1] == 4 and slot.down.shape[0] == 4
     # the blended pair is exactly Σ w_i ΔW_i
     expected = sum(w * rt.adapters[n].layers[slot.key].delta.delta_weight() for n, w in [("a0", 1.0), ("a1", 0.5)])
-    torch.testing.assert_close(slot.up @ slot.down, expected, rtol=1e-6, atol=1e-6)
+    # (the weights sit in a per-rank vector between the two products)
+    torch.testing.assert_close((slot.up * slot.svec) @ slot.down, expected, rtol=1e-6, atol=1e-6)
+    # a weight-only change keeps the concatenated factors and refreshes the vector only
+    up = slot.up
+    rt.set_adapters(["a0", "a1", "a2"], [0.25, 0.5, 0.0])
+    rt.prepare()
+    assert slot.up is up and slot.svec.tolist() == [0.25, 0.25, 0.5, 0.5]
     rt.set_enabled(False)
     assert len(to_q._forward_hooks) == 0  # disabled: no hook at all, base speed
 
@@ -181,3 +187,67 @@ def test_pristine_copies_can_live_on_the_host(make_pipe, make_adapter):
     assert mem["pristine"] > 0 and mem["adapters"] > 0
     rt.unfuse()
     assert_params_equal(pipe, before)
+
+
+def test_fuse_rebinds_and_unfuse_puts_the_original_tensor_back(make_pipe, make_adapter):
+    """Fuse keeps the original weight tensor as the backup (no copy); unfuse rebinds it (no copy, exact)."""
+    pipe = make_pipe("sd1")
+    before = params_of(pipe)
+    rt = _runtime(pipe)
+    _load(rt, make_adapter("sd1", "a", seed=1, targets="all"))
+    key = next(iter(rt.adapters["a"].layers))
+    weight = rt.view.module(key).weight
+    original = weight.data
+    rt.fuse()
+    assert weight.data_ptr() != original.data_ptr() and rt.pristine_weight(key).data_ptr() == original.data_ptr()
+    rt.unfuse()
+    assert weight.data_ptr() == original.data_ptr()
+    assert_params_equal(pipe, before)
+
+
+def test_kept_fuse_buffers_are_reused_and_stay_exact(make_pipe, make_adapter):
+    pipe = make_pipe("sd1")
+    before = params_of(pipe)
+    rt = _runtime(pipe, keep_fuse_buffers=True)
+    for i in range(2):
+        _load(rt, make_adapter("sd1", f"a{i}", seed=i, targets="all"))
+    rt.set_adapters(["a0", "a1"], [0.6, -0.3])
+    key = next(iter(rt.adapters["a0"].layers))
+    weight = rt.view.module(key).weight
+    rt.fuse()
+    fused = params_of(pipe)
+    first = weight.data_ptr()
+    rt.unfuse()
+    assert_params_equal(pipe, before)
+    mem = rt.memory()
+    assert mem["pristine"] == 0 and mem["fuse_buffers"] > 0
+    rt.fuse()
+    assert weight.data_ptr() == first  # written into the kept tensor
+    assert_params_equal(pipe, fused)
+    assert rt.memory()["fuse_buffers"] == 0  # while fused, the layer holds its backup instead
+    rt.unfuse()
+    rt.release_fuse_buffers()
+    assert rt.memory()["fuse_buffers"] == 0
+    assert_params_equal(pipe, before)
+
+
+def test_pointwise_conv_term_matches_the_conv_delta(make_pipe, make_adapter):
+    """1×1 convs (proj_in/proj_out) run their term as channel matmuls; the result is the conv's."""
+    pipe = make_pipe("sd1")
+    rt = _runtime(pipe)
+    for i in range(2):
+        _load(rt, make_adapter("sd1", f"a{i}", seed=i, targets="all"))
+    rt.set_adapters(["a0", "a1"], [0.7, 0.4])
+    rt.prepare()
+    slots = [s for s in rt._slots.values() if s.is_conv and s.is_pointwise and s.up is not None]
+    assert slots
+    for slot in slots:
+        m = slot.module
+        x = torch.randn(2, m.in_channels, 5, 3)
+        with torch.no_grad():
+            base = torch.nn.functional.conv2d(x, m.weight, m.bias)
+            got = slot(m, (x,), base.clone()) - base
+            dw = sum(w * rt.adapters[n].layers[slot.key].delta.delta_weight(tuple(m.weight.shape))
+                     for n, w in [("a0", 0.7), ("a1", 0.4)])
+            want = torch.nn.functional.conv2d(x, dw)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -5,12 +5,14 @@ offline bake into a checkpoint file — so both give the same bits for the same 
 
 * **From the pristine weight, in fp32.** Summing into an fp16 weight term by term rounds after every term;
   starting again from ``W0`` means unfusing never needs a subtraction.
-* **Low-rank terms through ``addmm_``** on the flattened ``(out, -1)`` view, from ``LowRankDelta.factors()``:
-  no dense ``ΔW`` is materialised for LoRA/LoCon, and the result is independent of where it runs.
+* **All low-rank terms in ONE ``addmm``** on the flattened ``(out, -1)`` view: their factors are concatenated
+  (``U = [c1·U1 | c2·U2 …]``, ``D = [D1; D2; …]``, ``low_rank_factors``), so each weight is read and written
+  once whatever the number of adapters, and no dense ``ΔW`` is materialised for LoRA/LoCon. Other kinds
+  (LoHa, LoKr, full, DoRA) are added after it as dense ``ΔW``, in order.
 * **DoRA is relative to ``W0``** (its delta depends on the base weight), never to a partly fused weight.
 * **One cast** to the output dtype at the end.
 
-The functions are pure: they read their inputs and return new tensors.
+The functions read their inputs and return new tensors (or write into the ``out`` they are given).
 
 >>> import torch
 >>> from lorablend.adapter import LowRankDelta
@@ -66,6 +68,47 @@ def delta_weight_fp32(
     return delta.delta_weight(shape).to(device)
 
 
+def low_rank_factors(
+    terms: Terms, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp32 ``(U, D)`` with ``U @ D = Σ coef · ΔW`` over the plain low-rank terms of ``terms``, or ``None``.
+
+    The factors are concatenated, ``U = [c1·s1·U1 | c2·s2·U2 …]`` and ``D = [D1; D2; …]`` (``s`` the alpha/rank
+    scale), so the whole low-rank sum is ONE matrix product with no cross terms. Terms that are not a
+    ``LowRankDelta``, or have coef 0, are left out. ``device`` defaults to the first factor's.
+
+    >>> from lorablend.adapter import LowRankDelta
+    >>> a, b = LowRankDelta(torch.ones(1, 3), torch.ones(2, 1)), LowRankDelta(torch.ones(2, 3), torch.ones(2, 2))
+    >>> [t.shape for t in low_rank_factors([(1.0, a), (0.5, b)])]
+    [torch.Size([2, 3]), torch.Size([3, 3])]
+    """
+    low = [(float(c), d) for c, d in terms if c != 0.0 and type(d) is LowRankDelta]
+    if not low:
+        return None
+    device = torch.device(device) if device is not None else low[0][1].up.device
+    out_f = int(low[0][1].up.shape[0])
+    rank = sum(d.rank if d.mid is None else int(d.up.shape[1]) for _, d in low)
+    in_flat = None
+    pieces = []
+    for coef, d in low:
+        if d.mid is None:
+            up, down, s = d.up.reshape(out_f, -1), d.down.reshape(d.rank, -1), coef * d.scale
+        else:  # Tucker: contract the core into down once (factors() folds the scale into up)
+            up, down = d.factors()
+            s = coef
+        in_flat = int(down.shape[1])
+        pieces.append((up, down, s))
+    U = torch.empty(out_f, rank, dtype=torch.float32, device=device)
+    D = torch.empty(rank, in_flat, dtype=torch.float32, device=device)
+    at = 0
+    for up, down, s in pieces:
+        r = int(up.shape[1])
+        U[:, at:at + r].copy_(up).mul_(s)
+        D[at:at + r].copy_(down)
+        at += r
+    return U, D
+
+
 def fused_weight(
     pristine: torch.Tensor,
     terms: Terms,
@@ -94,23 +137,28 @@ def fused_weight(
     out_dtype = out_dtype or pristine.dtype
     device = torch.device(device) if device is not None else pristine.device
     shape = tuple(pristine.shape)
-    in_place = out is not None and out.dtype == torch.float32 and out.is_contiguous() and not safe
+    rows = shape[0] if shape else 1
+    direct = out is not None and out.dtype == torch.float32 and out.is_contiguous() and not safe
     with torch.no_grad():
-        if in_place:
-            base = out
-            base.copy_(pristine)
+        factors = low_rank_factors(terms, device)
+        src = pristine if pristine.device == device else pristine.to(device)
+        if factors is not None and src.dtype == torch.float32 and src.is_contiguous():
+            # one pass: read W0, write W0 + U @ D (addmm copies W0 into the result, then one gemm with beta=1:
+            # the same bits as copy-then-addmm_, without a separate copy pass)
+            target = out.view(rows, -1) if direct else None
+            base = torch.addmm(src.view(rows, -1), *factors, out=target).view(shape)
         else:
-            base = pristine.to(device=device, dtype=torch.float32, copy=True)
-        flat = base.view(base.shape[0], -1)
-        for coef, delta in terms:
-            if coef == 0.0:
-                continue
-            if type(delta) is LowRankDelta:
-                up, down = delta.factors()
-                flat.addmm_(up.to(device), down.to(device), alpha=coef)
+            if direct:
+                base = out
+                base.copy_(src)
             else:
+                base = src.to(dtype=torch.float32, copy=True)
+            if factors is not None:
+                base.view(rows, -1).addmm_(*factors)
+        for coef, delta in terms:
+            if coef != 0.0 and type(delta) is not LowRankDelta:
                 base.add_(delta_weight_fp32(delta, shape, pristine, device), alpha=coef)
-        if in_place:
+        if direct:
             return out
         result = base.to(out_dtype)
         if safe and not bool(torch.isfinite(result).all()):
@@ -156,4 +204,4 @@ def fused_bias(
         return bias.to(out_dtype)
 
 
-__all__ = ["delta_weight_fp32", "fused_bias", "fused_weight", "has_bias_terms"]
+__all__ = ["delta_weight_fp32", "fused_bias", "fused_weight", "has_bias_terms", "low_rank_factors"]

@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapter import Adapter, Delta, FullDelta
 from .errors import LoraCompatibilityError
+from .io.files import all_finite
 from .naming import ModuleIndex, expand_block_weights, index_from_components
 from .report import LoadReport
 
@@ -87,8 +88,16 @@ def _delta_shape_problem(delta: Delta, module: nn.Module) -> str | None:
     return shape_problem(delta, tuple(module.weight.shape))
 
 
+def _needs_finite_check(adapter: Adapter) -> bool:
+    """False for an adapter straight from the reader: ``load_adapter`` already refused NaN/Inf in the file or
+    state dict (``io.files.check_finite``), the one check on that path. Adapters built in memory (or merged)
+    are checked here, at binding, before anything touches a model."""
+    report = adapter.report
+    return not (report.records and report.format == adapter.format and adapter.format not in ("canonical", "merge"))
+
+
 def _finite(delta: Delta) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in delta.tensors())
+    return all(all_finite(t) for t in delta.tensors() if t.is_floating_point())
 
 
 def _family_problem(adapter: Adapter, model_family: str | None) -> str | None:
@@ -115,6 +124,7 @@ def bind_adapter(adapter: Adapter, view: ModelView, *, strict: bool = True) -> B
         raise LoraCompatibilityError(f"{problem}; load a LoRA made for {view.family} (nothing was changed)")
     layers: dict[str, BoundLayer] = {}
     skipped: dict[str, tuple[str, str]] = {}  # source target key -> (status, reason)
+    check_finite = _needs_finite_check(adapter)
     for key, delta in adapter.deltas.items():
         component, _, path = key.partition(".")
         if component not in view.components:
@@ -129,7 +139,7 @@ def bind_adapter(adapter: Adapter, view: ModelView, *, strict: bool = True) -> B
         if reason:
             skipped[key] = ("unsupported", reason)
             continue
-        if not _finite(delta):
+        if check_finite and not _finite(delta):
             skipped[key] = ("unsupported", "NaN or Inf in the adapter's tensors")
             continue
         if canonical in layers:

@@ -4,23 +4,30 @@ How it runs (and why):
 
 * **One extra term per touched layer, whatever the number of adapters.** Every touched ``Linear``/``Conv2d``
   gets one forward hook while it has something to add (none while disabled, fused or at weight 0). It adds
-  ``scale · up(down(x))`` from ONE low-rank pair that concatenates the active adapters' factors, each adapter's
-  ``up`` multiplied by its weight (``U = [w1·U1 | w2·U2 …]``, ``D = [D1; D2; …]``, so ``U @ D = Σ wi·ΔWi``
-  exactly, with no cross terms). The pair is rebuilt only when the active set, the weights, the fused set
-  or the module's device/dtype change, lazily on the layer's next forward (or all at once by ``prepare``).
+  ``scale · up(svec ⊙ down(x))`` from ONE low-rank pair that concatenates the active adapters' factors
+  (``U = [U1 | U2 …]``, ``D = [D1; D2; …]``, alpha/rank folded into ``U``) with ``svec`` holding each
+  adapter's weight repeated over its rank, so ``U · diag(svec) · D = Σ wi·ΔWi`` exactly, with no cross terms.
+  A ``set_adapters`` that only changes weights refreshes ``svec`` (one small vector per layer, all layers in
+  one tensor operation); the pair is rebuilt only when the contributing adapters, the fused set or the
+  module's device/dtype change, lazily on the layer's next forward (or all at once by ``prepare``). 1×1
+  convs (proj_in/proj_out) run their term as channel matmuls, which are much faster than conv2d on a CPU.
   When the blend holds LoHa/LoKr/full/DoRA deltas, or the concatenated rank makes the pair costlier than a
   dense matrix, the layer adds one dense ``ΔW`` instead. No module is replaced, nothing is randomly
   initialised, and there is no per-adapter Python loop in the forward pass.
 * **The call-time scale is a context variable**, read by the hooks: nothing stored on a module changes, so a
   call that raises leaves no state behind, and threads sharing a pipeline each see their own scale.
-* **Fuse computes ``W0 + Σ c_i·ΔW_i`` in fp32 from the pristine ``W0`` and casts once.** The first fuse that
-  touches a layer keeps a copy of its pristine weight (same device by default, or ``pristine_device="cpu"``);
-  unfuse copies it back (bit for bit, never by subtraction), and unfusing some adapters re-fuses the rest
-  from the pristine copy. A failed fuse or unfuse restores every layer it already wrote (recomputed from
-  the pristine copy and the previous fused set: same operations, same bits, no extra memory).
+* **Fuse computes ``W0 + Σ c_i·ΔW_i`` in fp32 from the pristine ``W0`` and casts once** (``fusion.fused_weight``,
+  the code the offline bake uses too: all low-rank terms in one ``addmm`` over concatenated factors). The
+  first fuse of a layer keeps its ORIGINAL weight tensor as the pristine backup and rebinds the parameter to
+  the freshly computed fused tensor (one pass over the weight, no backup copy); unfuse rebinds the backup
+  (no copy at all, bit for bit, never by subtraction). With ``pristine_device`` elsewhere (e.g. ``"cpu"`` for
+  a GPU model) the backup is a copy and unfuse copies it back. Unfusing some adapters re-fuses the rest from
+  the pristine weight. A failed fuse or unfuse restores every layer it already wrote (recomputed from the
+  pristine weight and the previous fused set: same operations, same bits, no extra memory).
 * **Memory**: low-rank blends cost ``rank · (in + out)`` per layer; LoHa/LoKr/full/DoRA deltas in the
-  unfused blend cost one dense ``ΔW`` per touched layer (fuse them to avoid it); fusing keeps one pristine
-  copy per fused layer. ``memory()`` reports all three.
+  unfused blend cost one dense ``ΔW`` per touched layer (fuse them to avoid it); fusing holds one extra
+  copy of each fused layer (its pristine weight); ``keep_fuse_buffers=True`` keeps that much after unfuse
+  too, to re-fuse without allocating. ``memory()`` reports all of them.
 
 >>> rt = LoraRuntime({"unet": pipe.unet})                              # doctest: +SKIP
 >>> rt.add(bind_adapter(adapter, rt.view)); rt.set_adapters(["style"], [0.7])   # doctest: +SKIP
@@ -39,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import Delta, DoRADelta, FullDelta, LowRankDelta
+from .adapter import Delta, FullDelta, LowRankDelta
+from .fusion import delta_weight_fp32, fused_bias, fused_weight, has_bias_terms, low_rank_factors
 from .resolve import COMPONENT_ORDER, BoundAdapter, ModelView, layer_weights
 
 logger = logging.getLogger(__name__)
@@ -79,13 +87,20 @@ class _Slot:
     component: str
     module: nn.Module
     scale_var: contextvars.ContextVar
-    rebuild: Any  # callable(slot): the runtime's term builder, used when the module moved device/dtype
+    rebuild: Any  # callable(slot): the runtime's term builder (stale term, or the module moved device/dtype)
     loaded: dict[str, Delta] = field(default_factory=dict)  # adapter name -> delta, in load order
-    up: torch.Tensor | None = None
-    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None  # (out, R): the active adapters' up factors side by side, alpha/rank folded in
+    down: torch.Tensor | None = None  # (R, in) or, for a k×k conv, (R, in, kh, kw)
+    svec: torch.Tensor | None = None  # (R,): each adapter's set_adapters weight, repeated over its rank
     dense: torch.Tensor | None = None
     bias: torch.Tensor | None = None
-    built_for: tuple | None = None
+    built_for: tuple | None = None  # (device, dtype) the term was built for; None = stale
+    built_terms: tuple = ()  # the (name, delta) pairs up/down were built from
+    built_deltas: tuple = ()  # their deltas alone, for a quick identity comparison
+    built_weights: tuple = ()  # the weights svec holds
+    built_ranks: tuple = ()  # each built adapter's rank (its block of svec)
+    pending_weights: tuple = ()  # the weights svec should hold when weights_stale
+    weights_stale: bool = False  # only svec needs refreshing (same adapters, new weights)
     handle: Any = None
     pristine_weight: torch.Tensor | None = None
     pristine_bias: torch.Tensor | None = None
@@ -95,39 +110,72 @@ class _Slot:
         return isinstance(self.module, nn.Conv2d)
 
     @property
+    def is_pointwise(self) -> bool:
+        m = self.module
+        return m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding in ((0, 0), "valid")
+
+    @property
     def has_term(self) -> bool:
         return self.up is not None or self.dense is not None
+
+    def clear_term(self) -> None:
+        self.up = self.down = self.svec = self.dense = self.bias = None
+        self.built_for = None
+        self.built_terms = self.built_deltas = self.built_weights = self.built_ranks = self.pending_weights = ()
+        self.weights_stale = False
 
     def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         scale = self.scale_var.get()
         if scale == 0.0:
             return out
         w = module.weight
-        if self.built_for != (w.device, w.dtype):
+        if self.weights_stale or self.built_for != (w.device, w.dtype):
             self.rebuild(self)
             if not self.has_term:
                 return out
         x = args[0]
         m = module
+        grad = torch.is_grad_enabled()
         if self.dense is not None:
             if self.is_conv:
                 delta = F.conv2d(x, self.dense, self.bias, m.stride, m.padding, m.dilation)
             else:
                 delta = F.linear(x, self.dense, self.bias)
-        elif self.is_conv:
-            delta = F.conv2d(F.conv2d(x, self.down, None, m.stride, m.padding, m.dilation), self.up)
-        else:
-            delta = F.linear(F.linear(x, self.down), self.up)
-        if torch.is_grad_enabled():
+        elif not self.is_conv:
+            h = F.linear(x, self.down)
+            h = h * self.svec if grad else h.mul_(self.svec)
+            delta = F.linear(h, self.up)
+        else:  # channel matmuls (1×1 convs through conv2d take a slow path on CPU)
+            if self.down.dim() == 2:  # pointwise conv: down is a channel matmul too
+                n, c, hh, ww = x.shape
+                h = torch.matmul(self.down, x.reshape(n, c, hh * ww))
+            else:
+                h = F.conv2d(x, self.down, None, m.stride, m.padding, m.dilation)
+                n, _, hh, ww = h.shape
+                h = h.reshape(n, h.shape[1], hh * ww)
+            col = self.svec[:, None]
+            h = h * col if grad else h.mul_(col)
+            delta = torch.matmul(self.up, h).reshape(n, -1, hh, ww)
+        if grad:
             return out + delta * scale if scale != 1.0 else out + delta
         return out.add_(delta, alpha=scale)
 
+    def weight_is_pristine(self) -> bool:
+        """True when the live weight IS the pristine backup tensor (unfused by rebinding, or never written)."""
+        w, p = self.module.weight, self.pristine_weight
+        return p is not None and w.data_ptr() == p.data_ptr() and w.dtype == p.dtype and w.device == p.device
+
     def restore_pristine(self) -> None:
+        """Put the pristine weight back: rebind the parameter to the backup tensor when it lives next to the
+        weight (no copy; the fused tensor is freed), else one copy (e.g. from a CPU backup)."""
+        w, p = self.module.weight, self.pristine_weight
         with torch.no_grad():
-            self.module.weight.copy_(self.pristine_weight)
+            if p.device == w.device and p.dtype == w.dtype and p.shape == w.shape and p.stride() == w.stride():
+                w.data = p
+            else:
+                w.copy_(p)
             if self.pristine_bias is not None:
                 self.module.bias.copy_(self.pristine_bias)
-        self.pristine_weight = self.pristine_bias = None
 
 
 class LoraRuntime:
@@ -136,20 +184,33 @@ class LoraRuntime:
     ``components`` maps ``"unet"``, ``"text_encoder"``, ``"text_encoder_2"`` to live modules.
     ``pristine_device`` says where pristine copies of fused weights live: ``None`` keeps them next to the
     weight (fastest restore; costs the touched weights' size in device memory), ``"cpu"`` keeps them on
-    the host (restore is a host-to-device copy).
+    the host (restore is a host-to-device copy). ``keep_fuse_buffers=True`` keeps each layer's fused tensor
+    after unfuse and writes the next fuse into it: re-fusing skips allocating (and, on a CPU, page-faulting)
+    fresh memory, at the cost of holding one copy of the touched weights while unfused too (never more than
+    one copy at any time: a layer holds either its pristine backup or its spare). ``release_fuse_buffers()``
+    frees them.
 
     >>> rt = LoraRuntime({"unet": pipe.unet, "text_encoder": pipe.text_encoder})   # doctest: +SKIP
     """
 
-    def __init__(self, components: Mapping[str, nn.Module], *, pristine_device: str | torch.device | None = None):
+    def __init__(
+        self,
+        components: Mapping[str, nn.Module],
+        *,
+        pristine_device: str | torch.device | None = None,
+        keep_fuse_buffers: bool = False,
+    ):
         self.view = ModelView.of(components)
         self.pristine_device = pristine_device
+        self.keep_fuse_buffers = keep_fuse_buffers
+        self._spare: dict[str, torch.Tensor] = {}  # key -> a fused tensor kept after unfuse for the next fuse
         self.adapters: dict[str, BoundAdapter] = {}
         self.active: list[str] = []
         self.enabled = True
         self._weight_specs: dict[str, Any] = {}
         self._weights: dict[str, dict[str, float]] = {}
         self._slots: dict[str, _Slot] = {}
+        self._weights_dirty: list[_Slot] = []  # slots whose svec waits for new weights (see _update_weight_vectors)
         self._fused: dict[str, dict[str, _Fused]] = {}
         self._scale = contextvars.ContextVar(f"lorablend_scale_{next(_runtime_ids)}", default=1.0)
 
@@ -177,9 +238,14 @@ class LoraRuntime:
 
         return {
             "adapters": sum(nbytes(l.delta.tensors()) for b in self.adapters.values() for l in b.layers.values()),
-            "blended": sum(nbytes((s.up, s.down, s.dense, s.bias)) for s in self._slots.values()),
+            "blended": sum(nbytes((s.up, s.down, s.svec, s.dense, s.bias)) for s in self._slots.values()),
             "pristine": sum(nbytes((s.pristine_weight, s.pristine_bias)) for s in self._slots.values()),
+            "fuse_buffers": nbytes(self._spare.values()),
         }
+
+    def release_fuse_buffers(self) -> None:
+        """Free the fused tensors kept for reuse by ``keep_fuse_buffers=True``."""
+        self._spare.clear()
 
     def pristine_weight(self, key: str) -> torch.Tensor:
         """The pristine weight of a target key (the backup when the layer is fused, else the live weight)."""
@@ -281,7 +347,8 @@ class LoraRuntime:
         self.enabled = bool(enabled)
         self._refresh(self._slots)
 
-    def _terms(self, slot: _Slot) -> list[tuple[float, Delta]]:
+    def _terms(self, slot: _Slot) -> list[tuple[str, float, Delta]]:
+        """``(name, weight, delta)`` of the active, unfused adapters with a non-zero weight on this layer."""
         if not self.enabled:
             return []
         terms = []
@@ -291,57 +358,99 @@ class LoraRuntime:
                 continue
             w = self._weights[name][slot.key]
             if w != 0.0:
-                terms.append((w, delta))
+                terms.append((name, w, delta))
         return terms
 
     def _build_term(self, slot: _Slot) -> None:
-        """(Re)build the slot's single extra term from the active, unfused adapters."""
-        slot.up = slot.down = slot.dense = slot.bias = None
+        """(Re)build the slot's single extra term from the active, unfused adapters.
+
+        Low-rank blends keep the weights out of the factors: ``up``/``down`` concatenate the adapters' factors
+        (alpha/rank folded in) and ``svec`` scales each adapter's rank block between the two products, so a
+        ``set_adapters`` that only changes weights refreshes ``svec`` (one small vector per layer) and keeps
+        the factors. The factors are rebuilt only when the set of contributing adapters changes.
+        """
         weight = slot.module.weight
-        slot.built_for = (weight.device, weight.dtype)
+        device, dtype = weight.device, weight.dtype
+        if slot.weights_stale and slot.up is not None and slot.built_for == (device, dtype):
+            self._update_weight_vectors()  # every layer waiting for new weights, in one go
+            return
         terms = self._terms(slot)
+        built = tuple((n, d) for n, _, d in terms)
+        slot.clear_term()
+        slot.built_for = (device, dtype)
         if not terms:
             return
-        device, dtype, shape = weight.device, weight.dtype, tuple(weight.shape)
+        shape = tuple(weight.shape)
         out_f, in_flat = shape[0], weight[0].numel()
-        low_rank = all(type(d) is LowRankDelta for _, d in terms)
-        rank = sum(d.rank for _, d in terms) if low_rank else 0
+        low_rank = all(type(d) is LowRankDelta for _, _, d in terms)
+        rank = sum(int(d.up.shape[1]) for _, _, d in terms) if low_rank else 0
         with torch.no_grad():
             if low_rank and rank * (out_f + in_flat) < out_f * in_flat:
-                ups, downs = [], []
-                for w, d in terms:
-                    up, down = d.factors()
-                    ups.append(up.to(device) * w)
-                    downs.append(down.to(device))
-                up, down = torch.cat(ups, 1).to(dtype), torch.cat(downs, 0).to(dtype)
-                if slot.is_conv:
-                    up, down = up.reshape(out_f, rank, 1, 1), down.reshape(rank, *shape[1:])
-                slot.up, slot.down = up.contiguous(), down.contiguous()
+                up, down = low_rank_factors([(1.0, d) for _, _, d in terms], device)
+                if slot.is_conv and not slot.is_pointwise:
+                    down = down.reshape(rank, *shape[1:])
+                slot.up, slot.down = up.to(dtype).contiguous(), down.to(dtype).contiguous()
+                slot.built_terms = built
+                slot.built_deltas = tuple(d for _, d in built)
+                slot.built_ranks = tuple(int(d.up.shape[1]) for _, _, d in terms)
+                slot.built_weights = tuple(w for _, w, _ in terms)
+                vec = torch.tensor(slot.built_weights, dtype=torch.float32).repeat_interleave(
+                    torch.tensor(slot.built_ranks))
+                slot.svec = vec.to(device=device, dtype=dtype)
             else:
                 base = slot.pristine_weight if slot.pristine_weight is not None else weight
                 dense = torch.zeros(shape, dtype=torch.float32, device=device)
                 bias = None
-                for w, d in terms:
-                    dense.add_(_delta_weight(d, shape, base, device), alpha=w)
+                for _, w, d in terms:
+                    dense.add_(delta_weight_fp32(d, shape, base, device), alpha=w)
                     if isinstance(d, FullDelta) and d.diff_b is not None:
                         db = d.delta_bias().to(device) * w
                         bias = db if bias is None else bias + db
                 slot.dense = dense.to(dtype)
                 slot.bias = None if bias is None else bias.to(dtype)
 
+    def _update_weight_vectors(self) -> None:
+        """Refresh ``svec`` of every layer whose adapters kept their factors but changed weights.
+
+        One small tensor per device/dtype for all of them (then split into per-layer views): the cost of a
+        weight-only ``set_adapters`` is a few list operations per layer, whatever the number of loaded adapters.
+        """
+        dirty = [s for s in self._weights_dirty if s.weights_stale and s.up is not None]
+        self._weights_dirty = []
+        groups: dict[tuple, list[_Slot]] = {}
+        for slot in dirty:
+            slot.weights_stale = False
+            if slot.pending_weights != slot.built_weights:
+                groups.setdefault((slot.up.device, slot.up.dtype), []).append(slot)
+        for (device, dtype), slots in groups.items():
+            values = [w for slot in slots for w in slot.pending_weights]
+            ranks = [r for slot in slots for r in slot.built_ranks]
+            vec = torch.tensor(values, dtype=torch.float32).repeat_interleave(torch.tensor(ranks))
+            parts = vec.to(device=device, dtype=dtype).split([sum(slot.built_ranks) for slot in slots])
+            for slot, part in zip(slots, parts):
+                slot.svec, slot.built_weights = part, slot.pending_weights
+
     def _refresh(self, keys: Iterable[str]) -> None:
         """Mark the terms of ``keys`` stale and keep a hook exactly on the slots that will have a term.
 
         Terms are built lazily, on a layer's next forward (or by ``prepare``): a run of set_adapters /
         fuse / unfuse calls costs one rebuild, not one per call, and a fused layer holds no term at all.
+        A low-rank term whose adapters did not change keeps its factors (only its weight vector is redone).
         """
         for key in list(keys):
             slot = self._slots.get(key)
             if slot is None:
                 continue
-            slot.up = slot.down = slot.dense = slot.bias = None
-            slot.built_for = None
-            wanted = bool(self._terms(slot))
+            terms = self._terms(slot)
+            # the same deltas in the same order (identity: Delta dataclasses compare by identity)
+            if slot.up is not None and tuple(d for _, _, d in terms) == slot.built_deltas:
+                slot.pending_weights = tuple(w for _, w, _ in terms)
+                if not slot.weights_stale:
+                    slot.weights_stale = True
+                    self._weights_dirty.append(slot)
+            else:
+                slot.clear_term()
+            wanted = bool(terms)
             if wanted and slot.handle is None:
                 slot.handle = slot.module.register_forward_hook(slot)
             elif not wanted and slot.handle is not None:
@@ -355,9 +464,12 @@ class LoraRuntime:
 
         >>> pipeline._runtime.prepare()                                     # doctest: +SKIP
         """
+        self._update_weight_vectors()
         for slot in self._slots.values():
-            weight = slot.module.weight
-            if slot.handle is not None and slot.built_for != (weight.device, weight.dtype):
+            if slot.handle is None:
+                continue
+            weight = slot.module._parameters["weight"]  # (plain dict access: this loop runs on every set_adapters)
+            if slot.weights_stale or slot.built_for != (weight.device, weight.dtype):
                 self._build_term(slot)
 
     # ----------------------------------------------------------------------------------- call-time scale
@@ -499,6 +611,7 @@ class LoraRuntime:
                     self._write_fused(slot, entries_of(self._fused, slot), safe=False)
                 elif slot.pristine_weight is not None:
                     slot.restore_pristine()
+                    slot.pristine_weight = slot.pristine_bias = None
             raise
         self._fused = state
         still_fused = {k for comps in state.values() for f in comps.values() for k in f.deltas}
@@ -509,68 +622,41 @@ class LoraRuntime:
         self._refresh(keys)
 
     def _write_fused(self, slot: _Slot, entries: list[tuple[float, Delta]], safe: bool) -> None:
+        """Make the layer's weight ``pristine + Σ coef·ΔW`` (``fusion.fused_weight``), or pristine when empty.
+
+        The first fuse of a layer whose backup stays on the weight's device keeps the ORIGINAL weight tensor as
+        the backup and rebinds the parameter to a freshly computed fused tensor: no backup copy, one pass over
+        the weight; restoring rebinds the backup (no copy at all). A backup elsewhere (``pristine_device``)
+        is a copy, and restore copies it back. Re-fusing a fused layer writes into its fused tensor.
+        """
         module = slot.module
         weight = module.weight
         if not entries:
             if slot.pristine_weight is not None:
-                with torch.no_grad():
-                    weight.copy_(slot.pristine_weight)
-                    if slot.pristine_bias is not None:
-                        module.bias.copy_(slot.pristine_bias)
+                fused = weight.data
+                slot.restore_pristine()
+                if self.keep_fuse_buffers and fused.data_ptr() != weight.data_ptr():
+                    self._spare[slot.key] = fused
             return
-        unfused_now = slot.pristine_weight is None  # then the live weight IS the pristine one
-        if unfused_now:
-            slot.pristine_weight = weight.detach().to(self.pristine_device or weight.device, copy=True)
-            if module.bias is not None and any(isinstance(d, FullDelta) and d.diff_b is not None for _, d in entries):
-                slot.pristine_bias = module.bias.detach().to(self.pristine_device or weight.device, copy=True)
-        device = weight.device
-        with torch.no_grad():
-            # fp32 weights (not checked first) are summed in place: the same ops in the same order as the
-            # separate fp32 buffer the other dtypes need, so the same bits, with one pass less.
-            in_place = weight.dtype == torch.float32 and not safe and weight.is_contiguous()
-            if in_place:
-                base = weight.data
-                if not unfused_now:
-                    base.copy_(slot.pristine_weight)
+        if slot.pristine_weight is None:  # the live weight IS the pristine one
+            target = torch.device(self.pristine_device) if self.pristine_device is not None else weight.device
+            if target == weight.device:
+                slot.pristine_weight = weight.detach()
             else:
-                base = slot.pristine_weight.to(device=device, dtype=torch.float32, copy=True)
-            flat = base.view(base.shape[0], -1)
-            new_bias = None
-            for coef, d in entries:
-                if coef == 0.0:
-                    continue
-                if type(d) is LowRankDelta:
-                    up, down = d.factors()
-                    flat.addmm_(up.to(device), down.to(device), alpha=coef)
+                slot.pristine_weight = weight.detach().to(target, copy=True)
+        if module.bias is not None and slot.pristine_bias is None and has_bias_terms(entries):
+            slot.pristine_bias = module.bias.detach().to(slot.pristine_weight.device, copy=True)
+        with torch.no_grad():
+            if slot.weight_is_pristine():  # compute into another tensor and rebind: the backup stays untouched
+                spare = self._spare.pop(slot.key, None)
+                if spare is not None and (spare.shape, spare.dtype, spare.device, spare.stride()) == (
+                        weight.shape, weight.dtype, weight.device, weight.stride()):
+                    weight.data = fused_weight(slot.pristine_weight, entries, safe=safe, key=slot.key, out=spare)
                 else:
-                    pristine = slot.pristine_weight
-                    base.add_(_delta_weight(d, tuple(weight.shape), pristine, device), alpha=coef)
-                    if isinstance(d, FullDelta) and d.diff_b is not None:
-                        if slot.pristine_bias is None:
-                            slot.pristine_bias = module.bias.detach().to(self.pristine_device or device, copy=True)
-                        if new_bias is None:
-                            new_bias = slot.pristine_bias.to(device=device, dtype=torch.float32, copy=True)
-                        new_bias.add_(d.delta_bias().to(device), alpha=coef)
-            if safe:  # check what the model will hold: a finite fp32 sum can overflow fp16
-                base = base.to(weight.dtype)
-            if safe and not bool(torch.isfinite(base).all()):
-                raise ValueError(
-                    f"fuse_lora(safe_fusing=True): the fused weight of {slot.key} has NaN or Inf values "
-                    f"({weight.dtype}); nothing was fused. The adapter or lora_scale is broken for this dtype"
-                )
-            if not in_place:
-                weight.copy_(base)  # the one cast to the module's dtype
-            if new_bias is not None:
-                module.bias.copy_(new_bias)
-            elif slot.pristine_bias is not None:
-                module.bias.copy_(slot.pristine_bias)
-
-
-def _delta_weight(delta: Delta, shape: tuple[int, ...], base: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """fp32 ΔW of ``delta`` on ``device``; DoRA is relative to the pristine ``base`` weight."""
-    if isinstance(delta, DoRADelta):
-        return delta_to(delta, device).delta_weight(shape, base_weight=base.to(device))
-    if isinstance(delta, LowRankDelta):
-        up, down = delta.factors()
-        return (up.to(device) @ down.to(device)).reshape(shape)
-    return delta.delta_weight(shape).to(device)
+                    weight.data = fused_weight(slot.pristine_weight, entries, safe=safe, key=slot.key,
+                                               out_dtype=weight.dtype, device=weight.device)
+            else:
+                fused_weight(slot.pristine_weight, entries, safe=safe, key=slot.key, out=weight.data)
+            if slot.pristine_bias is not None:
+                module.bias.copy_(fused_bias(slot.pristine_bias, entries, out_dtype=module.bias.dtype,
+                                             device=module.bias.device))
