@@ -47,14 +47,10 @@ N_LOADED = 50
 # ============================================================================ the two systems
 
 
-class Theirs:
-    label = "diffusers+PEFT"
+class _Pipeline:
+    """The diffusers-named calls both systems answer to: the benchmark times the same code path for each."""
 
-    def __init__(self, pipe, args) -> None:
-        import peft  # noqa: F401  (imports out of the timed region)
-        import peft.tuners.lora  # noqa: F401
-
-        self.pipe = pipe
+    pipe: object
 
     def load(self, path: Path, name: str) -> None:
         self.pipe.load_lora_weights(str(path), adapter_name=name)
@@ -77,6 +73,17 @@ class Theirs:
     def enable(self) -> None:
         self.pipe.enable_lora()
 
+
+
+class Theirs(_Pipeline):
+    label = "diffusers+PEFT"
+
+    def __init__(self, pipe, args) -> None:
+        import peft  # noqa: F401  (imports out of the timed region)
+        import peft.tuners.lora  # noqa: F401
+
+        self.pipe = pipe
+
     def settle(self) -> None:
         """diffusers + PEFT does all its work inside each call: nothing deferred."""
 
@@ -84,7 +91,7 @@ class Theirs:
         return {}
 
 
-class Ours:
+class Ours(_Pipeline):
     label = "lorablend"
 
     def __init__(self, pipe, args) -> None:
@@ -94,27 +101,6 @@ class Ours:
         self.pipe = lorablend.DiffusionPipeline(pipe, pristine_device=args.pristine_device)
         # opt-in: keep fused tensors after unfuse for the next fuse (holds one copy of the touched weights)
         self.pipe._runtime.keep_fuse_buffers = bool(args.keep_fuse_buffers)
-
-    def load(self, path: Path, name: str) -> None:
-        self.pipe.load_lora_weights(str(path), adapter_name=name)
-
-    def set_adapters(self, names, weights) -> None:
-        self.pipe.set_adapters(list(names), adapter_weights=list(weights))
-
-    def fuse(self, names) -> None:
-        self.pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=list(names))
-
-    def unfuse(self) -> None:
-        self.pipe.unfuse_lora(components=["unet"])
-
-    def unload(self) -> None:
-        self.pipe.unload_lora_weights()
-
-    def disable(self) -> None:
-        self.pipe.disable_lora()
-
-    def enable(self) -> None:
-        self.pipe.enable_lora()
 
     def settle(self) -> None:
         """lorablend may defer rebuilding blended terms to the next forward; do it now so it is timed."""
