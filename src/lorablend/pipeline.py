@@ -188,7 +188,7 @@ class DiffusionPipeline:
         else:
             from .io import load_adapter
 
-            adapter = load_adapter(source, target=self.pipe, name=name)
+            adapter = load_adapter(source, target=self._runtime.view.index, name=name)
         bound = bind_adapter(adapter, self._runtime.view, strict=strict)
         self._runtime.add(bound, replace_existing=hotswap)
         return bound.report

@@ -62,6 +62,7 @@ class ModelView:
 
     components: dict[str, nn.Module]
     index: ModuleIndex
+    _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)  # target key -> module, looked up once
 
     @classmethod
     def of(cls, components: Mapping[str, nn.Module]) -> "ModelView":
@@ -73,8 +74,11 @@ class ModelView:
         return self.index.family
 
     def module(self, target_key: str) -> nn.Module:
-        info = self.index.modules[target_key]
-        return self.components[info.component].get_submodule(info.live_path)
+        module = self._modules.get(target_key)
+        if module is None:
+            info = self.index.modules[target_key]
+            module = self._modules[target_key] = self.components[info.component].get_submodule(info.live_path)
+        return module
 
 
 def _delta_shape_problem(delta: Delta, module: nn.Module) -> str | None:

@@ -246,11 +246,14 @@ def standard_index(family: str) -> ModuleIndex:
 
 
 def module_index(target: Any = None, family: str | None = None) -> ModuleIndex:
-    """The ModuleIndex of a live target (pipeline, model, or dict of components), else of a standard family.
+    """The ModuleIndex of a live target (pipeline, model, dict of components, or an index built before), else of
+    a standard family.
 
     >>> module_index(family="sd1").lookup("unet", "input_blocks.1.1.proj_in")     # doctest: +SKIP
     'unet.down_blocks.0.attentions.0.proj_in'
     """
+    if isinstance(target, ModuleIndex):  # already indexed (a pipeline indexes its live model once)
+        return target
     if target is not None:
         return index_from_components(components_of(target), family=family)
     if family is None:

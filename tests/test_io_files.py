@@ -1,0 +1,133 @@
+"""The safetensors reader (one private map, a view per tensor) and the finite check (bit patterns, runs)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorablend import LoraFormatError
+from lorablend.io.files import all_finite, check_finite, read_source
+
+
+def _raw_file(path, entries: list[tuple[str, str, list[int], bytes]], *, pad_header_to: int = 8, tail: bytes = b""):
+    """Write a safetensors file by hand: entries are (key, dtype, shape, bytes), laid out in order."""
+    header, at = {}, 0
+    for key, dtype, shape, blob in entries:
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(blob)]}
+        at += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % pad_header_to)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(e[3] for e in entries) + tail)
+    return path
+
+
+def test_every_dtype_reads_exactly_what_the_library_reads(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "a.f16": torch.randn(3, 5, generator=g).half(),
+        "b.bf16": torch.randn(7, generator=g).bfloat16(),
+        "c.f32": torch.randn(2, 2, 2, generator=g),
+        "d.f64": torch.randn(3, generator=g).double(),
+        "e.i64": torch.arange(5),
+        "f.u8": torch.arange(3, dtype=torch.uint8),
+        "g.f8": torch.randn(9, generator=g).to(torch.float8_e4m3fn),
+        "h.scalar": torch.tensor(8.0),
+        "i.empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(sd, path, metadata={"ss_network_alpha": "8"})
+    raw = read_source(path)
+    expected = load_file(path)
+    assert set(raw.tensors) == set(expected)
+    for key, t in expected.items():
+        got = raw.tensors[key]
+        assert got.dtype == t.dtype and got.shape == t.shape, key
+        assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), key
+    assert raw.metadata == {"ss_network_alpha": "8"}
+
+
+def test_writing_into_a_read_tensor_never_changes_the_file(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"x": torch.ones(4, 4)}, path)
+    before = path.read_bytes()
+    t = read_source(path).tensors["x"]
+    t.mul_(3.0)
+    assert path.read_bytes() == before
+    assert torch.equal(read_source(path).tensors["x"], torch.ones(4, 4))
+
+
+def test_unaligned_offsets_are_copied_not_misread(tmp_path):
+    f32 = torch.arange(4, dtype=torch.float32)
+    path = _raw_file(tmp_path / "odd.safetensors", [
+        ("byte", "U8", [3], bytes([1, 2, 3])),  # the float32 tensor after it starts at an odd offset
+        ("w", "F32", [4], f32.numpy().tobytes()),
+    ], pad_header_to=1)
+    raw = read_source(path)
+    assert torch.equal(raw.tensors["w"], f32)
+    assert raw.tensors["byte"].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("layout, needle", [
+    ("overlap", "overlap or leave gaps"),
+    ("gap", "overlap or leave gaps"),
+    ("trailing", "tensors end at byte"),
+])
+def test_layouts_the_library_refuses_are_refused_with_the_file_named(tmp_path, layout, needle):
+    blob = torch.ones(4).numpy().tobytes()
+    path = tmp_path / f"{layout}.safetensors"
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}
+    data = blob + blob
+    if layout == "overlap":
+        header["b"]["data_offsets"] = [8, 24]
+    elif layout == "gap":
+        header["b"]["data_offsets"] = [20, 36]
+        data = blob + b"\0" * 4 + blob
+    else:
+        data += b"junk"
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    with pytest.raises(LoraFormatError) as e:
+        read_source(path)
+    assert str(path) in str(e.value) and needle in str(e.value)
+
+
+def test_header_entries_with_wrong_types_are_refused(tmp_path):
+    text = json.dumps({"a": {"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]}}).encode()
+    path = tmp_path / "types.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(16))
+    with pytest.raises(LoraFormatError, match="corrupt safetensors header entry for 'a'"):
+        read_source(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e5m2,
+                                   torch.float8_e4m3fn])
+def test_all_finite_reads_bit_patterns_exactly(dtype):
+    finfo = torch.finfo(dtype)
+    edge = torch.tensor([finfo.max, -finfo.max, finfo.tiny, -0.0, 0.0], dtype=torch.float64).to(dtype)
+    assert all_finite(edge)
+    assert all_finite(edge[::2])  # a strided view
+    specials = [float("nan")] + ([] if dtype == torch.float8_e4m3fn else [float("inf"), float("-inf")])
+    for bad in specials:  # (float8_e4m3fn has no Inf: a conversion saturates to its max)
+        for sign in (1.0, -1.0):
+            big = torch.zeros(3 * 2**19 + 5, dtype=dtype)  # more than one pass of the chunked check
+            big[-1] = torch.tensor(sign * bad).to(dtype)
+            assert not all_finite(big), (bad, sign)
+
+
+def test_check_finite_on_a_file_names_the_bad_key_among_back_to_back_tensors(tmp_path):
+    sd = {f"k{i:02d}": torch.ones(100, dtype=torch.float16) for i in range(20)}
+    sd["k13"][57] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(sd, path)
+    raw = read_source(path)
+    with pytest.raises(LoraFormatError) as e:
+        check_finite(raw.tensors, raw.label)
+    assert "'k13'" in str(e.value) and "(1 of 100)" in str(e.value)
+    sd["k13"][57] = 1.0
+    save_file(sd, path)
+    check_finite(read_source(path).tensors, str(path))
