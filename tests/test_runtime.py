@@ -251,3 +251,62 @@ def test_pointwise_conv_term_matches_the_conv_delta(make_pipe, make_adapter):
                      for n, w in [("a0", 0.7), ("a1", 0.4)])
             want = torch.nn.functional.conv2d(x, dw)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _unet_out(pipe) -> torch.Tensor:
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(3)
+    sample = torch.randn(1, unet.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(1, 4, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(sample, 10, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def test_any_sequence_of_set_adapters_gives_the_bits_of_a_fresh_runtime(make_pipe, make_adapter):
+    """Weight-only changes take a fast path (the epoch bump); zero weights, block weights, dense kinds and
+    enable/disable take the general one. After every step, the output equals that of a runtime that made only
+    the final call, bit for bit, whether terms were built lazily (by the forward) or by prepare()."""
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    g = torch.Generator().manual_seed(0)
+    loha = Adapter("loha", "sd1", {key: LoHaDelta(*(torch.randn(s, generator=g) * 0.3 for s in
+                                                   [(64, 2), (2, 64), (64, 2), (2, 64)]), alpha=1.0)})
+    adapters = [make_adapter("sd1", f"a{i}", seed=40 + i, targets="all") for i in range(2)] + [loha]
+    steps = [
+        (["a0", "a1"], [0.7, 0.8]),
+        (["a0", "a1"], [0.3, -0.5]),  # weights only
+        (["a0", "a1"], [0.3, 0.0]),  # a1 leaves every layer
+        (["a0", "a1"], [0.3, 0.6]),  # and comes back
+        (["a0", "a1"], [{"unet": {"down": 0.0, "up": 2.0}}, 0.6]),  # a0 leaves the down blocks
+        (["a0", "a1"], [{"unet": {"down": 0.5, "up": 2.0}}, 0.6]),
+        (["a0", "a1", "loha"], [0.5, 0.6, 0.9]),  # a dense term on one layer
+        (["a0", "a1", "loha"], [0.5, 0.6, -0.4]),  # weights only, dense layer included
+        (["a1", "a0", "loha"], [0.6, 0.5, -0.4]),  # another order
+        ("disable", None),
+        (["a1", "a0", "loha"], [0.1, 0.2, 0.3]),  # while disabled
+        ("enable", None),
+    ]
+    pipe = make_pipe("sd1")
+    rt = _runtime(pipe)
+    for a in adapters:
+        _load(rt, a)
+    enabled, last = True, None
+    for i, (names, weights) in enumerate(steps):
+        if names == "disable":
+            rt.set_enabled(False)
+            enabled = False
+        elif names == "enable":
+            rt.set_enabled(True)
+            enabled = True
+        else:
+            rt.set_adapters(names, weights)
+            last = (names, weights)
+        if i % 2:
+            rt.prepare()
+        got = _unet_out(pipe)
+        ref_pipe = make_pipe("sd1")
+        ref = _runtime(ref_pipe)
+        for a in adapters:
+            _load(ref, a)
+        ref.set_adapters(*last)
+        ref.set_enabled(enabled)
+        assert torch.equal(got, _unet_out(ref_pipe)), f"step {i}: {names} {weights}"

@@ -268,10 +268,9 @@ def layer_weights(spec: Any, bound: BoundAdapter, view: ModelView) -> dict[str, 
     >>> layer_weights({"unet": {"down": 0.5}, "text_encoder": 0.0}, bound, view)   # doctest: +SKIP
     """
     if spec is None:
-        return {k: 1.0 for k in bound.layers}
+        return dict.fromkeys(bound.layers, 1.0)
     if not isinstance(spec, Mapping):
-        w = _check_number(spec, f"weight of adapter {bound.name!r}")
-        return {k: w for k in bound.layers}
+        return dict.fromkeys(bound.layers, _check_number(spec, f"weight of adapter {bound.name!r}"))
 
     labels_known = view.index.block_labels()
     components = set(view.components)

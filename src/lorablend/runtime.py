@@ -79,6 +79,15 @@ class _Fused:
     deltas: dict[str, Delta]
 
 
+class _Epoch:
+    """A counter shared by a runtime and its slots, bumped whenever ``set_adapters`` weights may have changed."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 @dataclass(eq=False)
 class _Slot:
     """The live state of one touched module."""
@@ -88,6 +97,7 @@ class _Slot:
     module: nn.Module
     scale_var: contextvars.ContextVar
     rebuild: Any  # callable(slot): the runtime's term builder (stale term, or the module moved device/dtype)
+    epoch: "_Epoch"  # the runtime's weights epoch: a term built at an older epoch holds old weights
     loaded: dict[str, Delta] = field(default_factory=dict)  # adapter name -> delta, in load order
     up: torch.Tensor | None = None  # (out, R): the active adapters' up factors side by side, alpha/rank folded in
     down: torch.Tensor | None = None  # (R, in) or, for a k×k conv, (R, in, kh, kw)
@@ -95,12 +105,10 @@ class _Slot:
     dense: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     built_for: tuple | None = None  # (device, dtype) the term was built for; None = stale
-    built_terms: tuple = ()  # the (name, delta) pairs up/down were built from
-    built_deltas: tuple = ()  # their deltas alone, for a quick identity comparison
-    built_weights: tuple = ()  # the weights svec holds
+    built_names: tuple = ()  # the adapters up/down were built from, in order
+    built_deltas: tuple = ()  # their deltas, for a quick identity comparison
     built_ranks: tuple = ()  # each built adapter's rank (its block of svec)
-    pending_weights: tuple = ()  # the weights svec should hold when weights_stale
-    weights_stale: bool = False  # only svec needs refreshing (same adapters, new weights)
+    built_epoch: int = -1  # the weights epoch svec (or the dense term) was computed at
     handle: Any = None
     pristine_weight: torch.Tensor | None = None
     pristine_bias: torch.Tensor | None = None
@@ -121,15 +129,15 @@ class _Slot:
     def clear_term(self) -> None:
         self.up = self.down = self.svec = self.dense = self.bias = None
         self.built_for = None
-        self.built_terms = self.built_deltas = self.built_weights = self.built_ranks = self.pending_weights = ()
-        self.weights_stale = False
+        self.built_names = self.built_deltas = self.built_ranks = ()
+        self.built_epoch = -1
 
     def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         scale = self.scale_var.get()
         if scale == 0.0:
             return out
         w = module.weight
-        if self.weights_stale or self.built_for != (w.device, w.dtype):
+        if self.built_epoch != self.epoch.value or self.built_for != (w.device, w.dtype):
             self.rebuild(self)
             if not self.has_term:
                 return out
@@ -178,6 +186,15 @@ class _Slot:
                 self.module.bias.copy_(self.pristine_bias)
 
 
+def _same_zeros(old_spec: Any, new_spec: Any, old: Mapping[str, float], new: Mapping[str, float]) -> bool:
+    """True when two per-layer weight maps of one adapter are zero on the same layers (a number as the spec
+    gives every layer that number: decided without looking at the layers)."""
+    numbers = (int, float, type(None))
+    if isinstance(old_spec, numbers) and isinstance(new_spec, numbers):
+        return (old_spec == 0) == (new_spec == 0)
+    return old.keys() == new.keys() and all((old[k] == 0.0) == (w == 0.0) for k, w in new.items())
+
+
 class LoraRuntime:
     """Adapters loaded on the components of one pipeline.
 
@@ -210,7 +227,8 @@ class LoraRuntime:
         self._weight_specs: dict[str, Any] = {}
         self._weights: dict[str, dict[str, float]] = {}
         self._slots: dict[str, _Slot] = {}
-        self._weights_dirty: list[_Slot] = []  # slots whose svec waits for new weights (see _update_weight_vectors)
+        self._epoch = _Epoch()  # weights version: terms built at an older one refresh svec (_update_weight_vectors)
+        self._svec_layouts: dict[tuple, tuple] = {}  # (device, dtype) -> the last refresh's slots, ranks, sizes
         self._fused: dict[str, dict[str, _Fused]] = {}
         self._scale = contextvars.ContextVar(f"lorablend_scale_{next(_runtime_ids)}", default=1.0)
 
@@ -294,7 +312,8 @@ class LoraRuntime:
         for key, layer in bound.layers.items():
             slot = self._slots.get(key)
             if slot is None:
-                slot = self._slots[key] = _Slot(key, layer.component, layer.module, self._scale, self._build_term)
+                slot = self._slots[key] = _Slot(key, layer.component, layer.module, self._scale, self._build_term,
+                                                    self._epoch)
             slot.loaded[name] = layer.delta
         if activate and not replace_existing:
             touched |= {k for n in self.active for k in self.adapters[n].layers}
@@ -336,12 +355,19 @@ class LoraRuntime:
         if len(set(names)) != len(names):
             raise ValueError(f"set_adapters: adapter names repeat: {list(names)}")
         new = {n: layer_weights(w, self.adapters[n], self.view) for n, w in zip(names, weights)}
-        touched = {k for n in set(self.active) | set(names) for k in self.adapters[n].layers}
+        # Same adapters, same order, zero on the same layers: every layer keeps its contributing adapters, so
+        # only the weights move. Bumping the epoch is all it takes (terms refresh their weight vectors lazily,
+        # all layers in one tensor operation), whatever the number of loaded adapters.
+        same_blend = self.enabled and list(names) == self.active and all(
+            _same_zeros(self._weight_specs[n], w, self._weights[n], new[n]) for n, w in zip(names, weights))
+        touched = () if same_blend else {k for n in set(self.active) | set(names) for k in self.adapters[n].layers}
         for n, w in zip(names, weights):
             self._weights[n] = new[n]
             self._weight_specs[n] = w
-        self.active = list(names)
-        self._refresh(touched)
+        self._epoch.value += 1
+        if not same_blend:
+            self.active = list(names)
+            self._refresh(touched)
 
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = bool(enabled)
@@ -371,13 +397,13 @@ class LoraRuntime:
         """
         weight = slot.module.weight
         device, dtype = weight.device, weight.dtype
-        if slot.weights_stale and slot.up is not None and slot.built_for == (device, dtype):
-            self._update_weight_vectors()  # every layer waiting for new weights, in one go
+        if slot.up is not None and slot.built_for == (device, dtype):
+            self._update_weight_vectors()  # only the weights moved: every waiting layer in one go
             return
         terms = self._terms(slot)
-        built = tuple((n, d) for n, _, d in terms)
         slot.clear_term()
         slot.built_for = (device, dtype)
+        slot.built_epoch = self._epoch.value
         if not terms:
             return
         shape = tuple(weight.shape)
@@ -390,11 +416,10 @@ class LoraRuntime:
                 if slot.is_conv and not slot.is_pointwise:
                     down = down.reshape(rank, *shape[1:])
                 slot.up, slot.down = up.to(dtype).contiguous(), down.to(dtype).contiguous()
-                slot.built_terms = built
-                slot.built_deltas = tuple(d for _, d in built)
+                slot.built_names = tuple(n for n, _, _ in terms)
+                slot.built_deltas = tuple(d for _, _, d in terms)
                 slot.built_ranks = tuple(int(d.up.shape[1]) for _, _, d in terms)
-                slot.built_weights = tuple(w for _, w, _ in terms)
-                vec = torch.tensor(slot.built_weights, dtype=torch.float32).repeat_interleave(
+                vec = torch.tensor([w for _, w, _ in terms], dtype=torch.float32).repeat_interleave(
                     torch.tensor(slot.built_ranks))
                 slot.svec = vec.to(device=device, dtype=dtype)
             else:
@@ -410,25 +435,28 @@ class LoraRuntime:
                 slot.bias = None if bias is None else bias.to(dtype)
 
     def _update_weight_vectors(self) -> None:
-        """Refresh ``svec`` of every layer whose adapters kept their factors but changed weights.
+        """Refresh ``svec`` of every low-rank term built at an older weights epoch (its adapters are unchanged).
 
-        One small tensor per device/dtype for all of them (then split into per-layer views): the cost of a
-        weight-only ``set_adapters`` is a few list operations per layer, whatever the number of loaded adapters.
+        One small tensor per device/dtype for all of them, split into per-layer views: the cost of a weight-only
+        ``set_adapters`` is a few list operations per layer, whatever the number of loaded adapters.
         """
-        dirty = [s for s in self._weights_dirty if s.weights_stale and s.up is not None]
-        self._weights_dirty = []
+        current = self._epoch.value
         groups: dict[tuple, list[_Slot]] = {}
-        for slot in dirty:
-            slot.weights_stale = False
-            if slot.pending_weights != slot.built_weights:
-                groups.setdefault((slot.up.device, slot.up.dtype), []).append(slot)
+        for slot in self._slots.values():
+            if slot.built_epoch != current and slot.up is not None:
+                groups.setdefault(slot.built_for, []).append(slot)  # (the factors' device and dtype)
+        weights = self._weights
         for (device, dtype), slots in groups.items():
-            values = [w for slot in slots for w in slot.pending_weights]
-            ranks = [r for slot in slots for r in slot.built_ranks]
-            vec = torch.tensor(values, dtype=torch.float32).repeat_interleave(torch.tensor(ranks))
-            parts = vec.to(device=device, dtype=dtype).split([sum(slot.built_ranks) for slot in slots])
+            values = torch.tensor([weights[n][slot.key] for slot in slots for n in slot.built_names],
+                                  dtype=torch.float32)
+            layout = self._svec_layouts.get((device, dtype))
+            if layout is None or layout[0] != slots:  # (list equality: identity first, so cheap when unchanged)
+                ranks = torch.tensor([r for slot in slots for r in slot.built_ranks])
+                layout = self._svec_layouts[(device, dtype)] = (slots, ranks, [slot.up.shape[1] for slot in slots])
+            _, ranks, sizes = layout
+            parts = values.repeat_interleave(ranks).to(device=device, dtype=dtype).split(sizes)
             for slot, part in zip(slots, parts):
-                slot.svec, slot.built_weights = part, slot.pending_weights
+                slot.svec, slot.built_epoch = part, current
 
     def _refresh(self, keys: Iterable[str]) -> None:
         """Mark the terms of ``keys`` stale and keep a hook exactly on the slots that will have a term.
@@ -443,12 +471,7 @@ class LoraRuntime:
                 continue
             terms = self._terms(slot)
             # the same deltas in the same order (identity: Delta dataclasses compare by identity)
-            if slot.up is not None and tuple(d for _, _, d in terms) == slot.built_deltas:
-                slot.pending_weights = tuple(w for _, w, _ in terms)
-                if not slot.weights_stale:
-                    slot.weights_stale = True
-                    self._weights_dirty.append(slot)
-            else:
+            if slot.up is None or tuple(d for _, _, d in terms) != slot.built_deltas:
                 slot.clear_term()
             wanted = bool(terms)
             if wanted and slot.handle is None:
@@ -458,6 +481,7 @@ class LoraRuntime:
                 slot.handle = None
             if not slot.loaded and slot.pristine_weight is None and slot.handle is None:
                 del self._slots[key]
+        self._epoch.value += 1  # the kept low-rank terms refresh their weight vectors
 
     def prepare(self) -> None:
         """Build every stale blended term now instead of on the first forward (e.g. before serving).
@@ -465,11 +489,12 @@ class LoraRuntime:
         >>> pipeline._runtime.prepare()                                     # doctest: +SKIP
         """
         self._update_weight_vectors()
+        current = self._epoch.value
         for slot in self._slots.values():
             if slot.handle is None:
                 continue
             weight = slot.module._parameters["weight"]  # (plain dict access: this loop runs on every set_adapters)
-            if slot.weights_stale or slot.built_for != (weight.device, weight.dtype):
+            if slot.built_epoch != current or slot.built_for != (weight.device, weight.dtype):
                 self._build_term(slot)
 
     # ----------------------------------------------------------------------------------- call-time scale
