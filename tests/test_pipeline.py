@@ -204,6 +204,26 @@ def test_B11_safe_fusing_equals_ordinary_fusing(sd1, make_pipe, make_adapter):
     assert_params_equal(sd1, params_of(other))
 
 
+def test_keep_fuse_buffers_switches_without_allocating_and_stays_exact(make_pipe, make_adapter):
+    pipe = DiffusionPipeline(make_pipe("sd1"), keep_fuse_buffers=True)
+    before = params_of(pipe)
+    for i, name in enumerate("ab"):
+        pipe.load_lora_weights(make_adapter("sd1", name, seed=i + 1, alpha=2.0), adapter_name=name)
+    pipe.set_adapters(["a", "b"], [0.7, 0.8])
+    pipe.fuse_lora(adapter_names=["a", "b"])
+    fused = params_of(pipe)
+    to_q = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    first = to_q.weight.data_ptr()
+    pipe.unfuse_lora()
+    assert_params_equal(pipe, before)
+    assert pipe._runtime.memory()["fuse_buffers"] > 0  # one copy of the touched weights, kept while unfused
+    pipe.fuse_lora(adapter_names=["a", "b"])
+    assert to_q.weight.data_ptr() == first  # written into the kept tensor
+    assert_params_equal(pipe, fused)
+    pipe.unfuse_lora()
+    assert_params_equal(pipe, before)
+
+
 def test_fused_pipeline_refuses_a_call_scale(sd1):
     sd1.fuse_lora(adapter_names=["a"])
     with pytest.raises(ValueError, match="cannot rescale fused adapters"):

@@ -275,6 +275,7 @@ def test_any_sequence_of_set_adapters_gives_the_bits_of_a_fresh_runtime(make_pip
         (["a0", "a1"], [0.7, 0.8]),
         (["a0", "a1"], [0.3, -0.5]),  # weights only
         (["a0", "a1"], [0.3, 0.0]),  # a1 leaves every layer
+        (["a0", "a1"], [0.4, 0.0]),  # weights only, on terms rebuilt with fewer ranks
         (["a0", "a1"], [0.3, 0.6]),  # and comes back
         (["a0", "a1"], [{"unet": {"down": 0.0, "up": 2.0}}, 0.6]),  # a0 leaves the down blocks
         (["a0", "a1"], [{"unet": {"down": 0.5, "up": 2.0}}, 0.6]),

@@ -229,6 +229,7 @@ class LoraRuntime:
         self._slots: dict[str, _Slot] = {}
         self._epoch = _Epoch()  # weights version: terms built at an older one refresh svec (_update_weight_vectors)
         self._svec_layouts: dict[tuple, tuple] = {}  # (device, dtype) -> the last refresh's slots, ranks, sizes
+        self._terms_built = 0  # counts term builds: a cached layout is valid only if no term was rebuilt since
         self._fused: dict[str, dict[str, _Fused]] = {}
         self._scale = contextvars.ContextVar(f"lorablend_scale_{next(_runtime_ids)}", default=1.0)
 
@@ -404,6 +405,7 @@ class LoraRuntime:
         slot.clear_term()
         slot.built_for = (device, dtype)
         slot.built_epoch = self._epoch.value
+        self._terms_built += 1
         if not terms:
             return
         shape = tuple(weight.shape)
@@ -450,10 +452,12 @@ class LoraRuntime:
             values = torch.tensor([weights[n][slot.key] for slot in slots for n in slot.built_names],
                                   dtype=torch.float32)
             layout = self._svec_layouts.get((device, dtype))
-            if layout is None or layout[0] != slots:  # (list equality: identity first, so cheap when unchanged)
+            # valid when the same slots (identity) hold the same terms (no build since): ranks and sizes stand
+            if layout is None or layout[0] != self._terms_built or layout[1] != slots:
                 ranks = torch.tensor([r for slot in slots for r in slot.built_ranks])
-                layout = self._svec_layouts[(device, dtype)] = (slots, ranks, [slot.up.shape[1] for slot in slots])
-            _, ranks, sizes = layout
+                layout = (self._terms_built, slots, ranks, [slot.up.shape[1] for slot in slots])
+                self._svec_layouts[(device, dtype)] = layout
+            _, _, ranks, sizes = layout
             parts = values.repeat_interleave(ranks).to(device=device, dtype=dtype).split(sizes)
             for slot, part in zip(slots, parts):
                 slot.svec, slot.built_epoch = part, current
