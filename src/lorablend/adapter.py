@@ -15,8 +15,8 @@ All ``delta_weight`` results are float32 and already carry the alpha/rank scale.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Union
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import torch
 
@@ -307,6 +307,53 @@ class DoRADelta:
 
 
 Delta = Union[LowRankDelta, LoHaDelta, LoKrDelta, FullDelta, DoRADelta]
+
+
+def map_tensors(delta: Delta, fn: Callable[[torch.Tensor], torch.Tensor]) -> Delta:
+    """``delta`` with ``fn`` applied to each of its tensors: a new Delta when some tensor changed (the original
+    is left untouched), ``delta`` itself when ``fn`` returned every tensor unchanged.
+
+    >>> d = FullDelta(diff=torch.ones(2, 2))
+    >>> map_tensors(d, lambda t: t.half()).diff.dtype, map_tensors(d, lambda t: t) is d
+    (torch.float16, True)
+    """
+    changes = {}
+    for f in fields(delta):
+        if not f.init:
+            continue
+        value = getattr(delta, f.name)
+        if isinstance(value, torch.Tensor):
+            new = fn(value)
+        elif is_dataclass(value):
+            new = map_tensors(value, fn)
+        else:
+            continue
+        if new is not value:
+            changes[f.name] = new
+    return replace(delta, **changes) if changes else delta
+
+
+def deltas_to(deltas: Sequence[Delta], device: torch.device | str) -> list[Delta]:
+    """The deltas with every tensor on ``device``, moved with ONE transfer per dtype for all of them (one buffer
+    on the device, each tensor a view of it) instead of one small transfer per tensor: a LoRA is hundreds of
+    small tensors, and each transfer to a GPU has a fixed cost. Tensors already there are kept as they are.
+
+    >>> deltas_to([FullDelta(diff=torch.ones(2, 2))], "cpu")[0].diff.device.type
+    'cpu'
+    """
+    device = torch.device(device)
+    moving: dict[torch.dtype, list[torch.Tensor]] = {}
+    for delta in deltas:
+        for t in delta.tensors():
+            if t.device != device:
+                moving.setdefault(t.dtype, []).append(t)
+    moved: dict[int, torch.Tensor] = {}  # id of a source tensor -> its copy on the device
+    for dtype, ts in moving.items():
+        ts = list({id(t): t for t in ts}.values())  # a tensor shared by two deltas moves once
+        flat = torch.cat([t.reshape(-1) for t in ts]).to(device)
+        for t, part in zip(ts, flat.split([t.numel() for t in ts])):
+            moved[id(t)] = part.view(t.shape)
+    return [map_tensors(d, lambda t: moved.get(id(t), t)) for d in deltas]
 
 
 @dataclass(eq=False)

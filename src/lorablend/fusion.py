@@ -24,30 +24,13 @@ The functions read their inputs and return new tensors (or write into the ``out`
 
 from __future__ import annotations
 
-from dataclasses import fields, is_dataclass, replace
 from typing import Sequence
 
 import torch
 
-from .adapter import Delta, DoRADelta, FullDelta, LowRankDelta
+from .adapter import Delta, DoRADelta, FullDelta, LowRankDelta, map_tensors
 
 Terms = Sequence[tuple[float, Delta]]
-
-
-def _on_device(delta: Delta, device: torch.device) -> Delta:
-    """``delta`` with its tensors on ``device`` (a copy only when something has to move)."""
-    changes = {}
-    for f in fields(delta):
-        if not f.init:
-            continue
-        value = getattr(delta, f.name)
-        if isinstance(value, torch.Tensor) and value.device != device:
-            changes[f.name] = value.to(device)
-        elif is_dataclass(value):
-            moved = _on_device(value, device)
-            if moved is not value:
-                changes[f.name] = moved
-    return replace(delta, **changes) if changes else delta
 
 
 def delta_weight_fp32(
@@ -61,7 +44,8 @@ def delta_weight_fp32(
     """
     device = torch.device(device) if device is not None else pristine.device
     if isinstance(delta, DoRADelta):
-        return _on_device(delta, device).delta_weight(shape, base_weight=pristine.to(device))
+        on_device = map_tensors(delta, lambda t: t.to(device))
+        return on_device.delta_weight(shape, base_weight=pristine.to(device))
     if isinstance(delta, LowRankDelta):
         up, down = delta.factors()
         return (up.to(device) @ down.to(device)).reshape(shape)

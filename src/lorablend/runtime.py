@@ -24,6 +24,9 @@ How it runs (and why):
   a GPU model) the backup is a copy and unfuse copies it back. Unfusing some adapters re-fuses the rest from
   the pristine weight. A failed fuse or unfuse restores every layer it already wrote (recomputed from the
   pristine weight and the previous fused set: same operations, same bits, no extra memory).
+* **Where adapters live**: next to their modules, as in diffusers (``add`` moves a loaded adapter to its
+  modules' device in one transfer per dtype, ``adapter.deltas_to``), so blending and fusing never copy factors
+  between devices; ``move_adapters`` (``set_lora_device``) parks them elsewhere.
 * **Memory**: low-rank blends cost ``rank · (in + out)`` per layer; LoHa/LoKr/full/DoRA deltas in the
   unfused blend cost one dense ``ΔW`` per touched layer (fuse them to avoid it); fusing holds one extra
   copy of each fused layer (its pristine weight); ``keep_fuse_buffers=True`` keeps that much after unfuse
@@ -39,14 +42,14 @@ import contextvars
 import itertools
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import Delta, FullDelta, LowRankDelta
+from .adapter import Delta, FullDelta, LowRankDelta, deltas_to
 from .fusion import delta_weight_fp32, fused_bias, fused_weight, has_bias_terms, low_rank_factors
 from .resolve import COMPONENT_ORDER, BoundAdapter, ModelView, layer_weights
 
@@ -54,20 +57,6 @@ logger = logging.getLogger(__name__)
 
 # Distinct context variables per runtime: two pipelines in one thread never see each other's scale.
 _runtime_ids = itertools.count()
-
-
-def delta_to(delta: Delta, device: torch.device | str) -> Delta:
-    """A copy of ``delta`` whose tensors live on ``device`` (the original is left untouched)."""
-    changes = {}
-    for f in fields(delta):
-        if not f.init:
-            continue
-        value = getattr(delta, f.name)
-        if isinstance(value, torch.Tensor):
-            changes[f.name] = value.to(device)
-        elif is_dataclass(value):
-            changes[f.name] = delta_to(value, device)
-    return replace(delta, **changes)
 
 
 @dataclass
@@ -151,6 +140,11 @@ class _Slot:
                 delta = F.linear(x, self.dense, self.bias)
         elif not self.is_conv:
             h = F.linear(x, self.down)
+            if not grad and out.is_contiguous():
+                # inference: accumulate straight into the output (one GEMM, no output-sized temporary)
+                h.mul_(self.svec)
+                out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.up.t(), alpha=scale)
+                return out
             h = h * self.svec if grad else h.mul_(self.svec)
             delta = F.linear(h, self.up)
         else:  # channel matmuls (1×1 convs through conv2d take a slow path on CPU)
@@ -162,6 +156,10 @@ class _Slot:
                 n, _, hh, ww = h.shape
                 h = h.reshape(n, h.shape[1], hh * ww)
             col = self.svec[:, None]
+            if not grad and out.is_contiguous():
+                h.mul_(col)
+                out.view(n, -1, hh * ww).baddbmm_(self.up.expand(n, -1, -1), h, alpha=scale)
+                return out
             h = h * col if grad else h.mul_(col)
             delta = torch.matmul(self.up, h).reshape(n, -1, hh, ww)
         if grad:
@@ -184,6 +182,19 @@ class _Slot:
                 w.copy_(p)
             if self.pristine_bias is not None:
                 self.module.bias.copy_(self.pristine_bias)
+
+
+def _placed_on_modules(bound: BoundAdapter) -> list[tuple[Any, Delta]]:
+    """``(layer, delta on the layer's device)`` for the layers whose delta lives elsewhere, as diffusers keeps a
+    loaded LoRA on its module's device: blending and fusing then never copy factors. One transfer per device
+    and dtype for the whole adapter (``deltas_to``); nothing to do when model and adapter share the host."""
+    by_device: dict[torch.device, list[Any]] = {}
+    for layer in bound.layers.values():
+        device = layer.module.weight.device
+        if device.type != "meta" and any(t.device != device for t in layer.delta.tensors()):
+            by_device.setdefault(device, []).append(layer)
+    return [(layer, delta) for device, layers in by_device.items()
+            for layer, delta in zip(layers, deltas_to([layer.delta for layer in layers], device))]
 
 
 def _same_zeros(old_spec: Any, new_spec: Any, old: Mapping[str, float], new: Mapping[str, float]) -> bool:
@@ -303,10 +314,13 @@ class LoraRuntime:
             raise ValueError(f"hotswap: no adapter named {name!r} to replace; loaded: {list(self.adapters)}")
         spec = self._weight_specs.get(name) if replace_existing else None
         weights = layer_weights(spec, bound, self.view)  # validate before any change
+        placed = _placed_on_modules(bound)  # (a failed transfer, e.g. out of memory, changes nothing)
         touched = set(bound.layers)
         if replace_existing:
             touched |= set(self.adapters[name].layers)
             self._detach(name)
+        for layer, delta in placed:
+            layer.delta = delta
         self.adapters[name] = bound
         self._weight_specs[name] = spec
         self._weights[name] = weights
@@ -345,9 +359,9 @@ class LoraRuntime:
         self._check_names(names, "set_lora_device")
         for name in names:
             bound = self.adapters[name]
-            for key, layer in bound.layers.items():
-                layer.delta = delta_to(layer.delta, device)
-                self._slots[key].loaded[name] = layer.delta
+            layers = list(bound.layers.values())
+            for layer, delta in zip(layers, deltas_to([layer.delta for layer in layers], device)):
+                layer.delta = self._slots[layer.key].loaded[name] = delta
 
     # ----------------------------------------------------------------------------------- blending
     def set_adapters(self, names: Sequence[str], weights: Sequence[Any]) -> None:
