@@ -235,13 +235,13 @@ def run_system(args) -> dict:
         T[f"set_adapters_{tag}_settled"] = C.timed(set_two_settled, device, repeats=args.set_repeats)
 
     lite = args.system == "ours-kept"  # fuse / unfuse / switch only
-    if not lite:
+    if not lite and args.part != "forwards":
         step("set_adapters_2", lambda: time_set_adapters("2"))
 
     def load_rest():
         for name in MAIN[2:]:
             load(name, "kohya")
-        for name in [] if lite else DIFF:
+        for name in [] if lite or args.part == "forwards" else DIFF:
             load(name, "diffusers")
 
     step("load_rest", load_rest)
@@ -276,8 +276,11 @@ def run_system(args) -> dict:
         system.set_adapters(MAIN[:2], weights[:2])
         torch.save(forward().float().cpu(), Path(args.outdir) / f"{args.system}-out-unfused2.pt")
 
-    if not lite:
+    if not lite and args.part != "main":
         step("forwards", forwards)
+    if args.part == "forwards":
+        out["memory"] = mem.phases
+        return out
     mem.mark("after unfused forwards")
 
     # ---- fuse, unfuse, restore error, switch
@@ -402,15 +405,24 @@ def prepare_files(args) -> Path:
     return path
 
 
-def run_child(args, system: str, files: Path) -> dict:
-    res_path = Path(args.outdir) / f"runtime-{system}.json"
+# For the forward rounds on a CPU: glibc keeps freed memory instead of handing it back to the kernel, so each
+# forward's activations reuse warm pages. On this VM a page touched for the first time costs up to ~2 s/GiB, which
+# otherwise adds tens of ms of noise per forward, differently in every round (both systems run under it alike).
+KEEP_HEAP = {"MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+             "MALLOC_TOP_PAD_": str(256 << 20)}
+FORWARD_KEYS = ("forward_off", "forward_1", "forward_2", "forward_4", "overhead_1", "overhead_2", "overhead_4")
+
+
+def run_child(args, system: str, files: Path, part: str = "all", env: dict | None = None) -> dict:
+    res_path = Path(args.outdir) / f"runtime-{system}{'' if part == 'all' else '-' + part}.json"
     if res_path.exists():
         res_path.unlink()
-    cmd = [sys.executable, __file__, "--child", "--system", system, "--files", str(files), "--result", str(res_path)]
+    cmd = [sys.executable, __file__, "--child", "--system", system, "--files", str(files), "--result", str(res_path),
+           "--part", part]
     cmd += _forward_args(args)
-    C.log(f"--- {system}: {' '.join(cmd[1:])}")
+    C.log(f"--- {system} ({part}): {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     if proc.returncode != 0 or not res_path.exists():
         return {"system": system, "unavailable": f"process failed (exit {proc.returncode}); see stderr above"}
     res = json.loads(res_path.read_text())
@@ -527,6 +539,11 @@ def report(args, ours: dict, theirs: dict, kept: dict | None = None) -> str:
                  "(lower is better), each overhead being the median over interleaved rounds of t_k / t_disabled − 1. "
                  "lorablend builds blended terms lazily (on the next forward); 'incl. deferred rebuild', fuse, unfuse "
                  "and switch include that work (runtime.prepare()), so no cost hides in the next forward.")
+    if not gpu:
+        lines.append("On the CPU the forward rounds run in a second process per system in which glibc keeps freed memory "
+                     f"({', '.join(f'{k}={v}' for k, v in KEEP_HEAP.items())}): first-touch page faults on this VM "
+                     "(up to ~2 s/GiB) otherwise add noise of tens of ms per forward. Everything else runs with default "
+                     "settings, so the fuse rows include the page faults a user would see.")
     # agreement of outputs
     agree = []
     for tag in ("unfused2", "fused2"):
@@ -609,6 +626,7 @@ def parse(argv=None):
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
     p.add_argument("--files", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--part", default="all", choices=["all", "main", "forwards"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.latent is None:
         args.latent = (args.resolution or 128) // 8
@@ -625,8 +643,23 @@ def main(argv=None) -> dict:
     C.setup_threads(args.threads)
     files = prepare_files(args)
     results = {}
+    isolate = torch.device(args.device).type == "cpu"  # forwards in their own process, see KEEP_HEAP
     for system in args.systems.split(","):
-        results[system] = run_child(args, system, files)
+        if not isolate or system == "ours-kept":
+            results[system] = run_child(args, system, files)
+            continue
+        res = run_child(args, system, files, part="main")
+        fwd = run_child(args, system, files, part="forwards", env=KEEP_HEAP)
+        for key in FORWARD_KEYS:
+            if key in fwd.get("times", {}):
+                res.setdefault("times", {})[key] = fwd["times"][key]
+            elif key in fwd:
+                res[key] = fwd[key]
+        res.setdefault("errors", {}).update({f"forwards/{k}": v for k, v in fwd.get("errors", {}).items()})
+        if "unavailable" in fwd:
+            res.setdefault("errors", {})["forwards"] = fwd["unavailable"]
+        res["wall_s"] = res.get("wall_s", 0) + fwd.get("wall_s", 0)
+        results[system] = res
     ours = results.get("ours", {"system": "ours", "unavailable": "not run"})
     theirs = results.get("theirs", {"system": "theirs", "unavailable": "not run"})
     text = report(args, ours, theirs, results.get("ours-kept"))
