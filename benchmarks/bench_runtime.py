@@ -539,7 +539,7 @@ def report(args, ours: dict, theirs: dict, kept: dict | None = None) -> str:
                  "(lower is better), each overhead being the median over interleaved rounds of t_k / t_disabled − 1. "
                  "lorablend builds blended terms lazily (on the next forward); 'incl. deferred rebuild', fuse, unfuse "
                  "and switch include that work (runtime.prepare()), so no cost hides in the next forward.")
-    if not gpu:
+    if not gpu and args.forward_process != "same":
         lines.append("On the CPU the forward rounds run in a second process per system in which glibc keeps freed memory "
                      f"({', '.join(f'{k}={v}' for k, v in KEEP_HEAP.items())}): first-touch page faults on this VM "
                      "(up to ~2 s/GiB) otherwise add noise of tens of ms per forward. Everything else runs with default "
@@ -619,6 +619,8 @@ def parse(argv=None):
     p.add_argument("--keep-fuse-buffers", action="store_true",
                    help="lorablend: keep fused tensors after unfuse and reuse them (LoraRuntime(keep_fuse_buffers=True))")
     p.add_argument("--profile", action="store_true", help="add torch.profiler / cProfile tops to the output")
+    p.add_argument("--forward-process", choices=["auto", "separate", "same"], default="auto",
+                   help="forward rounds in a separate process under KEEP_HEAP (auto: on a CPU) or in the main one")
     p.add_argument("--systems", default="theirs,ours,ours-kept")
     p.add_argument("--outdir", default=str(C.REPO / "bench-output"))
     p.add_argument("--cache", default=str(C.REPO / "bench-output" / "lora-cache"))
@@ -643,7 +645,8 @@ def main(argv=None) -> dict:
     C.setup_threads(args.threads)
     files = prepare_files(args)
     results = {}
-    isolate = torch.device(args.device).type == "cpu"  # forwards in their own process, see KEEP_HEAP
+    # forwards in their own process (see KEEP_HEAP) on a CPU; a GPU's caching allocator has no such noise
+    isolate = {"auto": torch.device(args.device).type == "cpu", "separate": True, "same": False}[args.forward_process]
     for system in args.systems.split(","):
         if not isolate or system == "ours-kept":
             results[system] = run_child(args, system, files)

@@ -53,6 +53,30 @@ def test_deltas_to_moves_a_whole_adapter_in_one_buffer_per_dtype():
     assert moved[0].up is moved[2].inner.up
 
 
+def test_an_adapter_read_from_a_file_moves_as_one_span_of_bytes(tmp_path, make_pipe, make_adapter):
+    from lorablend.io import load_adapter, save_adapter
+
+    pipe = make_pipe("sd1")
+    path = save_adapter(make_adapter("sd1", "a", seed=3, targets="all"), tmp_path / "a.safetensors", format="kohya",
+                        target=pipe)
+    adapter = load_adapter(path, target=pipe)
+    deltas = list(adapter.deltas.values())
+    moved = deltas_to(deltas, OTHER_CPU)
+    storages = {t.untyped_storage().data_ptr() for d in moved for t in d.tensors()}
+    assert len(storages) == 1  # the file's data section, moved once
+    for a, b in zip(deltas, moved):
+        for x, y in zip(a.tensors(), b.tensors()):
+            assert torch.equal(x, y) and x.dtype == y.dtype and x.data_ptr() != y.data_ptr()
+
+
+def test_a_few_views_of_a_big_buffer_are_packed_not_moved_with_it():
+    big = torch.arange(10_000, dtype=torch.float32)
+    d = LowRankDelta(down=big[:6].view(2, 3), up=big[-8:].view(4, 2))
+    moved = deltas_to([d], OTHER_CPU)[0]
+    assert torch.equal(moved.down, d.down) and torch.equal(moved.up, d.up)
+    assert moved.down.untyped_storage().nbytes() == 14 * 4  # 6 + 8 values, not 10,000
+
+
 def test_deltas_to_keeps_tensors_already_there_and_works_on_the_meta_device():
     deltas = _deltas()
     assert all(a is b for a, b in zip(deltas, deltas_to(deltas, "cpu")))

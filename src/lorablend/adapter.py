@@ -334,22 +334,43 @@ def map_tensors(delta: Delta, fn: Callable[[torch.Tensor], torch.Tensor]) -> Del
 
 
 def deltas_to(deltas: Sequence[Delta], device: torch.device | str) -> list[Delta]:
-    """The deltas with every tensor on ``device``, moved with ONE transfer per dtype for all of them (one buffer
-    on the device, each tensor a view of it) instead of one small transfer per tensor: a LoRA is hundreds of
-    small tensors, and each transfer to a GPU has a fixed cost. Tensors already there are kept as they are.
+    """The deltas with every tensor on ``device``, in as few transfers as the memory layout allows: tensors that
+    are views of one buffer (a file read by ``load_adapter``) move as that one span of bytes, the others as one
+    packed buffer per dtype; each tensor is then a view on the device. A LoRA is hundreds of small tensors, and
+    each transfer to a GPU has a fixed cost. Tensors already there are kept as they are.
 
     >>> deltas_to([FullDelta(diff=torch.ones(2, 2))], "cpu")[0].diff.device.type
     'cpu'
     """
     device = torch.device(device)
-    moving: dict[torch.dtype, list[torch.Tensor]] = {}
+    unique: dict[int, torch.Tensor] = {}  # a tensor shared by two deltas moves once
     for delta in deltas:
         for t in delta.tensors():
             if t.device != device:
-                moving.setdefault(t.dtype, []).append(t)
+                unique.setdefault(id(t), t)
+    spans: dict[int, list[torch.Tensor]] = {}
+    packed: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in unique.values():
+        if t.is_contiguous() and t.numel():
+            spans.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+        else:
+            packed.setdefault(t.dtype, []).append(t)
     moved: dict[int, torch.Tensor] = {}  # id of a source tensor -> its copy on the device
-    for dtype, ts in moving.items():
-        ts = list({id(t): t for t in ts}.values())  # a tensor shared by two deltas moves once
+    for group in spans.values():
+        # byte range of the group in its storage, starting on an 8-byte boundary so that views stay aligned
+        starts = [t.storage_offset() * t.element_size() for t in group]
+        lo = min(starts) // 8 * 8
+        hi = max(s + t.numel() * t.element_size() for s, t in zip(starts, group))
+        used = sum(t.numel() * t.element_size() for t in group)
+        if len(group) == 1 or hi - lo > 2 * used or any(8 % t.element_size() for t in group):
+            for t in group:  # (a few views scattered over a big buffer: pack them instead)
+                packed.setdefault(t.dtype, []).append(t)
+            continue
+        blob = torch.empty(0, dtype=torch.uint8, device=group[0].device).set_(
+            group[0].untyped_storage(), lo, (hi - lo,)).to(device)
+        for start, t in zip(starts, group):
+            moved[id(t)] = blob[start - lo:start - lo + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    for ts in packed.values():
         flat = torch.cat([t.reshape(-1) for t in ts]).to(device)
         for t, part in zip(ts, flat.split([t.numel() for t in ts])):
             moved[id(t)] = part.view(t.shape)
