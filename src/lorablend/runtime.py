@@ -239,7 +239,7 @@ class LoraRuntime:
         self._weights: dict[str, dict[str, float]] = {}
         self._slots: dict[str, _Slot] = {}
         self._epoch = _Epoch()  # weights version: terms built at an older one refresh svec (_update_weight_vectors)
-        self._svec_layouts: dict[tuple, tuple] = {}  # (device, dtype) -> the last refresh's slots, ranks, sizes
+        self._svec_layouts: dict[tuple, tuple] = {}  # (device, dtype) -> builds, slots, gather index, flat svec
         self._terms_built = 0  # counts term builds: a cached layout is valid only if no term was rebuilt since
         self._fused: dict[str, dict[str, _Fused]] = {}
         self._scale = contextvars.ContextVar(f"lorablend_scale_{next(_runtime_ids)}", default=1.0)
@@ -453,8 +453,11 @@ class LoraRuntime:
     def _update_weight_vectors(self) -> None:
         """Refresh ``svec`` of every low-rank term built at an older weights epoch (its adapters are unchanged).
 
-        One small tensor per device/dtype for all of them, split into per-layer views: the cost of a weight-only
-        ``set_adapters`` is a few list operations per layer, whatever the number of loaded adapters.
+        The vectors of a device/dtype are views of one flat tensor: when the same layers hold the same terms as
+        at the last refresh, the new weights are written into it in place (one gather), so a weight-only
+        ``set_adapters`` costs one list of floats and two small tensor operations, whatever the number of
+        layers or loaded adapters. (Inference does not mind in place; a backward pass through a forward made
+        before the change would raise, not silently use the new weights.)
         """
         current = self._epoch.value
         groups: dict[tuple, list[_Slot]] = {}
@@ -467,13 +470,19 @@ class LoraRuntime:
                                   dtype=torch.float32)
             layout = self._svec_layouts.get((device, dtype))
             # valid when the same slots (identity) hold the same terms (no build since): ranks and sizes stand
-            if layout is None or layout[0] != self._terms_built or layout[1] != slots:
-                ranks = torch.tensor([r for slot in slots for r in slot.built_ranks])
-                layout = (self._terms_built, slots, ranks, [slot.up.shape[1] for slot in slots])
-                self._svec_layouts[(device, dtype)] = layout
-            _, _, ranks, sizes = layout
-            parts = values.repeat_interleave(ranks).to(device=device, dtype=dtype).split(sizes)
-            for slot, part in zip(slots, parts):
+            if layout is not None and layout[0] == self._terms_built and layout[1] == slots:
+                _, _, gather, flat = layout
+                with torch.no_grad():
+                    flat.copy_(values.index_select(0, gather))
+                for slot in slots:
+                    slot.built_epoch = current
+                continue
+            # each rank position of every layer -> its adapter's weight in ``values``
+            gather = torch.arange(len(values)).repeat_interleave(
+                torch.tensor([r for slot in slots for r in slot.built_ranks]))
+            flat = values.index_select(0, gather).to(device=device, dtype=dtype)
+            self._svec_layouts[(device, dtype)] = (self._terms_built, slots, gather, flat)
+            for slot, part in zip(slots, flat.split([slot.up.shape[1] for slot in slots])):
                 slot.svec, slot.built_epoch = part, current
 
     def _refresh(self, keys: Iterable[str]) -> None:
