@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=["sd15", "sdxl"], default="sd15")
     p.add_argument("--latent", type=int, default=16, help="latent side: 16 = 128² px images")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--repeats", type=int, default=5, help="interleaved forward rounds")
+    p.add_argument("--repeats", type=int, default=8, help="interleaved forward rounds")
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--outdir", default=str(C.REPO / "bench-output"))
     p.add_argument("--skip-merge", action="store_true")
