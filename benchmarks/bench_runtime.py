@@ -189,8 +189,9 @@ def run_system(args) -> dict:
 
     T = out["times"]
     R = args.repeats
-    T["forward_base"] = C.timed(forward, device, repeats=R, warmup=1)
-    base_out = forward().float().cpu()
+    if args.part != "loads":
+        T["forward_base"] = C.timed(forward, device, repeats=R, warmup=1)
+        base_out = forward().float().cpu()
 
     try:
         system = SYSTEMS[args.system](pipe, args)
@@ -248,6 +249,9 @@ def run_system(args) -> dict:
     T["load_kohya"] = {"median": _median(loads["kohya"]), "samples": loads["kohya"]}
     T["load_diffusers"] = {"median": _median(loads["diffusers"]), "samples": loads["diffusers"]}
     mem.mark(f"{len(MAIN) + len(DIFF)} LoRAs loaded")
+    if args.part == "loads":
+        out["memory"] = mem.phases
+        return out
 
     # ---- unfused forward with 1, 2, 4 active adapters, interleaved with the base forward (adapters disabled)
     # Rounds alternate the settings so that drift in machine load hits every setting alike; the overhead of
@@ -533,13 +537,15 @@ def report(args, ours: dict, theirs: dict, kept: dict | None = None) -> str:
         if kept:
             cells[0] += f" (kept buffers: {cells[2]})"
         rows.append([label, cells[0], cells[1], "", "0 / all exact"])
+    if args.loads_only:  # only the rows that were timed
+        rows = [r for r in rows if not (r[1] in ("—", "") and r[2] in ("—", ""))]
     lines.append(C.table(["operation", "lorablend (ours)", "diffusers+PEFT (theirs)", "ratio", "target"], rows))
     lines.append("")
     lines.append("ratio = theirs / ours for times (higher is better for us); for forwards, ours' overhead / theirs' "
                  "(lower is better), each overhead being the median over interleaved rounds of t_k / t_disabled − 1. "
                  "lorablend builds blended terms lazily (on the next forward); 'incl. deferred rebuild', fuse, unfuse "
                  "and switch include that work (runtime.prepare()), so no cost hides in the next forward.")
-    if not gpu and args.forward_process != "same":
+    if not gpu and args.forward_process != "same" and not args.loads_only:
         lines.append("On the CPU the forward rounds run in a second process per system in which glibc keeps freed memory "
                      f"({', '.join(f'{k}={v}' for k, v in KEEP_HEAP.items())}): first-touch page faults on this VM "
                      "(up to ~2 s/GiB) otherwise add noise of tens of ms per forward. Everything else runs with default "
@@ -574,7 +580,7 @@ def report(args, ours: dict, theirs: dict, kept: dict | None = None) -> str:
         mrows.append([ph, cell(mo), cell(mt)])
     lines.append(C.table(["phase", "lorablend", "diffusers+PEFT"], mrows))
     tw = ours.get("touched_weights") or theirs.get("touched_weights")
-    if tw:
+    if tw and not args.loads_only:
         esize = torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
         lines.append("")
         lines.append(f"Touched weights: {tw / 1e9:.3f} B = {tw * esize / 2**30:.2f} GiB in {args.dtype}. "
@@ -628,7 +634,9 @@ def parse(argv=None):
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
     p.add_argument("--files", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--part", default="all", choices=["all", "main", "forwards"], help=argparse.SUPPRESS)
+    p.add_argument("--part", default="all", choices=["all", "main", "forwards", "loads"], help=argparse.SUPPRESS)
+    p.add_argument("--loads-only", action="store_true",
+                   help="time only load and set_adapters with 2 loaded (e.g. SDXL on a CPU without room for fusing)")
     args = p.parse_args(argv)
     if args.latent is None:
         args.latent = (args.resolution or 128) // 8
@@ -648,6 +656,10 @@ def main(argv=None) -> dict:
     # forwards in their own process (see KEEP_HEAP) on a CPU; a GPU's caching allocator has no such noise
     isolate = {"auto": torch.device(args.device).type == "cpu", "separate": True, "same": False}[args.forward_process]
     for system in args.systems.split(","):
+        if args.loads_only:
+            if system != "ours-kept":
+                results[system] = run_child(args, system, files, part="loads")
+            continue
         if not isolate or system == "ours-kept":
             results[system] = run_child(args, system, files)
             continue
