@@ -60,6 +60,20 @@ def test_writing_into_a_read_tensor_never_changes_the_file(tmp_path):
     assert torch.equal(read_source(path).tensors["x"], torch.ones(4, 4))
 
 
+def test_a_file_rewritten_in_place_does_not_change_a_loaded_adapter(tmp_path):
+    """A trainer that saves over the same path (truncate + write) must not reach tensors already read."""
+    path = tmp_path / "last.safetensors"
+    save_file({"x": torch.ones(1024, 64)}, path)
+    t = read_source(path).tensors["x"]
+    with open(path, "r+b") as f:  # in place: same inode, truncated, then rewritten with other values
+        f.truncate(0)
+        f.seek(0)
+    save_file({"x": torch.full((1024, 64), 7.0)}, tmp_path / "other.safetensors")
+    with open(path, "r+b") as f:
+        f.write((tmp_path / "other.safetensors").read_bytes())
+    assert torch.equal(t, torch.ones(1024, 64))
+
+
 def test_unaligned_offsets_are_copied_not_misread(tmp_path):
     f32 = torch.arange(4, dtype=torch.float32)
     path = _raw_file(tmp_path / "odd.safetensors", [

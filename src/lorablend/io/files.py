@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import pickle
 import struct
 import sys
@@ -192,18 +191,20 @@ def _read_safetensors(path: Path, size: int) -> tuple[dict[str, torch.Tensor], d
     _check_layout(path, header, present)
     if sys.byteorder != "little" or any(info["dtype"] not in _TORCH_DTYPES for info in header.values()):
         return _read_with_library(path), dict(metadata)
-    # One private (copy-on-write) map of the file and a view per tensor, as the safetensors library does, but
-    # without a storage object per tensor: the page cache is read in place, nothing is copied, and writing
-    # into a tensor never reaches the file. A LoRA is hundreds of small tensors; this makes reading it ~1 ms.
+    # The whole data section in ONE read into one private buffer, then a view per tensor (a LoRA is hundreds of
+    # small tensors). Private on purpose: tensors backed by a map of the file would change, or crash the process
+    # (SIGBUS), if a trainer rewrote the file in place while the adapter is loaded.
+    data = torch.empty(present, dtype=torch.uint8)
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    data = torch.frombuffer(mapped, dtype=torch.uint8)[8 + n:]
+        f.seek(8 + n)
+        if present and f.readinto(data.numpy()) != present:
+            raise LoraFormatError(f"{path}: the file got shorter while it was read; read it again")
     tensors = {}
     for key, info in header.items():
         begin, end = info["data_offsets"]
         dtype = _TORCH_DTYPES[info["dtype"]]
         span = data[begin:end]
-        if (8 + n + begin) % dtype.itemsize:  # not aligned for a view (the writer did not pad): copy this one
+        if begin % dtype.itemsize:  # not aligned for a view (the writer did not pad): copy this one
             span = span.clone()
         tensors[key] = span.view(dtype).view(info["shape"])
     return tensors, dict(metadata)
