@@ -145,3 +145,36 @@ def test_check_finite_on_a_file_names_the_bad_key_among_back_to_back_tensors(tmp
     sd["k13"][57] = 1.0
     save_file(sd, path)
     check_finite(read_source(path).tensors, str(path))
+
+
+def test_a_mapped_read_gives_the_same_tensors_and_never_writes_the_file(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    sd = {"a": torch.randn(8, 4, generator=g).half(), "b": torch.randn(3, generator=g)}
+    path = tmp_path / "m.safetensors"
+    save_file(sd, path)
+    before = path.read_bytes()
+    raw = read_source(path, mapped=True)
+    for key, t in sd.items():
+        assert torch.equal(raw.tensors[key], t)
+    raw.tensors["b"].mul_(2.0)  # copy-on-write: the file keeps its bytes
+    assert path.read_bytes() == before
+
+
+def test_loading_for_another_device_maps_the_file_and_keeps_only_private_copies(tmp_path, make_pipe, make_adapter):
+    from lorablend.io import load_adapter, save_adapter
+
+    pipe = make_pipe("sd1")
+    path = save_adapter(make_adapter("sd1", "a", seed=5, targets="all"), tmp_path / "a.safetensors", target=pipe)
+    reference = load_adapter(path, target=pipe)
+    # torch.device("cpu", 0) is not torch.device("cpu"): the path a GPU load takes, on a machine without one
+    moved = load_adapter(path, target=pipe, device=torch.device("cpu", 0))
+    assert moved.deltas.keys() == reference.deltas.keys()
+    for key, d in reference.deltas.items():
+        for x, y in zip(d.tensors(), moved.deltas[key].tensors()):
+            assert torch.equal(x, y) and x.dtype == y.dtype
+    assert len({t.untyped_storage().data_ptr() for d in moved.deltas.values() for t in d.tensors()}) == 1
+    with open(path, "r+b") as f:  # rewritten in place: the loaded adapter holds no page of the file
+        f.truncate(0)
+    for key, d in reference.deltas.items():
+        for x, y in zip(d.tensors(), moved.deltas[key].tensors()):
+            assert torch.equal(x, y)
