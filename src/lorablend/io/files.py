@@ -197,19 +197,18 @@ def _read_safetensors(path: Path, size: int, mapped: bool = False) -> tuple[dict
     _check_layout(path, header, present)
     if sys.byteorder != "little" or any(info["dtype"] not in _TORCH_DTYPES for info in header.values()):
         return _read_with_library(path), dict(metadata)
-    # The whole data section in ONE read into one private buffer, then a view per tensor (a LoRA is hundreds of
-    # small tensors). Private by default: tensors backed by a map of the file would change, or crash the process
-    # (SIGBUS), if a trainer rewrote the file in place while the adapter is loaded.
+    # The whole data section as ONE buffer, then a view per tensor (a LoRA is hundreds of small tensors). Private
+    # by default: tensors backed by a map of the file would change, or crash the process (SIGBUS), if a trainer
+    # rewrote the file in place while the adapter is loaded. The private copy is made from a map of the file by
+    # torch's threads: fresh memory costs page faults, which several threads take faster than one read() does.
+    with open(path, "rb") as f:
+        whole = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
     if mapped:
-        with open(path, "rb") as f:
-            whole = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
         data, base = whole[8 + n:], 8 + n
     else:
         data, base = torch.empty(present, dtype=torch.uint8), 0
-        with open(path, "rb") as f:
-            f.seek(8 + n)
-            if present and f.readinto(data.numpy()) != present:
-                raise LoraFormatError(f"{path}: the file got shorter while it was read; read it again")
+        data.copy_(whole[8 + n:])
+        del whole  # (unmaps the file)
     tensors = {}
     for key, info in header.items():
         begin, end = info["data_offsets"]
