@@ -55,16 +55,21 @@ def assert_fused_equals(pipe, w0: dict[str, torch.Tensor], adapter: Adapter, ato
     assert all(torch.equal(now[k], w0[k]) for k in now if k not in touched)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_diffusers_format_loads_in_diffusers(tmp_path, make_pipe, make_adapter, family):
-    pipe = make_pipe(family)
-    adapter = varied_adapter(pipe, make_adapter, family)
-    path = save_adapter(adapter, tmp_path / "d.safetensors", "diffusers", target=pipe)
+def _fuse_in_diffusers_and_compare(pipe, path, adapter) -> None:
+    """diffusers loads the file and fuses it: every weight must equal W0 + ΔW of our adapter."""
     w0 = params_of(pipe)
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     assert_fused_equals(pipe, w0, adapter, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_format_loads_in_diffusers(tmp_path, make_pipe, make_adapter, family):
+    pipe = make_pipe(family)
+    adapter = varied_adapter(pipe, make_adapter, family)
+    path = save_adapter(adapter, tmp_path / "d.safetensors", "diffusers", target=pipe)
+    _fuse_in_diffusers_and_compare(pipe, path, adapter)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -83,11 +88,7 @@ def test_kohya_format_loads_in_diffusers_kohya_converter(tmp_path, make_pipe, ma
         assert any(n.startswith("lora_unet_input_blocks_") for n in names) and any("lora_te2_" in n for n in names)
     else:
         assert any(n.startswith("lora_unet_down_blocks_") for n in names) and any("lora_te_" in n for n in names)
-    w0 = params_of(pipe)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    assert_fused_equals(pipe, w0, adapter, atol=1e-6)
+    _fuse_in_diffusers_and_compare(pipe, path, adapter)
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])

@@ -194,17 +194,11 @@ class DiffusionPipeline:
         else:
             from .io import load_adapter
 
-            adapter = load_adapter(source, target=self._runtime.view.index, name=name, device=self._lora_device())
+            view = self._runtime.view
+            adapter = load_adapter(source, target=view.index, name=name, device=view.shared_accelerator())
         bound = bind_adapter(adapter, self._runtime.view, strict=strict)
         self._runtime.add(bound, replace_existing=hotswap)
         return bound.report
-
-    def _lora_device(self) -> torch.device | None:
-        """The one accelerator all adaptable components live on (a loaded LoRA goes straight there), else None."""
-        devices = {p.device for m in self._runtime.view.components.values() for p in m.parameters()}
-        if len(devices) == 1 and (device := devices.pop()).type not in ("cpu", "meta"):
-            return device
-        return None
 
     def _default_adapter_name(self) -> str:
         n = len(self._runtime.adapters)

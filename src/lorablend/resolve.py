@@ -73,6 +73,13 @@ class ModelView:
     def family(self) -> str | None:
         return self.index.family
 
+    def shared_accelerator(self) -> torch.device | None:
+        """The one accelerator every component lives on (a LoRA for them can be read straight there), else None."""
+        devices = {p.device for m in self.components.values() for p in m.parameters()}
+        if len(devices) == 1 and (device := devices.pop()).type not in ("cpu", "meta"):
+            return device
+        return None
+
     def module(self, target_key: str) -> nn.Module:
         module = self._modules.get(target_key)
         if module is None:

@@ -377,14 +377,11 @@ def _adjacent_runs(ts: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 def _run_finite(run: list[torch.Tensor]) -> bool:
-    first = run[0]
-    if len(run) == 1:
-        return first.is_floating_point() and all_finite(first)
-    as_int, inf_bits = _NONFINITE_FROM[first.dtype]
-    total = sum(t.numel() for t in run)
-    flat = torch.empty(0, dtype=first.dtype, device=first.device).set_(
-        first.untyped_storage(), first.storage_offset(), (total,), (1,))
-    return _max_abs_bits(flat.view(as_int)) < inf_bits
+    whole = run[0]
+    if len(run) > 1:  # the run as one tensor over the same memory
+        whole = torch.empty(0, dtype=whole.dtype, device=whole.device).set_(
+            whole.untyped_storage(), whole.storage_offset(), (sum(t.numel() for t in run),), (1,))
+    return whole.is_floating_point() and all_finite(whole)
 
 
 def _count_nonfinite(t: torch.Tensor) -> int:
