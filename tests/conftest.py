@@ -84,6 +84,20 @@ def params_of(pipe) -> dict[str, torch.Tensor]:
     return out
 
 
+# Bits are claimed only for tensors we write (weights after unfuse, fused weights, files). Anything computed from
+# them (images, activations, a dense ΔW from factors) on tensors at other addresses, by other kernels or thread
+# counts, differs in its last bits between CPUs (1.4e-6 on an image seen on an AMD EPYC), so it is compared with
+# this tolerance: far above rounding noise, far below any real change of weights (LoRA effects here are ≥ 1e-3).
+COMPUTED_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def assert_same_computed(got, expected, msg: str = "") -> None:
+    """Two results computed from bit-equal weights (images, activations, ΔW) agree within COMPUTED_TOL."""
+    got = torch.as_tensor(got, dtype=torch.float64) if not isinstance(got, torch.Tensor) else got.double()
+    expected = torch.as_tensor(expected, dtype=torch.float64) if not isinstance(expected, torch.Tensor) else expected.double()
+    torch.testing.assert_close(got, expected, **COMPUTED_TOL, msg=msg or None)
+
+
 def assert_params_equal(pipe, reference: dict[str, torch.Tensor]) -> None:
     now = params_of(pipe)
     assert now.keys() == reference.keys()

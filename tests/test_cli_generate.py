@@ -37,6 +37,13 @@ def _pixels(path, box=None):
     return np.asarray(img if box is None else img.crop(box))
 
 
+def _same_pixels(a, b) -> bool:
+    """8-bit images from the same weights agree within one level: the float images they come from are computed
+    on tensors at other addresses (another process's load) and may differ in their last bits, which can move a
+    value across a rounding boundary."""
+    return a.shape == b.shape and int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()) <= 1
+
+
 @pytest.fixture(scope="module")
 def reference(setup):
     """Images made through the library in this process (one pipeline load): the CLI must reproduce them."""
@@ -58,8 +65,8 @@ def test_generate_one_image_and_weight_zero_is_the_base_model(setup, reference, 
     assert code == 0, err
     assert json.loads(out)["images"] == 1
     assert Image.open(tmp_path / "zero.png").size == (32, 32)
-    assert np.array_equal(_pixels(tmp_path / "zero.png"), reference["base"])
-    assert not np.array_equal(reference["dog1"], reference["base"])
+    assert _same_pixels(_pixels(tmp_path / "zero.png"), reference["base"])
+    assert not _same_pixels(reference["dog1"], reference["base"])
 
 
 def test_grid_weights_by_prompts(setup, reference, tmp_path, capsys):
@@ -76,7 +83,7 @@ def test_grid_weights_by_prompts(setup, reference, tmp_path, capsys):
     # the bottom-right cell is "a dog" at weight 1, from the same seed: the same pixels as the single image
     # (columns may be wider than the images, to fit their labels: look for it along the bottom row)
     sheet = _pixels(grid)
-    right = [x for x in range(w - 32, -1, -1) if np.array_equal(sheet[h - 32:, x:x + 32], reference["dog1"])]
+    right = [x for x in range(w - 32, -1, -1) if _same_pixels(sheet[h - 32:, x:x + 32], reference["dog1"])]
     assert right  # only the "a dog", style=1 cell can match: the style=0 one differs (see the first test)
 
 

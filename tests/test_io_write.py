@@ -18,6 +18,7 @@ from lorablend.io import write as write_mod
 from lorablend.io.hashing import sshs_model_hash
 from lorablend.io.write import OutputExistsError, adapter_state_dict
 
+from conftest import assert_same_computed
 from realdata import LORAS, requires_realdata
 
 G = torch.Generator().manual_seed(0)
@@ -91,7 +92,7 @@ def assert_same_deltas(a: Adapter, b: Adapter, family: str) -> None:
     assert set(a.deltas) == set(b.deltas)
     for key, d in a.deltas.items():
         shape = idx.modules[key].weight_shape
-        assert torch.equal(dense(d, shape), dense(b.deltas[key], shape)), key
+        assert_same_computed(dense(d, shape), dense(b.deltas[key], shape), key)  # a product: COMPUTED_TOL
         if isinstance(d, FullDelta) and d.diff_b is not None:
             assert torch.equal(d.delta_bias(), b.deltas[key].delta_bias())
 
@@ -128,7 +129,7 @@ def test_lokr_tucker_round_trip(tmp_path):
     e = load_adapter(path).deltas[key]
     assert e.kind == "lokr" and e.alpha == d.alpha
     assert all(torch.equal(x, y) for x, y in zip(d.tensors(), e.tensors()))
-    assert torch.equal(d.delta_weight((640, 640, 3, 3)), e.delta_weight((640, 640, 3, 3)))
+    assert_same_computed(d.delta_weight((640, 640, 3, 3)), e.delta_weight((640, 640, 3, 3)))
 
 
 @pytest.mark.parametrize("axis, magnitude", [("out", (320, 1, 1, 1)), ("out", (320,)), ("in", (1, 320, 1, 1))])
@@ -142,7 +143,7 @@ def test_dora_conv_round_trip(tmp_path, axis, magnitude):
     e = load_adapter(path).deltas[key]
     assert e.kind == "dora" and e.axis == axis
     assert all(torch.equal(x.flatten(), y.flatten()) for x, y in zip(d.tensors(), e.tensors()))
-    assert torch.equal(dense(d, (320, 320, 3, 3)), dense(e, (320, 320, 3, 3)))
+    assert_same_computed(dense(d, (320, 320, 3, 3)), dense(e, (320, 320, 3, 3)))
 
 
 def test_rewrite_of_a_written_file_is_identical(tmp_path):
@@ -171,11 +172,11 @@ def test_real_files_round_trip(tmp_path, name):
         for key, d in adapter.deltas.items():
             e = back.deltas[key]
             assert e.kind == d.kind and e.scale == d.scale  # alpha None is written as alpha = rank: scale 1
-            # the factors are the stored tensors, so equal factors mean the same ΔW bit for bit; the
-            # dense ΔW of 350 LoKr layers takes tens of seconds, so a few layers check it outright
+            # the factors are the stored tensors: bits are claimed for them; the dense ΔW (a product on
+            # other buffers) of a few layers is checked within COMPUTED_TOL (350 LoKr layers take tens of seconds)
             assert all(torch.equal(x, y) for x, y in zip(d.tensors(), e.tensors())), key
         for key in list(adapter.deltas)[:4]:
-            assert torch.equal(adapter.deltas[key].delta_weight(), back.deltas[key].delta_weight())
+            assert_same_computed(adapter.deltas[key].delta_weight(), back.deltas[key].delta_weight(), key)
     if "lokr" in name:
         with pytest.raises(ValueError, match="format='kohya'"):
             save_adapter(adapter, tmp_path / "d.safetensors", "diffusers")

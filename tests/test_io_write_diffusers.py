@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from conftest import GEN_KW, params_of
+from conftest import GEN_KW, assert_same_computed, params_of
 
 from lorablend.adapter import Adapter, DoRADelta, LowRankDelta
 from lorablend.io import load_adapter, save_adapter
@@ -101,7 +101,7 @@ def test_round_trip_on_a_tiny_pipeline(tmp_path, tiny_pipes, make_adapter, famil
     idx = module_index(pipe)
     for key, d in adapter.deltas.items():
         shape = idx.modules[key].weight_shape
-        assert torch.equal(d.delta_weight(shape), back.deltas[key].delta_weight(shape)), key
+        assert_same_computed(d.delta_weight(shape), back.deltas[key].delta_weight(shape), key)
 
 
 def test_pipeline_output_matches_our_delta(tmp_path, make_pipe, make_adapter):
@@ -149,8 +149,8 @@ def test_dora_diffusers_format_loads_in_diffusers(tmp_path, make_pipe, make_adap
         info = idx.modules[key]
         base = w0[f"{info.component}.{info.live_path}.weight"]
         assert back.deltas[key].kind == d.kind
-        assert torch.equal(back.deltas[key].delta_weight(info.weight_shape, **({"base_weight": base} if d.kind == "dora" else {})),
-                           d.delta_weight(info.weight_shape, **({"base_weight": base} if d.kind == "dora" else {})))
+        assert_same_computed(back.deltas[key].delta_weight(info.weight_shape, **({"base_weight": base} if d.kind == "dora" else {})),
+                             d.delta_weight(info.weight_shape, **({"base_weight": base} if d.kind == "dora" else {})), key)
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora()
     pipe.unload_lora_weights()

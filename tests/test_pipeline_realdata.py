@@ -14,6 +14,7 @@ import torch
 
 from lorablend import DiffusionPipeline, LoraFormatError
 
+from conftest import assert_same_computed
 from realdata import CONFIGS, LORAS, requires_realdata
 
 SD1X = LORAS / "sd1x"
@@ -86,7 +87,7 @@ def test_real_sd1_files_load_blend_fuse_and_unfuse_bit_exactly(sd15):
     pipe.unfuse_lora()
     assert all(torch.equal(m.weight, pristine[k]) for k, m in modules.items())
     pipe.unload_lora_weights()
-    assert torch.equal(forward(), base)
+    assert_same_computed(forward(), base)  # the weights above are bit-exact; the activations within COMPUTED_TOL
 
 
 @requires_realdata

@@ -9,7 +9,7 @@ from lorablend.adapter import Adapter, FullDelta, LoHaDelta, LowRankDelta
 from lorablend.resolve import bind_adapter
 from lorablend.runtime import LoraRuntime
 
-from conftest import assert_params_equal, params_of
+from conftest import assert_params_equal, assert_same_computed, params_of
 
 
 def _runtime(pipe, **kw) -> LoraRuntime:
@@ -310,4 +310,6 @@ def test_any_sequence_of_set_adapters_gives_the_bits_of_a_fresh_runtime(make_pip
             _load(ref, a)
         ref.set_adapters(*last)
         ref.set_enabled(enabled)
-        assert torch.equal(got, _unet_out(ref_pipe)), f"step {i}: {names} {weights}"
+        # a fresh pipeline's tensors sit at other addresses: equal within COMPUTED_TOL (a stale weight or term
+        # changes the output by far more), and the weights we write are compared bit for bit by the tests above
+        assert_same_computed(got, _unet_out(ref_pipe), f"step {i}: {names} {weights}")

@@ -233,6 +233,23 @@ class DemoStep:
     detail: str = ""
 
 
+# Images computed from the same weights held at other addresses, by other kernels or thread counts, differ in
+# their last bits (1.4e-6 seen on an AMD EPYC): far below one 8-bit level (3.9e-3), far above zero.
+IMAGE_ATOL = 1e-4
+
+
+def _same_weights(a: Any, b: Any) -> bool:
+    """Every parameter and buffer of every model component of two pipelines is bit-equal."""
+    for name, component in a.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        other = b.components[name].state_dict()
+        mine = component.state_dict()
+        if mine.keys() != other.keys() or not all(torch.equal(v, other[k]) for k, v in mine.items()):
+            return False
+    return True
+
+
 def _max_diff(a: Any, b: Any) -> float:
     import numpy as np
 
@@ -314,7 +331,8 @@ def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0) -> list[DemoS
         zero = pipeline(prompt, generator=np.random.Generator(np.random.PCG64(seed)), num_inference_steps=steps,
                         output_type="np", cross_attention_kwargs={"scale": 0.0}).images[0]
         again = generate(pipeline, "set_adapters_again")
-        ok = _max_diff(blended, base_image) > 1e-3 and _max_diff(zero, base_image) < 1e-5 and _max_diff(again, blended) == 0
+        ok = (_max_diff(blended, base_image) > 1e-3 and _max_diff(zero, base_image) < IMAGE_ATOL
+              and _max_diff(again, blended) < IMAGE_ATOL)
         return ok, f"blend vs base {_max_diff(blended, base_image):.3f}; scale=0 vs base {_max_diff(zero, base_image):.1e}"
 
     step("set_adapters [0.7, 0.8]", "the blend changes the image, scale=0 is the base, and leaves no state", blend)
@@ -344,8 +362,13 @@ def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0) -> list[DemoS
         reloaded_pipe = DiffusionPipeline.from_pretrained(str(out / "fused-pipeline"))
         reloaded_pipe.set_progress_bar_config(disable=True)
         reloaded = generate(reloaded_pipe, "reloaded")
-        ok = _max_diff(unloaded, images["fuse_lora"]) == 0 and _max_diff(reloaded, unloaded) == 0
-        return ok, "unload keeps the fused weights; the reloaded fused pipeline gives the same image bit for bit"
+        # Bits are claimed for the weights we wrote; the images are computed from tensors at other addresses
+        # (other alignment, so other vector paths in the CPU kernels) and are compared within IMAGE_ATOL.
+        same_weights = _same_weights(pipeline, reloaded_pipe)
+        d_unload, d_reload = _max_diff(unloaded, images["fuse_lora"]), _max_diff(reloaded, unloaded)
+        ok = same_weights and d_unload < IMAGE_ATOL and d_reload < IMAGE_ATOL
+        return ok, (f"unload keeps the fused weights; the reloaded pipeline's weights are bit-equal "
+                    f"({same_weights}) and its image within {d_reload:.1e} of the fused one")
 
     step("unload_lora_weights + save_pretrained + from_pretrained", "the fused pipeline reloads unchanged",
          unload_save_reload)
@@ -362,7 +385,9 @@ def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0) -> list[DemoS
         exact = all(torch.equal(v, pristine[k]) for k, v in second.unet.state_dict().items())
         second.unload_lora_weights()
         restored = generate(second, "unfuse_lora")
-        return exact and _max_diff(restored, base_image) == 0, "2 fused LoRAs unfused (one, then the other): every UNet weight bit-exact"
+        d = _max_diff(restored, base_image)
+        return exact and d < IMAGE_ATOL, (f"2 fused LoRAs unfused (one, then the other): every UNet weight "
+                                          f"bit-exact; image within {d:.1e} of the base")
 
     step("unfuse_lora on a second pipeline", "unfuse restores the original weights bit for bit", unfuse_second)
 
