@@ -1,7 +1,10 @@
 """Names: which layers a model has, and every name the LoRA ecosystem uses for them.
 
+The standard families are data (``naming/families/*.json``, read in milliseconds): nothing here imports diffusers
+or transformers until a live model is indexed or ``build_standard_index`` is asked for.
+
 >>> from lorablend.naming import module_index
->>> module_index(family="sd1").lookup_kohya("lora_unet_down_blocks_0_attentions_0_proj_in")   # doctest: +SKIP
+>>> module_index(family="sd1").lookup_kohya("lora_unet_down_blocks_0_attentions_0_proj_in")
 'unet.down_blocks.0.attentions.0.proj_in'
 """
 
@@ -14,18 +17,19 @@ from .index import (
     components_of,
     family_of_target,
     index_from_components,
-    module_index,
-    standard_index,
 )
 from .ldm import block_label, ldm_unet_path
+from .standard import STANDARD_FAMILIES, build_standard_index, module_index, standard_index
 
 __all__ = [
     "COMPONENTS",
     "TEXT_COMPONENTS",
     "LBW_ORDERS",
+    "STANDARD_FAMILIES",
     "ModuleIndex",
     "ModuleInfo",
     "block_label",
+    "build_standard_index",
     "components_of",
     "expand_block_weights",
     "family_of_target",

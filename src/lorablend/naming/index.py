@@ -1,7 +1,7 @@
 """ModuleIndex: every adaptable layer of a model, and every name other tools use for it.
 
-Built from a real module tree: a live pipeline or model, or the standard SD1.x / SD2.x / SDXL architecture
-built on the meta device (no weights, a fraction of a second). Each Linear / Conv2d of the UNet and text
+Built from a real module tree (a live pipeline or model), or read from the shipped data of a standard SD1.x /
+SD2.x / SDXL architecture (:mod:`.standard`, :mod:`.family_data`). Each Linear / Conv2d of the UNet and text
 encoders gets a canonical target key and the aliases readers meet in files:
 
 * diffusers dotted paths (``down_blocks.1.attentions.0.proj_in``), LDM/SGM dotted paths
@@ -14,14 +14,12 @@ Flattened names are looked up, never un-flattened by guessing where underscores 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from .configs import STANDARD
 from .ldm import block_label, ldm_unet_path
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -51,8 +49,9 @@ class ModuleInfo:
 class ModuleIndex:
     """The adaptable layers of one model and the name tables that lead to them.
 
-    >>> idx = module_index(family="sdxl")                                    # doctest: +SKIP
-    >>> idx.lookup_kohya("lora_unet_input_blocks_4_1_proj_in")               # doctest: +SKIP
+    >>> from lorablend.naming import module_index
+    >>> idx = module_index(family="sdxl")
+    >>> idx.lookup_kohya("lora_unet_input_blocks_4_1_proj_in")
     'unet.down_blocks.1.attentions.0.proj_in'
     """
 
@@ -226,36 +225,3 @@ def index_from_components(components: dict[str, nn.Module], family: str | None =
         modules.update(_index_component(comp, model, unet_cfg if comp == "unet" else None))
     return ModuleIndex(family=family or family_of_target(components), modules=modules, unet_config=unet_cfg)
 
-
-@functools.lru_cache(maxsize=None)
-def standard_index(family: str) -> ModuleIndex:
-    """The index of the standard architecture of a family, built once on the meta device (cached: it is
-    immutable data derived from constants, not state)."""
-    if family not in STANDARD:
-        raise ValueError(f"unknown family {family!r}; expected one of {sorted(STANDARD)}")
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    unet_cfg, text_specs = STANDARD[family]
-    with torch.device("meta"):
-        comps: dict[str, nn.Module] = {"unet": UNet2DConditionModel.from_config(unet_cfg)}
-        for comp, cfg, with_projection in text_specs:
-            cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-            comps[comp] = cls(CLIPTextConfig(**cfg))
-    return index_from_components(comps, family=family)
-
-
-def module_index(target: Any = None, family: str | None = None) -> ModuleIndex:
-    """The ModuleIndex of a live target (pipeline, model, dict of components, or an index built before), else of
-    a standard family.
-
-    >>> module_index(family="sd1").lookup("unet", "input_blocks.1.1.proj_in")     # doctest: +SKIP
-    'unet.down_blocks.0.attentions.0.proj_in'
-    """
-    if isinstance(target, ModuleIndex):  # already indexed (a pipeline indexes its live model once)
-        return target
-    if target is not None:
-        return index_from_components(components_of(target), family=family)
-    if family is None:
-        raise ValueError("module_index needs a target (pipeline or model) or a family ('sd1', 'sd2', 'sdxl')")
-    return standard_index(family)
