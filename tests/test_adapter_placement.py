@@ -44,8 +44,8 @@ def test_deltas_to_moves_a_whole_adapter_in_one_buffer_per_dtype():
         for x, y in zip(ta, tb):
             assert torch.equal(x, y) and x.dtype == y.dtype and x.shape == y.shape
             assert x.data_ptr() != y.data_ptr()  # a copy
-        torch.testing.assert_close(a.delta_weight((8, 6), **({"base_weight": torch.ones(8, 6)} if isinstance(a, DoRADelta) else {})),
-                                   b.delta_weight((8, 6), **({"base_weight": torch.ones(8, 6)} if isinstance(b, DoRADelta) else {})),
+        torch.testing.assert_close(a.delta_weight((8, 6), **({"base": torch.ones(8, 6)} if isinstance(a, DoRADelta) else {})),
+                                   b.delta_weight((8, 6), **({"base": torch.ones(8, 6)} if isinstance(b, DoRADelta) else {})),
                                    **COMPUTED_TOL)  # copies at other addresses: the tensors are bit-equal (above)
     storages = {}
     for t in (t for d in moved for t in d.tensors()):

@@ -198,7 +198,7 @@ def test_kohya_dora_both_axes(pipe, idx, key, axis):
     w0 = _rand(*shape)
     dw = (alpha / r) * (up.reshape(out, r) @ down.reshape(r, -1)).reshape(shape)
     expected = _dora_expected(w0, dw, mag, axis)
-    torch.testing.assert_close(delta.delta_weight(shape, base_weight=w0), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta.delta_weight(shape, base=w0), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_dora_on_loha(pipe, idx):
@@ -211,4 +211,4 @@ def test_dora_on_loha(pipe, idx):
     w0 = _rand(*shape)
     dw = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
     expected = _dora_expected(w0, dw, t["dora_scale"], "out")
-    torch.testing.assert_close(delta.delta_weight(shape, base_weight=w0), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta.delta_weight(shape, base=w0), expected, atol=1e-5, rtol=1e-5)

@@ -262,5 +262,5 @@ def test_peft_dora_matches_diffusers_fused_weights(tiny_pipes):
         live_path = idx.modules[key].live_path
         w0 = base[live_path]
         want = fused[live_path].base_layer.weight.detach() if hasattr(fused[live_path], "base_layer") else fused[live_path].weight
-        got = delta.delta_weight(w0.shape, base_weight=w0)
+        got = delta.delta_weight(w0.shape, base=w0)
         torch.testing.assert_close(got, (want - w0).float(), atol=1e-5, rtol=1e-5, msg=key)

@@ -81,7 +81,7 @@ def lowrank_only(adapter: Adapter) -> Adapter:
 def dense(delta, shape) -> torch.Tensor:
     if isinstance(delta, DoRADelta):
         base = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-        return delta.delta_weight(shape, base_weight=base)
+        return delta.delta_weight(shape, base=base)
     return delta.delta_weight(shape)
 
 

@@ -149,8 +149,8 @@ def test_dora_diffusers_format_loads_in_diffusers(tmp_path, make_pipe, make_adap
         info = idx.modules[key]
         base = w0[f"{info.component}.{info.live_path}.weight"]
         assert back.deltas[key].kind == d.kind
-        assert_same_computed(back.deltas[key].delta_weight(info.weight_shape, **({"base_weight": base} if d.kind == "dora" else {})),
-                             d.delta_weight(info.weight_shape, **({"base_weight": base} if d.kind == "dora" else {})), key)
+        assert_same_computed(back.deltas[key].delta_weight(info.weight_shape, **({"base": base} if d.kind == "dora" else {})),
+                             d.delta_weight(info.weight_shape, **({"base": base} if d.kind == "dora" else {})), key)
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
@@ -158,5 +158,5 @@ def test_dora_diffusers_format_loads_in_diffusers(tmp_path, make_pipe, make_adap
     for key, d in adapter.deltas.items():
         info = idx.modules[key]
         name = f"{info.component}.{info.live_path}.weight"
-        extra = {"base_weight": w0[name]} if d.kind == "dora" else {}
+        extra = {"base": w0[name]} if d.kind == "dora" else {}
         torch.testing.assert_close(now[name], w0[name] + d.delta_weight(info.weight_shape, **extra), atol=1e-6, rtol=0)

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.model import LoraModel  # noqa: E402
 
 from lorablend.adapter import Adapter, LowRankDelta  # noqa: E402
-from lorablend.merge import _layer_seed, merge  # noqa: E402
+from lorablend.merge import layer_seed, merge  # noqa: E402
 
 KEY = "unet.mid_block.attentions.0.proj_in"
 SEED = 1234
@@ -61,7 +61,7 @@ def peft_delta(conv, factors, alphas, weights, combination_type, monkeypatch, **
 
     def inject_then_seed(self, *args, **kw):
         out = original(self, *args, **kw)
-        torch.manual_seed(_layer_seed(SEED, KEY))
+        torch.manual_seed(layer_seed(SEED, KEY))
         return out
 
     monkeypatch.setattr(LoraModel, "inject_adapter", inject_then_seed)

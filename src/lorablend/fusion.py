@@ -45,7 +45,7 @@ def delta_weight_fp32(
     device = torch.device(device) if device is not None else pristine.device
     if isinstance(delta, DoRADelta):
         on_device = map_tensors(delta, lambda t: t.to(device))
-        return on_device.delta_weight(shape, base_weight=pristine.to(device))
+        return on_device.delta_weight(shape, base=pristine.to(device))
     if isinstance(delta, LowRankDelta):
         up, down = delta.factors()
         return (up.to(device) @ down.to(device)).reshape(shape)

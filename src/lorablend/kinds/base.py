@@ -1,0 +1,221 @@
+"""What every Delta kind answers, and the few helpers the kinds share.
+
+A Delta is one layer's change. Each kind (one file in this package, one entry in ``KINDS``) knows its own
+shape, its ΔW, whether it has cheap low-rank factors, whether it changes the bias, and how it is named in
+each file format it appears in. Callers ask the kind; they never switch on it.
+
+Scale semantics, decided once for every kind: ``scale = alpha / rank``; a missing alpha, or an alpha of 0,
+means ``scale = 1`` (kohya's rule: sd-scripts treats alpha 0 as alpha = rank; ComfyUI would zero the layer
+instead, which silently disables it, so we do not follow it). Every ``delta_weight`` is float32 and already
+carries that scale.
+
+>>> from lorablend.kinds import LowRankDelta
+>>> d = LowRankDelta(down=torch.ones(2, 3), up=torch.ones(4, 2), alpha=1.0)
+>>> d.shape, d.out_features, d.scale, d.changes_bias
+((4, 3), 4, 0.5, False)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+class DeltaProblem(ValueError):
+    """Why one module's tensors do not make a Delta (reported as unsupported for that module's keys)."""
+
+
+def scale_of(alpha: float | None, rank: int | None) -> float:
+    """``alpha / rank``; 1 when alpha is missing or 0, or the kind has no rank.
+
+    >>> scale_of(8.0, 16), scale_of(None, 16), scale_of(0.0, 16)
+    (0.5, 1.0, 1.0)
+    """
+    if alpha is None or alpha == 0 or not rank:
+        return 1.0
+    return float(alpha) / float(rank)
+
+
+def fit_to_shape(delta: torch.Tensor, shape: Shape | torch.Size | None, kind: str) -> torch.Tensor:
+    """Reshape a ΔW to a module weight's shape; only element-count-preserving reshapes are allowed.
+
+    >>> fit_to_shape(torch.zeros(4, 18), (4, 2, 3, 3), "LoKr").shape
+    torch.Size([4, 2, 3, 3])
+    """
+    if shape is None:
+        return delta
+    shape = tuple(shape)
+    if tuple(delta.shape) == shape:
+        return delta
+    if delta.numel() != math.prod(shape):
+        raise ValueError(
+            f"{kind} delta of shape {tuple(delta.shape)} cannot fit a weight of shape {shape}: "
+            f"{delta.numel()} elements against {math.prod(shape)}. The adapter was made for another model."
+        )
+    return delta.reshape(shape)
+
+
+def tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' rebuild_tucker: ``ΔW[p, r, ...] = Σ_ij core[i, j, ...] · left[i, p] · right[j, r]``.
+
+    >>> tucker(torch.ones(1, 1, 3, 3), torch.ones(1, 2), torch.ones(1, 4)).shape
+    torch.Size([2, 4, 3, 3])
+    """
+    # contiguous: torch.kron (LoKr with a Tucker w2) fails on the strided view einsum returns
+    return torch.einsum("i j ..., i p, j r -> p r ...", core.float(), left.float(), right.float()).contiguous()
+
+
+def alpha_tensor(alpha: float) -> torch.Tensor:
+    """A 0-d alpha tensor: fp32 when that holds the value exactly, else fp64, so the scale survives a round trip.
+
+    >>> alpha_tensor(4.0).dtype, alpha_tensor(0.1).dtype
+    (torch.float32, torch.float64)
+    """
+    t32 = torch.tensor(float(alpha), dtype=torch.float32)
+    if float(t32) == float(alpha):
+        return t32
+    return torch.tensor(float(alpha), dtype=torch.float64)
+
+
+def written_alpha(delta: Any) -> float | None:
+    """The alpha to store: ``None`` stays absent (scale 1 everywhere); alpha 0 is stored as ``rank`` because
+    lorablend and kohya read 0 as scale 1 but ComfyUI reads it as scale 0 — storing ``rank`` means the same
+    to every loader.
+
+    >>> from lorablend.kinds import LowRankDelta
+    >>> written_alpha(LowRankDelta(torch.ones(4, 3), torch.ones(2, 4), alpha=0.0))
+    4.0
+    """
+    alpha = getattr(delta, "alpha", None)
+    if alpha is None:
+        return None
+    if float(alpha) == 0.0:
+        return float(delta.rank) if delta.rank else None
+    return float(alpha)
+
+
+def module_shaped(down: torch.Tensor, up: torch.Tensor, weight_shape: Shape | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors with the dims the module's own layer would have: 4-D ``(r, in, kh, kw)`` / ``(out, r, 1, 1)``
+    for a Conv2d, 2-D for a Linear. A1111 copies factors into real Conv2d/Linear layers, so 2-D factors of a 1x1
+    conv (as some converters write them) would not load there. Element order is unchanged.
+
+    >>> [t.shape for t in module_shaped(torch.zeros(2, 8), torch.zeros(4, 2), (4, 8, 1, 1))]
+    [torch.Size([2, 8, 1, 1]), torch.Size([4, 2, 1, 1])]
+    """
+    if weight_shape is None or down.shape[0] * math.prod(weight_shape[1:]) != down.numel():
+        return down, up
+    if len(weight_shape) == 4:
+        return down.reshape(down.shape[0], *weight_shape[1:]), up.reshape(up.shape[0], -1, 1, 1)
+    return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+
+
+def present(pairs: Iterable[tuple[str, torch.Tensor | None]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The ``(name, tensor)`` pairs whose tensor exists (optional factors are None)."""
+    return ((n, t) for n, t in pairs if t is not None)
+
+
+class DeltaKind:
+    """The questions every kind answers. Subclasses are dataclasses holding the kind's tensors and give:
+    ``kind``, ``roles`` (the tensor roles readers sort a module's keys into that identify the kind), ``rank``,
+    ``alpha``, ``shape``, ``delta_weight``, ``tensors``, ``kohya_tensors`` and ``from_roles``; the rest has
+    defaults here that kinds override where they differ."""
+
+    kind: ClassVar[str]
+    roles: ClassVar[frozenset[str]] = frozenset()
+    # DoRA's ΔW depends on the base weight: fuse and merge must pass it.
+    needs_base: ClassVar[bool] = False
+    # LyCORIS LoHa / LoKr may hold a conv's ΔW flattened to (out, in·kh·kw): its 4-D shape comes from the module.
+    may_flatten_convs: ClassVar[bool] = False
+
+    rank: Any
+    alpha: Any
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank`` (1 without alpha): already folded into every ΔW and factor this kind gives."""
+        return scale_of(self.alpha, self.rank)
+
+    @property
+    def shape(self) -> Shape:  # pragma: no cover - every kind defines it
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        """The output width the delta was made for (rows of its ΔW), read from its factor shapes."""
+        return int(self.shape[0])
+
+    def delta_weight(self, shape: Shape | torch.Size | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The fp32 ΔW (scale applied), reshaped to ``shape`` when given. ``base`` (the module's weight) is used
+        only by kinds that need it (``needs_base``)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """2-D fp32 ``(up, down)`` with ``up @ down`` = ΔW flattened to (out, -1), scale folded into ``up`` — for
+        kinds whose natural form is one cheap low-rank pair (what the runtime and fuse use); else None."""
+        return None
+
+    def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Exact 2-D fp32 factors of ΔW (scale folded in) where they are smaller than ΔW, else None: what merge
+        stacks for ``cat`` and decomposes for ``svd``. Kinds with a product structure override it."""
+        return self.low_rank_factors()
+
+    @property
+    def changes_bias(self) -> bool:
+        """Whether the delta also changes the module's bias (see :meth:`delta_bias`)."""
+        return False
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The fp32 bias difference, or None."""
+        return None
+
+    def base_free(self) -> "DeltaKind":
+        """The part of this delta whose ΔW needs no base weight (itself; DoRA: its inner delta) — what an
+        offline view (inspect, plots) can show without a model."""
+        return self
+
+    def fit_problem(self, weight_shape: Shape) -> str | None:
+        """None when the delta fits a weight of ``weight_shape``; else the reason, in words.
+
+        A fit is the same shape, or the same output width and element count: a conv stored flattened
+        ``(out, in·kh·kw)`` (LyCORIS LoKr), or a 1×1 conv given 2-D factors (and the reverse).
+        """
+        weight_shape = tuple(int(s) for s in weight_shape)
+        natural = self.shape
+        if natural != weight_shape and not (
+            natural[0] == weight_shape[0] and math.prod(natural) == math.prod(weight_shape)
+        ):
+            return f"its ΔW is {natural} but the module's weight is {weight_shape}: made for another model"
+        return None
+
+    def kohya_tensors(self, weight_shape: Shape | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(suffix, tensor)`` pairs as kohya / LyCORIS files name them (``lora_down.weight``, ``hada_w1_a``…)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def peft_problem(self) -> str | None:
+        """None when a diffusers / PEFT LoRA file can hold this delta; else what it is, for the error message."""
+        return self.kind
+
+    def peft_tensors(self, weight_shape: Shape | None) -> dict[str, torch.Tensor]:
+        """``{suffix: tensor}`` as PEFT names them (``lora_A.weight``…), for kinds with no ``peft_problem``."""
+        raise ValueError(f"a diffusers / PEFT LoRA file cannot hold a {self.kind} delta")  # pragma: no cover
+
+    def tensors(self) -> Iterator[torch.Tensor]:  # pragma: no cover - every kind defines it
+        raise NotImplementedError
+
+    @classmethod
+    def from_roles(cls, get: Mapping[str, torch.Tensor], alpha: float | None) -> "DeltaKind":
+        """Build the kind from a module's tensors by role (``get`` holds the roles present), or raise
+        :class:`DeltaProblem` saying what is missing or inconsistent."""
+        raise NotImplementedError  # pragma: no cover
+
+
+def need(get: Mapping[str, torch.Tensor], *roles: str) -> list[torch.Tensor]:
+    """The tensors of ``roles``, or a DeltaProblem naming those missing."""
+    missing = [r for r in roles if r not in get]
+    if missing:
+        raise DeltaProblem(f"incomplete module: has {sorted(get)} but no {missing}")
+    return [get[r] for r in roles]

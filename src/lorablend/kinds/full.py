@@ -1,0 +1,59 @@
+"""A full weight difference (LyCORIS ``diff``), with an optional bias difference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator, Mapping
+
+import torch
+
+from .base import DeltaKind, DeltaProblem, Shape, fit_to_shape, present
+
+
+@dataclass(eq=False)
+class FullDelta(DeltaKind):
+    """A full weight difference (LyCORIS ``diff``) with an optional bias difference (``diff_b``).
+
+    >>> d = FullDelta(diff=torch.ones(2, 2), diff_b=torch.ones(2))
+    >>> d.delta_weight().sum().item(), d.changes_bias, d.rank
+    (4.0, True, None)
+    """
+
+    diff: torch.Tensor
+    diff_b: torch.Tensor | None = None
+    kind: str = field(default="full", init=False)
+    roles: ClassVar[frozenset[str]] = frozenset({"diff", "diff_b"})
+    alpha = None
+    rank = None
+
+    @property
+    def shape(self) -> Shape:
+        return tuple(int(s) for s in self.diff.shape)
+
+    def delta_weight(self, shape: Shape | torch.Size | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+        return fit_to_shape(self.diff.float(), shape, "full diff")
+
+    @property
+    def changes_bias(self) -> bool:
+        return self.diff_b is not None
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None if self.diff_b is None else self.diff_b.float()
+
+    def fit_problem(self, weight_shape: Shape) -> str | None:
+        problem = super().fit_problem(weight_shape)
+        if problem is None and self.diff_b is not None and self.diff_b.numel() != int(weight_shape[0]):
+            return f"its bias difference has {self.diff_b.numel()} values but the module has {weight_shape[0]} outputs"
+        return problem
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield from (t for t in (self.diff, self.diff_b) if t is not None)
+
+    def kohya_tensors(self, weight_shape: Shape | None) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from present((("diff", self.diff), ("diff_b", self.diff_b)))  # a full diff has no alpha
+
+    @classmethod
+    def from_roles(cls, get: Mapping[str, torch.Tensor], alpha: float | None) -> "FullDelta":
+        if "diff" not in get:
+            raise DeltaProblem("a bias difference (diff_b) without a weight difference (diff) is not applied")
+        return cls(diff=get["diff"], diff_b=get.get("diff_b"))

@@ -1,0 +1,114 @@
+"""LoRA / LoCon: ``ΔW = alpha/rank · up @ down``, optionally through a Tucker ``mid`` core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator, Mapping
+
+import torch
+
+from .base import DeltaKind, DeltaProblem, Shape, fit_to_shape, module_shaped, need, present, written_alpha, alpha_tensor
+
+
+@dataclass(eq=False)
+class LowRankDelta(DeltaKind):
+    """LoRA / LoCon: ``ΔW = alpha/rank · up @ down`` (optionally through a Tucker ``mid`` core).
+
+    Shapes: linear ``down (r, in)``, ``up (out, r)``; conv ``down (r, in, kh, kw)``,
+    ``up (out, r, 1, 1)``; Tucker conv ``down (r, in, 1, 1)``, ``mid (r, r, kh, kw)``.
+
+    >>> d = LowRankDelta(down=torch.ones(2, 3), up=torch.ones(4, 2), alpha=1.0)
+    >>> d.delta_weight().shape, d.scale
+    (torch.Size([4, 3]), 0.5)
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+    mid: torch.Tensor | None = None
+    kind: str = field(default="lora", init=False)
+    roles: ClassVar[frozenset[str]] = frozenset({"down", "up", "mid"})
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4 or self.up.dim() == 4
+
+    @property
+    def shape(self) -> Shape:
+        out = int(self.up.shape[0])
+        if self.mid is not None:
+            return (out, int(self.down.shape[1]), *self.mid.shape[2:])
+        if self.down.dim() == 4:
+            return (out, *self.down.shape[1:])
+        return (out, int(self.down.shape[1]))
+
+    def natural_shape(self) -> Shape:
+        """The ΔW shape (``shape``; kept for callers of the older name)."""
+        return self.shape
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """2-D fp32 factors ``(up, down)`` with ``up @ down == delta_weight()`` flattened to (out, -1).
+
+        The alpha/rank scale is folded into ``up`` so callers never apply it twice.
+        """
+        up = self.up.reshape(self.up.shape[0], -1).float() * self.scale
+        return up, self.down_2d()
+
+    def down_2d(self) -> torch.Tensor:
+        """The fp32 down factor as (r, in·kh·kw), a Tucker ``mid`` contracted into it; no scale (PEFT's lora_A)."""
+        if self.mid is not None:
+            down2d = self.down.reshape(self.down.shape[0], -1).float()
+            # mid (r_up, r_down, kh, kw) contracted with down (r_down, in): (r_up, in, kh, kw)
+            core = torch.einsum("i j k l, j r -> i r k l", self.mid.float(), down2d)
+            return core.reshape(core.shape[0], -1)
+        return self.down.reshape(self.down.shape[0], -1).float()
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factors()
+
+    def unscaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """2-D fp32 ``(up, down)`` without the alpha/rank scale: PEFT's ``lora_B`` / ``lora_A`` (what its
+        factor-wise merges combine), a Tucker ``mid`` contracted into ``down``."""
+        return self.up.reshape(self.up.shape[0], -1).float(), self.down_2d()
+
+    def delta_weight(self, shape: Shape | torch.Size | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+        up, down = self.factors()
+        return fit_to_shape((up @ down).reshape(self.shape), shape, "LoRA")
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield from (t for t in (self.down, self.up, self.mid) if t is not None)
+
+    def kohya_tensors(self, weight_shape: Shape | None) -> Iterator[tuple[str, torch.Tensor]]:
+        down, up = (self.down, self.up) if self.mid is not None else module_shaped(self.down, self.up, weight_shape)
+        yield from present((("lora_down.weight", down), ("lora_up.weight", up), ("lora_mid.weight", self.mid)))
+        alpha = written_alpha(self)
+        if alpha is not None:
+            yield "alpha", alpha_tensor(alpha)
+
+    def peft_problem(self) -> str | None:
+        return None
+
+    def peft_tensors(self, weight_shape: Shape | None) -> dict[str, torch.Tensor]:
+        """``lora_A`` / ``lora_B`` with the dims PEFT builds for the module: 2-D for Linear, 4-D for Conv2d."""
+        if self.mid is None:
+            down, up = module_shaped(self.down, self.up, weight_shape)
+        else:
+            # Tucker: mid contracted into down exactly as factors() does, so the ΔW stays bit-identical.
+            _, in_ch, *kernel = self.shape
+            core = self.down_2d()
+            down, up = core.reshape(core.shape[0], in_ch, *kernel), self.up.reshape(self.up.shape[0], -1, 1, 1)
+        return {"lora_A.weight": down, "lora_B.weight": up}
+
+    @classmethod
+    def from_roles(cls, get: Mapping[str, torch.Tensor], alpha: float | None) -> "LowRankDelta":
+        down, up = need(get, "down", "up")
+        mid = get.get("mid")
+        if down.dim() not in (2, 4) or up.dim() not in (2, 4):
+            raise DeltaProblem(f"LoRA factors must be 2-D or 4-D, got down {tuple(down.shape)} and up {tuple(up.shape)}")
+        if up.reshape(up.shape[0], -1).shape[1] != down.shape[0] and mid is None:
+            raise DeltaProblem(f"LoRA factors do not chain: up {tuple(up.shape)} and down {tuple(down.shape)}")
+        return cls(down=down, up=up, alpha=alpha, mid=mid)

@@ -1,0 +1,241 @@
+"""Merge several Adapters into one LoRA: pure math on Adapters, never a model.
+
+Notation, per target layer: ``ΔW_i`` is adapter *i*'s exact delta with its own alpha/rank scale
+``s_i`` already applied (``Delta.delta_weight()``), ``w_i`` the user weight, ``b_i`` the block
+multiplier from ``block_weights`` (1 when absent) and ``c_i = w_i · b_i``. The *exact weighted sum*
+is ``M = Σ_i c_i ΔW_i``; every result is reported against it.
+
+Methods (``METHODS``):
+
+* ``cat`` — exact. The factors are stacked: ``up = [c_1·s_1·U_1, c_2·s_2·U_2, …]``,
+  ``down = [D_1; D_2; …]``, ``alpha = rank = Σ r_i`` so the result's own scale is 1. Non-LoRA kinds
+  join through exact factors too (LoHa by its Khatri-Rao product, rank r₁·r₂; LoKr / full diff /
+  DoRA as ``(ΔW, I)``, rank ``min(out, in)``), so ``cat`` stays exact for every kind.
+* ``svd`` — the optimal rank-k approximation of ``M`` (Eckart–Young). When every input is low-rank,
+  it is computed from the factors: QR of the stacked ``up`` (out×R) and ``downᵀ`` (in×R), SVD of the
+  R×R core; no dense ``ΔW`` is formed. Otherwise (mixed kinds, or R ≥ min(out, in)) it is the SVD of
+  the dense ``M``. ``rank=`` fixes k (default: per layer, the largest input rank at that layer;
+  PEFT uses the largest adapter rank overall), ``energy=`` picks per layer the smallest k that keeps
+  that fraction of ``Σσ²`` (capped by ``rank=`` only when both are given), ``clamp=`` clamps both factors at
+  that quantile of their combined signed values, as kohya's ``svd_merge_lora.py`` does. Each ``s_i``
+  is applied exactly once (tested against the exact math with alpha ≠ rank; peft 0.21.2 agrees, though
+  older peft code was reported to apply it twice).
+  ``up = U·diag(σ)``, ``down = Vᵀ`` (kohya's layout, so ``clamp`` means what it means there), and each
+  singular pair's sign is fixed so that the largest-magnitude entry of its ``up`` column is positive:
+  results do not depend on the SVD backend's sign choice.
+* ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` — PEFT's
+  ``add_weighted_adapter`` definitions, applied to the *factors* separately: ``down' = Σ
+  sign(c_i s_i)·√|c_i s_i|·D_i`` and ``up' = Σ √|c_i s_i|·U_i`` (with pruning / sign election per
+  method). These are approximations of ``M`` (the product has cross terms ``U_i D_j``); they need equal
+  ranks at each layer and LoRA/LoCon inputs. Kept for parity with PEFT and the diffusers guide.
+* ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd`` — the same pruning
+  and sign election on the dense per-adapter ``ΔW_i``, then the truncated SVD (any kinds, any ranks).
+
+``density`` is the kept fraction (PEFT's meaning). DARE masks come from a ``torch.Generator``
+seeded per layer from ``seed`` and the target key (``layer_seed``), so results do not depend on
+layer order and are the same on every run for a given ``seed`` (default 0).
+
+Layers present in only some adapters are merged with the missing ones as zero. DoRA layers depend
+on the base weight: they merge only when ``base_weights`` gives it (then through their dense ΔW).
+A full diff's bias difference cannot be carried by a LoRA: it is dropped and listed in the result's
+``report`` as ``unsupported``.
+
+The package: :mod:`.options` (the frozen :class:`MergeOptions`, checked once), :mod:`.methods` (one function per
+method and the ``{method: function}`` table), :mod:`.task` (PEFT's prune / elect sign / disjoint mean steps),
+:mod:`.linalg` (SVD from factors, truncation, exact errors), :mod:`.report` (:class:`MergeReport`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import LoraCompatibilityError
+from ..kinds import LowRankDelta
+from ..report import LoadReport
+from .methods import METHOD_TABLE, Layer, LayerResult, LayerTerm, layer_seed
+from .options import METHODS, BaseWeights, BlockWeights, MergeOptions, block_tables, check_weights
+from .report import LayerMerge, MergeReport
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "LayerMerge", "MergeOptions", "MergeReport", "layer_seed", "merge", "merge_with_report"]
+
+
+def merge(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float] | None,
+    method: str = "svd",
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    clamp: float | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    seed: int | None = None,
+    block_weights: BlockWeights = None,
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    base_weights: BaseWeights = None,
+    progress: bool = False,
+) -> Adapter:
+    """Merge adapters into one LoRA Adapter (see the module docstring for every method's math).
+
+    ``weights`` has one float per adapter (``None``: all 1). The result holds ``LowRankDelta`` layers
+    in float32 with ``alpha == rank`` (scale 1), provenance in ``metadata`` (``modelspec.merged_from``,
+    ``lorablend.merge.*``) and one ``report`` record per layer whose reason reads
+    ``"rank 32, rel_err 1.2e-03"``. Use :func:`merge_with_report` for the structured per-layer report.
+
+    ``block_weights`` multiplies each layer by its block's factor: a dict ``{"IN04": 0.5, "OUT03": 0.0}``
+    for every adapter, or a list with one such dict (or ``None``) per adapter; labels are those of
+    ``lorablend.naming`` (``BASE``, ``IN00``…, ``M00``, ``OUT00``…); unlisted blocks weigh 1.
+    ``base_weights`` (a dict or a callable, target key -> base weight) lets DoRA layers merge.
+    ``device`` is where the math runs (e.g. ``"cuda"``); results come back to the inputs' device.
+
+    >>> a = Adapter("a", "sd1", {"unet.x": LowRankDelta(down=torch.randn(4, 8), up=torch.randn(6, 4), alpha=2.0)})
+    >>> b = Adapter("b", "sd1", {"unet.x": LowRankDelta(down=torch.randn(8, 8), up=torch.randn(6, 8))})
+    >>> merged = merge([a, b], [0.7, 0.8], method="svd", rank=4)
+    >>> merged.deltas["unet.x"].rank, merged.metadata["modelspec.merged_from"]
+    (4, 'a, b')
+    """
+    options = dict(rank=rank, energy=energy, clamp=clamp, density=density, majority_sign=majority_sign, seed=seed,
+                   block_weights=block_weights, base_weights=base_weights, name=name, device=device, progress=progress)
+    return merge_with_report(adapters, weights, method, **options)[0]
+
+
+def merge_with_report(
+    adapters: Sequence[Adapter], weights: Sequence[float] | None, method: str = "svd", *,
+    name: str | None = None, progress: bool = False, device: str | torch.device | None = None, **options: Any
+) -> tuple[Adapter, MergeReport]:
+    """:func:`merge`, also returning the :class:`MergeReport` (per layer: rank, relative error, sources).
+
+    >>> a = Adapter("a", "sd1", {"unet.x": LowRankDelta(down=torch.randn(4, 8), up=torch.randn(6, 4))})
+    >>> merged, report = merge_with_report([a, a], [1.0, -1.0], method="cat")
+    >>> report.layers[0].rank, report.layers[0].rel_error
+    (8, 0.0)
+    """
+    adapters = _checked_adapters(adapters)
+    opts = MergeOptions(method=method, device=torch.device(device) if device is not None else None, **options)
+    weights = check_weights(weights, len(adapters))
+    _require_one_family(adapters)
+    tables = block_tables(opts.block_weights, adapters, lambda family: _standard_index(family).block_labels())
+    names = [a.name for a in adapters]
+    report = MergeReport(method=method, adapters=names, weights=list(weights))
+    load_report = LoadReport(source=f"merge of {', '.join(names)}", format="merge")
+    keys = list(dict.fromkeys(key for a in adapters for key in a.deltas))
+    if not keys:
+        raise ValueError("nothing to merge: the adapters have no layers; pass adapters read from LoRA files")
+    ranks = [d.rank for a in adapters for d in a.deltas.values() if isinstance(d.rank, int)]
+    fallback_rank = max(ranks) if ranks else None
+    if progress:
+        from tqdm.auto import tqdm
+
+        keys = tqdm(keys, desc=f"merge ({method})", unit="layer")
+    deltas: dict[str, LowRankDelta] = {}
+    for key in keys:
+        terms = tuple(
+            LayerTerm(a.name, a.deltas[key], weights[i] * _block_multiplier(tables, i, key, a.family))
+            for i, a in enumerate(adapters) if key in a.deltas
+        )
+        _drop_bias_changes(terms, key, report, load_report)
+        out_device = next(iter(terms[0].delta.tensors())).device
+        layer = Layer(key, terms, opts.device or out_device, _model_shape(adapters[0].family, key), fallback_rank)
+        result = METHOD_TABLE[method](layer, opts)
+        k = int(result.down.shape[0])
+        deltas[key] = _as_lowrank(result, out_device)
+        report.layers.append(LayerMerge(key, k, result.rel_error, tuple(t.name for t in terms), result.path, result.note))
+        note = f", {result.note}" if result.note else ""
+        load_report.add(key, "mapped", target=key, reason=f"rank {k}, rel_err {result.rel_error:.1e}{note}")
+    metadata = _provenance(adapters, weights, opts, report)
+    merged = Adapter(name or "+".join(names), adapters[0].family, deltas, metadata=metadata, report=load_report)
+    return merged, report
+
+
+def _checked_adapters(adapters: Sequence[Adapter]) -> list[Adapter]:
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("adapters is empty: pass at least one Adapter (e.g. from lorablend.load_adapter)")
+    for i, a in enumerate(adapters):
+        if not isinstance(a, Adapter):
+            raise TypeError(f"adapters[{i}] is a {type(a).__name__}, not an Adapter: read files with lorablend.load_adapter first")
+    return adapters
+
+
+def _require_one_family(adapters: list[Adapter]) -> None:
+    families: dict[str, Adapter] = {}
+    for a in adapters:
+        families.setdefault(a.family, a)
+    if len(families) > 1:
+        (fa, a), (fb, b) = list(families.items())[:2]
+        raise LoraCompatibilityError(
+            f"cannot merge {a.name!r} ({fa}) with {b.name!r} ({fb}): they were made for different model families; "
+            f"merge adapters of one family only"
+        )
+
+
+def _drop_bias_changes(terms: tuple[LayerTerm, ...], key: str, report: MergeReport, load_report: LoadReport) -> None:
+    """A LoRA carries no bias: a full diff's bias difference is dropped, and said so in both reports."""
+    for t in terms:
+        if t.delta.changes_bias:
+            report.dropped.append(f"{key}.diff_b ({t.name})")
+            load_report.add(f"{key}.diff_b", "unsupported", reason=f"bias difference of {t.name} dropped: a LoRA carries no bias")
+            logger.warning("merge: dropped the bias difference of %s at %s (a LoRA carries no bias)", t.name, key)
+
+
+# The model vocabulary: the single place that talks to lorablend.naming.
+def _standard_index(family: str):
+    from ..naming import standard_index
+
+    return standard_index(family)
+
+
+def _block_multiplier(tables: list[dict[str, float] | None] | None, i: int, key: str, family: str) -> float:
+    if tables is None or tables[i] is None:
+        return 1.0
+    # Keys outside the standard architecture (label "OTHER") keep weight 1.
+    return float(tables[i].get(_standard_index(family).block(key), 1.0))
+
+
+def _model_shape(family: str, key: str) -> tuple[int, ...] | None:
+    """The standard model's weight shape for a key, used only when the inputs leave a conv's shape ambiguous."""
+    try:
+        info = _standard_index(family).modules.get(key)
+    except Exception:  # noqa: BLE001 - an index we cannot build only means "unknown"
+        return None
+    return tuple(info.weight_shape) if info is not None else None
+
+
+def _as_lowrank(result: LayerResult, device: torch.device) -> LowRankDelta:
+    """A LoRA layer with alpha = rank (scale 1): conv layers get (r, in, kh, kw) / (out, r, 1, 1) factors."""
+    k = int(result.down.shape[0])
+    up, down = result.up.to(device).float().contiguous(), result.down.to(device).float().contiguous()
+    if len(result.shape) == 4:
+        down = down.reshape(k, *result.shape[1:])
+        up = up.reshape(result.shape[0], k, 1, 1)
+    return LowRankDelta(down=down, up=up, alpha=float(k))
+
+
+# Metadata worth carrying from the first input: they describe the base model, not the training run.
+_CARRIED_METADATA = ("modelspec.architecture", "modelspec.implementation", "ss_base_model_version", "ss_v2", "ss_sd_model_name")
+
+
+def _provenance(adapters: list[Adapter], weights: list[float], options: MergeOptions, report: MergeReport) -> dict[str, str]:
+    meta = {k: adapters[0].metadata[k] for k in _CARRIED_METADATA if k in adapters[0].metadata}
+    ranks = sorted({layer.rank for layer in report.layers})
+    meta.update(
+        {
+            "modelspec.merged_from": ", ".join(a.name for a in adapters),
+            "lorablend.merge.method": options.method,
+            "lorablend.merge.weights": json.dumps(list(weights)),
+            "lorablend.merge.rank": str(ranks[0]) if len(ranks) == 1 else "dynamic",
+            "lorablend.merge.max_rel_error": f"{report.max_rel_error:.3e}",
+        }
+    )
+    recorded = options.recorded()
+    if recorded:
+        meta["lorablend.merge.options"] = json.dumps(recorded, sort_keys=True)
+    return meta
