@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..adapter import Adapter, DoRADelta, LowRankDelta
+from ..adapter import Adapter
+from ..kinds import written_alpha
 from ..naming import TEXT_COMPONENTS, ModuleIndex
-from .write_kohya import module_shaped, written_alpha
 
 
 def _pattern_path(component: str, path: str) -> str:
@@ -36,25 +36,13 @@ def _pattern_path(component: str, path: str) -> str:
     return path
 
 
-def _diffusers_problem(delta: Any) -> str | None:
-    if isinstance(delta, LowRankDelta):
-        return None
-    if isinstance(delta, DoRADelta):
-        if not isinstance(delta.inner, LowRankDelta):
-            return f"DoRA on {delta.inner.kind}"
-        if delta.axis != "out":
-            return "DoRA with per-input-column magnitudes"
-        return None
-    return delta.kind
-
-
 def check_diffusers_compatible(adapter: Adapter) -> None:
     """Raise a ValueError naming the layers a diffusers LoRA file cannot hold, and the fix.
 
     It holds LoRA / LoCon / Tucker LoCon, and PEFT DoRA (a low-rank delta with per-output-row magnitudes)
     when every layer of that component is DoRA: PEFT's ``use_dora`` is one switch per component.
     """
-    bad = [(k, why) for k, d in adapter.deltas.items() if (why := _diffusers_problem(d)) is not None]
+    bad = [(k, why) for k, d in adapter.deltas.items() if (why := d.peft_problem()) is not None]
     if bad:
         kinds = collections.Counter(why for _, why in bad)
         summary = ", ".join(f"{n} {why}" for why, n in sorted(kinds.items()))
@@ -65,29 +53,13 @@ def check_diffusers_compatible(adapter: Adapter) -> None:
             f"to a low-rank LoRA first with lorablend.merge(..., method='svd')"
         )
     for component in adapter.components():
-        dora = [isinstance(d, DoRADelta) for k, d in adapter.deltas.items() if k.split(".", 1)[0] == component]
+        dora = [d.kind == "dora" for k, d in adapter.deltas.items() if k.split(".", 1)[0] == component]
         if any(dora) and not all(dora):
             raise ValueError(
                 f"adapter {adapter.name!r} mixes DoRA and plain LoRA layers in {component}: diffusers / PEFT "
                 f"switch DoRA on for a whole component (use_dora), which would change the plain layers. "
                 f"Save with format='kohya', which holds the mix exactly"
             )
-
-
-def _peft_magnitude(delta: DoRADelta, weight_shape: tuple[int, ...] | None) -> torch.Tensor:
-    """PEFT's ``lora_magnitude_vector``: ``(out,)`` for a Linear, ``(1, out, 1, 1)`` for a Conv2d."""
-    conv = len(weight_shape) == 4 if weight_shape is not None else delta.inner.is_conv
-    return delta.magnitude.reshape(1, -1, 1, 1) if conv else delta.magnitude.reshape(-1)
-
-
-def _lowrank_factors(delta: LowRankDelta, weight_shape: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lora_A, lora_B)`` with the dims PEFT builds for the module: 2-D for Linear, 4-D for Conv2d."""
-    if delta.mid is None:
-        return module_shaped(delta.down, delta.up, weight_shape)
-    # Tucker: contract mid into down exactly as LowRankDelta.factors() does, so the ΔW stays bit-identical.
-    _, in_ch, *kernel = delta.natural_shape()
-    core = delta.factors()[1]
-    return core.reshape(core.shape[0], in_ch, *kernel), delta.up.reshape(delta.up.shape[0], -1, 1, 1)
 
 
 def diffusers_state_dict(
@@ -114,15 +86,12 @@ def diffusers_state_dict(
         component, path = target_key.split(".", 1)
         info = index.modules.get(target_key) if index is not None else None
         shape = info.weight_shape if info is not None else None
-        if isinstance(delta, DoRADelta):
-            # PEFT's own state-dict key (no ".weight"); set_peft_model_state_dict maps it onto the DoRA layer
-            tensors[f"{target_key}.lora_magnitude_vector"] = _peft_magnitude(delta, shape)
+        peft = delta.peft_tensors(shape)
+        # PEFT's DoRA key has no ".weight"; set_peft_model_state_dict maps it onto the DoRA layer
+        if "lora_magnitude_vector" in peft:
             dora_components.add(component)
-            delta = delta.inner
-        down, up = _lowrank_factors(delta, shape)
-        tensors[f"{target_key}.lora_A.weight"] = down
-        tensors[f"{target_key}.lora_B.weight"] = up
-        rank = int(down.shape[0])
+        tensors.update({f"{target_key}.{suffix}": t for suffix, t in peft.items()})
+        rank = int(peft["lora_A.weight"].shape[0])
         alpha = written_alpha(delta)
         if alpha is None:
             alpha = float(rank)  # no alpha = scale 1 = (alpha == rank), the PEFT spelling

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 from typing import Any, Callable, Iterable
 
 import torch
 
-from ..adapter import Adapter, Delta, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
+from ..adapter import Adapter
+from ..kinds import alpha_tensor, written_alpha
 from ..naming import ModuleIndex
 
 # kohya's ss_base_model_version values and the SAI model-spec architecture ids (sd-scripts sai_model_spec.py).
@@ -43,92 +43,6 @@ _IMPLEMENTATION = {
     "sd2": "diffusers",
     "sdxl": "https://github.com/Stability-AI/generative-models",
 }
-
-
-def alpha_tensor(alpha: float) -> torch.Tensor:
-    """A 0-d alpha tensor: fp32 when that holds the value exactly, else fp64, so the scale survives a round trip.
-
-    >>> alpha_tensor(4.0).dtype, alpha_tensor(0.1).dtype
-    (torch.float32, torch.float64)
-    """
-    t32 = torch.tensor(float(alpha), dtype=torch.float32)
-    if float(t32) == float(alpha):
-        return t32
-    return torch.tensor(float(alpha), dtype=torch.float64)
-
-
-def written_alpha(delta: Any) -> float | None:
-    """The alpha to store: ``None`` stays absent (scale 1 everywhere); alpha 0 is stored as ``rank`` because
-    lorablend and kohya read 0 as scale 1 but ComfyUI reads it as scale 0 — storing ``rank`` means the same
-    to every loader."""
-    alpha = getattr(delta, "alpha", None)
-    if alpha is None:
-        return None
-    if float(alpha) == 0.0:
-        return float(delta.rank) if delta.rank else None
-    return float(alpha)
-
-
-def _magnitude_for_kohya(delta: DoRADelta, weight_shape: tuple[int, ...] | None) -> torch.Tensor:
-    """``dora_scale`` as LyCORIS stores it: (out, 1, …) for per-output-row norms, (1, in, …) for per-input ones."""
-    mag = delta.magnitude
-    if weight_shape is None:
-        if mag.dim() >= 2:
-            return mag
-        # No module shape known: a flat PEFT-style vector is per output row of a linear layer.
-        return mag.reshape(-1, 1) if delta.axis == "out" else mag.reshape(1, -1)
-    ones = [1] * (len(weight_shape) - 2)
-    if delta.axis == "out":
-        return mag.reshape(weight_shape[0], 1, *ones)
-    # per input column the norm also runs over the kernel (A1111 / LyCORIS): one value per input channel
-    return mag.reshape(1, weight_shape[1], *ones)
-
-
-def module_shaped(
-    down: torch.Tensor, up: torch.Tensor, weight_shape: tuple[int, ...] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors with the dims the module's own layer would have: 4-D ``(r, in, kh, kw)`` / ``(out, r, 1, 1)``
-    for a Conv2d, 2-D for a Linear. A1111 copies factors into real Conv2d/Linear layers, so 2-D factors of a 1x1
-    conv (as some converters write them) would not load there. Element order is unchanged."""
-    if weight_shape is None or down.shape[0] * math.prod(weight_shape[1:]) != down.numel():
-        return down, up
-    if len(weight_shape) == 4:
-        return down.reshape(down.shape[0], *weight_shape[1:]), up.reshape(up.shape[0], -1, 1, 1)
-    return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-
-
-def _delta_tensors(delta: Delta, weight_shape: tuple[int, ...] | None) -> Iterable[tuple[str, torch.Tensor]]:
-    if isinstance(delta, DoRADelta):
-        yield from _delta_tensors(delta.inner, weight_shape)
-        yield "dora_scale", _magnitude_for_kohya(delta, weight_shape)
-        return
-    if isinstance(delta, LowRankDelta):
-        if delta.mid is None:
-            down, up = module_shaped(delta.down, delta.up, weight_shape)
-        else:
-            down, up = delta.down, delta.up
-        yield "lora_down.weight", down
-        yield "lora_up.weight", up
-        if delta.mid is not None:
-            yield "lora_mid.weight", delta.mid
-    elif isinstance(delta, LoHaDelta):
-        names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-        values = (delta.w1_a, delta.w1_b, delta.w2_a, delta.w2_b, delta.t1, delta.t2)
-        yield from ((n, v) for n, v in zip(names, values) if v is not None)
-    elif isinstance(delta, LoKrDelta):
-        names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-        values = (delta.w1, delta.w1_a, delta.w1_b, delta.w2, delta.w2_a, delta.w2_b, delta.t2)
-        yield from ((n, v) for n, v in zip(names, values) if v is not None)
-    elif isinstance(delta, FullDelta):
-        yield "diff", delta.diff
-        if delta.diff_b is not None:
-            yield "diff_b", delta.diff_b
-        return  # a full diff has no alpha
-    else:  # pragma: no cover - a new Delta kind must be taught to the writer
-        raise TypeError(f"the kohya writer does not know Delta kind {type(delta).__name__}")
-    alpha = written_alpha(delta)
-    if alpha is not None:
-        yield "alpha", alpha_tensor(alpha)
 
 
 def kohya_module_name(index: ModuleIndex, target_key: str) -> str:
@@ -152,7 +66,7 @@ def kohya_state_dict(
     for target_key, delta in items:
         name = kohya_module_name(index, target_key)
         shape = index.modules[target_key].weight_shape
-        for suffix, tensor in _delta_tensors(delta, shape):
+        for suffix, tensor in delta.kohya_tensors(shape):
             key = f"{name}.{suffix}"
             if key in out:
                 raise ValueError(f"two target keys map to the kohya name {name!r}; the adapter has duplicate layers")
@@ -170,8 +84,8 @@ def _fmt_alpha(alpha: float) -> str:
 
 def _network_summary(adapter: Adapter, index: ModuleIndex) -> dict[str, str]:
     """ss_network_module / dim / alpha / args describing what is written (not what the source once was)."""
-    inner_kinds = [d.inner.kind if isinstance(d, DoRADelta) else d.kind for d in adapter.deltas.values()]
-    plain = all(isinstance(d, LowRankDelta) and d.mid is None for d in adapter.deltas.values())
+    algos = [d.lycoris_algo for d in adapter.deltas.values()]
+    plain = all(algo is None for algo in algos)  # what kohya's own networks.lora holds
     module = "networks.lora" if plain else "lycoris.kohya"
     linear, conv = [], []
     for key, d in adapter.deltas.items():
@@ -190,9 +104,8 @@ def _network_summary(adapter: Adapter, index: ModuleIndex) -> dict[str, str]:
         out["ss_network_alpha"] = _fmt_alpha(main[1])
     args: dict[str, str] = {}
     if not plain:
-        non_lora = [k for k in inner_kinds if k != "lora"]
-        args["algo"] = _most_common(non_lora) or "locon"
-        if any(isinstance(d, DoRADelta) for d in adapter.deltas.values()):
+        args["algo"] = _most_common([a for a in algos if a not in (None, "locon")]) or "locon"
+        if any(d.kind == "dora" for d in adapter.deltas.values()):  # LyCORIS' flag for weight decomposition
             args["dora_wd"] = "True"
     conv_main = _most_common(conv)
     if conv_main is not None:

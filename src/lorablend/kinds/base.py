@@ -130,6 +130,8 @@ class DeltaKind:
     needs_base: ClassVar[bool] = False
     # LyCORIS LoHa / LoKr may hold a conv's ΔW flattened to (out, in·kh·kw): its 4-D shape comes from the module.
     may_flatten_convs: ClassVar[bool] = False
+    # Whether trainers write DoRA magnitudes over this kind (LoRA, LoHa, LoKr do; a full diff does not).
+    takes_dora: ClassVar[bool] = True
 
     rank: Any
     alpha: Any
@@ -194,6 +196,12 @@ class DeltaKind:
     def kohya_tensors(self, weight_shape: Shape | None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(suffix, tensor)`` pairs as kohya / LyCORIS files name them (``lora_down.weight``, ``hada_w1_a``…)."""
         raise NotImplementedError  # pragma: no cover
+
+    @property
+    def lycoris_algo(self) -> str | None:
+        """The LyCORIS ``algo`` a kohya file names for this delta, or None when kohya's own ``networks.lora``
+        holds it (plain LoRA / LoCon)."""
+        return self.kind
 
     def peft_problem(self) -> str | None:
         """None when a diffusers / PEFT LoRA file can hold this delta; else what it is, for the error message."""

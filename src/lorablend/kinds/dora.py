@@ -110,6 +110,10 @@ class DoRADelta(DeltaKind):
         # per input column the norm also runs over the kernel (A1111 / LyCORIS): one value per input channel
         return mag.reshape(1, weight_shape[1], *ones)
 
+    @property
+    def lycoris_algo(self) -> str:
+        return self.inner.lycoris_algo or "locon"  # kohya's networks.lora holds no DoRA
+
     def peft_problem(self) -> str | None:
         if self.inner.peft_problem() is not None:
             return f"DoRA on {self.inner.kind}"

@@ -23,6 +23,7 @@ class FullDelta(DeltaKind):
     diff_b: torch.Tensor | None = None
     kind: str = field(default="full", init=False)
     roles: ClassVar[frozenset[str]] = frozenset({"diff", "diff_b"})
+    takes_dora: ClassVar[bool] = False
     alpha = None
     rank = None
 

@@ -89,6 +89,10 @@ class LowRankDelta(DeltaKind):
         if alpha is not None:
             yield "alpha", alpha_tensor(alpha)
 
+    @property
+    def lycoris_algo(self) -> str | None:
+        return None if self.mid is None else "locon"  # Tucker cores are LyCORIS' LoCon
+
     def peft_problem(self) -> str | None:
         return None
 
