@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .adapter import Adapter, Delta, DoRADelta, LowRankDelta
+from .adapter import Adapter, Delta, LowRankDelta
 
 # Layer types (columns), in display order: the first pattern that matches a target key wins.
 LAYER_TYPES: list[tuple[str, str]] = [
@@ -75,14 +75,13 @@ def _row_order(label: str) -> tuple[int, int, str]:
 
 
 def _factors(delta: Delta) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return delta.factors() if type(delta) is LowRankDelta else None
+    return delta.low_rank_factors()
 
 
 def _dense(delta: Delta) -> torch.Tensor:
-    if isinstance(delta, DoRADelta):
-        # DoRA's delta depends on the base weight, which an offline file does not have: show its inner delta.
-        delta = delta.inner
-    return delta.delta_weight(None).reshape(delta.delta_weight(None).shape[0], -1).float()
+    # DoRA's delta depends on the base weight, which an offline file does not have: show the part that does not.
+    dense = delta.base_free().delta_weight()
+    return dense.reshape(dense.shape[0], -1).float()
 
 
 def delta_inner(a: Delta, b: Delta) -> float:
