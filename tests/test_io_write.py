@@ -340,11 +340,16 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")
 
-    def broken(f, chunks):
-        f.write(b"partial")
-        raise OSError("disk full")
+    real_write = write_mod.atomic_write
 
-    monkeypatch.setattr(write_mod, "_write_chunks", broken)
+    def broken(out, chunks, **kw):  # the real atomic write, fed bytes that stop with an error halfway
+        def failing():
+            yield b"partial"
+            raise OSError("disk full")
+
+        return real_write(out, failing(), **kw)
+
+    monkeypatch.setattr(write_mod, "atomic_write", broken)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(small_adapter(), out, "kohya", overwrite=True)
     with pytest.raises(OSError, match="disk full"):
@@ -403,7 +408,7 @@ def test_real_style_file_written_by_hand_is_read_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["lorablend.io.write", "lorablend.io.write_kohya", "lorablend.io.write_diffusers",
-                                  "lorablend.io.hashing", "lorablend.inspect", "lorablend.cli"])
+                                  "lorablend.io.hashing", "lorablend.inspection", "lorablend.cli"])
 def test_docstring_examples(name):
     import doctest
     import importlib

@@ -27,10 +27,7 @@ import json
 import logging
 import math
 import os
-import secrets
-import shutil
 import time
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
@@ -38,9 +35,13 @@ from typing import Any, Iterator, Sequence, Union
 import torch
 
 from .adapter import Adapter, Delta
-from .checkpoint import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, CheckpointLayout, Placement, SafetensorsHeader, checkpoint_layout, read_header
+from .checkpoint import CheckpointLayout, Placement, checkpoint_layout
 from .errors import LoraCompatibilityError, LoraFormatError
 from .fusion import fused_bias, fused_weight, has_bias_terms
+from .io.safetensors import (
+    DTYPE_NAMES, DTYPES, FLOAT_DTYPES, ITEM_SIZES, SafetensorsHeader, encode_header, read_header, read_tensor,
+)
+from .outputs import atomic_folder, atomic_write, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +101,15 @@ def bake(
     722
     """
     started = time.perf_counter()
-    model_path, out = _check_paths(model, loras, output, overwrite)
+    model_path, out, inputs = _check_paths(model, loras, output, overwrite)
     lora_scale = _finite(lora_scale, "lora_scale")
     weights = [_finite(w, f"the weight of LoRA #{i + 1}") for i, (_, w) in enumerate(loras)]
     out_dtype = _parse_dtype(dtype)
     if model_path.is_dir():
-        report = _bake_pipeline(model_path, loras, weights, out, lora_scale, overwrite, out_dtype, strict, safe)
+        report = _bake_pipeline(model_path, loras, weights, out, inputs, lora_scale, overwrite, out_dtype, strict, safe)
     else:
-        report = _bake_single_file(model_path, loras, weights, out, lora_scale, overwrite, out_dtype, strict, safe, progress)
+        report = _bake_single_file(model_path, loras, weights, out, inputs, lora_scale, overwrite, out_dtype, strict, safe,
+                                   progress)
     report.seconds = time.perf_counter() - started
     logger.info("%s", report.summary())
     return report
@@ -132,16 +134,7 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return parse_dtype(dtype)
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
-def _check_paths(model: Any, loras: Sequence, output: Any, overwrite: bool) -> tuple[Path, Path]:
-    from .io.write import OutputExistsError
-
+def _check_paths(model: Any, loras: Sequence, output: Any, overwrite: bool) -> tuple[Path, Path, list[Path]]:
     model_path = Path(model)
     if not model_path.exists():
         raise FileNotFoundError(f"{model}: no such checkpoint file or pipeline folder")
@@ -167,19 +160,9 @@ def _check_paths(model: Any, loras: Sequence, output: Any, overwrite: bool) -> t
         out = out / model_path.name
     if model_path.is_dir() and out.exists() and not out.is_dir():
         raise ValueError(f"{out}: baking a pipeline folder writes a folder, and this is a file; name a folder")
-    for src in (model_path, *sources):
-        if _same_path(src, out) or (out.exists() and out.is_dir() and _inside(src, out)):
-            raise ValueError(f"{output}: that is an input ({src}); lorablend never writes over an input, name a new path")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    return model_path, out
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except OSError:
-        return False
+    inputs = [model_path, *sources]
+    check_output(out, inputs=inputs, overwrite=overwrite)
+    return model_path, out, inputs
 
 
 def _lora_name(src: LoraSource, taken: set[str]) -> str:
@@ -208,7 +191,7 @@ def _folder_dtype(folder: Path) -> torch.dtype | None:
     return None
 
 
-def _bake_pipeline(model: Path, loras, weights, out: Path, lora_scale, overwrite, out_dtype, strict, safe) -> BakeReport:
+def _bake_pipeline(model: Path, loras, weights, out: Path, inputs, lora_scale, overwrite, out_dtype, strict, safe) -> BakeReport:
     from .pipeline import DiffusionPipeline
 
     torch_dtype = out_dtype or _folder_dtype(model) or torch.float32
@@ -228,38 +211,11 @@ def _bake_pipeline(model: Path, loras, weights, out: Path, lora_scale, overwrite
     pipe.fuse_lora(lora_scale=lora_scale, safe_fusing=safe)
     pipe.unload_lora_weights()
     family = pipe._runtime.view.family
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_folder(out, overwrite=overwrite, inputs=inputs) as tmp:
         pipe.save_pretrained(str(tmp))
-        _replace_folder(tmp, out, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return BakeReport(str(model), str(out), "pipeline", family, lora_scale, _dtype_name(torch_dtype), infos,
                       tensors=len(pipe._runtime.view.index.modules), touched=len(touched), bytes=size, skipped=skipped)
-
-
-def _replace_folder(tmp: Path, out: Path, overwrite: bool) -> None:
-    from .io.write import OutputExistsError
-
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not overwrite:  # it appeared while we were writing
-        raise OutputExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    old = out.parent / f".{out.name}.{secrets.token_hex(6)}.old"
-    os.rename(out, old)  # two renames: the output is never a half-written folder
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -278,11 +234,13 @@ class _Op:
     terms: list[tuple[float, Delta]]
 
 
-def _bake_single_file(model: Path, loras, weights, out: Path, lora_scale, overwrite, out_dtype, strict, safe, progress) -> BakeReport:
+def _bake_single_file(model: Path, loras, weights, out: Path, inputs, lora_scale, overwrite, out_dtype, strict, safe,
+                      progress) -> BakeReport:
     from .io import load_adapter
-    from .io.write import atomic_write
     from .resolve import bind_adapter
 
+    # Every check of the format, before anything else: the output is streamed by these offsets, so a header
+    # that lies (overlaps, gaps, sizes that disagree, a cut-off file, names twice) must stop the bake here.
     header = read_header(model)
     layout = checkpoint_layout(model, header)
     taken: set[str] = set()
@@ -301,7 +259,8 @@ def _bake_single_file(model: Path, loras, weights, out: Path, lora_scale, overwr
     new_header, sizes = _output_header(header, out_dtype, infos, lora_scale)
     total = sum(sizes)
     logger.info("baking %d layers into %s -> %s (%d tensors, %d bytes)", len(terms), model, out, len(header.entries), total)
-    atomic_write(out, _stream(header, ops, out_dtype, new_header, sizes, safe, progress), overwrite=overwrite)
+    atomic_write(out, _stream(header, ops, out_dtype, new_header, sizes, safe, progress), overwrite=overwrite,
+                 inputs=inputs)
     return BakeReport(str(model), str(out), "single_file", layout.family, lora_scale, _dtype_name(out_dtype), infos,
                       tensors=len(header.entries), touched=len({o.placement.target_key for v in ops.values() for o in v}),
                       bytes=out.stat().st_size, skipped=skipped)
@@ -335,39 +294,28 @@ def _plan(layout: CheckpointLayout, terms: dict, strict: bool, skipped: list) ->
     return ops
 
 
-def _itemsize(code: str) -> int:
-    return torch.empty((), dtype=DTYPES[code]).element_size() if code in DTYPES else 0
-
-
 def _out_code(code: str, out_dtype: torch.dtype | None) -> str:
     return DTYPE_NAMES[out_dtype] if out_dtype is not None and code in FLOAT_DTYPES else code
 
 
 def _output_header(header: SafetensorsHeader, out_dtype, infos, lora_scale) -> tuple[bytes, list[int]]:
     """The output's header bytes (same keys and shapes, in the same data order) and each tensor's byte size."""
-    entries, sizes, offset = {}, [], 0
-    for e in header.entries:
-        code = _out_code(e.dtype, out_dtype)
-        size = e.nbytes if code == e.dtype else math.prod(e.shape) * _itemsize(code)
-        entries[e.name] = {"dtype": code, "shape": list(e.shape), "data_offsets": [offset, offset + size]}
-        sizes.append(size)
-        offset += size
+    codes = [_out_code(e.dtype, out_dtype) for e in header.entries]
+    sizes = [math.prod(e.shape) * ITEM_SIZES[code] for e, code in zip(header.entries, codes)]
     metadata = dict(header.metadata)
     metadata["lorablend.baked_loras"] = json.dumps([{k: l[k] for k in ("name", "weight", "layers")} for l in infos])
     metadata["lorablend.lora_scale"] = repr(lora_scale)
-    blob = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
-    return len(blob).to_bytes(8, "little") + blob, sizes
+    layout = [(e.name, code, e.shape) for e, code in zip(header.entries, codes)]
+    return encode_header(layout, metadata), sizes
 
 
 def _stream(header, ops, out_dtype, new_header: bytes, sizes: list[int], safe: bool, progress: bool) -> Iterator[Any]:
     """The output file's bytes, one tensor at a time."""
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     yield new_header
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="bake", disable=not progress, leave=False)
-    with open(header.path, "rb") as raw, safe_open(str(header.path), framework="pt") as st, bar:
+    with open(header.path, "rb") as raw, bar:
         for e, size in zip(header.entries, sizes):
             code = _out_code(e.dtype, out_dtype)
             if e.name not in ops and code == e.dtype:
@@ -380,7 +328,7 @@ def _stream(header, ops, out_dtype, new_header: bytes, sizes: list[int], safe: b
                     left -= len(chunk)
                     yield chunk
             else:
-                tensor = st.get_tensor(e.name)
+                tensor = read_tensor(raw, header, e)
                 if e.name in ops:
                     tensor = _apply(tensor, ops[e.name], DTYPES[code], safe)
                 elif tensor.dtype != DTYPES[code]:

@@ -16,18 +16,16 @@ key with its LDM path (``naming``). Only the header is read here; tensors stay o
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import LoraFormatError
+from .io.safetensors import FLOAT_DTYPES, SafetensorsHeader, read_header  # the one header reader (every check)
 from .resolve import ModelView
 
 UNET_PREFIX = "model.diffusion_model."
@@ -41,93 +39,6 @@ TEXT_LAYOUTS: dict[str, list[tuple[str, str, str]]] = {
         ("text_encoder_2", "conditioner.embedders.1.model.", "openclip"),
     ],
 }
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a safetensors file: name, dtype code (``"F16"``…), shape and byte range in the data section."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-@dataclass
-class SafetensorsHeader:
-    """The parsed header of a ``.safetensors`` file; ``entries`` are in data order."""
-
-    path: Path
-    data_start: int  # byte offset of the data section in the file
-    entries: list[TensorEntry]
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.by_name = {e.name: e for e in self.entries}
-
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        entry = self.by_name.get(name)
-        return None if entry is None else entry.shape
-
-
-def read_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse a safetensors header without reading any tensor; a file that is not one raises ``LoraFormatError``.
-
-    >>> read_header("model.safetensors").entries[0].name                       # doctest: +SKIP
-    'cond_stage_model.transformer.text_model.embeddings.position_embedding.weight'
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise LoraFormatError(f"{path}: not a safetensors checkpoint (only {size} bytes)")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > min(size - 8, 100 * 2**20):
-            raise LoraFormatError(
-                f"{path}: not a safetensors checkpoint (bad header length); a .ckpt/.pt pickle must be converted "
-                "to .safetensors first"
-            )
-        try:
-            raw = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise LoraFormatError(f"{path}: not a safetensors checkpoint (the header is not JSON)") from None
-    if not isinstance(raw, dict):
-        raise LoraFormatError(f"{path}: not a safetensors checkpoint (the header is not a JSON object)")
-    metadata = raw.pop("__metadata__", None) or {}
-    entries = []
-    try:
-        for name, info in raw.items():
-            start, end = (int(x) for x in info["data_offsets"])
-            entries.append(TensorEntry(name, str(info["dtype"]), tuple(int(s) for s in info["shape"]), start, end))
-    except (KeyError, TypeError, ValueError):
-        raise LoraFormatError(f"{path}: malformed safetensors header (entry {name!r})") from None
-    entries.sort(key=lambda e: e.start)
-    data_start = 8 + n
-    if entries and data_start + entries[-1].end > size:
-        raise LoraFormatError(f"{path}: truncated safetensors file ({size} bytes, the header promises more)")
-    return SafetensorsHeader(path, data_start, entries, {str(k): str(v) for k, v in metadata.items()})
-
 
 # ------------------------------------------------------------------------------------------- family
 
@@ -382,13 +293,9 @@ def checkpoint_layout(path: str | os.PathLike, header: SafetensorsHeader | None 
 
 __all__ = [
     "CheckpointLayout",
-    "DTYPES",
     "Placement",
-    "SafetensorsHeader",
-    "TensorEntry",
     "build_components",
     "checkpoint_layout",
     "detect_family",
-    "read_header",
     "unet_config",
 ]

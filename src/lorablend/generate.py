@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -189,32 +187,19 @@ def render_grid(images: Sequence[Sequence[Any]], col_labels: Sequence[str], row_
     return sheet
 
 
-def save_png(image: Any, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a PIL image as PNG through a temp file in the same folder (never a partial file), then rename.
+def save_png(
+    image: Any, output: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+) -> Path:
+    """Write a PIL image as PNG, atomically (``lorablend.outputs``): never a partial file, never over ``inputs``.
 
     >>> save_png(image, "out.png")                                              # doctest: +SKIP
     PosixPath('out.png')
     """
-    from .io.write import OutputExistsError
+    from .outputs import atomic_file
 
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
-    try:
+    with atomic_file(output, overwrite=overwrite, inputs=inputs) as tmp:
         image.save(tmp, format="PNG")
-        if overwrite:
-            os.replace(tmp, out)
-        else:
-            try:
-                os.link(tmp, out)  # fails if the file appeared meanwhile: never clobber
-            except FileExistsError:
-                raise OutputExistsError(f"{out} exists; pass --overwrite to replace it") from None
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return out
+    return Path(output)
 
 
 __all__ = ["GenerationSettings", "Grid", "generate_image", "load_pipeline", "render_grid", "save_png", "weight_grid"]

@@ -15,11 +15,10 @@ before anything is returned (there is no partial result).
 
 from __future__ import annotations
 
-import json
-import math
 import mmap
+import os
 import pickle
-import struct
+import stat
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -30,30 +29,11 @@ import torch
 
 from ..errors import LoraFormatError
 from .legacy import refuse_tensor_list
+from .safetensors import DTYPES, looks_like_safetensors, read_header
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
-
-# safetensors dtype names and their element sizes, to check a header against the file length ourselves
-# (the library's own message for a cut-off download is "incomplete metadata, file not fully covered").
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
-_TORCH_DTYPES = {
-    name: dtype
-    for name, attr in {
-        "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
-        "F8_E8M0": "float8_e8m0fnu", "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
-        "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
-    }.items()
-    if isinstance(dtype := getattr(torch, attr, None), torch.dtype)
-}
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
 
 @dataclass
 class RawSource:
@@ -130,16 +110,20 @@ def _pick_weight_file(folder: Path, weight_name: str | None) -> Path:
 
 
 def _read_file(path: Path, mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    size = path.stat().st_size
-    if size == 0:
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise LoraFormatError(f"{path}: not a regular file (a device, pipe or socket); pass a LoRA weight file")
+    if info.st_size == 0:
         raise LoraFormatError(f"{path}: empty file (0 bytes); the download or copy did not complete")
     with open(path, "rb") as f:
         head = f.read(16)
     # safetensors first: its 8-byte little-endian header length may itself start with 0x80, a pickle's first byte
-    if _looks_like_safetensors(head, size):
-        return _read_safetensors(path, size, mapped)
+    if looks_like_safetensors(head, info.st_size):
+        return _read_safetensors(path, mapped)
     if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return _read_pickle(path), {}
+    if head[8:9] == b"{":  # a JSON header behind a length that cannot be right: let the reader say what is wrong
+        return _read_safetensors(path, mapped)
     raise LoraFormatError(
         f"{path}: not a LoRA weight file: it is neither safetensors (8-byte header length + JSON header) nor a "
         f"torch pickle (first bytes {head[:8]!r}); check that the file is the weights and not an HTML error page "
@@ -147,95 +131,34 @@ def _read_file(path: Path, mapped: bool = False) -> tuple[dict[str, torch.Tensor
     )
 
 
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= _MAX_HEADER and head[8:9] == b"{"
-
-
-def _read_safetensors(path: Path, size: int, mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if 8 + n > size:
-            raise LoraFormatError(
-                f"{path}: truncated safetensors file: the header says it is {n} bytes long but the file has only "
-                f"{size} bytes; download the file again"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LoraFormatError(f"{path}: corrupt safetensors header ({e}); download the file again") from None
-    if not isinstance(header, dict):
-        raise LoraFormatError(f"{path}: corrupt safetensors header (not a JSON object); download the file again")
-    metadata = header.pop("__metadata__", None) or {}
-    declared = 0
-    for key, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            shape = info["shape"]
-            if not all(type(x) is int and x >= 0 for x in (begin, end, *shape)):
-                raise ValueError
-            declared = max(declared, end)
-            expected = math.prod(shape) * _DTYPE_BYTES.get(info["dtype"], 0)
-        except (TypeError, KeyError, ValueError):
-            raise LoraFormatError(f"{path}: corrupt safetensors header entry for {key!r}; download the file again") from None
-        if _DTYPE_BYTES.get(info["dtype"]) and end - begin != expected:
-            raise LoraFormatError(
-                f"{path}: corrupt safetensors header: {key!r} spans {end - begin} bytes but its dtype and shape "
-                f"need {expected}; download the file again"
-            )
-    present = size - 8 - n
-    if declared > present:
-        raise LoraFormatError(
-            f"{path}: truncated safetensors file: the header declares {declared:,} data bytes but only "
-            f"{present:,} are present (the download or upload was cut off); download the file again"
-        )
-    bad_meta = [k for k, v in metadata.items() if not isinstance(v, str)]
-    if bad_meta:
-        raise LoraFormatError(f"{path}: corrupt safetensors metadata: value of {bad_meta[0]!r} is not a string")
-    _check_layout(path, header, present)
-    if sys.byteorder != "little" or any(info["dtype"] not in _TORCH_DTYPES for info in header.values()):
-        return _read_with_library(path), dict(metadata)
+def _read_safetensors(path: Path, mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    header = read_header(path)  # every check of the format: the views below trust its offsets
+    if sys.byteorder != "little" or any(e.dtype not in DTYPES for e in header.entries):
+        return _read_with_library(path), dict(header.metadata)
     # The whole data section as ONE buffer, then a view per tensor (a LoRA is hundreds of small tensors). Private
     # by default: tensors backed by a map of the file would change, or crash the process (SIGBUS), if a trainer
     # rewrote the file in place while the adapter is loaded. The private copy is made from a map of the file by
     # torch's threads: fresh memory costs page faults, which several threads take faster than one read() does.
     with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size != header.file_size:
+            raise LoraFormatError(f"{path}: the file changed while it was read; try again when it is complete")
+        if not header.data_length:  # only zero-size tensors (or none): nothing to map
+            return {e.name: torch.empty(e.shape, dtype=DTYPES[e.dtype]) for e in header.entries}, dict(header.metadata)
         whole = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
     if mapped:
-        data, base = whole[8 + n:], 8 + n
+        data, base = whole[header.data_start:], header.data_start
     else:
-        data, base = torch.empty(present, dtype=torch.uint8), 0
-        data.copy_(whole[8 + n:])
+        data, base = torch.empty(header.data_length, dtype=torch.uint8), 0
+        data.copy_(whole[header.data_start:])
         del whole  # (unmaps the file)
     tensors = {}
-    for key, info in header.items():
-        begin, end = info["data_offsets"]
-        dtype = _TORCH_DTYPES[info["dtype"]]
-        span = data[begin:end]
-        if (base + begin) % dtype.itemsize:  # not aligned for a view (the writer did not pad): copy this one
+    for e in header.entries:
+        dtype = DTYPES[e.dtype]
+        span = data[e.start:e.end]
+        if (base + e.start) % dtype.itemsize:  # not aligned for a view (the writer did not pad): copy this one
             span = span.clone()
-        tensors[key] = span.view(dtype).view(info["shape"])
-    return tensors, dict(metadata)
-
-
-def _check_layout(path: Path, header: dict, present: int) -> None:
-    """The checks the safetensors library makes: tensors lie back to back, from byte 0 to the end of the file."""
-    at = 0
-    for key, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
-        begin, end = info["data_offsets"]
-        if begin != at or end < begin:
-            raise LoraFormatError(
-                f"{path}: corrupt safetensors header: {key!r} starts at byte {begin} where byte {at} was expected "
-                f"(tensors overlap or leave gaps); download the file again"
-            )
-        at = end
-    if at != present:
-        raise LoraFormatError(
-            f"{path}: corrupt safetensors file: its tensors end at byte {at:,} of a {present:,}-byte data section; "
-            f"download the file again"
-        )
+        tensors[e.name] = span.view(dtype).view(e.shape)
+    return tensors, dict(header.metadata)
 
 
 def _read_with_library(path: Path) -> dict[str, torch.Tensor]:

@@ -8,27 +8,25 @@ Two formats (see ``write_diffusers.py`` and ``write_kohya.py`` for the key layou
   keys (``hada_*``, ``lokr_*``, ``diff``, ``dora_scale``, ``lora_mid``); every Delta kind fits, losslessly.
 
 Both carry the adapter's metadata and an ``sshs_model_hash`` equal to the sha256 of the file's own data
-section (what kohya and A1111 compute). Files are written to a temp file in the destination folder and renamed,
-so a failure never leaves a partial file; an existing file is replaced only with ``overwrite=True``; the file
-an adapter was read from is never overwritten.
+section (what kohya and A1111 compute). The bytes come from ``io/safetensors.py`` (the one writer); the file is
+written by ``lorablend.outputs`` (atomic; an existing file replaced only with ``overwrite=True``; the file an
+adapter was read from never overwritten).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import secrets
-from contextlib import suppress
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from safetensors.torch import save as _serialize
 
 from ..adapter import Adapter, Delta, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
 from ..naming import ModuleIndex, module_index
+from ..outputs import OutputExistsError, atomic_write, check_output, refuse_input
+from .safetensors import serialize
 from .write_diffusers import diffusers_state_dict
 from .write_kohya import kohya_metadata, kohya_state_dict
 
@@ -45,10 +43,6 @@ _DTYPES = {
 }
 # Keys that describe a kohya network; in a diffusers file they would describe something that is not there.
 _KOHYA_ONLY = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
-
-
-class OutputExistsError(FileExistsError, ValueError):
-    """The output file exists and ``overwrite`` was not given (a ``ValueError`` and a ``FileExistsError``)."""
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -185,25 +179,14 @@ def _prepare_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
     return out
 
 
-def serialize_with_hash(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, memoryview]:
-    """``(header, data)`` of a safetensors file whose header holds ``sshs_model_hash`` of its own data section.
+def serialize_with_hash(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, list[memoryview]]:
+    """``(header, data chunks)`` of a safetensors file whose header holds ``sshs_model_hash`` of its own data section.
 
-    The data section does not depend on the metadata, so it is serialized once, hashed, and the hash is put
-    into the header (re-encoded and padded with spaces to 8 bytes, as safetensors does).
+    >>> header, chunks = serialize_with_hash({"x": torch.zeros(2)}, {})
+    >>> b'"sshs_model_hash"' in header
+    True
     """
-    blob = _serialize(tensors, metadata=dict(metadata) or None)
-    n = int.from_bytes(blob[:8], "little")
-    data = memoryview(blob)[8 + n:]
-    parsed = json.loads(blob[8:8 + n])
-    meta = dict(parsed.pop("__metadata__", None) or {})
-    meta["sshs_model_hash"] = hashlib.sha256(data).hexdigest()
-    # safetensors keeps metadata in a hash map whose order varies from run to run; sorting makes the same
-    # adapter give the same bytes every time (tensor entries in data order, as safetensors lays them out).
-    header = {"__metadata__": dict(sorted(meta.items()))}
-    header.update(sorted(parsed.items(), key=lambda kv: kv[1]["data_offsets"]))
-    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded, data
+    return serialize(tensors, metadata, data_hash_key="sshs_model_hash")
 
 
 def output_path(path: str | os.PathLike, format: str, adapter_name: str = "lora") -> Path:
@@ -225,57 +208,18 @@ def _safe_stem(name: str) -> str:
     return stem or "lora"
 
 
-def _is_source_of(adapter: Adapter, out: Path) -> bool:
+def _sources(adapter: Adapter) -> list[str]:
     source = adapter.report.source if adapter.report is not None else ""
-    if not source or source.startswith("<") or not out.exists():
-        return False
-    with suppress(OSError):
-        return Path(source).is_file() and out.samefile(source)
-    return False
+    return [] if not source or source.startswith("<") else [source]
 
 
 def refuse_input_overwrite(adapter: Adapter, out: Path) -> None:
-    """An input is never overwritten, even with ``overwrite=True``: a bug or a crash would lose the original."""
-    if _is_source_of(adapter, out):
-        raise ValueError(
-            f"{out}: refusing to overwrite the file adapter {adapter.name!r} was read from; write to a new path"
-        )
+    """An input is never overwritten, even with ``overwrite=True``: a bug or a crash would lose the original.
 
-
-def _write_chunks(f, chunks: Iterable[bytes | memoryview]) -> None:
-    for chunk in chunks:
-        f.write(chunk)
-
-
-def atomic_write(out: Path, chunks: Iterable[bytes | memoryview], *, overwrite: bool = False) -> None:
-    """Write ``chunks`` to ``out`` through a temp file in the same folder; nothing partial is ever left behind.
-
-    Without ``overwrite`` the final step is a hard link, which fails if ``out`` appeared meanwhile, so an
-    existing file is never clobbered even by a race.
+    >>> from lorablend.adapter import Adapter
+    >>> refuse_input_overwrite(Adapter("a", "sd1", {}), Path("new.safetensors"))  # no source file: nothing to refuse
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
-    # os.open with 0o666 lets the umask decide the final permissions, as for any new file.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_chunks(f, chunks)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, out)
-        else:
-            try:
-                os.link(tmp, out)
-            except FileExistsError:
-                raise OutputExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it") from None
-            except OSError:  # a file system without hard links: check, then rename
-                if out.exists():
-                    raise OutputExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-                os.replace(tmp, out)
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
+    refuse_input(out, _sources(adapter), what=f"the file adapter {adapter.name!r} was read from")
 
 
 def save_adapter(
@@ -305,14 +249,14 @@ def save_adapter(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     out = output_path(path, format, adapter.name)
     refuse_input_overwrite(adapter, out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_output(out, overwrite=overwrite)  # before the work: a typo fails at once
     tensors, meta = adapter_state_dict(
         adapter, format, dtype=dtype, metadata=metadata, target=target, progress=progress
     )
-    header, data = serialize_with_hash(tensors, meta)
-    atomic_write(out, (header, data), overwrite=overwrite)
-    logger.info("wrote %s (%s format, %d layers, %d bytes)", out, format, len(adapter.deltas), len(header) + len(data))
+    header, chunks = serialize_with_hash(tensors, meta)
+    atomic_write(out, [header, *chunks], overwrite=overwrite, inputs=_sources(adapter))
+    size = len(header) + sum(c.nbytes for c in chunks)
+    logger.info("wrote %s (%s format, %d layers, %d bytes)", out, format, len(adapter.deltas), size)
     return out
 
 
