@@ -66,7 +66,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_file, render_text
+    from .inspection import inspect_file, render_text
 
     if args.other is not None or args.plot is not None:
         return _cmd_inspect_plot(args)
@@ -79,7 +79,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect_plot(args: argparse.Namespace) -> int:
-    from .inspect import inspect_file, render_text
+    from .inspection import inspect_file, render_text
     from .plot import plot_files
 
     if args.plot is None:
