@@ -46,7 +46,7 @@ def choose_rank(s: torch.Tensor, k_max: int | None, energy: float | None) -> int
     """How many singular values to keep: at most ``k_max``, and the fewest that keep ``energy`` of ``Σσ²``.
 
     >>> choose_rank(torch.tensor([3.0, 1.0, 0.1]), None, 0.9), choose_rank(torch.tensor([3.0, 1.0]), 1, None)
-    (1, 1)
+    (2, 1)
     """
     p = int(s.numel())
     k = p if k_max is None else min(k_max, p)

@@ -7,7 +7,7 @@ masks from an explicit ``torch.Generator`` so results do not depend on global ra
 >>> COMBINATIONS["linear"](ts, [1.0, 1.0], density=None, majority_sign="total", gen=None)
 tensor([ 4., -1.])
 >>> COMBINATIONS["ties"](ts, [1.0, 1.0], density=1.0, majority_sign="total", gen=None)
-tensor([2., 1.])
+tensor([ 2., -2.])
 """
 
 from __future__ import annotations
