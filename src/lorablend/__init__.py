@@ -15,7 +15,9 @@ from .errors import LoraCompatibilityError, LoraFormatError
 from .merge import merge, merge_with_report  # eager: a lazy name would be shadowed by the submodule
 from .report import KeyRecord, LoadReport
 
-# Heavier names import diffusers; they load on first use so `import lorablend` stays fast.
+# Loaded on first use so that `import lorablend` costs little more than `import torch`: DiffusionPipeline imports
+# diffusers and transformers (seconds, torch._dynamo included); the io names import the readers and writers,
+# which need neither (tests/test_offline_imports.py keeps it so).
 _LAZY = {
     "load_adapter": "lorablend.io",
     "save_adapter": "lorablend.io",
