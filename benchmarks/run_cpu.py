@@ -1,4 +1,5 @@
-"""`make bench`: the CPU suite (runtime side by side + svd merge) in under 10 minutes on a 2-core machine.
+"""`make bench`: the CPU suite (offline start-up + runtime side by side + svd merge) in under 10 minutes on a
+2-core machine.
 
 The runtime part uses the real SD1.5 UNet (860 M weights, 192 touched layers) rather than SDXL: SDXL in fp32
 needs ~10 GiB for the UNet plus ~8 GiB for lorablend's pristine copies while fused, more than a shared
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--outdir", default=str(C.REPO / "bench-output"))
     p.add_argument("--skip-merge", action="store_true")
     p.add_argument("--skip-runtime", action="store_true")
+    p.add_argument("--skip-offline", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,6 +52,10 @@ def main(argv=None) -> int:
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}` (cwd {Path.cwd()}).",
         "",
     ]
+    if not args.skip_offline:  # first: fresh processes, before the runtime part fills memory
+        import bench_offline
+
+        parts.append(bench_offline.main(["--outdir", str(out)])["text"])
     if not args.skip_runtime:
         if args.model == "sdxl" and C.mem_available_gib() < 24:
             C.log(f"warning: SDXL fp32 needs ~21 GiB at peak; {C.mem_available_gib():.1f} GiB available")
