@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorablend-installed
 
-.PHONY: test test-portable demo bench example venv clean
+.PHONY: test test-portable demo bench example fuzz venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,12 @@ test-portable: $(STAMP)
 		env $$setting $(PY) -m pytest -q -p no:cacheprovider; \
 	done; rm -rf demo-output-portable
 
+# Fuzz the header/format readers for MINUTES minutes (coverage-guided loop, then hypothesis): prints inputs tried
+# and crashes, saves each crashing input in fuzz-crashes/, exits 1 on any crash.
+MINUTES ?= 2
+fuzz: $(STAMP)
+	$(PY) tests/fuzz_readers.py --minutes $(MINUTES) --crashes fuzz-crashes
+
 demo: $(STAMP)
 	$(PY) -m lorablend demo --output demo-output
 
@@ -41,4 +47,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_cpu.py
 
 clean:
-	rm -rf $(VENV) demo-output bench-output
+	rm -rf $(VENV) demo-output bench-output fuzz-crashes

@@ -129,7 +129,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return Path(a).resolve() == Path(b).resolve() or (Path(b).exists() and os.path.samefile(a, b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Path.resolve); the reader refuses it after
         return False
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,12 +35,24 @@ import torch
 
 from . import hub
 from .adapter import Adapter
+from .errors import LoraFormatError
 from .report import LoadReport
 from .resolve import bind_adapter
 from .runtime import LoraRuntime
 
 logger = logging.getLogger(__name__)
 _OWN = ("pipe", "_runtime")
+
+
+def _fetch(source: Any, weight_name: str | None, hub_kwargs: dict) -> Any:
+    """``hub.fetch_lora``, with a local path that exists but holds no readable LoRA (an empty folder, one with
+    several weight files, a symlink loop) refused as a ``LoraFormatError`` like every other unreadable file."""
+    try:
+        return hub.fetch_lora(source, weight_name=weight_name, **hub_kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, LoraFormatError) or not isinstance(source, (str, os.PathLike)) or not os.path.lexists(source):
+            raise
+        raise LoraFormatError(str(e)) from None
 
 
 def _is_numpy_generator(generator: Any) -> bool:
@@ -185,7 +198,7 @@ class DiffusionPipeline:
         ...     weight_name="ikea_instructions_xl_v1_5.safetensors", adapter_name="ikea")   # doctest: +SKIP
         """
         kwargs.pop("low_cpu_mem_usage", None)  # always "low": nothing is randomly initialised
-        source = hub.fetch_lora(pretrained_model_name_or_path_or_dict, weight_name=weight_name, **kwargs)
+        source = _fetch(pretrained_model_name_or_path_or_dict, weight_name, kwargs)
         if adapter_name is None and isinstance(source, Adapter):
             adapter_name = source.name
         name = adapter_name or self._default_adapter_name()
