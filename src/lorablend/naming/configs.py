@@ -2,8 +2,10 @@
 
 The SD1.5 and SDXL values are those of the published ``config.json`` files (runwayml/stable-diffusion-v1-5,
 stabilityai/stable-diffusion-xl-base-1.0); SD2.1 those of stabilityai/stable-diffusion-2-1. Only the
-fields that shape the module tree are kept: the models are built on the meta device to list their
-modules, so names always come from the real module trees, never from string guessing.
+fields that shape the module tree are kept: ``scripts/make_family_data.py`` builds the models from them on the
+meta device and writes their modules to ``naming/families/*.json``, so names always come from the real module
+trees, never from string guessing, and offline work reads the files without building anything. Change a
+number here, then regenerate the files (``tests/test_naming_family_data.py`` fails until they agree).
 """
 
 from __future__ import annotations
