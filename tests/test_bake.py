@@ -329,3 +329,89 @@ def test_dtype_cast_and_non_finite_refusal(tmp_path, make_pipe):
         bake(ckpt, [(huge, 1e6)], tmp_path / "inf.safetensors", dtype="fp16")
     assert not (tmp_path / "inf.safetensors").exists()
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------ a checkpoint whose header lies
+
+
+def _pairs_text(pairs) -> bytes:
+    """A header from (name, value) pairs in order, so a name can appear twice (a dict cannot hold that)."""
+    return ("{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}").encode()
+
+
+def _lie(ckpt, how: str) -> bytes:
+    """The checkpoint's bytes with its header (or its data) made to lie in one way."""
+    blob = ckpt.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8:8 + n]), blob[8 + n:]
+    pairs = list(header.items())
+    tensors = [i for i, (k, _) in enumerate(pairs) if k != "__metadata__"]
+    by_start = sorted(tensors, key=lambda i: pairs[i][1]["data_offsets"][0])
+    second, last = pairs[by_start[1]][1], pairs[by_start[-1]][1]
+    if how == "overlap":  # the second tensor starts 4 bytes early: two names share bytes (the sizes still agree)
+        second["data_offsets"] = [o - 4 for o in second["data_offsets"]]
+    elif how == "shape_bytes_mismatch":
+        second["shape"] = [second["shape"][0] + 1, *second["shape"][1:]]
+    elif how == "truncated_data":
+        data = data[:-100]
+    elif how == "duplicate_name":
+        name, info = pairs[by_start[-1]]
+        pairs.append((name, dict(info)))  # the same name again: json would keep one, silently
+    elif how == "gap":  # 8 unaccounted bytes before the last tensor
+        start, end = last["data_offsets"]
+        last["data_offsets"] = [start + 8, end + 8]
+        data = data[:start] + bytes(8) + data[start:]
+    elif how == "trailing_bytes":
+        data += b"hidden payload"
+    elif how == "header_length_past_the_end":
+        text = _pairs_text(pairs)
+        return (len(text) + len(data) + 1).to_bytes(8, "little") + text + data
+    text = _pairs_text(pairs)
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data
+
+
+_LIES = {
+    "overlap": "overlap",
+    "shape_bytes_mismatch": "but its dtype and shape need",
+    "truncated_data": "truncated",
+    "duplicate_name": "appears twice",
+    "gap": "gap of 8 bytes",
+    "trailing_bytes": "belong to none",
+    "header_length_past_the_end": "truncated",
+}
+
+
+@pytest.fixture(scope="module")
+def lying_setup(tmp_path_factory, tiny_pipes):
+    root = tmp_path_factory.mktemp("lies")
+    pipe = tiny_pipes["sd1"]  # read only
+    ckpt = root / "m.safetensors"
+    save_file(to_ldm(pipe, "sd1"), str(ckpt))
+    from lorablend.demo import random_adapter
+
+    lora = save_adapter(random_adapter(pipe, "s", seed=3, targets="attn"), root / "s.safetensors", format="kohya", target=pipe)
+    return ckpt, lora
+
+
+@pytest.mark.parametrize("how", sorted(_LIES))
+def test_bake_refuses_a_lying_checkpoint_before_writing_a_byte(tmp_path, lying_setup, how, capsys):
+    """Bake streams the output by the header's offsets: every lie is refused by the one header reader first —
+    by the library call and by ``lorablend fuse --model`` — and nothing (no output, no temp file) appears."""
+    from lorablend.cli import main
+
+    good, lora = lying_setup
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(_lie(good, how))
+    before = ckpt.read_bytes()
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "baked.safetensors"
+    with pytest.raises(LoraFormatError) as e:
+        bake(ckpt, [(lora, 0.8)], out)
+    assert str(ckpt) in str(e.value) and _LIES[how] in str(e.value), str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    code = main(["fuse", "--model", str(ckpt), "--lora", str(lora), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lorablend: error:") and err.count("\n") == 1 and _LIES[how] in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    assert ckpt.read_bytes() == before

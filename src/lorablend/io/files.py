@@ -133,6 +133,8 @@ def _read_file(path: Path, mapped: bool = False) -> tuple[dict[str, torch.Tensor
 
 def _read_safetensors(path: Path, mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     header = read_header(path)  # every check of the format: the views below trust its offsets
+    if not header.entries:
+        raise LoraFormatError(f"{path}: holds no tensors; a LoRA file maps key names to tensors")
     if sys.byteorder != "little" or any(e.dtype not in DTYPES for e in header.entries):
         return _read_with_library(path), dict(header.metadata)
     # The whole data section as ONE buffer, then a view per tensor (a LoRA is hundreds of small tensors). Private

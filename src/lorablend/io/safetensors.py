@@ -160,11 +160,10 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     try:
         with open(path, "rb") as f:
             length = _header_length(f.read(8), info.st_size, path)
-            text = f.read(length)
+            # decoded straight from the read: the bytes are freed before json parses (a header may be 100 MiB)
+            text = _header_text(f.read(length), length, path)
     except OSError as e:
         raise LoraFormatError(f"{path}: cannot read the file ({e.strerror}); check the path and its permissions") from None
-    if len(text) != length:  # the file shrank after stat(): someone is writing it
-        raise LoraFormatError(f"{path}: the file changed while its header was read; try again when it is complete")
     return _parse(path, length, text, info.st_size)
 
 
@@ -180,7 +179,7 @@ def parse_header(blob: bytes | bytearray | memoryview, label: str = "<bytes>") -
     """
     view = memoryview(blob).cast("B")
     length = _header_length(bytes(view[:8]), len(view), Path(label))
-    return _parse(Path(label), length, bytes(view[8:8 + length]), len(view))
+    return _parse(Path(label), length, _header_text(bytes(view[8:8 + length]), length, Path(label)), len(view))
 
 
 def looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -234,18 +233,30 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _check_depth(raw: bytes, path: Path) -> None:
-    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH`` before ``json`` recurses into it.
+def _scan_json(raw: bytes, path: Path) -> None:
+    """Refuse, before any text is decoded or parsed, bytes that JSON never holds and nesting deeper than
+    ``MAX_JSON_DEPTH``.
 
-    ``json`` recurses once per level: 10⁵ levels end in RecursionError, and under a raised recursion limit in a
-    stack overflow that kills the process. This scan counts brackets outside strings (quotes escaped by an odd
-    run of backslashes do not end a string), vectorised a chunk at a time: linear, a few ms for a 1 MB header.
-    It is exact up to the first place where the JSON is invalid, which is as far as ``json`` ever gets.
+    Control bytes (other than tab, newline, carriage return) are invalid anywhere in JSON: a header of zeros (a
+    hole in a sparse or cut-off file) is refused here, without building a 100 MiB string first. ``json`` recurses
+    once per level: 10⁵ levels end in RecursionError, and under a raised recursion limit in a stack overflow that
+    kills the process. The scan counts brackets outside strings (a quote after an odd run of backslashes does not
+    end a string), vectorised a chunk at a time: linear, about 1 ms for a 1000-tensor header. It is exact up to the
+    first place where the JSON is invalid, which is as far as ``json`` ever gets.
     """
     depth, in_string, backslashes = 0, False, 0  # carried from chunk to chunk
     for at in range(0, len(raw), _SCAN_CHUNK):
         chunk = raw[at:at + _SCAN_CHUNK]
         codes = np.frombuffer(chunk, dtype=np.uint8)
+        control = codes < 0x20
+        if control.any():
+            control &= (codes != 0x09) & (codes != 0x0A) & (codes != 0x0D)
+            if control.any():
+                where = at + int(np.argmax(control))
+                raise LoraFormatError(
+                    f"{path}: corrupt safetensors header: byte {where} of the header is the control byte "
+                    f"0x{raw[where]:02x}, which JSON text never holds (zeros: a hole or a cut-off copy); {_REDOWNLOAD}"
+                )
         quotes = np.flatnonzero(codes == 0x22)
         if backslashes or b'\\"' in chunk:  # some quote may be escaped: count the backslashes just before each
             plain = np.flatnonzero(codes != 0x5C)
@@ -282,23 +293,33 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _parse(path: Path, length: int, raw: bytes, size: int) -> SafetensorsHeader:
+def _header_text(raw: bytes, length: int, path: Path) -> str:
+    """The header's bytes as text, once they are known to be JSON-safe bytes of bounded nesting and UTF-8."""
+    if len(raw) != length:  # the file shrank after stat(): someone is writing it
+        raise LoraFormatError(f"{path}: the file changed while its header was read; try again when it is complete")
+    _scan_json(raw, path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LoraFormatError(
+            f"{path}: corrupt safetensors header: byte {e.start} of the header is not UTF-8 text; {_REDOWNLOAD}"
+        ) from None
+
+
+def _parse(path: Path, length: int, text: str, size: int) -> SafetensorsHeader:
     def corrupt(problem: str, fix: str = _REDOWNLOAD) -> LoraFormatError:
         return LoraFormatError(f"{path}: corrupt safetensors header: {problem}; {fix}")
 
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise corrupt(f"byte {e.start} of the header is not UTF-8 text") from None
-    _check_depth(raw, path)
-    try:
         parsed = json.loads(text, object_pairs_hook=_unique_object)
     except _DuplicateKey as e:
         raise corrupt(f"the name {e.key!r} appears twice (a reader would silently keep only one)") from None
-    except RecursionError:  # unreachable after _check_depth; kept so a deep header can never crash a caller
+    except RecursionError:  # unreachable after _scan_json; kept so a deep header can never crash a caller
         raise corrupt("its JSON is nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, and ints longer than Python converts
+    except json.JSONDecodeError as e:
         raise corrupt(f"not valid JSON ({e})") from None
+    except ValueError:  # an integer of thousands of digits, more than Python converts
+        raise corrupt("a number in it has thousands of digits") from None
     if not isinstance(parsed, dict):
         raise corrupt(f"the JSON is a {type(parsed).__name__}, not an object of tensor names")
     metadata = _metadata(parsed.pop("__metadata__", {}), corrupt)
@@ -345,23 +366,18 @@ def _entry(name: str, info: Any, data_length: int, corrupt) -> TensorEntry:
     if not (type(offsets) is list and len(offsets) == 2 and type(begin := offsets[0]) is int
             and type(end := offsets[1]) is int and 0 <= begin <= end):
         raise corrupt(f"tensor {name!r} has data_offsets {_short(offsets)}; they must be two integers 0 <= begin <= end")
-    # The element count, multiplied only while it stays within the data section: an absurd shape (dims of 10**18,
-    # or 10**5 of them) is refused after a few multiplications instead of building a huge integer.
-    limit = data_length // ITEM_SIZES[dtype]
+    # The element count, multiplied only while it fits the span the entry claims: an absurd shape (dims of
+    # 10**18, or 10**5 of them) is refused after a few multiplications instead of building a huge integer.
+    span, itemsize = end - begin, ITEM_SIZES[dtype]
+    limit = span // itemsize
     count = 0 if 0 in shape else 1
     for d in shape if count else ():
         count *= d
         if count > limit:
-            raise corrupt(
-                f"tensor {name!r} of shape {_short(shape)} and dtype {dtype} needs more bytes than the whole data "
-                f"section holds ({data_length:,})"
-            )
-    need = count * ITEM_SIZES[dtype]
-    if need != end - begin:
-        raise corrupt(
-            f"tensor {name!r} spans {end - begin} bytes but its dtype and shape need {need} "
-            f"({dtype} x {list(shape)})"
-        )
+            raise corrupt(f"tensor {name!r} spans {span} bytes but its dtype and shape need more ({dtype} x {_short(shape)})")
+    if count * itemsize != span:
+        raise corrupt(f"tensor {name!r} spans {span} bytes but its dtype and shape need {count * itemsize} "
+                      f"({dtype} x {list(shape)})")
     return TensorEntry(name, dtype, tuple(shape), begin, end)
 
 
