@@ -124,3 +124,24 @@ def test_layer_weights_errors_name_the_key_and_the_valid_ones(view_sd1, make_ada
     bound = bind_adapter(make_adapter("sd1", "a", seed=0), view_sd1)
     with pytest.raises(ValueError, match=match):
         layer_weights(spec, bound, view_sd1)
+
+
+def test_view_finds_every_indexed_module_once_and_without_lookups(view_sd1, monkeypatch):
+    # the view holds each adaptable module from one walk of the tree: binding never calls get_submodule
+    for key, info in view_sd1.index.modules.items():
+        assert view_sd1.modules[key] is view_sd1.components[info.component].get_submodule(info.live_path)
+
+    def no_lookup(self, path):
+        raise AssertionError(f"get_submodule({path!r}) on a bind")
+
+    monkeypatch.setattr(torch.nn.Module, "get_submodule", no_lookup)
+    bound = bind_adapter(Adapter("a", "sd1", {Q: lora(64, 64), TE_Q: lora(32, 32)}), view_sd1)
+    assert bound.layers[Q].module is view_sd1.modules[Q]
+
+
+def test_shared_accelerator_reads_the_adaptable_layers(tiny_pipes):
+    p = tiny_pipes["sd1"]
+    view = ModelView.of({"unet": p.unet, "text_encoder": p.text_encoder})
+    assert view.shared_accelerator() is None  # a host model: LoRAs are read as private host copies
+    meta = torch.nn.Sequential(torch.nn.Linear(2, 2, device="meta"))
+    assert ModelView.of({"unet": meta}).shared_accelerator() is None
