@@ -127,10 +127,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve() or (Path(b).exists() and os.path.samefile(a, b))
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Path.resolve); the reader refuses it after
-        return False
+    from .outputs import same_file  # path, hard link, symlink; a symlink loop is no file (the reader says so)
+
+    return same_file(a, b)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -246,13 +245,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     for path, _ in specs:
         if _same_file(path, out_target) or _same_file(path, args.output):
             raise UsageError(f"{args.output}: OUTPUT is an INPUT file; lorablend never overwrites an input")
-    if out_target.exists() and not args.overwrite:
-        raise UsageError(f"{out_target} exists; pass --overwrite to replace it")
+    from .outputs import refuse_existing
+
+    refuse_existing(out_target, args.overwrite)
     if args.report is not None:
         if any(_same_file(args.report, p) for p, _ in specs) or _same_file(args.report, out_target):
             raise UsageError(f"--report {args.report}: that is an input or the output; name a new .json file")
-        if Path(args.report).exists() and not args.overwrite:
-            raise UsageError(f"--report {args.report} exists; pass --overwrite to replace it")
+        refuse_existing(args.report, args.overwrite)
     if args.device == "cuda":
         import torch
 
@@ -287,9 +286,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     report_data = {"inputs": [{"path": p, "weight": w} for p, w in specs], "output": str(out), **report.to_dict()}
     if args.report is not None:
         # Written after the LoRA file, through a temp file: an error leaves neither half-written.
-        from .io.write import atomic_write
+        from .outputs import atomic_write
 
-        atomic_write(Path(args.report), [json.dumps(report_data, indent=2).encode()], overwrite=args.overwrite)
+        atomic_write(args.report, [json.dumps(report_data, indent=2).encode()], overwrite=args.overwrite,
+                     inputs=[p for p, _ in specs])
     errors = [layer.rel_error for layer in report.layers]
     result = {
         "output": str(out),
@@ -483,12 +483,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not model.exists() and (args.model.count("/") != 1 or args.model.startswith((".", "/"))):
         raise UsageError(f"{args.model}: no such pipeline folder (and not a hub id like 'org/name')")
-    if model.exists() and (_same_file(model, args.output) or (model.is_dir() and Path(args.output).resolve().is_relative_to(model.resolve()))):
-        raise UsageError(f"{args.output}: that is inside the model folder; write the image elsewhere")
+    if model.exists():
+        from .outputs import refuse_input
+
+        refuse_input(args.output, [model], what="the model")  # the model file, or inside the model folder
     if not args.output.lower().endswith(".png"):
         raise UsageError(f"-o {args.output}: name a .png file")
-    if Path(args.output).exists() and not args.overwrite:
-        raise UsageError(f"{args.output} exists; pass --overwrite to replace it")
+    from .outputs import refuse_existing
+
+    refuse_existing(args.output, args.overwrite)
     if args.steps <= 0:
         raise UsageError(f"--steps {args.steps}: must be a positive integer")
     for flag, v in (("--width", args.width), ("--height", args.height)):
@@ -520,11 +523,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.grid:
         grid = weight_grid(pipe, names, weights, args.prompt, settings, x_weights=x_weights, y_weights=y_weights,
                            progress=sys.stderr.isatty() and not args.json)
-        out = save_png(grid.image, args.output, overwrite=args.overwrite)
+        out = save_png(grid.image, args.output, overwrite=args.overwrite, inputs=[p for p, _ in specs])
         result.update(grid={"x": grid.x_label, "y": grid.y_label, "columns": grid.x_values, "rows": grid.y_values,
                             "cells": grid.cells}, images=len(grid.cells))
     else:
-        out = save_png(generate_image(pipe, names, weights, args.prompt[0], settings), args.output, overwrite=args.overwrite)
+        out = save_png(generate_image(pipe, names, weights, args.prompt[0], settings), args.output, overwrite=args.overwrite,
+                       inputs=[p for p, _ in specs])
         result.update(prompt=args.prompt[0], images=1)
     result.update(output=str(out), seconds=round(time.perf_counter() - started, 3))
     if args.json:
