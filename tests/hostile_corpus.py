@@ -623,7 +623,7 @@ def _pickles(out: Path, marker: Path, full: bool) -> list[tuple[str, Path]]:
              "evil": _Payload(marker)}
     specs = [("bin_zip", ".bin", "torch"), ("pt_raw", ".pt", "raw"), ("ckpt_zip", ".ckpt", "torch"),
              ("pth_list", ".pth", "list"), ("bin_state_dict", ".bin", "wrapped"), ("safetensors_named", ".safetensors", "raw")]
-    for label, suffix, how in specs if full else specs[:3]:
+    for label, suffix, how in specs if full else specs[:3] + specs[-1:]:
         path = out / f"pickle_reduce__{label}{suffix}"
         if how == "torch":
             torch.save(state, path)
@@ -641,7 +641,8 @@ def _pickles(out: Path, marker: Path, full: bool) -> list[tuple[str, Path]]:
 
 # damage applied to each group's bases in the fast subset (full mode: every base gets every kind)
 FAST_BASES = {"sd15_kohya": None, "tiny_diffusers": None, "tiny_ckpt": {
-    "truncate_in_tensor", "header_len_2p63", "shape_bytes_mismatch", "offsets_overlap", "duplicate_key", "nonutf8_name"}}
+    "truncate_in_tensor", "header_len_2p63", "shape_bytes_mismatch", "offsets_overlap", "duplicate_key", "nonutf8_name",
+    "zero_size_tensor"}}
 CKPT_KINDS = FAST_BASES["tiny_ckpt"] | {"truncate_in_header", "truncate_random", "flip_header_bits", "json_deep",
                                           "header_len_gt_file", "offsets_reversed", "offsets_out_of_range",
                                           "offsets_gap", "dtype_unknown", "truncate_between_tensors", "zero_size_tensor"}

@@ -42,18 +42,16 @@ LIBRARY_ERRORS = (LoraFormatError, LoraCompatibilityError)
 
 # Kinds whose refusal lives in the safetensors reader being rewritten (io/safetensors.py, by another change):
 # xfail only until that change is in; every other kind must pass now.
-_A = "the one safetensors reader (io/safetensors.py) is not in yet: "
-PENDING_READER: dict[str, str] = {
-    "json_deep": _A + "deep JSON raises RecursionError",
-    "duplicate_key": _A + "a repeated name is loaded (last one wins)",
-    "nonutf8_name": _A + "a lone-surrogate name is loaded",
-    "memory-header_100mb_sparse": _A + "a 100 MiB header is read and decoded whole (2x the file in memory)",
-    "checkpoint-duplicate_key": _A + "bake reads a checkpoint header without the checks",
-    "checkpoint-offsets_overlap": _A + "bake reads a checkpoint header without the checks",
-    "checkpoint-shape_bytes_mismatch": _A + "bake reads a checkpoint header without the checks",
-    "metadata_malformed": _A + "metadata that is not an object: AttributeError",
-    "fuzz_smoke": _A + "deep JSON, metadata that is not an object",
-    "zero_size_tensor": "kinds/lora.py: a zero-size up factor crashes the rank check (reshape of 0 elements)",
+PENDING_READER: dict[str, str] = {}
+# Single files whose failure lives in another change's files (io/files.py, checkpoint.py): xfail, only these
+# files, only until that change is in; every other file of the same kind is checked strictly.
+PENDING_CASES: dict[str, str] = {
+    "pickle_reduce__safetensors_named.safetensors":
+        "io/files.py: torch.load(path) of a pickle named .safetensors hands it to the safetensors library, "
+        "whose SafetensorError is not caught",
+    "zero_size_tensor__tiny_ckpt__all.safetensors":
+        "checkpoint.py: a checkpoint whose tensors are all zero-size builds a CLIP with head_dim 0 "
+        "(ZeroDivisionError) instead of refusing it",
 }
 
 ALL_KINDS = sorted(set(hc.MUTATORS) | {
@@ -381,10 +379,14 @@ def test_hostile_kind_is_refused_everywhere(world, kind, checkpoint):
     rows = run_kind(world, kind, checkpoint)
     assert rows, f"the corpus has no case of kind {kind}"
     bad = [(c.id, ep, outcome, detail) for c, ep, outcome, detail, _ in rows if outcome not in GOOD]
+    pending = [b for b in bad if b[0] in PENDING_CASES]
+    bad = [b for b in bad if b[0] not in PENDING_CASES]
     assert not bad, "\n".join(f"{cid} via {ep}: {outcome}: {detail}" for cid, ep, outcome, detail in bad[:12])
     for p in world.shared_inputs:
         assert _tree_state(p) == world.shared_state[p], f"{p} changed"
     assert not hc.marker_path(world.corpus).exists()
+    if pending:
+        pytest.xfail("; ".join(sorted({PENDING_CASES[b[0]] for b in pending})))
 
 
 @pytest.mark.skipif(not FULL, reason="the whole corpus: LORABLEND_HOSTILE_FULL=1")

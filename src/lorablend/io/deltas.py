@@ -66,6 +66,10 @@ _NOT_WEIGHTS = {"alpha", *DoRADelta.roles}
 def _inner_delta(group: ModuleGroup, tensors: dict[str, torch.Tensor]) -> Delta:
     """The first kind of ``KINDS`` whose roles the module has builds it."""
     get = {role: tensors[key] for role, key in group.parts.items() if role not in _NOT_WEIGHTS}
+    for role, t in get.items():  # every kind's shape arithmetic assumes factors with axes and values
+        if t.dim() == 0 or t.numel() == 0:
+            what = "a single number" if t.dim() == 0 else f"empty (shape {tuple(t.shape)})"
+            raise DeltaProblem(f"{group.parts[role]!r} is {what}; a factor of a LoRA layer is a matrix of values")
     for kind in KINDS:
         if kind.roles & get.keys():
             return kind.from_roles(get, _alpha(group, tensors))
