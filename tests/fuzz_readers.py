@@ -225,9 +225,24 @@ def _deadline(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+def _readers() -> list[Callable[[Path], Any]]:
+    """What reads a file's header or format: the LoRA loader, and the bare header reader (the one bake and the
+    checkpoint layout use) where this build has it."""
+    import lorablend
+
+    readers: list[Callable[[Path], Any]] = [lambda p: lorablend.load_adapter(str(p))]
+    try:
+        from lorablend.io.safetensors import read_header
+
+        readers.append(read_header)
+    except ImportError:
+        pass
+    return readers
+
+
 def check_bytes(data: bytes, folder: Path, suffix: str = ".safetensors") -> str | None:
-    """Read ``data`` as a file through ``load_adapter``: None when the answer is an Adapter or the library's
-    error in time, else what went wrong."""
+    """Read ``data`` as a file through ``load_adapter`` and the header reader: None when each answers (an
+    Adapter, a header) or raises the library's error, all in time; else what went wrong."""
     import lorablend
 
     path = folder / f"input{suffix}"
@@ -235,9 +250,11 @@ def check_bytes(data: bytes, folder: Path, suffix: str = ".safetensors") -> str 
     t = time.perf_counter()
     try:
         with _deadline(10 * LIMIT_S):
-            lorablend.load_adapter(str(path))
-    except (lorablend.LoraFormatError, lorablend.LoraCompatibilityError):
-        pass
+            for read in _readers():
+                try:
+                    read(path)
+                except (lorablend.LoraFormatError, lorablend.LoraCompatibilityError):
+                    pass
     except Hung:
         return f"hung (> {10 * LIMIT_S:.0f} s)"
     except BaseException as e:  # noqa: BLE001 - anything else is the finding
