@@ -415,3 +415,13 @@ def test_bake_refuses_a_lying_checkpoint_before_writing_a_byte(tmp_path, lying_s
     assert code == 2 and err.startswith("lorablend: error:") and err.count("\n") == 1 and _LIES[how] in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
     assert ckpt.read_bytes() == before
+
+
+def test_a_checkpoint_of_empty_tensors_is_refused_by_name(tmp_path, lying_setup):
+    good, lora = lying_setup
+    empty = {k: torch.zeros(0, *v.shape[1:]) for k, v in load_file(str(good)).items()}
+    ckpt = tmp_path / "empty.safetensors"
+    save_file(empty, str(ckpt))
+    with pytest.raises(LoraFormatError, match="dimension of size 0"):
+        bake(ckpt, [(lora, 1.0)], tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.safetensors"]

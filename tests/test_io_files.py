@@ -178,3 +178,13 @@ def test_loading_for_another_device_maps_the_file_and_keeps_only_private_copies(
     for key, d in reference.deltas.items():
         for x, y in zip(d.tensors(), moved.deltas[key].tensors()):
             assert torch.equal(x, y)
+
+
+def test_a_pickle_named_safetensors_is_read_as_the_pickle_it_is(tmp_path):
+    """torch.load(path) hands any *.safetensors path to the safetensors library: the reader passes a file."""
+    path = tmp_path / "renamed.safetensors"
+    torch.save({"unet.x.lora_A.weight": torch.ones(2, 3)}, path)
+    assert torch.equal(read_source(path).tensors["unet.x.lora_A.weight"], torch.ones(2, 3))
+    path.write_bytes(b"\x80\x02" + b"cbuiltins\nprint\n" + b"q\x00.")  # a global: refused, never run
+    with pytest.raises(LoraFormatError, match="holds Python objects"):
+        read_source(path)

@@ -95,6 +95,7 @@ def unet_config(header: SafetensorsHeader) -> dict[str, Any]:
         s = shape(p + key)
         if s is None:
             raise LoraFormatError(f"{header.path}: no {p + key}; this is not an SD1.x/SD2.x/SDXL UNet this tool knows")
+        _refuse_empty(header, p + key, s)
         return s
 
     c0, in_ch = need("input_blocks.0.0.weight")[:2]
@@ -147,6 +148,15 @@ def unet_config(header: SafetensorsHeader) -> dict[str, Any]:
     return cfg
 
 
+def _refuse_empty(header: SafetensorsHeader, name: str, shape: tuple[int, ...]) -> None:
+    """A width of zero would build a model of empty layers (and divide by zero on the way): refuse it by name."""
+    if 0 in shape:
+        raise LoraFormatError(
+            f"{header.path}: {name} has shape {list(shape)}, with a dimension of size 0; a model's weights are never "
+            f"empty: download the checkpoint again"
+        )
+
+
 def _clip_config(header: SafetensorsHeader, prefix: str, layout: str) -> dict[str, Any]:
     names, shape = header.by_name, header.shape
     if layout == "hf":
@@ -161,6 +171,9 @@ def _clip_config(header: SafetensorsHeader, prefix: str, layout: str) -> dict[st
         proj = shape(prefix + "text_projection")
     if tok is None or pos is None or fc1 is None or not layers:
         raise LoraFormatError(f"{header.path}: the text encoder under {prefix!r} is incomplete (no embeddings or layers)")
+    for what, s in (("token embedding", tok), ("position embedding", pos), ("first MLP", fc1), ("text projection", proj)):
+        if s is not None:
+            _refuse_empty(header, f"{prefix} {what}", s)
     cfg = {
         "vocab_size": int(tok[0]),
         "hidden_size": int(tok[1]),

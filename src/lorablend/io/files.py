@@ -175,7 +175,10 @@ def _read_with_library(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # An open file, not the path: torch.load hands any path ending in .safetensors to the safetensors
+        # library, whose errors are not ours to catch; sniffing already said these bytes are a pickle.
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
