@@ -19,10 +19,11 @@ from safetensors.torch import load_file, save_file
 import lorablend
 from lorablend.adapter import Adapter, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
 from lorablend.bake import bake
-from lorablend.checkpoint import checkpoint_layout, read_header
+from lorablend.checkpoint import checkpoint_layout
 from lorablend.errors import LoraCompatibilityError, LoraFormatError
 from lorablend.io import save_adapter
-from lorablend.io.write import OutputExistsError
+from lorablend.io.safetensors import read_header
+from lorablend.outputs import OutputExistsError
 
 from realdata import KEYMAPS
 

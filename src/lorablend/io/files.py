@@ -16,7 +16,6 @@ before anything is returned (there is no partial result).
 from __future__ import annotations
 
 import mmap
-import os
 import pickle
 import stat
 import sys
@@ -141,12 +140,12 @@ def _read_safetensors(path: Path, mapped: bool = False) -> tuple[dict[str, torch
     # by default: tensors backed by a map of the file would change, or crash the process (SIGBUS), if a trainer
     # rewrote the file in place while the adapter is loaded. The private copy is made from a map of the file by
     # torch's threads: fresh memory costs page faults, which several threads take faster than one read() does.
+    if not header.data_length:  # only zero-size tensors: nothing to map
+        return {e.name: torch.empty(e.shape, dtype=DTYPES[e.dtype]) for e in header.entries}, dict(header.metadata)
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size != header.file_size:
-            raise LoraFormatError(f"{path}: the file changed while it was read; try again when it is complete")
-        if not header.data_length:  # only zero-size tensors (or none): nothing to map
-            return {e.name: torch.empty(e.shape, dtype=DTYPES[e.dtype]) for e in header.entries}, dict(header.metadata)
         whole = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    if whole.numel() != header.file_size:  # the offsets were checked against another length
+        raise LoraFormatError(f"{path}: the file changed while it was read; try again when it is complete")
     if mapped:
         data, base = whole[header.data_start:], header.data_start
     else:

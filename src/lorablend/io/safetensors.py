@@ -186,7 +186,7 @@ def looks_like_safetensors(head: bytes, size: int) -> bool:
     """True when a file of ``size`` bytes starting with ``head`` (its first 9 bytes or more) is plausibly
     safetensors: a header length that fits the file, then the ``{`` of a JSON object. A sniff, not a check.
 
-    >>> looks_like_safetensors(b"\x02" + bytes(7) + b"{}", 10), looks_like_safetensors(b"PK\x03\x04" + bytes(8), 12)
+    >>> looks_like_safetensors(b"\\x02" + bytes(7) + b"{}", 10), looks_like_safetensors(b"PK\\x03\\x04" + bytes(8), 12)
     (True, False)
     """
     if len(head) < 9:
