@@ -83,6 +83,7 @@ class Theirs(_Pipeline):
         import peft.tuners.lora  # noqa: F401
 
         self.pipe = pipe
+        self.wrap_s = 0.0  # nothing to wrap: diffusers' LoRA methods live on the pipeline
 
     def settle(self) -> None:
         """diffusers + PEFT does all its work inside each call: nothing deferred."""
@@ -100,7 +101,9 @@ class Ours(_Pipeline):
 
         # keep_fuse_buffers (opt-in): fused tensors kept after unfuse for the next fuse (one copy of the touched weights)
         keep = bool(args.keep_fuse_buffers) or args.system == "ours-kept"
+        t0 = time.perf_counter()
         self.pipe = lorablend.DiffusionPipeline(pipe, pristine_device=args.pristine_device, keep_fuse_buffers=keep)
+        self.wrap_s = time.perf_counter() - t0  # indexes the pipeline's modules once: part of the first contact
 
     def settle(self) -> None:
         """lorablend may defer rebuilding blended terms to the next forward; do it now so it is timed."""
@@ -166,13 +169,9 @@ def cprofile_top(fn, n: int = 12) -> str:
     return "\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000]
 
 
-def run_system(args) -> dict:
-    C.setup_threads(args.threads)
-    C.quiet_libraries()
+def build_model(args, out: dict):
+    """The system-independent model of every child: (unet, its weight pool, the pipeline, touched layers)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    files = {k: Path(v) for k, v in json.loads(Path(args.files).read_text()).items()}
-    out: dict = {"system": args.system, "times": {}, "errors": {}}
-    mem = C.Memory(device)
     t0 = time.perf_counter()
     unet, pool = C.build_unet(args.model, device, dtype, seed=args.seed)
     pipe = C.build_pipeline(args.model, unet, device, dtype)
@@ -180,6 +179,75 @@ def run_system(args) -> dict:
     targets = [(p, tuple(m.weight.shape)) for p, m in C.target_modules(unet)]
     out["touched_layers"] = len(targets)
     out["touched_weights"] = sum(torch.Size(s).numel() for _, s in targets)
+    return unet, pool, pipe, targets
+
+
+def run_cold(args) -> dict:
+    """The first calls a user makes, in a fresh process: wrap the pipeline just built, the first
+    load_lora_weights, a second one, then the first fuse_lora of both (memory the process never touched).
+
+    Its own process because the main run has already run forwards (and the other loads) by the time it
+    loads or fuses: freed activations and buffers would then serve as warm memory, which a user's first
+    call after building a pipeline does not have. The LoRA files sit in the page cache for every system
+    alike (the parent wrote or read them): "cold" is the process and the pipeline, not the disk.
+    """
+    C.setup_threads(args.threads)
+    C.quiet_libraries()
+    device = torch.device(args.device)
+    files = {k: Path(v) for k, v in json.loads(Path(args.files).read_text()).items()}
+    out: dict = {"system": args.system, "part": "cold", "times": {}, "errors": {}}
+    _unet, _pool, pipe, _targets = build_model(args, out)
+    T = out["times"]
+    try:
+        system = SYSTEMS[args.system](pipe, args)
+    except Exception as e:  # noqa: BLE001 - a missing library part is a table entry, not a crash
+        out["unavailable"] = f"{type(e).__name__}: {e}"
+        return out
+    out["wrap_s"] = system.wrap_s
+    first, second = MAIN[:2]
+    T["load_first"] = C.once_row(lambda: system.load(files[first], first), device)[0]
+    T["load_second"] = C.once_row(lambda: system.load(files[second], second), device)[0]
+    if not args.loads_only:
+        system.set_adapters(MAIN[:2], [0.7, 0.8])
+        rss0 = C.Memory.rss_gib()
+        T["fuse_first"] = C.once_row(lambda: (system.fuse(MAIN[:2]), system.settle()), device)[0]
+        out["fuse_first_extra_rss_gib"] = C.Memory.rss_gib() - rss0
+        T["unfuse_first"] = C.once_row(lambda: (system.unfuse(), system.settle()), device)[0]
+    out["machine"] = C.machine_info()  # (after the timed calls: it imports every library to read versions)
+    return out
+
+
+def run_floor(args) -> dict:
+    """The same-run floors (``floor.py``) on the same model and files, in a fresh process of their own."""
+    import floor
+
+    C.setup_threads(args.threads)
+    C.quiet_libraries()
+    device = torch.device(args.device)
+    files = {k: Path(v) for k, v in json.loads(Path(args.files).read_text()).items()}
+    out: dict = {"system": "floor", "part": "floor", "times": {}, "errors": {}}
+    unet, _pool, _pipe, targets = build_model(args, out)
+    T = out["times"]
+    order = MAIN + DIFF  # the first file is the cold floor, as A is each system's first load
+    rows, kept = floor.load_floor([files[n] for n in order], device)
+    out["load_samples"] = dict(zip(order, rows))
+    T["load_first"], T["load_later"] = rows[0], floor.median_row(rows[1:])
+    if not args.loads_only:
+        layers = floor.fuse_factors(args.model, unet, targets, [kept[0], kept[1]], [0.7, 0.8])
+        out["fuse_inner_dim"] = int(layers[0][1].shape[1])
+        T.update(floor.fuse_floor(layers, device, args.cycles))
+    out["machine"] = C.machine_info()
+    return out
+
+
+def run_system(args) -> dict:
+    C.setup_threads(args.threads)
+    C.quiet_libraries()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    files = {k: Path(v) for k, v in json.loads(Path(args.files).read_text()).items()}
+    out: dict = {"system": args.system, "times": {}, "errors": {}}
+    mem = C.Memory(device)
+    unet, pool, pipe, targets = build_model(args, out)
     mem.mark("model built")
     kw = C.unet_inputs(args.model, unet, args.latent, device, dtype, batch=args.batch)
 
@@ -417,6 +485,44 @@ KEEP_HEAP = {"MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_THRESHOLD_": s
 FORWARD_KEYS = ("forward_off", "forward_1", "forward_2", "forward_4", "overhead_1", "overhead_2", "overhead_4")
 
 
+def run_cold_rounds(args, files: Path) -> dict:
+    """Each system's first calls and the floors, one fresh process each, in ``--cold-rounds`` rounds whose order
+    turns around every round (ours, theirs, floor, floor, theirs, ours, …); each row is the median over rounds.
+
+    Why rounds and turning orders: on a VM, memory a process frees stays cheap for the next process for a
+    while, and memory the guest never touched costs a host page fault per page (measured here: first touch of
+    1 GiB took 0.36 s of CPU right after other processes exited, 1.9-2.9 s in a process that had already
+    taken 3.6 GB), so whichever process goes first pays more for its first fuse.
+    """
+    order = [s for s in ("ours", "theirs") if s in args.systems.split(",")] + ["floor"]
+    rounds: dict[str, list[dict]] = {name: [] for name in order}
+    for r in range(max(1, args.cold_rounds)):
+        for name in order if r % 2 == 0 else order[::-1]:
+            rounds[name].append(run_child(args, name, files, part="floor" if name == "floor" else "cold"))
+    return {name: _median_over_rounds(runs) for name, runs in rounds.items()}
+
+
+def _median_over_rounds(runs: list[dict]) -> dict:
+    """One child result from several rounds: each timed row the median of its rounds (wall and CPU), samples kept."""
+    ok = [r for r in runs if "unavailable" not in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[-1])
+    out["rounds"] = len(ok)
+    out["times"] = {}
+    for key in ok[0].get("times", {}):
+        rows = [r["times"][key] for r in ok if key in r.get("times", {})]
+        out["times"][key] = {"median": _median([x["median"] for x in rows]),
+                             "samples": [x["median"] for x in rows]}
+        if all("cpu" in x for x in rows):
+            out["times"][key]["cpu"] = _median([x["cpu"] for x in rows])
+    for key in ("wrap_s", "fuse_first_extra_rss_gib"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            out[key] = _median(values)
+    return out
+
+
 def run_child(args, system: str, files: Path, part: str = "all", env: dict | None = None) -> dict:
     res_path = Path(args.outdir) / f"runtime-{system}{'' if part == 'all' else '-' + part}.json"
     if res_path.exists():
@@ -467,6 +573,12 @@ def report(args, ours: dict, theirs: dict, kept: dict | None = None) -> str:
             f"{ours.get('touched_layers', theirs.get('touched_layers', '?'))} touched layers")
     lines.append(head)
     lines.append("")
+    machine = ours.get("machine") or theirs.get("machine")
+    if machine:
+        lines.append(f"CPU: {machine.get('cpu', '?')} ({machine.get('nproc', '?')} cores), torch threads "
+                     f"{machine.get('torch_threads', '?')}" + (f"; GPU: {machine['gpu']}" if "gpu" in machine else "")
+                     + ".")
+        lines.append("")
     for res in (ours, theirs):
         if "unavailable" in res:
             lines.append(f"**{res['system']}: not available ({res['unavailable']})**")
@@ -596,6 +708,81 @@ def report(args, ours: dict, theirs: dict, kept: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def cold_report(args, cold: dict, runs: dict) -> str:
+    """The first calls (fresh processes) beside the warm medians of the main run and the same-run floors."""
+    ours_c, theirs_c, fl = (cold.get(k, {}) for k in ("ours", "theirs", "floor"))
+    ours_w, theirs_w, kept_w = (runs.get(k, {}) for k in ("ours", "theirs", "ours-kept"))
+    machine = next((r["machine"] for r in (ours_c, theirs_c, fl, ours_w) if "machine" in r), {})
+
+    def t(res, key):
+        return res.get("times", {}).get(key)
+
+    def cell(v):
+        if v is None:
+            return "—"
+        return C.fmt_s(v["median"]) + (f" (cpu {C.fmt_s(v['cpu'])})" if "cpu" in v else "")
+
+    def q(a, b):
+        if not (a and b):
+            return "—"
+        text = f"{a['median'] / b['median']:.2f}"
+        return text + (f" (cpu {a['cpu'] / b['cpu']:.2f})" if a.get("cpu") and b.get("cpu") else "")
+
+    rows = []
+
+    def row(label, a, b, f, target):
+        if a or b or f:
+            rows.append([label, cell(a), cell(b), cell(f), q(a, b), q(a, f), target])
+
+    wrap = ours_c.get("wrap_s")
+    row("wrap the built pipeline (`lorablend.DiffusionPipeline(pipe)`)", None if wrap is None else {"median": wrap},
+        None, None, "(reported; diffusers has nothing to wrap)")
+    row("**first** load_lora_weights (kohya), fresh process, freshly wrapped pipeline", t(ours_c, "load_first"),
+        t(theirs_c, "load_first"), t(fl, "load_first"), "≥ 10× faster (ours/theirs ≤ 0.10)")
+    row("second load_lora_weights, same process", t(ours_c, "load_second"), t(theirs_c, "load_second"),
+        t(fl, "load_later"), "≥ 10× faster")
+    row("load, main run (median per LoRA, kohya)", t(ours_w, "load_kohya"), t(theirs_w, "load_kohya"),
+        t(fl, "load_later"), "≥ 10× faster")
+    row("**first** fuse_lora (2 adapters), fresh process, fresh memory", t(ours_c, "fuse_first"),
+        t(theirs_c, "fuse_first"), t(fl, "fuse_first"), "ours/floor ≤ 1.5")
+    row("fuse, later cycles of the main run (median)", t(ours_w, "fuse_later"), t(theirs_w, "fuse_later"),
+        t(fl, "fuse_later"), "ours/floor ≤ 1.5")
+    row("fuse, keep_fuse_buffers=True, later cycles (floor: into reused outputs)", t(kept_w, "fuse_later"),
+        t(theirs_w, "fuse_later"), t(fl, "fuse_reused"), "ours/floor ≤ 1.5")
+    row("first unfuse_lora (after the first fuse)", t(ours_c, "unfuse_first"), t(theirs_c, "unfuse_first"), None,
+        "(reported)")
+    lines = [f"### First calls (cold) and same-run floors: {args.model.upper()}, {args.device} {args.dtype}",
+             "",
+             f"CPU: {machine.get('cpu', '?')} ({machine.get('nproc', '?')} cores), torch threads "
+             f"{machine.get('torch_threads', '?')}" + (f"; GPU: {machine['gpu']}" if "gpu" in machine else "") + ".",
+             "",
+             C.table(["operation", "lorablend (ours)", "diffusers+PEFT (theirs)", "floor", "ours/theirs", "ours/floor",
+                      "target"], rows),
+             "",
+             "Time ratios, lower is better (ours/theirs 0.10 = 10× faster). Medians over "
+             f"{ours_c.get('rounds', fl.get('rounds', 1))} rounds of fresh processes whose order turns around every "
+             "round (memory freed by one process is cheap for the next on a VM). Each system's first calls run in a "
+             "fresh process of their own: build the pipeline, wrap it (ours), load A, load B, set_adapters, fuse both, "
+             "unfuse, nothing before (the main run has already run forwards and loads by then, whose freed memory "
+             "would make its first calls warm). Floors, in a fresh process on the same model and files "
+             "(`benchmarks/floor.py`): load = `safetensors.torch.load_file` + one copy of every tensor to the "
+             "model's device (first file cold, median of the other five warm); fuse = one plain "
+             f"`torch.addmm(W0, U, D)` per touched layer, inner dimension {fl.get('fuse_inner_dim', '?')} (the two "
+             "LoRAs' factors side by side, as our fuse multiplies), factors built before the clock: first pass "
+             "cold (fresh outputs), later passes after freeing the previous outputs (as fuse after unfuse), and "
+             "passes into outputs touched before (the floor of keep_fuse_buffers=True). (cpu …) is the process's "
+             "CPU time over the same call, all threads, page faults included: on a machine shared with other work "
+             "it shows what the wall time of one call cannot."]
+    for res in (ours_c, theirs_c, fl):
+        if "unavailable" in res:
+            lines.append(f"**{res.get('system')} first calls: not available ({res['unavailable']})**")
+    extra = [res.get("fuse_first_extra_rss_gib") for res in (ours_c, theirs_c)]
+    if any(v is not None for v in extra):
+        a, b = (float("nan") if v is None else v for v in extra)
+        lines.append(f"Extra host RSS right after the first fuse: ours {a:.2f} GiB, theirs {b:.2f} GiB.")
+    return "\n".join(lines)
+
+
 def profiles_text(ours: dict, theirs: dict) -> str:
     parts = []
     for res in (ours, theirs):
@@ -634,7 +821,14 @@ def parse(argv=None):
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
     p.add_argument("--files", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--part", default="all", choices=["all", "main", "forwards", "loads"], help=argparse.SUPPRESS)
+    p.add_argument("--part", default="all", choices=["all", "main", "forwards", "loads", "cold", "floor"],
+                   help=argparse.SUPPRESS)
+    p.add_argument("--skip-cold", action="store_true",
+                   help="skip the first-call processes (cold wrap / load / fuse of each system) and the floor process")
+    p.add_argument("--cold-rounds", type=int, default=2,
+                   help="rounds of first-call and floor processes (order turned around every round; median shown)")
+    p.add_argument("--cold-only", action="store_true",
+                   help="run only the first-call processes and the floor process (the cold table, no warm rows)")
     p.add_argument("--loads-only", action="store_true",
                    help="time only load and set_adapters with 2 loaded (e.g. SDXL on a CPU without room for fusing)")
     args = p.parse_args(argv)
@@ -647,15 +841,19 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.child:
-        res = run_system(args)
+        res = {"cold": run_cold, "floor": run_floor}.get(args.part, run_system)(args)
+        res.setdefault("machine", C.machine_info())
         Path(args.result).write_text(json.dumps(res, indent=1))
         return res
     C.setup_threads(args.threads)
     files = prepare_files(args)
     results = {}
+    cold = {} if args.skip_cold else run_cold_rounds(args, files)
+    if args.cold_only:
+        args.systems = ""
     # forwards in their own process (see KEEP_HEAP) on a CPU; a GPU's caching allocator has no such noise
     isolate = {"auto": torch.device(args.device).type == "cpu", "separate": True, "same": False}[args.forward_process]
-    for system in args.systems.split(","):
+    for system in [s for s in args.systems.split(",") if s]:
         if args.loads_only:
             if system != "ours-kept":
                 results[system] = run_child(args, system, files, part="loads")
@@ -677,10 +875,16 @@ def main(argv=None) -> dict:
         results[system] = res
     ours = results.get("ours", {"system": "ours", "unavailable": "not run"})
     theirs = results.get("theirs", {"system": "theirs", "unavailable": "not run"})
-    text = report(args, ours, theirs, results.get("ours-kept"))
+    parts = [] if args.cold_only else [report(args, ours, theirs, results.get("ours-kept"))]
+    if cold:
+        parts.append(cold_report(args, cold, results))
+    text = "\n\n".join(parts)
     print(text, flush=True)
     out = Path(args.outdir)
     (out / f"runtime-{args.model}-{args.device}.md").write_text(text + "\n")
+    machine = next((r["machine"] for r in [*cold.values(), *results.values()] if "machine" in r), C.machine_info())
+    (out / f"runtime-{args.model}-{args.device}.json").write_text(json.dumps(
+        {"machine": machine, "args": vars(args), "runs": results, "cold": cold}, indent=1, default=str))
     prof = profiles_text(ours, theirs)
     if prof:
         (out / f"runtime-{args.model}-{args.device}-profiles.md").write_text(prof + "\n")

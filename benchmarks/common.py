@@ -133,6 +133,18 @@ def once(fn: Callable[[], object], device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def once_row(fn: Callable[[], object], device) -> tuple[dict, object]:
+    """One timed call as a table row: wall seconds (``median``, ``samples``) and this process's CPU seconds
+    (``cpu``: all its threads, page faults included). On a machine shared with other work the wall time of a
+    single call carries whatever the scheduler did meanwhile; the CPU time mostly does not."""
+    sync(device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    sync(device)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"median": wall, "samples": [wall], "cpu": cpu}, out
+
+
 class Memory:
     """Per-phase memory of this process: host RSS now and its high-water mark (ru_maxrss), plus the CUDA
     allocator's current and peak bytes when a GPU is used. ru_maxrss only grows, so a phase's figure is the
