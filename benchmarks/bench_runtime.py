@@ -16,6 +16,11 @@ the base forward and the unfused forward with 1, 2, 4 adapters, fuse, unfuse, sw
 fuse another pair); checked: restore error after unfuse (against regenerated original weights) and the
 agreement of the two systems' outputs.
 
+First calls (cold rows): before the main runs, each system's wrap / first load / second load / first fuse /
+first unfuse run in fresh processes of their own, beside a fresh process timing the floors of the same calls on
+the same model and files (``floor.py``: ``load_file`` + one copy; one plain ``addmm(W0, U, D)`` per touched
+layer), in ``--cold-rounds`` rounds whose order turns around every round. ``--cold-only`` runs just those.
+
     python benchmarks/bench_runtime.py --model sd15 --latent 16 --threads 2          # CPU
     python benchmarks/bench_runtime.py --model sdxl --device cuda --dtype float16 --resolution 1024
 """
