@@ -830,8 +830,9 @@ def parse(argv=None):
                    help=argparse.SUPPRESS)
     p.add_argument("--skip-cold", action="store_true",
                    help="skip the first-call processes (cold wrap / load / fuse of each system) and the floor process")
-    p.add_argument("--cold-rounds", type=int, default=2,
-                   help="rounds of first-call and floor processes (order turned around every round; median shown)")
+    p.add_argument("--cold-rounds", type=int, default=3,
+                   help="rounds of first-call and floor processes (order turned around every round; median shown: "
+                        "with 3, one round disturbed by other work on the machine does not move it)")
     p.add_argument("--cold-only", action="store_true",
                    help="run only the first-call processes and the floor process (the cold table, no warm rows)")
     p.add_argument("--loads-only", action="store_true",
