@@ -283,6 +283,7 @@ class DiffusionPipeline:
         weights: Sequence[float],
         adapter_name: str,
         combination_type: str = "svd",
+        *,  # PEFT's callers pass the first four by position; the rest by name
         svd_rank: int | None = None,
         svd_clamp: float | None = None,
         svd_full_matrices: bool = True,

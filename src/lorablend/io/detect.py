@@ -20,7 +20,8 @@ from .legacy import is_cloneofsimo
 from .read_diffusers import is_diffusers_key
 from .read_kohya import is_kohya_key
 
-FORMATS = ("diffusers", "kohya")
+READ_FORMATS = ("diffusers", "kohya")  # the formats load_adapter reads (format= may force one)
+FORMATS = READ_FORMATS  # the old name, kept for callers that import it
 
 # Textual-inversion embeddings that trainers bundle into LoRA files (kohya "bundle_emb", cloneofsimo "<s1>",
 # SDXL embedding files' "clip_l" / "clip_g", A1111 "string_to_param" / "emb_params").

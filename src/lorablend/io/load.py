@@ -28,17 +28,16 @@ import torch
 
 from ..adapter import FAMILIES, Adapter, Delta, deltas_to
 from ..errors import LoraFormatError
-from ..naming import ModuleIndex, module_index, standard_index
+from ..naming import FamilyEvidence, ModuleIndex, detect_family, module_index, standard_index
 from ..report import LoadReport
 from .deltas import DeltaProblem, ModuleGroup, build_delta, delta_shape, shape_problem
-from .detect import FORMATS, detect_format, diagnose, embedding_reason, split_keys
+from .detect import READ_FORMATS, detect_format, diagnose, embedding_reason, split_keys
 from .files import RawSource, check_finite, read_source
 from .legacy import is_cloneofsimo, refuse_cloneofsimo
 from .read_diffusers import parse_diffusers
 from .read_kohya import parse_kohya
 
 _FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-_CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 def load_adapter(
@@ -129,8 +128,8 @@ def _parse(raw: RawSource, forced: str | None) -> tuple[str, list[ModuleGroup], 
         else:
             rest.append(key)
     if forced is not None:
-        if forced not in FORMATS:
-            raise LoraFormatError(f"{raw.label}: format={forced!r} is not one we read; use one of {FORMATS} or None")
+        if forced not in READ_FORMATS:
+            raise LoraFormatError(f"{raw.label}: format={forced!r} is not one we read; use one of {READ_FORMATS} or None")
         fmt = forced
         kohya_keys, diffusers_keys, other = (rest, [], []) if forced == "kohya" else ([], rest, [])
     else:
@@ -204,19 +203,18 @@ def _no_layer_error(raw: RawSource) -> None:
 
 
 def _family_hint(group: ModuleGroup, delta: Delta | None) -> str | None:
-    """What one module says about the family: a second text encoder means SDXL; a cross-attention key
-    projection's input width is the text width (768 SD1.x, 1024 SD2.x, 2048 SDXL)."""
+    """What one module says about the family (by ``naming.detect_family``): a layer of a second text encoder,
+    or a cross-attention key projection, whose input width is the width of the text it reads."""
     kind, name = group.lookup[0], group.lookup[1]
-    if kind == "kohya" and name.startswith(("lora_te1_", "lora_te2_")):
-        return "sdxl"
+    second_encoder = kind == "kohya" and name.startswith(("lora_te1_", "lora_te2_"))  # te1/te2: two encoders
     if kind == "dotted":
         component, name = name[0]
-        if component == "text_encoder_2":
-            return "sdxl"
+        second_encoder = second_encoder or component == "text_encoder_2"
+    width = None
     if delta is not None and ("attn2_to_k" in name or "attn2.to_k" in name):
         shape = delta_shape(delta)
-        return _CROSS_ATTENTION_WIDTH.get(shape[1]) if len(shape) > 1 else None
-    return None
+        width = shape[1] if len(shape) > 1 else None
+    return detect_family(FamilyEvidence(second_text_encoder=second_encoder, cross_attention_width=width))
 
 
 def _family_order(groups: list[ModuleGroup], built: list[tuple[Delta | None, str | None]]) -> list[str]:

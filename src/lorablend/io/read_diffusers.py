@@ -31,9 +31,9 @@ from typing import Any, Mapping
 
 import torch
 
+from ..naming import COMPONENTS  # the one component list
 from .deltas import ModuleGroup
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 METADATA_KEY = "lora_adapter_metadata"
 
 _ADAPTER = r"(?:\.(?P<adapter>[^.]+))?"

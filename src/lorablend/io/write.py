@@ -32,7 +32,8 @@ from .write_kohya import kohya_metadata, kohya_state_dict
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("diffusers", "kohya")
+WRITE_FORMATS = ("diffusers", "kohya")  # the formats save_adapter writes
+FORMATS = WRITE_FORMATS  # the old name, kept for callers that import it
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for in a folder
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
@@ -121,8 +122,8 @@ def adapter_state_dict(
     >>> meta["ss_network_module"]                                          # doctest: +SKIP
     'networks.lora'
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format not in WRITE_FORMATS:
+        raise ValueError(f"format must be one of {WRITE_FORMATS}, got {format!r}")
     if not adapter.deltas:
         raise ValueError(f"adapter {adapter.name!r} has no layers; there is nothing to write")
     cast = parse_dtype(dtype)
@@ -245,8 +246,8 @@ def save_adapter(
     >>> lorablend.save_adapter(adapter, "style_kohya.safetensors", format="kohya")     # doctest: +SKIP
     PosixPath('style_kohya.safetensors')
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format not in WRITE_FORMATS:
+        raise ValueError(f"format must be one of {WRITE_FORMATS}, got {format!r}")
     out = output_path(path, format, adapter.name)
     refuse_input_overwrite(adapter, out)
     check_output(out, overwrite=overwrite)  # before the work: a typo fails at once
@@ -262,6 +263,7 @@ def save_adapter(
 
 __all__ = [
     "FORMATS",
+    "WRITE_FORMATS",
     "OutputExistsError",
     "save_adapter",
     "adapter_state_dict",
