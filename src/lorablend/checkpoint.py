@@ -21,11 +21,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from .errors import LoraFormatError
 from .io.safetensors import FLOAT_DTYPES, SafetensorsHeader, read_header  # the one header reader (every check)
+from .naming import build_meta_components
+from .naming import family as naming_family  # the one family rule
 from .resolve import ModelView
 
 UNET_PREFIX = "model.diffusion_model."
@@ -43,10 +44,11 @@ TEXT_LAYOUTS: dict[str, list[tuple[str, str, str]]] = {
 # ------------------------------------------------------------------------------------------- family
 
 
-def detect_family(header: SafetensorsHeader) -> str:
-    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from the checkpoint's key layout; anything else raises.
+def checkpoint_family(header: SafetensorsHeader) -> str:
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from the checkpoint's key layout (by ``naming.detect_family``); a file
+    that is no SD checkpoint raises.
 
-    >>> detect_family(read_header("sd_xl_base_1.0.safetensors"))               # doctest: +SKIP
+    >>> checkpoint_family(read_header("sd_xl_base_1.0.safetensors"))           # doctest: +SKIP
     'sdxl'
     """
     names = header.by_name
@@ -57,16 +59,25 @@ def detect_family(header: SafetensorsHeader) -> str:
         raise LoraFormatError(
             f"{header.path}: not a single-file SD1.x/SDXL checkpoint: no 'model.diffusion_model.' tensors{hint}"
         )
-    if any(n.startswith("conditioner.embedders.1.model.") for n in names) or UNET_PREFIX + "label_emb.0.0.weight" in names:
-        return "sdxl"
+    # The text encoder's layout names it (OpenCLIP-H is SD2.x's, CLIP-L in HF names SD1.x's), whatever the widths:
+    # a tiny test checkpoint has the real layout with other widths.
+    encoder = None
     if any(n.startswith("cond_stage_model.model.transformer.") for n in names):
-        return "sd2"
-    if any(n.startswith("cond_stage_model.transformer.") for n in names):
-        return "sd1"
-    raise LoraFormatError(
-        f"{header.path}: UNet tensors but no text encoder this tool knows (cond_stage_model.* for SD1.x/SD2.x, "
-        "conditioner.embedders.* for SDXL); is it a UNet-only file?"
+        encoder = "openclip-h"
+    elif any(n.startswith("cond_stage_model.transformer.") for n in names):
+        encoder = "clip-l"
+    evidence = naming_family.FamilyEvidence(
+        second_text_encoder=any(n.startswith("conditioner.embedders.1.model.") for n in names),
+        text_time_embedding=UNET_PREFIX + "label_emb.0.0.weight" in names,
+        text_encoder=encoder,
     )
+    family = naming_family.detect_family(evidence)
+    if family is None:
+        raise LoraFormatError(
+            f"{header.path}: UNet tensors but no text encoder this tool knows (cond_stage_model.* for SD1.x/SD2.x, "
+            "conditioner.embedders.* for SDXL); is it a UNet-only file?"
+        )
+    return family
 
 
 # ------------------------------------------------------------------------------------------- architecture
@@ -189,17 +200,11 @@ def _clip_config(header: SafetensorsHeader, prefix: str, layout: str) -> dict[st
 
 def build_components(header: SafetensorsHeader, family: str) -> dict[str, nn.Module]:
     """The UNet and text encoders of this checkpoint on the meta device (module tree and shapes, no storage)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    components: dict[str, nn.Module] = {}
-    with torch.device("meta"):
-        components["unet"] = UNet2DConditionModel.from_config(unet_config(header))
-        for component, prefix, layout in TEXT_LAYOUTS[family]:
-            cfg = _clip_config(header, prefix, layout)
-            cls = CLIPTextModelWithProjection if "projection_dim" in cfg else CLIPTextModel
-            components[component] = cls(CLIPTextConfig(**cfg))
-    return components
+    text_specs = []
+    for component, prefix, layout in TEXT_LAYOUTS[family]:
+        cfg = _clip_config(header, prefix, layout)
+        text_specs.append((component, cfg, "projection_dim" in cfg))
+    return build_meta_components(unet_config(header), text_specs)
 
 
 # ------------------------------------------------------------------------------------------- placements
@@ -297,17 +302,20 @@ def checkpoint_layout(path: str | os.PathLike, header: SafetensorsHeader | None 
     'sd1'
     """
     header = header or read_header(path)
-    family = detect_family(header)
+    family = checkpoint_family(header)
     components = build_components(header, family)
     view = ModelView.of(components)
     view.index.family = family  # the file's layout decides; the meta model's widths may be a tiny test model's
     return CheckpointLayout(header, family, view)
 
 
+detect_family = checkpoint_family  # the old name of this module's public function, kept for callers
+
 __all__ = [
     "CheckpointLayout",
     "Placement",
     "build_components",
+    "checkpoint_family",
     "checkpoint_layout",
     "detect_family",
     "unet_config",

@@ -9,6 +9,7 @@ or transformers until a live model is indexed or ``build_standard_index`` is ask
 """
 
 from .blocks import LBW_ORDERS, expand_block_weights
+from .family import CROSS_ATTENTION_WIDTHS, FamilyEvidence, detect_family
 from .index import (
     COMPONENTS,
     TEXT_COMPONENTS,
@@ -19,18 +20,23 @@ from .index import (
     index_from_components,
 )
 from .ldm import block_label, ldm_unet_path
+from .meta import build_meta_components
 from .standard import STANDARD_FAMILIES, build_standard_index, module_index, standard_index
 
 __all__ = [
     "COMPONENTS",
+    "CROSS_ATTENTION_WIDTHS",
     "TEXT_COMPONENTS",
     "LBW_ORDERS",
     "STANDARD_FAMILIES",
     "ModuleIndex",
     "ModuleInfo",
+    "FamilyEvidence",
     "block_label",
+    "build_meta_components",
     "build_standard_index",
     "components_of",
+    "detect_family",
     "expand_block_weights",
     "family_of_target",
     "index_from_components",

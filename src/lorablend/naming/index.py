@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .family import FamilyEvidence, detect_family
 from .ldm import block_label, ldm_unet_path
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -171,21 +172,23 @@ def _unet_config(unet: nn.Module) -> dict:
 
 
 def family_of_target(components: dict[str, nn.Module]) -> str | None:
-    """Family of a live model: SDXL when it has a second text encoder or text-time embeddings,
-    SD2.x when its cross-attention width is 1024, else SD1.x."""
+    """Family of a live model, by :func:`~lorablend.naming.family.detect_family` from its configs (a UNet-less
+    model's text width stands for the cross-attention width); SD1.x when they say nothing (a tiny test model).
+
+    >>> family_of_target({})
+    'sd1'
+    """
     unet = components.get("unet")
-    if "text_encoder_2" in components:
-        return "sdxl"
     cfg = _unet_config(unet) if unet is not None else {}
-    if cfg.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if cfg.get("cross_attention_dim") == 1024:
-        return "sd2"
+    width = cfg.get("cross_attention_dim")
     if unet is None and "text_encoder" in components:
-        te_cfg = getattr(components["text_encoder"], "config", None)
-        if getattr(te_cfg, "hidden_size", None) == 1024:
-            return "sd2"
-    return "sd1"
+        width = getattr(getattr(components["text_encoder"], "config", None), "hidden_size", None)
+    evidence = FamilyEvidence(
+        second_text_encoder="text_encoder_2" in components,
+        text_time_embedding=cfg.get("addition_embed_type") == "text_time",
+        cross_attention_width=width if isinstance(width, int) else None,
+    )
+    return detect_family(evidence) or "sd1"
 
 
 def components_of(target: Any) -> dict[str, nn.Module]:

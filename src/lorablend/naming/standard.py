@@ -19,6 +19,7 @@ from typing import Any
 from .configs import STANDARD
 from .family_data import index_from_data, read_family_data
 from .index import ModuleIndex, components_of, index_from_components
+from .meta import build_meta_components
 
 STANDARD_FAMILIES = tuple(STANDARD)
 
@@ -48,18 +49,8 @@ def build_standard_index(family: str) -> ModuleIndex:
     'unet.down_blocks.0.attentions.0.proj_in'
     """
     _check_family(family)
-    # Imported here, not at module level: these imports take seconds and only the generator and its test
-    # need the real module trees.
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     unet_cfg, text_specs = STANDARD[family]
-    with torch.device("meta"):
-        comps: dict[str, torch.nn.Module] = {"unet": UNet2DConditionModel.from_config(unet_cfg)}
-        for comp, cfg, with_projection in text_specs:
-            cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-            comps[comp] = cls(CLIPTextConfig(**cfg))
+    comps = build_meta_components(unet_cfg, text_specs)
     return index_from_components(comps, family=family)
 
 
