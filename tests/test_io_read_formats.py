@@ -197,12 +197,3 @@ def test_peft_adapter_named_keys_and_base_model_prefix():
     sd = {f"base_model.model.{SD1_ATTN2_K}.lora_A.default.weight": torch.randn(2, 768),
           f"base_model.model.{SD1_ATTN2_K}.lora_B.default.weight": torch.randn(320, 2)}
     assert list(load_adapter(sd).deltas) == [f"unet.{SD1_ATTN2_K}"]
-
-
-@pytest.mark.parametrize("module", ["files", "legacy", "deltas", "detect", "read_diffusers", "read_kohya"])
-def test_io_docstring_examples(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(f"lorablend.io.{module}"), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0

@@ -405,13 +405,3 @@ def test_real_style_file_written_by_hand_is_read_the_same(tmp_path):
     ours, _ = adapter_state_dict(a, "kohya")
     save_file(ours, tmp_path / "by_hand.safetensors")
     assert_same_deltas(a, load_adapter(tmp_path / "by_hand.safetensors"), "sd1")
-
-
-@pytest.mark.parametrize("name", ["lorablend.io.write", "lorablend.io.write_kohya", "lorablend.io.write_diffusers",
-                                  "lorablend.io.hashing", "lorablend.inspection", "lorablend.cli"])
-def test_docstring_examples(name):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0

@@ -19,7 +19,7 @@ from lorablend.merge import MergeReport, merge, merge_with_report
 
 from conftest import assert_same_computed
 
-# The module itself (for monkeypatching and doctests): `lorablend.merge` the attribute is meant to be the function.
+# The module itself (for monkeypatching): `lorablend.merge` the attribute is meant to be the function.
 merge_mod = importlib.import_module("lorablend.merge")
 
 KEY_Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -470,12 +470,6 @@ def test_lokr_joins_through_exact_kronecker_factors(shapes):
     one = Adapter("k", "sd1", {KEY_Q: lokr})
     merged = merge([one], [0.5], method="cat")
     assert rel(flat(merged.deltas[KEY_Q]), 0.5 * flat(lokr)) < 1e-6
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    assert doctest.testmod(merge_mod, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 def test_energy_alone_may_exceed_the_input_ranks():

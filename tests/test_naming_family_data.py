@@ -3,8 +3,6 @@ config.json files."""
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import json
 from pathlib import Path
 
@@ -72,11 +70,3 @@ def test_configs_hold_the_published_numbers(ours, model, component):
     assert {k: real[k] for k in ours if k in real} == {k: v for k, v in ours.items() if k in real}
     # a field we set that the published file leaves to its default would be a number of our own making
     assert set(ours) <= set(real), sorted(set(ours) - set(real))
-
-
-@pytest.mark.parametrize(
-    "name", ["lorablend.naming", "lorablend.naming.index", "lorablend.naming.family_data", "lorablend.naming.standard"]
-)
-def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0

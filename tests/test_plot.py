@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 import math
 
@@ -103,11 +102,6 @@ def test_cli_plot_errors(tmp_path, capsys, argv, match):
     assert code != 0 and err.count("\n") == 1 and match in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "taken.png"]
     assert (tmp_path / "taken.png").read_bytes() == b"keep"
-
-
-@pytest.mark.parametrize("module", [lorablend.plot, lorablend.fusion])
-def test_docstring_examples(module):
-    assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 def test_fused_weight_out_and_in_place_give_the_same_bits():
