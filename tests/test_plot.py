@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import lorablend.fusion
 import lorablend.plot
 from lorablend.adapter import Adapter, FullDelta, LoHaDelta, LowRankDelta
 from lorablend.cli import main
@@ -102,18 +101,3 @@ def test_cli_plot_errors(tmp_path, capsys, argv, match):
     assert code != 0 and err.count("\n") == 1 and match in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "taken.png"]
     assert (tmp_path / "taken.png").read_bytes() == b"keep"
-
-
-def test_fused_weight_out_and_in_place_give_the_same_bits():
-    from lorablend.fusion import fused_weight
-
-    g = torch.Generator().manual_seed(3)
-    w0 = torch.randn(16, 8, 3, 3, generator=g)
-    terms = [(0.7, LowRankDelta(torch.randn(2, 8, 3, 3, generator=g), torch.randn(16, 2, 1, 1, generator=g), alpha=1.0)),
-             (0.3, LoHaDelta(torch.randn(16, 2, generator=g), torch.randn(2, 72, generator=g), torch.randn(16, 2, generator=g),
-                             torch.randn(2, 72, generator=g)))]
-    new = fused_weight(w0, terms)
-    into = torch.empty_like(w0)
-    assert fused_weight(w0, terms, out=into) is into and torch.equal(into, new)
-    half = torch.empty(w0.shape, dtype=torch.float16)
-    assert torch.equal(fused_weight(w0, terms, out=half, safe=True), fused_weight(w0, terms, out_dtype=torch.float16))
