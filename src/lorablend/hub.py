@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-DEFAULT_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+from .io.files import DEFAULT_WEIGHT_NAMES, pick_weight_file  # the one weight-file picker
+
 HUB_KWARGS = (
     "subfolder",
     "cache_dir",
@@ -23,29 +24,6 @@ HUB_KWARGS = (
     "revision",
     "use_safetensors",
 )
-# Files in a LoRA repo that are never the LoRA (diffusers skips the same names when it guesses).
-_NOT_LORA = ("scheduler", "optimizer", "checkpoint")
-
-
-def _candidates(names: list[str], use_safetensors: bool | None) -> list[str]:
-    exts = (".safetensors",) if use_safetensors else (".safetensors", ".bin", ".pt", ".ckpt")
-    found = [n for n in names if n.endswith(exts) and not any(bad in Path(n).name for bad in _NOT_LORA)]
-    safetensors = [n for n in found if n.endswith(".safetensors")]
-    return safetensors or found  # safetensors first, as diffusers does
-
-
-def _pick(names: list[str], where: str, use_safetensors: bool | None) -> str:
-    for default in DEFAULT_WEIGHT_NAMES:
-        if default in names and (default.endswith(".safetensors") or not use_safetensors):
-            return default
-    found = _candidates(names, use_safetensors)
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise FileNotFoundError(f"{where} holds no LoRA weight file (.safetensors/.bin); files: {sorted(names)[:10]}")
-    raise ValueError(f"{where} holds several weight files {sorted(found)}; pass weight_name= to choose one")
-
-
 def fetch_lora(source: Any, weight_name: str | None = None, **hub_kwargs: Any) -> Any:
     """Resolve ``source`` to a local LoRA file path; dicts and Adapters pass through unchanged.
 
@@ -70,14 +48,7 @@ def fetch_lora(source: Any, weight_name: str | None = None, **hub_kwargs: Any) -
             raise ValueError(f"{source} is a file; weight_name={weight_name!r} only applies to a folder or repo id")
         return str(path)
     if path.is_dir():
-        folder = path / subfolder
-        if weight_name:
-            file = folder / weight_name
-            if not file.is_file():
-                raise FileNotFoundError(f"no file {weight_name!r} in {folder}; it has {sorted(p.name for p in folder.iterdir())[:10]}")
-            return str(file)
-        names = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
-        return str(folder / _pick(names, str(folder), use_safetensors))
+        return str(pick_weight_file(path / subfolder, weight_name=weight_name or None, safetensors_only=bool(use_safetensors)))
     if path.suffix in (".safetensors", ".bin", ".pt", ".ckpt") or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"LoRA file {source} does not exist")
     return _fetch_from_hub(str(source), weight_name, hub_kwargs)
@@ -101,8 +72,7 @@ def _fetch_from_hub(repo_id: str, weight_name: str | None, hub_kwargs: dict) -> 
         snap = Path(snapshot_download(repo_id, allow_patterns=[pattern], **{k: v for k, v in kwargs.items()
                                                                           if k != "proxies"}))
         folder = snap / subfolder if subfolder else snap
-        names = [p.name for p in folder.iterdir() if p.is_file()]
-        return str(folder / _pick(names, f"repo {repo_id}", hub_kwargs.get("use_safetensors")))
+        return str(pick_weight_file(folder, f"repo {repo_id}", safetensors_only=bool(hub_kwargs.get("use_safetensors"))))
     except HFValidationError as exc:
         raise FileNotFoundError(f"{repo_id!r} is neither an existing file or folder nor a valid repo id") from exc
     except (EntryNotFoundError, LocalEntryNotFoundError) as exc:

@@ -69,7 +69,7 @@ def read_source(source: Any, *, weight_name: str | None = None, mapped: bool = F
         )
     path = Path(source)
     if path.is_dir():
-        path = _pick_weight_file(path, weight_name)
+        path = pick_weight_file(path, weight_name=weight_name)
         name = Path(source).name
     elif weight_name is not None:
         raise LoraFormatError(f"{source}: weight_name={weight_name!r} is only meaningful when the source is a folder")
@@ -81,31 +81,70 @@ def read_source(source: Any, *, weight_name: str | None = None, mapped: bool = F
     return RawSource(tensors=tensors, metadata=metadata, label=str(path), name=name)
 
 
-def _pick_weight_file(folder: Path, weight_name: str | None) -> Path:
-    """The one weight file of a folder. A ``.bin`` beside a ``.safetensors`` of the same stem is the same
-    weights saved twice (diffusers used to write both), so the safetensors file is taken; any other choice
-    is the user's to make."""
+class WeightFileError(LoraFormatError, FileNotFoundError):
+    """A folder (or a downloaded repo) has no one weight file to load: none, several, or not the one named.
+
+    A :class:`~lorablend.errors.LoraFormatError` (a ``ValueError``, as every LoRA we cannot read) and a
+    ``FileNotFoundError`` (what diffusers raises when the weight file it looks for is missing), so callers of
+    either library catch it.
+
+    >>> issubclass(WeightFileError, ValueError) and issubclass(WeightFileError, FileNotFoundError)
+    True
+    """
+
+
+# Files a LoRA folder or repo may hold beside the LoRA (a trainer's resume state); diffusers skips them too.
+TRAINING_STATE_WORDS = ("scheduler", "optimizer", "checkpoint")
+DEFAULT_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # what diffusers writes
+
+
+def pick_weight_file(
+    folder: str | Path, where: str | None = None, *, weight_name: str | None = None, safetensors_only: bool = False
+) -> Path:
+    """The one weight file of a folder (a local folder or a downloaded hub repo), by diffusers' rules with one
+    difference: several candidates and no ``weight_name`` is an error that lists them, never a pick of the first.
+
+    ``weight_name`` names the file; else diffusers' default name (``pytorch_lora_weights.safetensors``, then
+    ``.bin``) wins; else the single weight file, where a ``.bin`` beside a ``.safetensors`` of the same stem is
+    the same weights saved twice (the safetensors file is taken) and a trainer's scheduler / optimizer /
+    checkpoint files are not candidates while anything else is. ``safetensors_only`` ignores pickles. ``where``
+    names the folder in messages (default: its path). Every refusal is a :class:`WeightFileError`.
+
+    >>> pick_weight_file("/nonexistent-folder")
+    Traceback (most recent call last):
+    ...
+    lorablend.io.files.WeightFileError: /nonexistent-folder: no such folder; pass a LoRA file or a folder holding one
+    """
+    folder = Path(folder)
+    where = where or str(folder)
+    if not folder.is_dir():
+        raise WeightFileError(f"{where}: no such folder; pass a LoRA file or a folder holding one")
+    suffixes = SAFETENSORS_SUFFIXES if safetensors_only else WEIGHT_SUFFIXES
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes)
     if weight_name is not None:
         chosen = folder / weight_name
         if not chosen.is_file():
-            present = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-            raise LoraFormatError(f"{folder}: no file named {weight_name!r} in this folder (weight files: {present})")
+            raise WeightFileError(
+                f"{where}: no file {weight_name!r} here (weight files: {[p.name for p in files]})"
+            )
         return chosen
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        raise LoraFormatError(
-            f"{folder}: the folder holds no weight file (.safetensors, .bin, .pt, .ckpt); pass the LoRA file itself"
+    for default in DEFAULT_WEIGHT_NAMES:
+        if (folder / default).is_file() and (folder / default).suffix in suffixes:
+            return folder / default
+    twins = {p.stem for p in files if p.suffix in SAFETENSORS_SUFFIXES}
+    candidates = [p for p in files if p.suffix in SAFETENSORS_SUFFIXES or p.stem not in twins]
+    weights = [p for p in candidates if not any(w in p.name for w in TRAINING_STATE_WORDS)] or candidates
+    if not weights:
+        raise WeightFileError(
+            f"{where}: holds no weight file ({', '.join(suffixes)}); pass the LoRA file itself"
         )
-    safetensors_files = [p for p in files if p.suffix in SAFETENSORS_SUFFIXES]
-    stems = {p.stem for p in safetensors_files}
-    candidates = safetensors_files + [p for p in files if p.suffix in PICKLE_SUFFIXES and p.stem not in stems]
-    if len(candidates) > 1:
-        names = ", ".join(p.name for p in candidates)
-        raise LoraFormatError(
-            f"{folder}: the folder holds {len(candidates)} weight files ({names}); say which one to load: "
-            f"pass the file path, or weight_name='{candidates[0].name}'"
+    if len(weights) > 1:
+        names = [p.name for p in weights]
+        raise WeightFileError(
+            f"{where} holds several weight files {names} ({len(names)} weight files); say which one to load: "
+            f"pass the file path, or weight_name='{names[0]}'"
         )
-    return candidates[0]
+    return weights[0]
 
 
 def _read_file(path: Path, mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
