@@ -103,16 +103,42 @@ def bake(
     started = time.perf_counter()
     model_path, out, inputs = _check_paths(model, loras, output, overwrite)
     lora_scale = _finite(lora_scale, "lora_scale")
-    weights = [_finite(w, f"the weight of LoRA #{i + 1}") for i, (_, w) in enumerate(loras)]
-    out_dtype = _parse_dtype(dtype)
-    if model_path.is_dir():
-        report = _bake_pipeline(model_path, loras, weights, out, inputs, lora_scale, overwrite, out_dtype, strict, safe)
-    else:
-        report = _bake_single_file(model_path, loras, weights, out, inputs, lora_scale, overwrite, out_dtype, strict, safe,
-                                   progress)
+    job = BakeJob(
+        model=model_path,
+        loras=tuple((src, _finite(w, f"the weight of LoRA #{i + 1}")) for i, (src, w) in enumerate(loras)),
+        output=out,
+        inputs=tuple(inputs),
+        lora_scale=lora_scale,
+        dtype=_parse_dtype(dtype),
+        overwrite=overwrite,
+        strict=strict,
+        safe=safe,
+        progress=progress,
+    )
+    report = _bake_pipeline(job) if model_path.is_dir() else _bake_single_file(job)
     report.seconds = time.perf_counter() - started
     logger.info("%s", report.summary())
     return report
+
+
+@dataclass(frozen=True)
+class BakeJob:
+    """One bake, its inputs checked: what every step reads (weights finite, paths checked, dtype parsed).
+
+    >>> BakeJob(Path("m.safetensors"), ((Path("a.safetensors"), 0.7),), Path("out.safetensors"), ()).lora_scale
+    1.0
+    """
+
+    model: Path
+    loras: tuple[tuple[LoraSource, float], ...]  # (file or Adapter, finite weight), in the caller's order
+    output: Path
+    inputs: tuple[Path, ...]  # never written over: the model and the LoRA files
+    lora_scale: float = 1.0
+    dtype: torch.dtype | None = None  # the output's float dtype; None keeps the model's
+    overwrite: bool = False
+    strict: bool = True
+    safe: bool = True
+    progress: bool = False
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -191,16 +217,18 @@ def _folder_dtype(folder: Path) -> torch.dtype | None:
     return None
 
 
-def _bake_pipeline(model: Path, loras, weights, out: Path, inputs, lora_scale, overwrite, out_dtype, strict, safe) -> BakeReport:
+def _bake_pipeline(job: BakeJob) -> BakeReport:
     from .pipeline import DiffusionPipeline
 
-    torch_dtype = out_dtype or _folder_dtype(model) or torch.float32
+    model, out, lora_scale = job.model, job.output, job.lora_scale
+    weights = [w for _, w in job.loras]
+    torch_dtype = job.dtype or _folder_dtype(model) or torch.float32
     pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=torch_dtype)
     taken: set[str] = set()
     names, infos, skipped, touched = [], [], [], set()
-    for (src, _), w in zip(loras, weights):
+    for src, w in job.loras:
         name = _lora_name(src, taken)
-        load_report = pipe.load_lora_weights(src if isinstance(src, Adapter) else str(src), adapter_name=name, strict=strict)
+        load_report = pipe.load_lora_weights(src if isinstance(src, Adapter) else str(src), adapter_name=name, strict=job.strict)
         targets = {r.target for r in load_report.mapped if r.target}
         touched |= targets
         skipped += [{"lora": name, "key": r.key, "reason": r.reason or r.status} for r in load_report.records if r.status != "mapped"]
@@ -208,10 +236,10 @@ def _bake_pipeline(model: Path, loras, weights, out: Path, inputs, lora_scale, o
         infos.append({"source": str(src if not isinstance(src, Adapter) else f"<Adapter {src.name}>"), "name": name,
                       "weight": w, "layers": len(targets)})
     pipe.set_adapters(names, adapter_weights=weights)
-    pipe.fuse_lora(lora_scale=lora_scale, safe_fusing=safe)
+    pipe.fuse_lora(lora_scale=lora_scale, safe_fusing=job.safe)
     pipe.unload_lora_weights()
     family = pipe._runtime.view.family
-    with atomic_folder(out, overwrite=overwrite, inputs=inputs) as tmp:
+    with atomic_folder(out, overwrite=job.overwrite, inputs=job.inputs) as tmp:
         pipe.save_pretrained(str(tmp))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return BakeReport(str(model), str(out), "pipeline", family, lora_scale, _dtype_name(torch_dtype), infos,
@@ -234,10 +262,11 @@ class _Op:
     terms: list[tuple[float, Delta]]
 
 
-def _bake_single_file(model: Path, loras, weights, out: Path, inputs, lora_scale, overwrite, out_dtype, strict, safe,
-                      progress) -> BakeReport:
+def _bake_single_file(job: BakeJob) -> BakeReport:
     from .io import load_adapter
     from .resolve import bind_adapter
+
+    model, out, lora_scale, strict = job.model, job.output, job.lora_scale, job.strict
 
     # Every check of the format, before anything else: the output is streamed by these offsets, so a header
     # that lies (overlaps, gaps, sizes that disagree, a cut-off file, names twice) must stop the bake here.
@@ -246,7 +275,7 @@ def _bake_single_file(model: Path, loras, weights, out: Path, inputs, lora_scale
     taken: set[str] = set()
     infos, skipped = [], []
     terms: dict[str, list[tuple[float, Delta]]] = {}  # target key -> terms, in LoRA order (the pipeline's order)
-    for (src, _), w in zip(loras, weights):
+    for src, w in job.loras:
         name = _lora_name(src, taken)
         adapter = src if isinstance(src, Adapter) else load_adapter(str(src), target=layout.view.components, name=name)
         bound = bind_adapter(adapter, layout.view, strict=strict)
@@ -256,12 +285,11 @@ def _bake_single_file(model: Path, loras, weights, out: Path, inputs, lora_scale
         infos.append({"source": str(src) if not isinstance(src, Adapter) else f"<Adapter {src.name}>", "name": name,
                       "weight": w, "layers": len(bound.layers)})
     ops = _plan(layout, terms, strict, skipped)
-    new_header, sizes = _output_header(header, out_dtype, infos, lora_scale)
+    new_header, sizes = _output_header(header, job.dtype, infos, lora_scale)
     total = sum(sizes)
     logger.info("baking %d layers into %s -> %s (%d tensors, %d bytes)", len(terms), model, out, len(header.entries), total)
-    atomic_write(out, _stream(header, ops, out_dtype, new_header, sizes, safe, progress), overwrite=overwrite,
-                 inputs=inputs)
-    return BakeReport(str(model), str(out), "single_file", layout.family, lora_scale, _dtype_name(out_dtype), infos,
+    atomic_write(out, _stream(job, header, ops, new_header, sizes), overwrite=job.overwrite, inputs=job.inputs)
+    return BakeReport(str(model), str(out), "single_file", layout.family, lora_scale, _dtype_name(job.dtype), infos,
                       tensors=len(header.entries), touched=len({o.placement.target_key for v in ops.values() for o in v}),
                       bytes=out.stat().st_size, skipped=skipped)
 
@@ -309,12 +337,14 @@ def _output_header(header: SafetensorsHeader, out_dtype, infos, lora_scale) -> t
     return encode_header(layout, metadata), sizes
 
 
-def _stream(header, ops, out_dtype, new_header: bytes, sizes: list[int], safe: bool, progress: bool) -> Iterator[Any]:
+def _stream(job: BakeJob, header: SafetensorsHeader, ops: dict[str, list[_Op]], new_header: bytes,
+            sizes: list[int]) -> Iterator[Any]:
     """The output file's bytes, one tensor at a time."""
     from tqdm.auto import tqdm
 
+    out_dtype, safe = job.dtype, job.safe
     yield new_header
-    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="bake", disable=not progress, leave=False)
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="bake", disable=not job.progress, leave=False)
     with open(header.path, "rb") as raw, bar:
         for e, size in zip(header.entries, sizes):
             code = _out_code(e.dtype, out_dtype)
@@ -361,4 +391,4 @@ def _apply(tensor: torch.Tensor, ops: list[_Op], out_dtype: torch.dtype, safe: b
     return result
 
 
-__all__ = ["BakeReport", "bake"]
+__all__ = ["BakeJob", "BakeReport", "bake"]
