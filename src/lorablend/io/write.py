@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..adapter import Adapter, Delta, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
+from ..adapter import Adapter
 from ..naming import ModuleIndex, module_index
 from ..outputs import OutputExistsError, atomic_write, check_output, refuse_input
 from .safetensors import serialize
@@ -62,26 +62,6 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
-def _out_features(delta: Delta) -> int | None:
-    """The output width a Delta was made for, read from its factors (no dense ΔW)."""
-    if isinstance(delta, DoRADelta):
-        return _out_features(delta.inner)
-    if isinstance(delta, LowRankDelta):
-        return int(delta.up.shape[0])
-    if isinstance(delta, LoHaDelta):
-        return int(delta.w1_a.shape[1] if delta.t1 is not None else delta.w1_a.shape[0])
-    if isinstance(delta, LoKrDelta):
-        rows1 = (delta.w1 if delta.w1 is not None else delta.w1_a).shape[0]
-        if delta.w2 is not None:
-            rows2 = delta.w2.shape[0]
-        else:
-            rows2 = delta.w2_a.shape[1] if delta.t2 is not None else delta.w2_a.shape[0]
-        return int(rows1 * rows2)
-    if isinstance(delta, FullDelta):
-        return int(delta.diff.shape[0])
-    return None
-
-
 def naming_index(adapter: Adapter, target: Any = None) -> ModuleIndex:
     """The module index names are written against: ``target``'s when given, else the family's standard model.
 
@@ -91,7 +71,7 @@ def naming_index(adapter: Adapter, target: Any = None) -> ModuleIndex:
     index = module_index(target, family=adapter.family) if target is not None else module_index(family=adapter.family)
     for key, delta in adapter.deltas.items():
         info = index.modules.get(key)
-        out = _out_features(delta)
+        out = delta.out_features
         if info is not None and out is not None and out != info.weight_shape[0]:
             where = "the target model" if target is not None else f"the standard {adapter.family} model"
             raise ValueError(
