@@ -133,35 +133,17 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .io import load_adapter, save_adapter
+    from .offline import convert_file
 
-    if _same_file(args.input, args.output):
-        raise UsageError(f"{args.output}: OUTPUT is the INPUT file; lorablend never overwrites an input")
-    adapter = load_adapter(args.input)
-    out = save_adapter(
-        adapter, args.output, format=args.to, overwrite=args.overwrite, dtype=args.dtype, progress=not args.json
-    )
-    from .io.hashing import sshs_model_hash
-
-    result = {
-        "input": str(args.input),
-        "output": str(out),
-        "from_format": adapter.format,
-        "to_format": args.to,
-        "family": adapter.family,
-        "layers": len(adapter.deltas),
-        "kinds": adapter.kinds(),
-        "bytes": out.stat().st_size,
-        "sshs_model_hash": sshs_model_hash(out),
-        "report": adapter.report.counts(),
-    }
+    result = convert_file(args.input, args.output, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
+                          progress=not args.json)
     if args.json:
         _print_json(result)
     else:
         c = result["report"]
         print(
-            f"wrote {out} ({args.to} format, {result['layers']} layers, {result['bytes']:,} bytes) "
-            f"from {args.input} ({adapter.format}, {adapter.family}); "
+            f"wrote {result['output']} ({args.to} format, {result['layers']} layers, {result['bytes']:,} bytes) "
+            f"from {args.input} ({result['from_format']}, {result['family']}); "
             f"source keys: {c['mapped']} mapped, {c['unsupported']} unsupported, {c['unknown']} unknown"
         )
     return 0
@@ -219,101 +201,30 @@ def _parse_weighted_input(spec: str) -> tuple[str, float]:
     return path, weight
 
 
-def _input_dtype(adapters: list) -> str:
-    """The inputs' common float dtype as a --dtype name; fp32 when they differ."""
-    import torch
-
-    dtypes = {next(iter(d.tensors())).dtype for a in adapters for d in a.deltas.values()}
-    if len(dtypes) == 1:
-        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtypes.pop(), "fp32")
-    return "fp32"
-
-
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .io import load_adapter, save_adapter
-    from .io.write import output_path
-    from .merge import merge_with_report
+    from .offline import merge_files
 
     specs = [_parse_weighted_input(s) for s in args.inputs]
-    # Cheap checks first, so a typo fails before minutes of loading and merging.
-    if args.rank is not None and args.rank <= 0:
-        raise UsageError(f"--rank {args.rank}: the rank must be a positive integer, e.g. --rank 64")
-    for path, _ in specs:
-        if not Path(path).exists():
-            raise UsageError(f"{path}: no such file; pass existing LoRA files as FILE[:WEIGHT]")
-    out_target = output_path(args.output, args.format, args.name or "merged")
-    for path, _ in specs:
-        if _same_file(path, out_target) or _same_file(path, args.output):
-            raise UsageError(f"{args.output}: OUTPUT is an INPUT file; lorablend never overwrites an input")
-    from .outputs import refuse_existing
-
-    refuse_existing(out_target, args.overwrite)
-    if args.report is not None:
-        if any(_same_file(args.report, p) for p, _ in specs) or _same_file(args.report, out_target):
-            raise UsageError(f"--report {args.report}: that is an input or the output; name a new .json file")
-        refuse_existing(args.report, args.overwrite)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     block_weights = None
     if args.block_weights is not None:
         try:
             block_weights = json.loads(args.block_weights)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--block-weights is not JSON ({exc.msg}); write e.g. '{{\"IN04\": 0.5}}'") from None
-
-    adapters = [load_adapter(path) for path, _ in specs]
     progress = sys.stderr.isatty() and not args.json
-    merged, report = merge_with_report(
-        adapters,
-        [w for _, w in specs],
-        args.method,
-        rank=args.rank,
-        energy=args.energy,
-        clamp=args.clamp,
-        density=args.density,
-        majority_sign=args.majority_sign,
-        seed=args.seed,
+    merged = merge_files(
+        specs, args.output, method=args.method, format=args.format, dtype=args.dtype, device=args.device,
+        name=args.name, report_path=args.report, overwrite=args.overwrite, progress=progress, rank=args.rank,
+        energy=args.energy, clamp=args.clamp, density=args.density, majority_sign=args.majority_sign, seed=args.seed,
         block_weights=block_weights,
-        name=args.name,
-        device=args.device,
-        progress=progress,
     )
-    dtype = args.dtype or _input_dtype(adapters)
-    out = save_adapter(merged, args.output, format=args.format, overwrite=args.overwrite, dtype=dtype, progress=progress)
-    report_data = {"inputs": [{"path": p, "weight": w} for p, w in specs], "output": str(out), **report.to_dict()}
-    if args.report is not None:
-        # Written after the LoRA file, through a temp file: an error leaves neither half-written.
-        from .outputs import atomic_write
-
-        atomic_write(args.report, [json.dumps(report_data, indent=2).encode()], overwrite=args.overwrite,
-                     inputs=[p for p, _ in specs])
-    errors = [layer.rel_error for layer in report.layers]
-    result = {
-        "output": str(out),
-        "format": args.format,
-        "dtype": dtype,
-        "method": args.method,
-        "inputs": [
-            {"path": p, "weight": w, "name": a.name, "format": a.format, "family": a.family, "layers": len(a.deltas)}
-            for (p, w), a in zip(specs, adapters)
-        ],
-        "family": merged.family,
-        "layers": len(merged.deltas),
-        "rank": merged.metadata.get("lorablend.merge.rank"),
-        "max_rel_error": report.max_rel_error,
-        "mean_rel_error": sum(errors) / len(errors) if errors else 0.0,
-        "dropped": report.dropped,
-        "bytes": out.stat().st_size,
-        "report": args.report,
-    }
+    result = merged.data
     if args.json:
         _print_json(result)
     else:
-        print(f"wrote {out} ({args.format}, {dtype}, {result['layers']} layers, {result['bytes']:,} bytes)")
-        print(report.summary())
+        print(f"wrote {result['output']} ({args.format}, {result['dtype']}, {result['layers']} layers, "
+              f"{result['bytes']:,} bytes)")
+        print(merged.summary)
     return 0
 
 
@@ -349,7 +260,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(s.ok for s in steps) else 1
 
 
-# ---------------------------------------------------------------- fuse
+# ---------------------------------------------------------------- bake
 
 
 def _bool_arg(text: str) -> bool:
@@ -361,9 +272,10 @@ def _bool_arg(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_fuse(sub: argparse._SubParsersAction) -> None:
+def _add_bake(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "fuse",
+        "bake",
+        aliases=["fuse"],  # its first name; fuse_lora stays the in-memory pipeline operation
         help="bake LoRAs into a model: a diffusers pipeline folder or a single-file SD1.x/SDXL checkpoint",
         description=(
             "Write MODEL with the LoRAs fused in (W0 + lora_scale * sum of weight_i * dW_i, in fp32 from the original "
@@ -382,10 +294,10 @@ def _add_fuse(sub: argparse._SubParsersAction) -> None:
                    help="false: bake the layers that fit and report the rest (default true: any misfit is an error)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    p.set_defaults(func=_cmd_fuse)
+    p.set_defaults(func=_cmd_bake)
 
 
-def _cmd_fuse(args: argparse.Namespace) -> int:
+def _cmd_bake(args: argparse.Namespace) -> int:
     from .bake import bake
 
     specs = [_parse_weighted_input(s) for s in args.lora]
@@ -545,7 +457,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_convert,
     _add_merge,
     _add_demo,
-    _add_fuse,
+    _add_bake,
     _add_generate,
 )
 

@@ -61,10 +61,21 @@ def load_pipeline(
     """
     from .pipeline import DiffusionPipeline
 
+    names = _adapter_names(loras)
+    adapters = read_loras(model, loras, names)  # a broken LoRA fails here, before seconds of model loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+    for (path, _), adapter, name in zip(loras, adapters, names):
+        pipe.load_lora_weights(adapter if adapter is not None else str(path), adapter_name=name, strict=strict)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[float(w) for _, w in loras])
+    return pipe, names
+
+
+def _adapter_names(loras: Sequence[tuple[str | os.PathLike, float]]) -> list[str]:
+    """Each LoRA's adapter name: its file's stem, numbered when two files share one."""
     names: list[str] = []
     for path, _ in loras:
         base = name = Path(path).stem
@@ -72,11 +83,27 @@ def load_pipeline(
         while name in names:
             n += 1
             name = f"{base}_{n}"
-        pipe.load_lora_weights(str(path), adapter_name=name, strict=strict)
         names.append(name)
-    if names:
-        pipe.set_adapters(names, adapter_weights=[float(w) for _, w in loras])
-    return pipe, names
+    return names
+
+
+def read_loras(
+    model: str | os.PathLike, loras: Sequence[tuple[str | os.PathLike, float]], names: Sequence[str]
+) -> list[Any]:
+    """Every LoRA file read and checked against the model's architecture (built from its config files on the
+    meta device) before any weight of the model is read; the Adapters then go to the pipeline, so no file is read
+    twice. ``[None, ...]`` for a model that is no local pipeline folder (a hub id): the pipeline reads the files.
+
+    >>> read_loras("org/not-a-folder", [("style.safetensors", 1.0)], ["style"])
+    [None]
+    """
+    from .io import load_adapter
+    from .naming.meta import folder_meta_components
+
+    components = folder_meta_components(model) if loras and Path(model).is_dir() else None
+    if components is None:
+        return [None] * len(loras)
+    return [load_adapter(str(path), target=components, name=name) for (path, _), name in zip(loras, names)]
 
 
 def generate_image(pipe: Any, names: Sequence[str], weights: Sequence[float], prompt: str, settings: GenerationSettings):
@@ -202,4 +229,4 @@ def save_png(
     return Path(output)
 
 
-__all__ = ["GenerationSettings", "Grid", "generate_image", "load_pipeline", "render_grid", "save_png", "weight_grid"]
+__all__ = ["GenerationSettings", "Grid", "generate_image", "load_pipeline", "read_loras", "render_grid", "save_png", "weight_grid"]

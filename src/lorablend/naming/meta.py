@@ -11,10 +11,15 @@ device(type='meta')
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from .index import TEXT_COMPONENTS
 
 TextEncoderSpec = tuple[str, dict[str, Any], bool]  # (component, CLIPTextConfig fields, with text projection)
 
@@ -40,4 +45,26 @@ def build_meta_components(unet_config: dict[str, Any], text_encoders: Iterable[T
     return components
 
 
-__all__ = ["TextEncoderSpec", "build_meta_components"]
+def folder_meta_components(folder: str | os.PathLike) -> dict[str, nn.Module] | None:
+    """The adaptable components of a diffusers pipeline folder on the meta device, from its ``config.json``
+    files alone (no weight is read): what a LoRA can be checked against before the model is loaded. ``None``
+    when the folder holds no UNet config (a hub id, or another kind of model).
+
+    >>> folder_meta_components("/nonexistent") is None
+    True
+    """
+    root = Path(folder)
+    unet_file = root / "unet" / "config.json"
+    if not unet_file.is_file():
+        return None
+    text_encoders = []
+    for component in TEXT_COMPONENTS:
+        cfg_file = root / component / "config.json"
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text())
+            with_projection = "CLIPTextModelWithProjection" in (cfg.get("architectures") or [])
+            text_encoders.append((component, cfg, with_projection))
+    return build_meta_components(json.loads(unet_file.read_text()), text_encoders)
+
+
+__all__ = ["TextEncoderSpec", "build_meta_components", "folder_meta_components"]
