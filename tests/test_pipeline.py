@@ -344,9 +344,9 @@ def test_D4_block_weights_every_form(sd1):
     # block weights reach resnets and samplers, not only attentions
     sd1.set_adapters(["c"], [{"unet": {"down": {"block_0": 0.0}}}])
     rt = sd1._runtime
-    assert rt._terms(rt._slots["unet.down_blocks.0.resnets.0.conv1"]) == []
-    assert rt._terms(rt._slots["unet.down_blocks.0.downsamplers.0.conv"]) == []
-    assert rt._terms(rt._slots["unet.down_blocks.1.resnets.0.conv1"]) != []
+    assert rt._contributors(rt._layers.by_key["unet.down_blocks.0.resnets.0.conv1"]) == []
+    assert rt._contributors(rt._layers.by_key["unet.down_blocks.0.downsamplers.0.conv"]) == []
+    assert rt._contributors(rt._layers.by_key["unet.down_blocks.1.resnets.0.conv1"]) != []
 
 
 @pytest.mark.parametrize(
@@ -390,7 +390,7 @@ def test_bad_input_raises_one_clear_error_and_changes_nothing(sd1, call, match):
 def _terms(pipe) -> dict:
     """The blended per-layer terms the forward hooks add (what a generation would use)."""
     pipe._runtime.prepare()
-    return {k: (s.up, s.down, s.dense) for k, s in pipe._runtime._slots.items() if s.handle is not None}
+    return {k: (s.up, s.down, s.dense) for k, s in pipe._runtime._layers.by_key.items() if s.handle is not None}
 
 
 def test_unfusing_what_is_not_fused_names_what_is(sd1):
@@ -491,5 +491,5 @@ def test_moving_the_pipeline_to_another_dtype_rebuilds_the_terms(make_pipe, make
     pipe.to(dtype=torch.bfloat16)
     y16 = pipe(**GEN_KW, generator=torch.manual_seed(0)).images
     assert np.isfinite(y16).all() and np.abs(y16 - y32).max() < 0.1
-    slot = next(s for s in pipe._runtime._slots.values() if s.up is not None)
+    slot = next(s for s in pipe._runtime._layers.by_key.values() if s.up is not None)
     assert slot.up.dtype == torch.bfloat16

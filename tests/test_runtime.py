@@ -84,7 +84,7 @@ def test_one_term_per_layer_for_any_number_of_adapters(make_pipe, make_adapter):
     rt.set_adapters(["a0", "a1", "a2"], [1.0, 0.5, 0.0])
     to_q = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
     assert len(to_q._forward_hooks) == 1
-    slot = rt._slots["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    slot = rt._layers.by_key["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
     assert slot.up is None  # built lazily, on the next forward or by prepare()
     rt.prepare()
     # weight 0 drops an adapter from the blend: rank 2 + 2, one pair
@@ -115,7 +115,7 @@ def test_non_low_rank_kinds_add_one_dense_term(make_pipe):
         _load(rt, Adapter(name, "sd1", {key: d}))
     rt.set_adapters(["loha", "full", "lora"], [0.5, 1.0, -1.0])
     rt.prepare()
-    slot = rt._slots[key]
+    slot = rt._layers.by_key[key]
     assert slot.dense is not None and slot.up is None
     expected = 0.5 * loha.delta_weight() + full.delta_weight() - lora.delta_weight()
     torch.testing.assert_close(slot.dense, expected, rtol=1e-5, atol=1e-6)
@@ -239,7 +239,7 @@ def test_pointwise_conv_term_matches_the_conv_delta(make_pipe, make_adapter):
         _load(rt, make_adapter("sd1", f"a{i}", seed=i, targets="all"))
     rt.set_adapters(["a0", "a1"], [0.7, 0.4])
     rt.prepare()
-    slots = [s for s in rt._slots.values() if s.is_conv and s.is_pointwise and s.up is not None]
+    slots = [s for s in rt._layers.by_key.values() if s.is_conv and s.is_pointwise and s.up is not None]
     assert slots
     for slot in slots:
         m = slot.module
@@ -263,7 +263,7 @@ def _unet_out(pipe) -> torch.Tensor:
 
 
 def test_any_sequence_of_set_adapters_gives_the_bits_of_a_fresh_runtime(make_pipe, make_adapter):
-    """Weight-only changes take a fast path (the epoch bump); zero weights, block weights, dense kinds and
+    """Weight-only changes take a fast path (the version bump); zero weights, block weights, dense kinds and
     enable/disable take the general one. After every step, the output equals that of a runtime that made only
     the final call, bit for bit, whether terms were built lazily (by the forward) or by prepare()."""
     key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -238,12 +238,12 @@ def _bake_pipeline(job: BakeJob) -> BakeReport:
     pipe.set_adapters(names, adapter_weights=weights)
     pipe.fuse_lora(lora_scale=lora_scale, safe_fusing=job.safe)
     pipe.unload_lora_weights()
-    family = pipe._runtime.view.family
+    family = pipe.model_view.family
     with atomic_folder(out, overwrite=job.overwrite, inputs=job.inputs) as tmp:
         pipe.save_pretrained(str(tmp))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return BakeReport(str(model), str(out), "pipeline", family, lora_scale, _dtype_name(torch_dtype), infos,
-                      tensors=len(pipe._runtime.view.index.modules), touched=len(touched), bytes=size, skipped=skipped)
+                      tensors=len(pipe.model_view.index.modules), touched=len(touched), bytes=size, skipped=skipped)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:

@@ -27,7 +27,7 @@ from .errors import LoraFormatError
 from .io.safetensors import FLOAT_DTYPES, SafetensorsHeader, read_header  # the one header reader (every check)
 from .naming import build_meta_components
 from .naming import family as naming_family  # the one family rule
-from .resolve import ModelView
+from .model_view import ModelView
 
 UNET_PREFIX = "model.diffusion_model."
 

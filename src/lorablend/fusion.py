@@ -28,9 +28,10 @@ from typing import Sequence
 
 import torch
 
-from .adapter import Delta, DoRADelta, FullDelta, LowRankDelta, map_tensors
+from .adapter import Delta
+from .transfer import map_tensors
 
-Terms = Sequence[tuple[float, Delta]]
+WeightedDeltas = Sequence[tuple[float, Delta]]  # (coef, delta) pairs, applied in order
 
 
 def delta_weight_fp32(
@@ -43,51 +44,57 @@ def delta_weight_fp32(
     torch.float32
     """
     device = torch.device(device) if device is not None else pristine.device
-    if isinstance(delta, DoRADelta):
+    if delta.needs_base:  # (DoRA) computed where the base weight is, from the pristine weight
         on_device = map_tensors(delta, lambda t: t.to(device))
         return on_device.delta_weight(shape, base=pristine.to(device))
-    if isinstance(delta, LowRankDelta):
-        up, down = delta.factors()
+    pair = delta.low_rank_factors()
+    if pair is not None:
+        up, down = pair
         return (up.to(device) @ down.to(device)).reshape(shape)
     return delta.delta_weight(shape).to(device)
 
 
 def low_rank_factors(
-    terms: Terms, device: torch.device | str | None = None
+    terms: WeightedDeltas, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """fp32 ``(U, D)`` with ``U @ D = Σ coef · ΔW`` over the plain low-rank terms of ``terms``, or ``None``.
 
     The factors are concatenated, ``U = [c1·s1·U1 | c2·s2·U2 …]`` and ``D = [D1; D2; …]`` (``s`` the alpha/rank
-    scale), so the whole low-rank sum is ONE matrix product with no cross terms. Terms that are not a
-    ``LowRankDelta``, or have coef 0, are left out. ``device`` defaults to the first factor's.
+    scale), so the whole low-rank sum is ONE matrix product with no cross terms. Deltas that are not one cheap
+    low-rank pair (their ``low_rank_factors()`` is None: LoHa, LoKr, full, DoRA), or have coef 0, are left out.
+    ``device`` defaults to the first factor's.
 
     >>> from lorablend.adapter import LowRankDelta
     >>> a, b = LowRankDelta(torch.ones(1, 3), torch.ones(2, 1)), LowRankDelta(torch.ones(2, 3), torch.ones(2, 2))
     >>> [t.shape for t in low_rank_factors([(1.0, a), (0.5, b)])]
     [torch.Size([2, 3]), torch.Size([3, 3])]
     """
-    low = [(float(c), d) for c, d in terms if c != 0.0 and type(d) is LowRankDelta]
-    if not low:
+    pairs = [(float(c), pair) for c, d in terms if c != 0.0 and (pair := d.low_rank_factors()) is not None]
+    return concat_factors(pairs, device)
+
+
+def concat_factors(
+    pairs: Sequence[tuple[float, tuple[torch.Tensor, torch.Tensor]]], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp32 ``(U, D)`` from ``(coef, (up, down))`` pairs (each a kind's ``low_rank_factors()``): ``U = [c1·U1 | …]``,
+    ``D = [D1; …]``, or None when there is no pair. ``device`` defaults to the first factor's.
+
+    >>> concat_factors([(2.0, (torch.ones(2, 1), torch.ones(1, 3)))])[0].tolist()
+    [[2.0], [2.0]]
+    """
+    if not pairs:
         return None
-    device = torch.device(device) if device is not None else low[0][1].up.device
-    out_f = int(low[0][1].up.shape[0])
-    rank = sum(d.rank if d.mid is None else int(d.up.shape[1]) for _, d in low)
-    in_flat = None
-    pieces = []
-    for coef, d in low:
-        if d.mid is None:
-            up, down, s = d.up.reshape(out_f, -1), d.down.reshape(d.rank, -1), coef * d.scale
-        else:  # Tucker: contract the core into down once (factors() folds the scale into up)
-            up, down = d.factors()
-            s = coef
-        in_flat = int(down.shape[1])
-        pieces.append((up, down, s))
+    device = torch.device(device) if device is not None else pairs[0][1][0].device
+    out_f, in_flat = int(pairs[0][1][0].shape[0]), int(pairs[0][1][1].shape[1])
+    rank = sum(int(up.shape[1]) for _, (up, _) in pairs)
     U = torch.empty(out_f, rank, dtype=torch.float32, device=device)
     D = torch.empty(rank, in_flat, dtype=torch.float32, device=device)
     at = 0
-    for up, down, s in pieces:
+    for coef, (up, down) in pairs:
         r = int(up.shape[1])
-        U[:, at:at + r].copy_(up).mul_(s)
+        U[:, at:at + r].copy_(up)
+        if coef != 1.0:
+            U[:, at:at + r].mul_(coef)
         D[at:at + r].copy_(down)
         at += r
     return U, D
@@ -95,7 +102,7 @@ def low_rank_factors(
 
 def fused_weight(
     pristine: torch.Tensor,
-    terms: Terms,
+    terms: WeightedDeltas,
     *,
     out_dtype: torch.dtype | None = None,
     safe: bool = False,
@@ -124,7 +131,8 @@ def fused_weight(
     rows = shape[0] if shape else 1
     direct = out is not None and out.dtype == torch.float32 and out.is_contiguous() and not safe
     with torch.no_grad():
-        factors = low_rank_factors(terms, device)
+        pairs = [d.low_rank_factors() if c != 0.0 else None for c, d in terms]  # (asked once per delta)
+        factors = concat_factors([(float(c), p) for (c, _), p in zip(terms, pairs) if p is not None], device)
         src = pristine if pristine.device == device else pristine.to(device)
         if factors is not None and src.dtype == torch.float32 and src.is_contiguous():
             # one pass: read W0, write W0 + U @ D (addmm copies W0 into the result, then one gemm with beta=1:
@@ -139,8 +147,8 @@ def fused_weight(
                 base = src.to(dtype=torch.float32, copy=True)
             if factors is not None:
                 base.view(rows, -1).addmm_(*factors)
-        for coef, delta in terms:
-            if coef != 0.0 and type(delta) is not LowRankDelta:
+        for (coef, delta), pair in zip(terms, pairs):  # the deltas with no low-rank pair, as dense ΔW, in order
+            if coef != 0.0 and pair is None:
                 base.add_(delta_weight_fp32(delta, shape, pristine, device), alpha=coef)
         if direct:
             return out
@@ -156,18 +164,18 @@ def fused_weight(
         return result
 
 
-def has_bias_terms(terms: Terms) -> bool:
+def has_bias_terms(terms: WeightedDeltas) -> bool:
     """True when some term changes the bias (a full diff with ``diff_b``).
 
     >>> has_bias_terms([])
     False
     """
-    return any(isinstance(d, FullDelta) and d.diff_b is not None and c != 0.0 for c, d in terms)
+    return any(d.changes_bias and c != 0.0 for c, d in terms)
 
 
 def fused_bias(
     pristine_bias: torch.Tensor,
-    terms: Terms,
+    terms: WeightedDeltas,
     *,
     out_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -183,9 +191,9 @@ def fused_bias(
     with torch.no_grad():
         bias = pristine_bias.to(device=device, dtype=torch.float32, copy=True)
         for coef, delta in terms:
-            if coef != 0.0 and isinstance(delta, FullDelta) and delta.diff_b is not None:
+            if coef != 0.0 and delta.changes_bias:
                 bias.add_(delta.delta_bias().to(device), alpha=coef)
         return bias.to(out_dtype)
 
 
-__all__ = ["delta_weight_fp32", "fused_bias", "fused_weight", "has_bias_terms", "low_rank_factors"]
+__all__ = ["concat_factors", "delta_weight_fp32", "fused_bias", "fused_weight", "has_bias_terms", "low_rank_factors"]

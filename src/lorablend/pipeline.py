@@ -37,6 +37,7 @@ from . import hub
 from .adapter import Adapter
 from .errors import LoraFormatError
 from .report import LoadReport
+from .model_view import ModelView
 from .resolve import bind_adapter
 from .runtime import LoraRuntime
 
@@ -117,6 +118,16 @@ class DiffusionPipeline:
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self.pipe)))
+
+    @property
+    def model_view(self) -> ModelView:
+        """The adaptable part of the wrapped pipeline: its components, their module index (``.family``,
+        ``.index.modules``) and the live module of every target key.
+
+        >>> pipeline.model_view.family                                     # doctest: +SKIP
+        'sdxl'
+        """
+        return self._runtime.view
 
     def __repr__(self) -> str:
         return f"lorablend.DiffusionPipeline({type(self.pipe).__name__}, adapters={list(self._runtime.adapters)})"
@@ -207,9 +218,9 @@ class DiffusionPipeline:
         else:
             from .io import load_adapter
 
-            view = self._runtime.view
+            view = self._runtime.view  # names resolved, shapes and values checked here, once: binding trusts them
             adapter = load_adapter(source, target=view.index, name=name, device=view.shared_accelerator())
-        bound = bind_adapter(adapter, self._runtime.view, strict=strict)
+        bound = bind_adapter(adapter, self._runtime.view, strict=strict, checked=not isinstance(source, Adapter))
         self._runtime.add(bound, replace_existing=hotswap)
         return bound.report
 
@@ -302,7 +313,7 @@ class DiffusionPipeline:
         from .merge import merge
 
         names = [adapters] if isinstance(adapters, str) else list(adapters)
-        self._runtime._check_names(names, "add_weighted_adapter")
+        self._runtime.check_names(names, "add_weighted_adapter")
         if len(weights) != len(names):
             raise ValueError(f"add_weighted_adapter: {len(weights)} weights for {len(names)} adapters {names}")
         if adapter_name in self._runtime.adapters or adapter_name in self._runtime.fused_names:

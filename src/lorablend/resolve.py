@@ -13,16 +13,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
-from .adapter import Adapter, Delta, FullDelta
+from .adapter import Adapter, Delta
 from .errors import LoraCompatibilityError
 from .io.files import all_finite
-from .naming import ModuleIndex, expand_block_weights, index_from_components
+from .model_view import COMPONENT_ORDER, ModelView  # (ModelView's old home: kept importable from here)
+from .naming import expand_block_weights
 from .report import LoadReport
 
-COMPONENT_ORDER = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass(eq=False)
@@ -56,71 +55,14 @@ class BoundAdapter:
         return [c for c in COMPONENT_ORDER if c in present]
 
 
-@dataclass
-class ModelView:
-    """The adaptable components of one live pipeline, their module index and their adaptable modules, found once
-    per pipeline (a load then binds each layer by a dict lookup, not by walking the module tree again)."""
-
-    components: dict[str, nn.Module]
-    index: ModuleIndex
-    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)  # target key -> live module
-
-    @classmethod
-    def of(cls, components: Mapping[str, nn.Module]) -> "ModelView":
-        comps = {c: m for c, m in components.items() if c in COMPONENT_ORDER and isinstance(m, nn.Module)}
-        index = index_from_components(comps)
-        return cls(comps, index, _live_modules(comps, index))
-
-    @property
-    def family(self) -> str | None:
-        return self.index.family
-
-    def shared_accelerator(self) -> torch.device | None:
-        """The one accelerator every adaptable layer's weight lives on (a LoRA for them can be read straight there,
-        since the runtime places each delta next to its module's weight), else None. Reads one weight per indexed
-        layer, not every parameter of every component: it runs on every load, and the layers are what matter."""
-        devices = {m.weight.device for m in self.modules.values()}
-        if len(devices) == 1 and (device := devices.pop()).type not in ("cpu", "meta"):
-            return device
-        return None
-
-    def module(self, target_key: str) -> nn.Module:
-        module = self.modules.get(target_key)
-        if module is None:  # an index given from outside, or a module the walk did not reach
-            info = self.index.modules[target_key]
-            module = self.modules[target_key] = self.components[info.component].get_submodule(info.live_path)
-        return module
-
-
-def _live_modules(components: Mapping[str, nn.Module], index: ModuleIndex) -> dict[str, nn.Module]:
-    """Target key -> live module for every layer of ``index``: one walk of each component's tree (about a
-    millisecond for SD1.5), against tens of microseconds per ``get_submodule`` of a nested path."""
-    by_path: dict[tuple[str, str], nn.Module] = {}
-    for comp, model in components.items():
-        for path, module in model.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                by_path[(comp, path)] = module
-    return {key: module for key, info in index.modules.items()
-            if (module := by_path.get((info.component, info.live_path))) is not None}
-
-
-def _delta_shape_problem(delta: Delta, module: nn.Module) -> str | None:
-    """Why ``delta`` cannot apply to ``module`` (None when it can); from factor shapes only, no dense ΔW."""
-    from .io.deltas import shape_problem
-
+def _module_problem(delta: Delta, module: nn.Module) -> str | None:
+    """Why ``delta`` cannot apply to this live module beyond its weight shape (None when it can): what only the
+    module can tell, not the module index that ``load_adapter`` checks shapes against."""
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
         return f"conv with groups={module.groups}, padding_mode={module.padding_mode!r} is not supported"
-    if isinstance(delta, FullDelta) and delta.diff_b is not None and module.bias is None:
+    if delta.changes_bias and module.bias is None:
         return "the delta changes a bias but the module has none"
-    return shape_problem(delta, tuple(module.weight.shape))
-
-
-def _needs_finite_check(adapter: Adapter) -> bool:
-    """False for an adapter straight from the reader: ``load_adapter`` already refused NaN/Inf in the file or
-    state dict (``io.files.check_finite``), the one check on that path. Adapters built in memory (or merged)
-    are checked here, at binding, before anything touches a model."""
-    report = adapter.report
-    return not (report.records and report.format == adapter.format and adapter.format not in ("canonical", "merge"))
+    return None
 
 
 def _finite(delta: Delta) -> bool:
@@ -136,11 +78,16 @@ def _family_problem(adapter: Adapter, model_family: str | None) -> str | None:
     return None  # sd1 vs sd2 share the module tree; the shape checks decide (attn2 widths differ)
 
 
-def bind_adapter(adapter: Adapter, view: ModelView, *, strict: bool = True) -> BoundAdapter:
+def bind_adapter(adapter: Adapter, view: ModelView, *, strict: bool = True, checked: bool = False) -> BoundAdapter:
     """Bind every delta of ``adapter`` to a module of the live model, or raise before anything changes.
 
     Returns a ``BoundAdapter`` whose ``report`` accounts for every source key (the adapter's own report,
     with keys whose layer could not be bound turned into ``unknown``/``unsupported`` with the reason).
+    ``checked=True`` says the adapter is what ``load_adapter(source, target=view.index)`` returned: its keys
+    are already ``view``'s target keys, every delta fits its weight's shape and every value is finite, so
+    binding only looks each module up by its key and checks what only the live module can tell (conv groups,
+    padding mode, a bias to change). Any other adapter (built in memory, merged, read for another target) is
+    checked in full here: name, shape, finite values.
 
     >>> bound = bind_adapter(adapter, ModelView.of({"unet": pipe.unet}))      # doctest: +SKIP
     >>> len(bound.layers)                                                     # doctest: +SKIP
@@ -151,22 +98,21 @@ def bind_adapter(adapter: Adapter, view: ModelView, *, strict: bool = True) -> B
         raise LoraCompatibilityError(f"{problem}; load a LoRA made for {view.family} (nothing was changed)")
     layers: dict[str, BoundLayer] = {}
     skipped: dict[str, tuple[str, str]] = {}  # source target key -> (status, reason)
-    check_finite = _needs_finite_check(adapter)
     for key, delta in adapter.deltas.items():
         component, _, path = key.partition(".")
         if component not in view.components:
             skipped[key] = ("unknown", f"the pipeline has no {component!r} (it has {sorted(view.components)})")
             continue
-        canonical = view.index.lookup(component, path)
+        canonical = key if checked else view.index.lookup(component, path)
         if canonical is None:
             skipped[key] = ("unknown", f"no Linear/Conv2d named {path!r} in {component}")
             continue
         module = view.module(canonical)
-        reason = _delta_shape_problem(delta, module)
+        reason = _module_problem(delta, module) or (None if checked else delta.fit_problem(tuple(module.weight.shape)))
         if reason:
             skipped[key] = ("unsupported", reason)
             continue
-        if check_finite and not _finite(delta):
+        if not checked and not _finite(delta):
             skipped[key] = ("unsupported", "NaN or Inf in the adapter's tensors")
             continue
         if canonical in layers:
