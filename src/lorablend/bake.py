@@ -102,6 +102,10 @@ def bake(
     """
     started = time.perf_counter()
     model_path, out, inputs = _check_paths(model, loras, output, overwrite)
+    if model_path.is_dir():  # diffusers and transformers draw loading bars: only for a person at a terminal
+        from .generate import hf_progress_bars
+
+        hf_progress_bars(progress)
     lora_scale = _finite(lora_scale, "lora_scale")
     job = BakeJob(
         model=model_path,
@@ -179,7 +183,7 @@ def _check_paths(model: Any, loras: Sequence, output: Any, overwrite: bool) -> t
         src = spec[0]
         if not isinstance(src, Adapter):
             if not Path(src).exists():
-                raise FileNotFoundError(f"{src}: no such LoRA file")
+                raise FileNotFoundError(f"{src}: no such file; pass existing LoRA files (CLI: --lora FILE[:WEIGHT])")
             sources.append(Path(src))
     out = Path(output)
     if model_path.is_file() and out.is_dir():

@@ -84,13 +84,6 @@ def _cmd_inspect_plot(args: argparse.Namespace) -> int:
 
     if args.plot is None:
         raise UsageError(f"a second file ({args.other}) is only for --plot OUT.png, which compares two LoRAs")
-    if not args.plot.lower().endswith(".png"):
-        raise UsageError(f"--plot {args.plot}: name a .png file")
-    for path in (args.file, args.other):
-        if path is not None and not Path(path).exists():
-            raise UsageError(f"{path}: no such file; pass a LoRA file")
-        if path is not None and _same_file(path, args.plot):
-            raise UsageError(f"--plot {args.plot}: that is an input; lorablend never overwrites an input")
     heat, out = plot_files(args.file, args.plot, args.other, overwrite=args.overwrite)
     if args.json:
         data = {"plot": str(out), **heat.to_dict()}
@@ -124,12 +117,6 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.set_defaults(func=_cmd_convert)
-
-
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    from .outputs import same_file  # path, hard link, symlink; a symlink loop is no file (the reader says so)
-
-    return same_file(a, b)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -301,22 +288,9 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     from .bake import bake
 
     specs = [_parse_weighted_input(s) for s in args.lora]
-    if args.lora_scale != args.lora_scale or abs(args.lora_scale) == float("inf"):
-        raise UsageError(f"--lora-scale {args.lora_scale}: must be a finite number, e.g. --lora-scale 0.8")
-    for path, _ in specs:
-        if not Path(path).exists():
-            raise UsageError(f"{path}: no such file; pass existing LoRA files as --lora FILE[:WEIGHT]")
-    _hf_progress_bars(sys.stderr.isatty() and not args.json)
-    report = bake(
-        args.model,
-        specs,
-        args.output,
-        lora_scale=args.lora_scale,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
-        strict=args.strict,
-        progress=sys.stderr.isatty() and not args.json,
-    )
+    progress = sys.stderr.isatty() and not args.json
+    report = bake(args.model, specs, args.output, lora_scale=args.lora_scale, overwrite=args.overwrite, dtype=args.dtype,
+                  strict=args.strict, progress=progress)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -369,46 +343,10 @@ def _weights_list(text: str, flag: str) -> list[float]:
     return values
 
 
-def _hf_progress_bars(enabled: bool) -> None:
-    """diffusers and transformers draw loading bars on stderr; keep them only for a person at a terminal."""
-    if enabled:
-        return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import time
+    from .generate import GenerationSettings, generate_file
 
-    from .generate import GenerationSettings, generate_image, load_pipeline, save_png, weight_grid
-
-    started = time.perf_counter()
     specs = [_parse_weighted_input(s) for s in args.lora]
-    for path, _ in specs:
-        if not Path(path).exists():
-            raise UsageError(f"{path}: no such file; pass existing LoRA files as --lora FILE[:WEIGHT]")
-        if _same_file(path, args.output):
-            raise UsageError(f"{args.output}: OUTPUT is an input file; lorablend never overwrites an input")
-    model = Path(args.model)
-    if not model.exists() and (args.model.count("/") != 1 or args.model.startswith((".", "/"))):
-        raise UsageError(f"{args.model}: no such pipeline folder (and not a hub id like 'org/name')")
-    if model.exists():
-        from .outputs import refuse_input
-
-        refuse_input(args.output, [model], what="the model")  # the model file, or inside the model folder
-    if not args.output.lower().endswith(".png"):
-        raise UsageError(f"-o {args.output}: name a .png file")
-    from .outputs import refuse_existing
-
-    refuse_existing(args.output, args.overwrite)
-    if args.steps <= 0:
-        raise UsageError(f"--steps {args.steps}: must be a positive integer")
-    for flag, v in (("--width", args.width), ("--height", args.height)):
-        if v is not None and (v <= 0 or v % 8):
-            raise UsageError(f"{flag} {v}: must be a positive multiple of 8")
     x_weights = _weights_list(args.grid_weights, "--grid-weights") if args.grid else None
     y_weights = None
     if args.grid:
@@ -425,28 +363,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from .io.write import parse_dtype
 
         dtype = parse_dtype(args.dtype)
-    _hf_progress_bars(sys.stderr.isatty() and not args.json)
     settings = GenerationSettings(seed=args.seed, steps=args.steps, width=args.width, height=args.height,
                                   guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
-    pipe, names = load_pipeline(args.model, specs, device=args.device, dtype=dtype)
-    weights = [w for _, w in specs]
-    result: dict[str, Any] = {"model": args.model, "loras": [{"path": p, "name": n, "weight": w} for (p, w), n in zip(specs, names)],
-                              "seed": args.seed, "steps": args.steps}
-    if args.grid:
-        grid = weight_grid(pipe, names, weights, args.prompt, settings, x_weights=x_weights, y_weights=y_weights,
+    result = generate_file(args.model, specs, args.prompt, args.output, settings, x_weights=x_weights,
+                           y_weights=y_weights, device=args.device, dtype=dtype, overwrite=args.overwrite,
                            progress=sys.stderr.isatty() and not args.json)
-        out = save_png(grid.image, args.output, overwrite=args.overwrite, inputs=[p for p, _ in specs])
-        result.update(grid={"x": grid.x_label, "y": grid.y_label, "columns": grid.x_values, "rows": grid.y_values,
-                            "cells": grid.cells}, images=len(grid.cells))
-    else:
-        out = save_png(generate_image(pipe, names, weights, args.prompt[0], settings), args.output, overwrite=args.overwrite,
-                       inputs=[p for p, _ in specs])
-        result.update(prompt=args.prompt[0], images=1)
-    result.update(output=str(out), seconds=round(time.perf_counter() - started, 3))
     if args.json:
         _print_json(result)
     else:
-        print(f"wrote {out} ({result['images']} image{'s' if result['images'] != 1 else ''}, {result['seconds']:.1f} s)")
+        n = result["images"]
+        print(f"wrote {result['output']} ({n} image{'s' if n != 1 else ''}, {result['seconds']:.1f} s)")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -104,6 +105,85 @@ def read_loras(
     if components is None:
         return [None] * len(loras)
     return [load_adapter(str(path), target=components, name=name) for (path, _), name in zip(loras, names)]
+
+
+def hf_progress_bars(enabled: bool) -> None:
+    """diffusers and transformers draw loading bars on stderr: keep them only for a person at a terminal.
+
+    >>> hf_progress_bars(True)  # (leaves the libraries' settings alone)
+    """
+    if enabled:
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def check_request(
+    model: str, loras: Sequence[tuple[str | os.PathLike, float]], output: str | os.PathLike, settings: GenerationSettings,
+    *, overwrite: bool = False,
+) -> None:
+    """Everything about a generation request that can be checked before any file is read: the LoRA files and
+    the model exist, the output is a new (or ``overwrite``) ``.png`` that is none of the inputs, and the steps and
+    sizes are valid. Raises ``ValueError`` / ``OSError`` subclasses naming the bad argument.
+
+    >>> check_request("org/model", [], "out.txt", GenerationSettings())
+    Traceback (most recent call last):
+    ...
+    ValueError: -o out.txt: name a .png file
+    """
+    from .outputs import refuse_existing, refuse_input, same_file
+
+    for path, _ in loras:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such file; pass existing LoRA files as --lora FILE[:WEIGHT]")
+        if same_file(path, output):
+            raise ValueError(f"{output}: OUTPUT is an input file; lorablend never overwrites an input")
+    if not Path(model).exists() and (str(model).count("/") != 1 or str(model).startswith((".", "/"))):
+        raise FileNotFoundError(f"{model}: no such pipeline folder (and not a hub id like 'org/name')")
+    if Path(model).exists():
+        refuse_input(output, [Path(model)], what="the model")  # the model file, or inside the model folder
+    if not str(output).lower().endswith(".png"):
+        raise ValueError(f"-o {output}: name a .png file")
+    refuse_existing(output, overwrite)
+    if settings.steps <= 0:
+        raise ValueError(f"--steps {settings.steps}: must be a positive integer")
+    for flag, v in (("--width", settings.width), ("--height", settings.height)):
+        if v is not None and (v <= 0 or v % 8):
+            raise ValueError(f"{flag} {v}: must be a positive multiple of 8")
+
+
+def generate_file(
+    model: str, loras: Sequence[tuple[str | os.PathLike, float]], prompts: Sequence[str], output: str | os.PathLike,
+    settings: GenerationSettings, *, x_weights: Sequence[float] | None = None, y_weights: Sequence[float] | None = None,
+    device: str | None = None, dtype: torch.dtype | None = None, overwrite: bool = False, progress: bool = False,
+) -> dict[str, Any]:
+    """Check the request, load the pipeline with ``loras``, write one PNG (a grid when ``x_weights`` is given,
+    see :func:`weight_grid`) and return what was done (plain data: model, LoRAs, output, images, seconds).
+
+    >>> generate_file("sd15/", [("style.safetensors", 0.7)], ["a cat"], "cat.png", GenerationSettings())  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    check_request(model, loras, output, settings, overwrite=overwrite)
+    hf_progress_bars(progress)
+    pipe, names = load_pipeline(model, loras, device=device, dtype=dtype)
+    weights, inputs = [w for _, w in loras], [p for p, _ in loras]
+    result: dict[str, Any] = {"model": model, "seed": settings.seed, "steps": settings.steps,
+                              "loras": [{"path": p, "name": n, "weight": w} for (p, w), n in zip(loras, names)]}
+    if x_weights is not None:
+        grid = weight_grid(pipe, names, weights, prompts, settings, x_weights=x_weights, y_weights=y_weights,
+                           progress=progress)
+        out = save_png(grid.image, output, overwrite=overwrite, inputs=inputs)
+        result.update(grid={"x": grid.x_label, "y": grid.y_label, "columns": grid.x_values, "rows": grid.y_values,
+                            "cells": grid.cells}, images=len(grid.cells))
+    else:
+        out = save_png(generate_image(pipe, names, weights, prompts[0], settings), output, overwrite=overwrite,
+                       inputs=inputs)
+        result.update(prompt=prompts[0], images=1)
+    result.update(output=str(out), seconds=round(time.perf_counter() - started, 3))
+    return result
 
 
 def generate_image(pipe: Any, names: Sequence[str], weights: Sequence[float], prompt: str, settings: GenerationSettings):
@@ -229,4 +309,4 @@ def save_png(
     return Path(output)
 
 
-__all__ = ["GenerationSettings", "Grid", "generate_image", "load_pipeline", "read_loras", "render_grid", "save_png", "weight_grid"]
+__all__ = ["GenerationSettings", "Grid", "check_request", "generate_file", "generate_image", "load_pipeline", "read_loras", "render_grid", "save_png", "weight_grid"]

@@ -308,11 +308,13 @@ def plot_files(first: str, out: str, second: str | None = None, *, overwrite: bo
     from .generate import save_png
     from .io import load_adapter
 
+    if not str(out).lower().endswith(".png"):
+        raise ValueError(f"--plot {out}: name a .png file")
     a = load_adapter(first)
     heat = norm_heatmap(a) if second is None else similarity_heatmap(a, load_adapter(second))
     if not heat.rows:
         raise ValueError(f"{first}: no layer to plot (the adapter is empty)")
-    path = save_png(render_heatmap(heat), out, overwrite=overwrite)
+    path = save_png(render_heatmap(heat), out, overwrite=overwrite, inputs=[p for p in (first, second) if p])
     return heat, path
 
 
