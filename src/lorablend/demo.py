@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -256,6 +256,53 @@ def _max_diff(a: Any, b: Any) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
 
 
+@dataclass
+class _DemoRun:
+    """What the demo's steps share: where it writes, the generation settings, the results and images so far."""
+
+    out: Path
+    steps: int
+    seed: int
+    prompt: str = "A bowl of ramen shaped like a cute kawaii bear, by Feng Zikai"
+    results: list[DemoStep] = field(default_factory=list)
+    images: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.out / "base-pipeline"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.out / "loras"
+
+    def step(self, name: str, invariant: str, fn: Any) -> None:
+        """Run one step, record it, and stop the demo (report written) when its invariant does not hold."""
+        start = time.perf_counter()
+        value = fn(self)
+        ok, detail = value if isinstance(value, tuple) else (bool(value), "")
+        self.results.append(DemoStep(name, invariant, bool(ok), time.perf_counter() - start, detail))
+        if not ok:
+            _write_report(self.out, self.results)
+            raise AssertionError(f"demo step {name!r}: {invariant} does not hold ({detail})")
+
+    def generate(self, pipe: Any, key: str | None, **kw: Any) -> Any:
+        """One image from the same seed's noise; kept under ``key`` (written as ``key.png``) unless None."""
+        import numpy as np
+
+        image = pipe(self.prompt, generator=np.random.Generator(np.random.PCG64(self.seed)),
+                     num_inference_steps=self.steps, output_type="np", **kw).images[0]
+        if key is not None:
+            self.images[key] = image
+        return image
+
+    def pipeline(self, folder: Path) -> Any:
+        from .pipeline import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(folder))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
 def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0) -> list[DemoStep]:
     """Run the "Merge LoRAs" guide end to end on a tiny SDXL pipeline, offline, checking each step.
 
@@ -267,133 +314,107 @@ def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0) -> list[DemoS
     >>> all(s.ok for s in steps)                                        # doctest: +SKIP
     True
     """
-    import numpy as np
+    run = _DemoRun(Path(output), steps, seed)
+    run.out.mkdir(parents=True, exist_ok=True)
+    run.step("build", "a tiny SDXL pipeline and two LoRA files are written offline", _build)
+    live = _LiveSteps(run)
+    run.step("load_lora_weights", "every key of both files is applied", live.load)
+    run.step("set_adapters [0.7, 0.8]", "the blend changes the image, scale=0 is the base, and leaves no state",
+             live.blend)
+    run.step("add_weighted_adapter (cat)", "the exact merge gives the blend's image", live.weighted)
+    run.step("fuse_lora", "fusing keeps the image", live.fuse)
+    run.step("unload_lora_weights + save_pretrained + from_pretrained", "the fused pipeline reloads unchanged",
+             live.unload_save_reload)
+    run.step("unfuse_lora on a second pipeline", "unfuse restores the original weights bit for bit",
+             live.unfuse_second)
+    _write_images(run.out, run.images)
+    _write_report(run.out, run.results)
+    return run.results
 
+
+def _build(run: _DemoRun) -> tuple[bool, str]:
     from .io import save_adapter
-    from .pipeline import DiffusionPipeline
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    results: list[DemoStep] = []
-    images: dict[str, Any] = {}
-    prompt = "A bowl of ramen shaped like a cute kawaii bear, by Feng Zikai"
+    pipe = tiny_pipeline("sdxl", seed=run.seed)
+    pipe.save_pretrained(run.base_dir)
+    ikea = random_adapter(pipe, "ikea", rank=4, alpha=2.0, seed=run.seed + 1)
+    feng = random_adapter(pipe, "feng", rank=8, alpha=8.0, seed=run.seed + 2, targets="attn")
+    run.lora_dir.mkdir(exist_ok=True)
+    save_adapter(ikea, run.lora_dir / "ikea_instructions_xl_v1_5.safetensors", format="kohya", target=pipe,
+                 overwrite=True)
+    save_adapter(feng, run.lora_dir / "fengzikai_v1.0_XL.safetensors", format="diffusers", target=pipe,
+                 overwrite=True)
+    return True, f"tiny SDXL saved to {run.base_dir.name}/; LoRAs: kohya (SGM names) + diffusers"
 
-    def step(name: str, invariant: str, fn: Any) -> Any:
-        start = time.perf_counter()
-        value = fn()
-        ok, detail = value if isinstance(value, tuple) else (bool(value), "")
-        results.append(DemoStep(name, invariant, bool(ok), time.perf_counter() - start, detail))
-        if not ok:
-            _write_report(out, results)
-            raise AssertionError(f"demo step {name!r}: {invariant} does not hold ({detail})")
-        return value
 
-    def generate(pipe: Any, key: str, **kw: Any) -> Any:
-        image = pipe(prompt, generator=np.random.Generator(np.random.PCG64(seed)), num_inference_steps=steps,
-                     output_type="np", **kw).images[0]
-        images[key] = image
-        return image
+class _LiveSteps:
+    """The guide's steps on one live pipeline, in order (each step starts where the one before left it)."""
 
-    base_dir, lora_dir = out / "base-pipeline", out / "loras"
+    def __init__(self, run: _DemoRun) -> None:
+        self.pipeline = run.pipeline(run.base_dir)
+        self.base_image = run.generate(self.pipeline, "base")
+        self.pristine = {k: v.detach().clone() for k, v in self.pipeline.unet.state_dict().items()}
 
-    def build() -> tuple[bool, str]:
-        pipe = tiny_pipeline("sdxl", seed=seed)
-        pipe.save_pretrained(base_dir)
-        ikea = random_adapter(pipe, "ikea", rank=4, alpha=2.0, seed=seed + 1)
-        feng = random_adapter(pipe, "feng", rank=8, alpha=8.0, seed=seed + 2, targets="attn")
-        lora_dir.mkdir(exist_ok=True)
-        save_adapter(ikea, lora_dir / "ikea_instructions_xl_v1_5.safetensors", format="kohya", target=pipe,
-                     overwrite=True)
-        save_adapter(feng, lora_dir / "fengzikai_v1.0_XL.safetensors", format="diffusers", target=pipe,
-                     overwrite=True)
-        return True, f"tiny SDXL saved to {base_dir.name}/; LoRAs: kohya (SGM names) + diffusers"
-
-    step("build", "a tiny SDXL pipeline and two LoRA files are written offline", build)
-
-    pipeline = DiffusionPipeline.from_pretrained(str(base_dir))
-    pipeline.set_progress_bar_config(disable=True)
-    base_image = generate(pipeline, "base")
-    pristine = {k: v.detach().clone() for k, v in pipeline.unet.state_dict().items()}
-
-    def load() -> tuple[bool, str]:
-        r1 = pipeline.load_lora_weights(str(lora_dir), weight_name="ikea_instructions_xl_v1_5.safetensors",
-                                        adapter_name="ikea")
-        r2 = pipeline.load_lora_weights(str(lora_dir), weight_name="fengzikai_v1.0_XL.safetensors",
-                                        adapter_name="feng")
-        ok = r1.complete and r2.complete and pipeline.get_list_adapters()["unet"] == ["ikea", "feng"]
+    def load(self, run: _DemoRun) -> tuple[bool, str]:
+        p = self.pipeline
+        r1 = p.load_lora_weights(str(run.lora_dir), weight_name="ikea_instructions_xl_v1_5.safetensors",
+                                 adapter_name="ikea")
+        r2 = p.load_lora_weights(str(run.lora_dir), weight_name="fengzikai_v1.0_XL.safetensors", adapter_name="feng")
+        ok = r1.complete and r2.complete and p.get_list_adapters()["unet"] == ["ikea", "feng"]
         return ok, f"{r1.counts()['mapped']} + {r2.counts()['mapped']} keys mapped, none skipped"
 
-    step("load_lora_weights", "every key of both files is applied", load)
-
-    def blend() -> tuple[bool, str]:
-        pipeline.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
-        blended = generate(pipeline, "set_adapters", cross_attention_kwargs={"scale": 1.0})
-        zero = pipeline(prompt, generator=np.random.Generator(np.random.PCG64(seed)), num_inference_steps=steps,
-                        output_type="np", cross_attention_kwargs={"scale": 0.0}).images[0]
-        again = generate(pipeline, "set_adapters_again")
-        ok = (_max_diff(blended, base_image) > 1e-3 and _max_diff(zero, base_image) < IMAGE_ATOL
+    def blend(self, run: _DemoRun) -> tuple[bool, str]:
+        self.pipeline.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
+        blended = run.generate(self.pipeline, "set_adapters", cross_attention_kwargs={"scale": 1.0})
+        zero = run.generate(self.pipeline, None, cross_attention_kwargs={"scale": 0.0})
+        again = run.generate(self.pipeline, "set_adapters_again")
+        base = self.base_image
+        ok = (_max_diff(blended, base) > 1e-3 and _max_diff(zero, base) < IMAGE_ATOL
               and _max_diff(again, blended) < IMAGE_ATOL)
-        return ok, f"blend vs base {_max_diff(blended, base_image):.3f}; scale=0 vs base {_max_diff(zero, base_image):.1e}"
+        return ok, f"blend vs base {_max_diff(blended, base):.3f}; scale=0 vs base {_max_diff(zero, base):.1e}"
 
-    step("set_adapters [0.7, 0.8]", "the blend changes the image, scale=0 is the base, and leaves no state", blend)
-
-    def weighted() -> tuple[bool, str]:
-        pipeline.add_weighted_adapter(["ikea", "feng"], [0.7, 0.8], "ikea_feng", combination_type="cat")
-        pipeline.set_adapters("ikea_feng")
-        merged = generate(pipeline, "add_weighted_adapter")
-        pipeline.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
-        d = _max_diff(merged, images["set_adapters"])
+    def weighted(self, run: _DemoRun) -> tuple[bool, str]:
+        self.pipeline.add_weighted_adapter(["ikea", "feng"], [0.7, 0.8], "ikea_feng", combination_type="cat")
+        self.pipeline.set_adapters("ikea_feng")
+        merged = run.generate(self.pipeline, "add_weighted_adapter")
+        self.pipeline.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
+        d = _max_diff(merged, run.images["set_adapters"])
         return d < 1e-3, f"cat merge vs blend: max diff {d:.1e}"
 
-    step("add_weighted_adapter (cat)", "the exact merge gives the blend's image", weighted)
+    def fuse(self, run: _DemoRun) -> tuple[bool, str]:
+        self.pipeline.fuse_lora(adapter_names=["ikea", "feng"], lora_scale=1.0)
+        fused = run.generate(self.pipeline, "fuse_lora")
+        d = _max_diff(fused, run.images["set_adapters"])
+        return d < 1e-3 and self.pipeline.num_fused_loras == 2, f"fused vs unfused blend: max diff {d:.1e}"
 
-    def fuse() -> tuple[bool, str]:
-        pipeline.fuse_lora(adapter_names=["ikea", "feng"], lora_scale=1.0)
-        fused = generate(pipeline, "fuse_lora")
-        d = _max_diff(fused, images["set_adapters"])
-        return d < 1e-3 and pipeline.num_fused_loras == 2, f"fused vs unfused blend: max diff {d:.1e}"
-
-    step("fuse_lora", "fusing keeps the image", fuse)
-
-    def unload_save_reload() -> tuple[bool, str]:
-        pipeline.unload_lora_weights()
-        unloaded = generate(pipeline, "unload_lora_weights")
-        pipeline.save_pretrained(out / "fused-pipeline")
-        reloaded_pipe = DiffusionPipeline.from_pretrained(str(out / "fused-pipeline"))
-        reloaded_pipe.set_progress_bar_config(disable=True)
-        reloaded = generate(reloaded_pipe, "reloaded")
+    def unload_save_reload(self, run: _DemoRun) -> tuple[bool, str]:
+        self.pipeline.unload_lora_weights()
+        unloaded = run.generate(self.pipeline, "unload_lora_weights")
+        self.pipeline.save_pretrained(run.out / "fused-pipeline")
+        reloaded_pipe = run.pipeline(run.out / "fused-pipeline")
+        reloaded = run.generate(reloaded_pipe, "reloaded")
         # Bits are claimed for the weights we wrote; the images are computed from tensors at other addresses
         # (other alignment, so other vector paths in the CPU kernels) and are compared within IMAGE_ATOL.
-        same_weights = _same_weights(pipeline, reloaded_pipe)
-        d_unload, d_reload = _max_diff(unloaded, images["fuse_lora"]), _max_diff(reloaded, unloaded)
+        same_weights = _same_weights(self.pipeline, reloaded_pipe)
+        d_unload, d_reload = _max_diff(unloaded, run.images["fuse_lora"]), _max_diff(reloaded, unloaded)
         ok = same_weights and d_unload < IMAGE_ATOL and d_reload < IMAGE_ATOL
         return ok, (f"unload keeps the fused weights; the reloaded pipeline's weights are bit-equal "
                     f"({same_weights}) and its image within {d_reload:.1e} of the fused one")
 
-    step("unload_lora_weights + save_pretrained + from_pretrained", "the fused pipeline reloads unchanged",
-         unload_save_reload)
-
-    def unfuse_second() -> tuple[bool, str]:
-        second = DiffusionPipeline.from_pretrained(str(base_dir))
-        second.set_progress_bar_config(disable=True)
-        second.load_lora_weights(str(lora_dir / "ikea_instructions_xl_v1_5.safetensors"), adapter_name="ikea")
-        second.load_lora_weights(str(lora_dir / "fengzikai_v1.0_XL.safetensors"), adapter_name="feng")
+    def unfuse_second(self, run: _DemoRun) -> tuple[bool, str]:
+        second = run.pipeline(run.base_dir)
+        second.load_lora_weights(str(run.lora_dir / "ikea_instructions_xl_v1_5.safetensors"), adapter_name="ikea")
+        second.load_lora_weights(str(run.lora_dir / "fengzikai_v1.0_XL.safetensors"), adapter_name="feng")
         second.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
         second.fuse_lora(adapter_names=["ikea", "feng"], lora_scale=1.0)
         second.unfuse_lora(adapter_names=["feng"])  # one of several: the guide says this needs a reload
         second.unfuse_lora()
-        exact = all(torch.equal(v, pristine[k]) for k, v in second.unet.state_dict().items())
+        exact = all(torch.equal(v, self.pristine[k]) for k, v in second.unet.state_dict().items())
         second.unload_lora_weights()
-        restored = generate(second, "unfuse_lora")
-        d = _max_diff(restored, base_image)
+        restored = run.generate(second, "unfuse_lora")
+        d = _max_diff(restored, self.base_image)
         return exact and d < IMAGE_ATOL, (f"2 fused LoRAs unfused (one, then the other): every UNet weight "
                                           f"bit-exact; image within {d:.1e} of the base")
-
-    step("unfuse_lora on a second pipeline", "unfuse restores the original weights bit for bit", unfuse_second)
-
-    _write_images(out, images)
-    _write_report(out, results)
-    return results
 
 
 def _write_images(out: Path, images: dict[str, Any]) -> None:
