@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from .kinds import Delta, DeltaKind, DoRADelta, FullDelta, InnerDelta, LoHaDelta, LoKrDelta, LowRankDelta
+from .naming import COMPONENTS  # the one component list, in its order
 from .report import LoadReport
 from .transfer import deltas_to, map_tensors  # (their old home: kept importable from here)
 
@@ -51,7 +52,7 @@ class Adapter:
 
     def components(self) -> list[str]:
         """The model components this adapter touches, in a stable order."""
-        order = {"unet": 0, "text_encoder": 1, "text_encoder_2": 2}
+        order = {c: i for i, c in enumerate(COMPONENTS)}
         return sorted({k.split(".", 1)[0] for k in self.deltas}, key=lambda c: (order.get(c, 9), c))
 
     def kinds(self) -> dict[str, int]:

@@ -14,9 +14,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .naming import ModuleIndex, index_from_components
+from .naming import COMPONENTS, ModuleIndex, index_from_components
 
-COMPONENT_ORDER = ("unet", "text_encoder", "text_encoder_2")
+COMPONENT_ORDER = COMPONENTS  # naming's one component list, under the name the runtime reads
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .adapter import Adapter, Delta
 from .errors import LoraCompatibilityError
 from .io.files import all_finite
 from .model_view import COMPONENT_ORDER, ModelView  # (ModelView's old home: kept importable from here)
-from .naming import expand_block_weights
+from .naming import TEXT_COMPONENTS, expand_block_weights
 from .report import LoadReport
 
 
@@ -268,7 +268,7 @@ def layer_weights(spec: Any, bound: BoundAdapter, view: ModelView) -> dict[str, 
         else:
             label_spec.update(unet_spec)
         unet_spec = None
-    for comp in ("text_encoder", "text_encoder_2"):
+    for comp in TEXT_COMPONENTS:
         if comp in comp_spec:
             comp_spec[comp] = _check_number(comp_spec[comp], f"weight of {comp}")
     unet_default = 1.0 if unet_spec is None else _check_number(unet_spec, "weight of unet")
