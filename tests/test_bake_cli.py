@@ -1,4 +1,4 @@
-"""``lorablend fuse``: the CLI over ``bake`` — output, JSON, and one-line errors that leave nothing behind."""
+"""``lorablend bake`` (alias ``fuse``): the CLI over ``bake`` — output, JSON, and one-line errors that leave nothing behind."""
 
 from __future__ import annotations
 
@@ -75,3 +75,12 @@ def test_fuse_refuses_to_write_over_an_input(files, capsys):
         code, _, err = _run(capsys, "fuse", "--model", ckpt, "--lora", a, "-o", target, "--overwrite")
         assert code == 2 and "input" in err and err.count("\n") == 1
     assert (tmp / "model.safetensors").stat().st_size == size
+
+
+def test_bake_is_the_command_and_fuse_its_alias(files, capsys):
+    tmp, ckpt, a, _ = files
+    code, stdout, err = _run(capsys, "bake", "--model", ckpt, "--lora", f"{a}:0.5", "-o", str(tmp / "baked_by_bake.safetensors"), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["kind"] == "single_file"
+    code, stdout, _ = _run(capsys, "--help")
+    assert code == 0 and "bake (fuse)" in stdout

@@ -128,3 +128,22 @@ def test_existing_output_and_lora_as_output_are_refused(setup, tmp_path, capsys)
     assert code == 2 and "--overwrite" in err and out.read_bytes() == b"keep"
     code, _, err = _run(capsys, "generate", "--model", model, "--lora", a, "--prompt", "x", "-o", a)
     assert code == 2 and "input" in err
+
+
+def test_a_broken_lora_fails_before_the_pipeline_loads(setup, tmp_path, capsys, monkeypatch):
+    """The LoRA files are read and checked against the model folder's configs first: a broken one costs no
+    model load (found by the hostile-input corpus)."""
+    from lorablend.pipeline import DiffusionPipeline
+
+    _, model, a, _ = setup
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(open(a, "rb").read()[:200])  # cut off inside the header
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the LoRA files were checked")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", no_load)
+    code, _, err = _run(capsys, "generate", "--model", model, "--lora", str(broken), "--prompt", "x",
+                        "-o", str(tmp_path / "o.png"), *FAST)
+    assert code == 2 and "broken.safetensors" in err and "AssertionError" not in err, err
+    assert not (tmp_path / "o.png").exists()

@@ -188,3 +188,31 @@ def test_a_pickle_named_safetensors_is_read_as_the_pickle_it_is(tmp_path):
     path.write_bytes(b"\x80\x02" + b"cbuiltins\nprint\n" + b"q\x00.")  # a global: refused, never run
     with pytest.raises(LoraFormatError, match="holds Python objects"):
         read_source(path)
+
+
+# ------------------------------------------------------------------------------------------- pick_weight_file
+
+
+def test_the_one_weight_file_picker(tmp_path):
+    from lorablend.io.files import WeightFileError, pick_weight_file
+
+    def touch(*names):
+        for n in names:
+            (tmp_path / n).write_bytes(b"x")
+
+    with pytest.raises(WeightFileError, match="no weight file") as e:
+        pick_weight_file(tmp_path)
+    assert isinstance(e.value, LoraFormatError) and isinstance(e.value, FileNotFoundError)
+    touch("style.safetensors", "style.bin", "optimizer.bin", "README.md")
+    assert pick_weight_file(tmp_path).name == "style.safetensors"  # its .bin twin and a trainer's state are not candidates
+    touch("other.safetensors")
+    with pytest.raises(WeightFileError, match=r"several weight files \['other.safetensors', 'style.safetensors'\]"):
+        pick_weight_file(tmp_path)
+    assert pick_weight_file(tmp_path, weight_name="other.safetensors").name == "other.safetensors"
+    with pytest.raises(WeightFileError, match="no file 'nope.safetensors'"):
+        pick_weight_file(tmp_path, weight_name="nope.safetensors")
+    touch("pytorch_lora_weights.bin")
+    assert pick_weight_file(tmp_path).name == "pytorch_lora_weights.bin"  # diffusers' default name wins
+    assert pick_weight_file(tmp_path, weight_name=None, safetensors_only=False).suffix == ".bin"
+    with pytest.raises(WeightFileError, match="several"):
+        pick_weight_file(tmp_path, safetensors_only=True)  # the default .bin is no candidate then
