@@ -40,11 +40,12 @@ class WeightVectors:
     """The weight vectors of the low-rank layers on one device/dtype, as views of ONE flat tensor: a weights-only
     ``set_adapters`` rewrites ``flat`` in place with one gather (``gather[i]`` = which adapter weight goes to rank
     position ``i``), whatever the number of layers or loaded adapters. Valid while the same layers hold the terms
-    it was made for (each such layer's ``vectors`` is this object; a rebuild resets it)."""
+    it was made for: a layer that drops its term marks it ``intact = False``."""
 
     layers: list["LayerState"]
     gather: torch.Tensor
     flat: torch.Tensor
+    intact: bool = True
 
 
 @dataclass(eq=False)
@@ -66,7 +67,7 @@ class LayerState:
     bias: torch.Tensor | None = None
     built_for: tuple | None = None  # (device, dtype) the term was built for
     version: int = -1  # the table version the term is current at (-1: never)
-    vectors: WeightVectors | None = None  # the flat tensor svec is a view of
+    vectors: WeightVectors | None = None  # the shared flat tensor svec is a view of
     handle: Any = None  # the forward hook, present exactly while there are contributors
     pristine_weight: torch.Tensor | None = None  # the weight before fusing (None: not fused)
     pristine_bias: torch.Tensor | None = None
@@ -85,6 +86,8 @@ class LayerState:
         return self.up is not None or self.dense is not None
 
     def clear_term(self) -> None:
+        if self.vectors is not None:  # its block of the shared weight vectors is gone
+            self.vectors.intact = False
         self.up = self.down = self.svec = self.dense = self.bias = None
         self.ranks, self.built_for, self.version, self.vectors = (), None, -1, None
 
@@ -262,7 +265,7 @@ class LayerTable:
             values = torch.tensor([self.weights[name][layer.key] for layer in layers for name, _ in layer.contributors],
                                   dtype=torch.float32)
             vectors = self._vectors.get((device, dtype))
-            if vectors is not None and vectors.layers == layers and all(l.vectors is vectors for l in layers):
+            if vectors is not None and vectors.intact and vectors.layers == layers:
                 with torch.no_grad():
                     vectors.flat.copy_(values.index_select(0, vectors.gather))
             else:
