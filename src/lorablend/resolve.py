@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapter import Adapter, Delta
 from .errors import LoraCompatibilityError
-from .io.files import all_finite
+from .io import all_finite
 from .model_view import COMPONENT_ORDER, ModelView  # (ModelView's old home: kept importable from here)
 from .naming import TEXT_COMPONENTS, expand_block_weights
 from .report import LoadReport

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
+from .files import all_finite
 from .load import load_adapter
 from .write import save_adapter
 
-__all__ = ["load_adapter", "save_adapter"]
+__all__ = ["all_finite", "load_adapter", "save_adapter"]
