@@ -26,12 +26,14 @@ are ever executed: that file must never appear.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import math
 import os
 import pickle
 import random
+import signal
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +41,25 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+
+
+class Hung(BaseException):
+    """Raised by the alarm: not an Exception, so no ``except Exception`` in the code under test swallows it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise :class:`Hung` in this (main) thread if the block runs longer than ``seconds``."""
+    def fire(signum, frame):
+        raise Hung()
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 HERE = Path(__file__).resolve().parent
 REALDATA = HERE.parents[1] / "shared" / "realdata" / "loras"

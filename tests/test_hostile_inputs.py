@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -51,22 +50,7 @@ if FULL:
     ALL_KINDS.append("header_100mb")
 
 
-class Hung(BaseException):
-    """Raised by the alarm: not an Exception, so no ``except Exception`` in the code under test swallows it."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    def fire(signum, frame):
-        raise Hung()
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+Hung, deadline = hc.Hung, hc.deadline  # the one alarm helper, shared with fuzz_readers.py
 
 
 # ------------------------------------------------------------------------------------------ snapshots
