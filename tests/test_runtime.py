@@ -231,6 +231,42 @@ def test_kept_fuse_buffers_are_reused_and_stay_exact(make_pipe, make_adapter):
     assert_params_equal(pipe, before)
 
 
+def test_unfuse_holds_fused_tensors_until_the_next_forward_so_a_switch_reuses_them(make_pipe, make_adapter):
+    """Default runtime: unfuse → set_adapters → fuse writes into the tensors the unfuse released (no fresh memory),
+    stays exact, and the held tensors are freed by the next forward of a component they belong to."""
+    pipe = make_pipe("sd1")
+    before = params_of(pipe)
+    rt = _runtime(pipe)
+    for i in range(2):
+        _load(rt, make_adapter("sd1", f"a{i}", seed=i, targets="all"))
+    key = next(iter(rt.adapters["a0"].layers))
+    weight = rt.view.module(key).weight
+    rt.set_adapters(["a0"], [0.6])
+    rt.fuse()
+    first = weight.data_ptr()
+    rt.unfuse()
+    assert_params_equal(pipe, before)
+    assert rt.memory()["fuse_buffers"] > 0 and rt.memory()["pristine"] == 0
+    rt.set_adapters(["a1"], [-0.4])
+    rt.fuse()
+    assert weight.data_ptr() == first  # the switch wrote into the held tensor
+    fused_a1 = params_of(pipe)
+    rt.unfuse()
+    rt.fuse(["a1"])
+    assert_params_equal(pipe, fused_a1)  # same bits whether written into held or fresh memory
+    rt.unfuse()
+    assert rt.memory()["fuse_buffers"] > 0
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        pipe.text_encoder(ids)  # a touched component's forward frees every held tensor; the hooks go with it
+    assert rt.memory()["fuse_buffers"] == 0 and not rt._release_hooks
+    assert_params_equal(pipe, before)
+    rt.fuse()
+    rt.unfuse()
+    rt.prepare()  # so does prepare()
+    assert rt.memory()["fuse_buffers"] == 0
+
+
 def test_pointwise_conv_term_matches_the_conv_delta(make_pipe, make_adapter):
     """1×1 convs (proj_in/proj_out) run their term as channel matmuls; the result is the conv's."""
     pipe = make_pipe("sd1")
