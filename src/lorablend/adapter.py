@@ -22,15 +22,17 @@ from .naming import COMPONENTS  # the one component list, in its order
 from .report import LoadReport
 from .transfer import deltas_to, map_tensors  # (their old home: kept importable from here)
 
-Family = Literal["sd1", "sd2", "sdxl"]
-FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+Family = Literal["sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large"]
+# the UNet families first: readers prefer them on a tie (an SD file never names a transformer module)
+FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large")
 
 
 @dataclass(eq=False)
 class Adapter:
     """One LoRA-family file in canonical form.
 
-    ``deltas`` maps target keys (``unet.…``, ``text_encoder.…``, ``text_encoder_2.…``) to Deltas;
+    ``deltas`` maps target keys (``unet.…`` / ``transformer.…``, ``text_encoder.…``, ``text_encoder_2.…``,
+    ``text_encoder_3.…``) to Deltas;
     ``metadata`` is the file's header metadata, kept and written back out; ``report`` accounts for
     every key of the source; ``format`` names the on-disk format it was read from.
 

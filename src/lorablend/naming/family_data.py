@@ -46,6 +46,24 @@ UNET_CONFIG_FIELDS = (
     "up_block_types",
     "use_linear_projection",
 )
+# The same for a Flux / SD3 transformer's config (kept in the index's ``unet_config``: the denoiser's config):
+# what shapes its tree and the original-name table (naming/fused.py) is built from.
+TRANSFORMER_CONFIG_FIELDS = (
+    "attention_head_dim",
+    "caption_projection_dim",
+    "dual_attention_layers",
+    "guidance_embeds",
+    "in_channels",
+    "joint_attention_dim",
+    "num_attention_heads",
+    "num_layers",
+    "num_single_layers",
+    "out_channels",
+    "patch_size",
+    "pooled_projection_dim",
+    "pos_embed_max_size",
+    "qk_norm",
+)
 
 
 def family_file_name(family: str) -> str:
@@ -69,7 +87,9 @@ def index_to_data(index: ModuleIndex, made_by: str) -> dict[str, Any]:
          info.ldm_path]
         for info in index.modules.values()
     ]
-    config = {k: index.unet_config[k] for k in UNET_CONFIG_FIELDS if k in index.unet_config}
+    transformer = any(i.component == "transformer" for i in index.modules.values())
+    fields = TRANSFORMER_CONFIG_FIELDS if transformer else UNET_CONFIG_FIELDS
+    config = {k: index.unet_config[k] for k in fields if k in index.unet_config}
     data = {
         "format": FORMAT_VERSION,
         "family": index.family,

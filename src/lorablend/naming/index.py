@@ -1,13 +1,18 @@
 """ModuleIndex: every adaptable layer of a model, and every name other tools use for it.
 
-Built from a real module tree (a live pipeline or model), or read from the shipped data of a standard SD1.x /
-SD2.x / SDXL architecture (:mod:`.standard`, :mod:`.family_data`). Each Linear / Conv2d of the UNet and text
-encoders gets a canonical target key and the aliases readers meet in files:
+Built from a real module tree (a live pipeline or model), or read from the shipped data of a standard
+architecture (:mod:`.standard`, :mod:`.family_data`). Each Linear / Conv2d of the denoiser (UNet or Flux / SD3
+transformer) and text encoders (CLIP, T5), and each norm weight of a transformer (RMSNorm q/k norms: BFL control
+LoRAs and kohya diffs change them), gets a canonical target key and the aliases readers meet in files:
 
 * diffusers dotted paths (``down_blocks.1.attentions.0.proj_in``), LDM/SGM dotted paths
   (``input_blocks.4.1.proj_in``), text-encoder paths with and without ``text_model.``;
 * kohya flattened names (``lora_unet_input_blocks_4_1_proj_in``, ``lora_unet_down_blocks_…``,
-  ``lora_te_…``, ``lora_te1_…``, ``lora_te2_…``, ``lora_te2_text_projection``).
+  ``lora_te_…``, ``lora_te1_…``, ``lora_te2_…``, ``lora_te3_…``, ``lora_te2_text_projection``; OneTrainer's
+  ``lora_transformer_<diffusers path>``);
+* a transformer's original names (BFL Flux ``double_blocks.0.img_attn.qkv``, SAI MMDiT ``joint_blocks.0.x_block…``),
+  dotted or kohya-flattened, each leading to one or more modules and the source rows each takes
+  (:mod:`.fused`; :meth:`ModuleIndex.lookup_rows`).
 
 Flattened names are looked up, never un-flattened by guessing where underscores were dots.
 """
@@ -20,12 +25,24 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .blocks import transformer_block_label
+from .configs import DENOISERS
 from .family import FamilyEvidence, detect_family
+from .fused import RowSpans, source_names
 from .ldm import block_label, ldm_unet_path
 
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-COMPONENTS = ("unet", *TEXT_COMPONENTS)
-_KOHYA_PREFIX = {"unet": ["lora_unet"], "text_encoder": ["lora_te", "lora_te1"], "text_encoder_2": ["lora_te2"]}
+# Flux: text_encoder CLIP-L, text_encoder_2 T5-XXL. SD3 / SD3.5: CLIP-L, CLIP-G (OpenCLIP bigG), T5-XXL.
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+DENOISER_COMPONENTS = ("unet", "transformer")
+COMPONENTS = (*DENOISER_COMPONENTS, *TEXT_COMPONENTS)
+_KOHYA_PREFIX = {
+    "unet": ["lora_unet"],
+    "transformer": ["lora_unet", "lora_transformer"],  # lora_transformer_: OneTrainer's Flux names
+    "text_encoder": ["lora_te", "lora_te1"],
+    "text_encoder_2": ["lora_te2"],
+    "text_encoder_3": ["lora_te3"],
+}
+RowTarget = tuple[str, "RowSpans | None"]  # (target key, source rows it takes; None: all)
 
 
 @dataclass(frozen=True)
@@ -36,7 +53,7 @@ class ModuleInfo:
     component: str
     live_path: str
     weight_shape: tuple[int, ...]
-    kind: str  # "linear" | "conv"
+    kind: str  # "linear" | "conv" | "norm" (a transformer's RMSNorm weight: replaced or diffed, never low-rank)
     has_bias: bool
     ldm_path: str | None = None  # UNet modules only
 
@@ -61,8 +78,25 @@ class ModuleIndex:
     unet_config: dict[str, Any] = field(default_factory=dict)
     _dotted: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     _kohya: dict[str, str] = field(default_factory=dict, repr=False)
+    _sources: dict[str, tuple[RowTarget, ...]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self._index_aliases()
+        self._index_sources()
+
+    def _index_sources(self) -> None:
+        """The transformer's original names (dotted and kohya-flat) -> the modules and rows they cover; a name
+        whose modules this model lacks (Flux schnell has no guidance embedder) is left out."""
+        denoiser = DENOISERS.get(self.family or "")
+        if denoiser is None or not any(i.component == "transformer" for i in self.modules.values()):
+            return
+        for name, pieces in source_names(denoiser, self.unet_config).items():
+            targets = tuple((f"transformer.{p.path}", p.spans) for p in pieces)
+            if all(key in self.modules for key, _ in targets):
+                self._sources[name] = targets
+                self._sources.setdefault("lora_unet_" + name.replace(".", "_"), targets)
+
+    def _index_aliases(self) -> None:
         for key, info in self.modules.items():
             comp, path = info.component, info.path
             self._dotted[(comp, path)] = key
@@ -96,71 +130,112 @@ class ModuleIndex:
         """Target key of a kohya flattened module name such as ``lora_te1_text_model_encoder_layers_0_mlp_fc1``."""
         return self._kohya.get(flat_name)
 
+    def lookup_rows(self, name: str) -> tuple[RowTarget, ...] | None:
+        """The modules an original transformer name covers, each with the source rows it takes (``None``: all):
+        a BFL / SAI dotted name (``double_blocks.0.img_attn.qkv``) or its kohya flat form
+        (``lora_unet_double_blocks_0_img_attn_qkv``). None for a name this model does not have.
+
+        >>> from lorablend.naming import module_index
+        >>> module_index(family="flux").lookup_rows("lora_unet_double_blocks_0_img_attn_qkv")[1]
+        ('transformer.transformer_blocks.0.attn.to_k', ((3072, 6144),))
+        """
+        return self._sources.get(name)
+
+    def source_names(self) -> list[str]:
+        """Every original (BFL / SAI) dotted name :meth:`lookup_rows` knows, in the model's order."""
+        return [n for n in self._sources if not n.startswith("lora_unet_")]
+
     def kohya_name(self, target_key: str, sgm: bool | None = None) -> str:
         """The kohya name a trainer would write for a target key.
 
         UNet names use SGM/LDM names for SDXL (as sd-scripts' SDXL trainer does) and diffusers names for
-        SD1.x/SD2.x, unless ``sgm`` says otherwise. Text encoders: ``lora_te`` (SD1/2), ``lora_te1``/``lora_te2`` (SDXL).
+        SD1.x/SD2.x, unless ``sgm`` says otherwise. Text encoders: ``lora_te`` (SD1/2), ``lora_te1``/``lora_te2``
+        (SDXL, Flux), ``lora_te3`` (SD3's T5). Transformer modules: OneTrainer's ``lora_transformer_<path>``.
         """
         info = self.modules[target_key]
         if info.component == "unet":
             use_sgm = (self.family == "sdxl") if sgm is None else sgm
             path = info.ldm_path if (use_sgm and info.ldm_path) else info.path
             return "lora_unet_" + path.replace(".", "_")
+        if info.component == "transformer":
+            return "lora_transformer_" + info.path.replace(".", "_")  # OneTrainer's names: one module each
         if info.component == "text_encoder":
-            prefix = "lora_te1" if "text_encoder_2" in self.components else "lora_te"
+            prefix = "lora_te1" if len(self.components) > 2 else "lora_te"
         else:
-            prefix = "lora_te2"
+            prefix = _KOHYA_PREFIX[info.component][0]
         return f"{prefix}_{info.path.replace('.', '_')}"
 
     def block(self, target_key: str) -> str:
         """The block label of a target key: ``BASE`` for text encoders, else ``IN00``…, ``M00``, ``OUT00``…,
         ``TIME`` (time/label embeddings) or ``FINAL`` (conv_out) — the A1111 LoRA-Block-Weight vocabulary,
-        which means the same for SD1.x and SDXL and covers resnets and samplers as well as attentions."""
+        which means the same for SD1.x and SDXL and covers resnets and samplers as well as attentions; for a
+        transformer ``D00``… / ``S00``… (Flux double / single blocks), ``J00``… (SD3 joint blocks), ``TIME``,
+        ``EMBED`` (patch and text embedders) and ``FINAL`` (see :func:`~lorablend.naming.blocks.transformer_block_label`)."""
         info = self.modules.get(target_key)
         if info is None:
             return "OTHER"
         if info.component in TEXT_COMPONENTS:
             return "BASE"
+        if info.component == "transformer":
+            return transformer_block_label(info.path, DENOISERS.get(self.family or "", ""))
         return block_label(info.ldm_path)
 
     def block_labels(self) -> list[str]:
         """All block labels of this model in UNet order: BASE, TIME, IN00…, M00, OUT00…, FINAL."""
         labels = {self.block(k) for k in self.modules}
-        rank = {"BASE": 0, "TIME": 1, "IN": 2, "M": 3, "OUT": 4, "FINAL": 5, "OTHER": 6}
+        rank = {"BASE": 0, "TIME": 1, "EMBED": 2, "IN": 3, "D": 3, "J": 3, "M": 4, "S": 4, "OUT": 5, "FINAL": 6}
 
         def order(label: str) -> tuple[int, int]:
             head = label.rstrip("0123456789")
             tail = label[len(head):]
-            return rank.get(head, 6), int(tail) if tail else 0
+            return rank.get(head, 7), int(tail) if tail else 0
 
         return sorted(labels, key=order)
 
 
-def _canonical_text_path(live_path: str) -> str:
+def _canonical_text_path(live_path: str, model: nn.Module) -> str:
+    if not type(model).__name__.startswith("CLIP"):  # T5: its own paths (encoder.block.0.layer.0.SelfAttention.q)
+        return live_path
     if live_path.startswith("text_model.") or live_path == "text_projection":
         return live_path
     return "text_model." + live_path
 
 
+def _norm_weight(module: nn.Module) -> bool:
+    """A transformer's affine norm (RMSNorm q/k norms): one 1-D weight, no Linear / Conv."""
+    weight = getattr(module, "weight", None)
+    return "Norm" in type(module).__name__ and isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+def _module_kind(component: str, module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if component == "transformer" and _norm_weight(module):
+        return "norm"
+    return None
+
+
 def _index_component(component: str, model: nn.Module, unet_config: dict | None) -> dict[str, ModuleInfo]:
     out: dict[str, ModuleInfo] = {}
     for live_path, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        kind = _module_kind(component, module)
+        if kind is None:
             continue
-        if component == "unet":
+        if component in DENOISER_COMPONENTS:
             path = live_path
-            ldm = ldm_unet_path(path, unet_config or {}) if unet_config else None
+            ldm = ldm_unet_path(path, unet_config or {}) if unet_config and component == "unet" else None
         else:
-            path, ldm = _canonical_text_path(live_path), None
+            path, ldm = _canonical_text_path(live_path, model), None
         key = f"{component}.{path}"
         out[key] = ModuleInfo(
             target_key=key,
             component=component,
             live_path=live_path,
             weight_shape=tuple(module.weight.shape),
-            kind="conv" if isinstance(module, nn.Conv2d) else "linear",
-            has_bias=module.bias is not None,
+            kind=kind,
+            has_bias=getattr(module, "bias", None) is not None,
             ldm_path=ldm,
         )
     return out
@@ -171,6 +246,17 @@ def _unet_config(unet: nn.Module) -> dict:
     return dict(cfg) if cfg is not None else {}
 
 
+def _transformer_evidence(transformer: nn.Module) -> FamilyEvidence:
+    cfg = _unet_config(transformer)
+    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
+    name = type(transformer).__name__
+    return FamilyEvidence(
+        transformer="flux" if "Flux" in name else "sd3" if "SD3" in name else None,
+        transformer_width=heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None,
+        dual_attention=bool(cfg.get("dual_attention_layers")),
+    )
+
+
 def family_of_target(components: dict[str, nn.Module]) -> str | None:
     """Family of a live model, by :func:`~lorablend.naming.family.detect_family` from its configs (a UNet-less
     model's text width stands for the cross-attention width); SD1.x when they say nothing (a tiny test model).
@@ -178,6 +264,8 @@ def family_of_target(components: dict[str, nn.Module]) -> str | None:
     >>> family_of_target({})
     'sd1'
     """
+    if "transformer" in components:
+        return detect_family(_transformer_evidence(components["transformer"])) or "flux"
     unet = components.get("unet")
     cfg = _unet_config(unet) if unet is not None else {}
     width = cfg.get("cross_attention_dim")
@@ -202,6 +290,8 @@ def components_of(target: Any) -> dict[str, nn.Module]:
         name = type(target).__name__
         if "UNet" in name:
             return {"unet": target}
+        if "Transformer2DModel" in name:  # FluxTransformer2DModel, SD3Transformer2DModel
+            return {"transformer": target}
         if "CLIPText" in name:
             return {"text_encoder": target}
         raise TypeError(f"cannot tell which pipeline component a {name} is; pass a dict {{'unet': model, ...}}")
@@ -223,8 +313,8 @@ def index_from_components(components: dict[str, nn.Module], family: str | None =
         model = components.get(comp)
         if model is None:
             continue
-        if comp == "unet":
-            unet_cfg = _unet_config(model)
-        modules.update(_index_component(comp, model, unet_cfg if comp == "unet" else None))
+        if comp in DENOISER_COMPONENTS:
+            unet_cfg = _unet_config(model)  # the denoiser's config: a UNet's or a transformer's
+        modules.update(_index_component(comp, model, unet_cfg if comp in DENOISER_COMPONENTS else None))
     return ModuleIndex(family=family or family_of_target(components), modules=modules, unet_config=unet_cfg)
 

@@ -1,4 +1,5 @@
-"""UNet + CLIP text encoders built on the meta device: a model's module tree and weight shapes, no storage.
+"""A denoiser (UNet, Flux or SD3 transformer) + text encoders (CLIP, T5) built on the meta device: a model's module
+tree and weight shapes, no storage.
 
 Used wherever names and shapes are needed without weights: the standard families' data
 (:func:`~lorablend.naming.standard.build_standard_index`) and a single-file checkpoint's layout
@@ -21,50 +22,79 @@ from torch import nn
 
 from .index import TEXT_COMPONENTS
 
-TextEncoderSpec = tuple[str, dict[str, Any], bool]  # (component, CLIPTextConfig fields, with text projection)
+# (component, config fields, encoder): encoder False builds CLIPTextModel, True CLIPTextModelWithProjection (SDXL's
+# and SD3's CLIP encoders), "t5" T5EncoderModel (Flux's text_encoder_2, SD3's text_encoder_3)
+TextEncoderSpec = tuple[str, dict[str, Any], Any]
+# denoiser name -> (component, diffusers class name)
+DENOISER_CLASSES = {"unet": ("unet", "UNet2DConditionModel"), "flux": ("transformer", "FluxTransformer2DModel"),
+                    "sd3": ("transformer", "SD3Transformer2DModel")}
 
 
-def build_meta_components(unet_config: dict[str, Any], text_encoders: Iterable[TextEncoderSpec]) -> dict[str, nn.Module]:
+def _text_encoder(cfg: dict[str, Any], encoder: Any) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if encoder == "t5":
+        return T5EncoderModel(T5Config(**cfg))
+    cls = CLIPTextModelWithProjection if encoder else CLIPTextModel
+    return cls(CLIPTextConfig(**cfg))
+
+
+def build_meta_components(
+    unet_config: dict[str, Any], text_encoders: Iterable[TextEncoderSpec], denoiser: str = "unet"
+) -> dict[str, nn.Module]:
     """``{"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, ...}`` on the meta device.
 
-    ``text_encoders``: ``(component, config fields, with_projection)``; ``with_projection`` builds
-    ``CLIPTextModelWithProjection`` (SDXL's second encoder), else ``CLIPTextModel``.
+    ``unet_config`` is the denoiser's config: a UNet's, or a Flux / SD3 transformer's with ``denoiser="flux"`` /
+    ``"sd3"`` (component ``"transformer"``). ``text_encoders``: ``(component, config fields, encoder)``.
 
     >>> build_meta_components(SD1_UNET, [("text_encoder", CLIP_L, False)])["unet"].dtype    # doctest: +SKIP
     torch.float32
     """
     # Imported here, not at module level: these imports take seconds and offline work never builds a model.
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    import diffusers
 
+    if denoiser not in DENOISER_CLASSES:
+        raise ValueError(f"unknown denoiser {denoiser!r}; expected one of {sorted(DENOISER_CLASSES)}")
+    component, class_name = DENOISER_CLASSES[denoiser]
     with torch.device("meta"):
-        components: dict[str, nn.Module] = {"unet": UNet2DConditionModel.from_config(unet_config)}
-        for component, cfg, with_projection in text_encoders:
-            cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-            components[component] = cls(CLIPTextConfig(**cfg))
+        components: dict[str, nn.Module] = {component: getattr(diffusers, class_name).from_config(unet_config)}
+        for name, cfg, encoder in text_encoders:
+            components[name] = _text_encoder(cfg, encoder)
     return components
+
+
+def _encoder_of(cfg: dict[str, Any]) -> Any:
+    architectures = cfg.get("architectures") or []
+    if "T5EncoderModel" in architectures or cfg.get("model_type") == "t5":
+        return "t5"
+    return "CLIPTextModelWithProjection" in architectures
 
 
 def folder_meta_components(folder: str | os.PathLike) -> dict[str, nn.Module] | None:
     """The adaptable components of a diffusers pipeline folder on the meta device, from its ``config.json``
     files alone (no weight is read): what a LoRA can be checked against before the model is loaded. ``None``
-    when the folder holds no UNet config (a hub id, or another kind of model).
+    when the folder holds no UNet, Flux or SD3 transformer config (a hub id, or another kind of model).
 
     >>> folder_meta_components("/nonexistent") is None
     True
     """
     root = Path(folder)
-    unet_file = root / "unet" / "config.json"
-    if not unet_file.is_file():
+    denoiser, config = None, None
+    if (root / "unet" / "config.json").is_file():
+        denoiser, config = "unet", json.loads((root / "unet" / "config.json").read_text())
+    elif (root / "transformer" / "config.json").is_file():
+        config = json.loads((root / "transformer" / "config.json").read_text())
+        by_class = {cls: name for name, (_, cls) in DENOISER_CLASSES.items()}
+        denoiser = by_class.get(config.get("_class_name"))
+    if denoiser is None or config is None:
         return None
     text_encoders = []
     for component in TEXT_COMPONENTS:
         cfg_file = root / component / "config.json"
         if cfg_file.is_file():
             cfg = json.loads(cfg_file.read_text())
-            with_projection = "CLIPTextModelWithProjection" in (cfg.get("architectures") or [])
-            text_encoders.append((component, cfg, with_projection))
-    return build_meta_components(json.loads(unet_file.read_text()), text_encoders)
+            text_encoders.append((component, cfg, _encoder_of(cfg)))
+    return build_meta_components(config, text_encoders, denoiser=denoiser)
 
 
-__all__ = ["TextEncoderSpec", "build_meta_components", "folder_meta_components"]
+__all__ = ["DENOISER_CLASSES", "TextEncoderSpec", "build_meta_components", "folder_meta_components"]

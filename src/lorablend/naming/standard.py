@@ -1,4 +1,4 @@
-"""The standard SD1.x / SD2.x / SDXL architectures: read from shipped data, or built on the meta device.
+"""The standard architectures (SD1.x, SD2.x, SDXL, Flux.1, SD3, SD3.5): read from shipped data, or built on the meta device.
 
 Offline work (inspect, convert, merge, ``load_adapter`` without a model) needs the names and shapes of a
 standard family's layers, never the model: :func:`standard_index` reads them from the data files in
@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .configs import STANDARD
+from .configs import DENOISERS, STANDARD
 from .family_data import index_from_data, read_family_data
 from .index import ModuleIndex, components_of, index_from_components
 from .meta import build_meta_components
@@ -50,7 +50,7 @@ def build_standard_index(family: str) -> ModuleIndex:
     """
     _check_family(family)
     unet_cfg, text_specs = STANDARD[family]
-    comps = build_meta_components(unet_cfg, text_specs)
+    comps = build_meta_components(unet_cfg, text_specs, denoiser=DENOISERS.get(family, "unet"))
     return index_from_components(comps, family=family)
 
 
@@ -66,5 +66,5 @@ def module_index(target: Any = None, family: str | None = None) -> ModuleIndex:
     if target is not None:
         return index_from_components(components_of(target), family=family)
     if family is None:
-        raise ValueError("module_index needs a target (pipeline or model) or a family ('sd1', 'sd2', 'sdxl')")
+        raise ValueError(f"module_index needs a target (pipeline or model) or a family (one of {STANDARD_FAMILIES})")
     return standard_index(family)

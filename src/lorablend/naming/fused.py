@@ -1,0 +1,190 @@
+"""The original (BFL Flux, SAI MMDiT) names of transformer layers -> diffusers modules and the rows they take.
+
+Flux and SD3 were released with their own module names (``double_blocks.3.img_attn.qkv``,
+``joint_blocks.3.x_block.attn.qkv``) and trainers (kohya sd-scripts, ai-toolkit / ComfyUI, XLabs, LyCORIS, BFL's
+control LoRAs) still write LoRAs in them. Several of those layers are *fused*: one weight whose output rows are
+several diffusers modules (``qkv`` = ``to_q`` / ``to_k`` / ``to_v``; Flux ``single_blocks.N.linear1`` = q / k / v /
+``proj_mlp``), and the final modulation stores its rows as (shift, scale) where diffusers' ``AdaLayerNormContinuous``
+reads (scale, shift) (diffusers' ``swap_scale_shift`` in its Flux and SD3 converters). The double / single
+block modulations (``img_mod.lin``, ``modulation.lin``, ``adaLN_modulation.1``) are in the same
+shift / scale / gate order as diffusers' ``AdaLayerNormZero`` / ``AdaLayerNormZeroSingle`` / ``SD35AdaLayerNormZeroX``
+chunks, so they map whole; SD3's last ``context_block`` is pre-only (``AdaLayerNormContinuous``), so it swaps too.
+
+This module is that table, built from a transformer config: source name -> ``RowPiece``\\ s, each the diffusers
+module path and the source rows that make its rows, in order (``None``: all of them). The reader takes a Delta's
+rows with ``delta.take_rows(spans)`` (the kinds own how), so a LoRA over fused rows stays a LoRA, exactly.
+
+>>> table = flux_source_names({"num_attention_heads": 2, "attention_head_dim": 4, "num_layers": 1,
+...                            "num_single_layers": 1, "guidance_embeds": False})
+>>> [(p.path, p.spans) for p in table["double_blocks.0.img_attn.qkv"]]
+[('transformer_blocks.0.attn.to_q', ((0, 8),)), ('transformer_blocks.0.attn.to_k', ((8, 16),)), ('transformer_blocks.0.attn.to_v', ((16, 24),))]
+>>> [(p.path, p.spans) for p in table["final_layer.adaLN_modulation.1"]]
+[('norm_out.linear', ((8, 16), (0, 8)))]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+RowSpans = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class RowPiece:
+    """One diffusers module (``path`` inside the transformer) and the source rows, in order, that are its rows
+    (``spans``; ``None`` when it takes the source whole).
+
+    >>> RowPiece("transformer_blocks.0.attn.to_k", ((8, 16),)).source_rows
+    16
+    """
+
+    path: str
+    spans: RowSpans | None = None
+
+    @property
+    def source_rows(self) -> int:
+        """The least number of rows the source must have for this piece (0 when it takes the source whole)."""
+        return max((stop for _, stop in self.spans), default=0) if self.spans else 0
+
+
+SourceTable = dict[str, tuple[RowPiece, ...]]
+
+
+def _whole(path: str) -> tuple[RowPiece, ...]:
+    return (RowPiece(path),)
+
+
+def _split(paths: list[str], sizes: list[int]) -> tuple[RowPiece, ...]:
+    pieces, start = [], 0
+    for path, size in zip(paths, sizes):
+        pieces.append(RowPiece(path, ((start, start + size),)))
+        start += size
+    return tuple(pieces)
+
+
+def _swapped(path: str, half: int) -> tuple[RowPiece, ...]:
+    # source rows are (shift, scale); diffusers' AdaLayerNormContinuous reads (scale, shift)
+    return (RowPiece(path, ((half, 2 * half), (0, half))),)
+
+
+def _width(config: dict[str, Any]) -> int:
+    return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+
+
+def flux_source_names(config: dict[str, Any]) -> SourceTable:
+    """BFL names of a Flux.1 transformer (also XLabs' ``processor.qkv_lora1`` … spellings) -> diffusers modules.
+
+    >>> t = flux_source_names({"num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 19,
+    ...                        "num_single_layers": 38, "guidance_embeds": True})
+    >>> [(p.path.split(".")[-1], p.spans) for p in t["single_blocks.0.linear1"]][-1]
+    ('proj_mlp', ((9216, 21504),))
+    """
+    h = _width(config)
+    mlp = 4 * h  # diffusers' FluxSingleTransformerBlock: mlp_ratio 4.0
+    table: SourceTable = {}
+    for i in range(int(config["num_layers"])):
+        s, t = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        img_qkv = _split([t + "attn.to_q", t + "attn.to_k", t + "attn.to_v"], [h, h, h])
+        txt_qkv = _split([t + "attn.add_q_proj", t + "attn.add_k_proj", t + "attn.add_v_proj"], [h, h, h])
+        table.update({
+            s + "img_attn.qkv": img_qkv, s + "processor.qkv_lora1": img_qkv,
+            s + "txt_attn.qkv": txt_qkv, s + "processor.qkv_lora2": txt_qkv,
+            s + "img_attn.proj": _whole(t + "attn.to_out.0"), s + "processor.proj_lora1": _whole(t + "attn.to_out.0"),
+            s + "txt_attn.proj": _whole(t + "attn.to_add_out"), s + "processor.proj_lora2": _whole(t + "attn.to_add_out"),
+            s + "img_mlp.0": _whole(t + "ff.net.0.proj"), s + "img_mlp.2": _whole(t + "ff.net.2"),
+            s + "txt_mlp.0": _whole(t + "ff_context.net.0.proj"), s + "txt_mlp.2": _whole(t + "ff_context.net.2"),
+            s + "img_mod.lin": _whole(t + "norm1.linear"), s + "txt_mod.lin": _whole(t + "norm1_context.linear"),
+            s + "img_attn.norm.query_norm": _whole(t + "attn.norm_q"),
+            s + "img_attn.norm.key_norm": _whole(t + "attn.norm_k"),
+            s + "txt_attn.norm.query_norm": _whole(t + "attn.norm_added_q"),
+            s + "txt_attn.norm.key_norm": _whole(t + "attn.norm_added_k"),
+        })
+    for i in range(int(config["num_single_layers"])):
+        s, t = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        qkv = [t + "attn.to_q", t + "attn.to_k", t + "attn.to_v"]
+        table.update({
+            s + "linear1": _split([*qkv, t + "proj_mlp"], [h, h, h, mlp]),
+            s + "processor.qkv_lora": _split(qkv, [h, h, h]),  # XLabs: the q/k/v rows of linear1 only
+            s + "linear2": _whole(t + "proj_out"), s + "processor.proj_lora": _whole(t + "proj_out"),
+            s + "modulation.lin": _whole(t + "norm.linear"),
+            s + "norm.query_norm": _whole(t + "attn.norm_q"), s + "norm.key_norm": _whole(t + "attn.norm_k"),
+        })
+    embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
+    if config.get("guidance_embeds"):
+        embedders["guidance_in"] = "guidance_embedder"
+    for source, target in embedders.items():
+        table[f"{source}.in_layer"] = _whole(f"time_text_embed.{target}.linear_1")
+        table[f"{source}.out_layer"] = _whole(f"time_text_embed.{target}.linear_2")
+    table.update({
+        "img_in": _whole("x_embedder"), "txt_in": _whole("context_embedder"),
+        "final_layer.linear": _whole("proj_out"),
+        "final_layer.adaLN_modulation.1": _swapped("norm_out.linear", h),
+    })
+    return table
+
+
+def sd3_source_names(config: dict[str, Any]) -> SourceTable:
+    """SAI MMDiT names of an SD3 / SD3.5 transformer (kohya sd-scripts' SD3 LoRAs) -> diffusers modules.
+
+    >>> t = sd3_source_names({"num_attention_heads": 24, "attention_head_dim": 64, "num_layers": 24})
+    >>> [(p.path, p.spans) for p in t["joint_blocks.23.context_block.adaLN_modulation.1"]]
+    [('transformer_blocks.23.norm1_context.linear', ((1536, 3072), (0, 1536)))]
+    """
+    h = _width(config)
+    layers = int(config["num_layers"])
+    dual = set(config.get("dual_attention_layers") or ())
+    table: SourceTable = {}
+    for i in range(layers):
+        x, c, t = f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block.", f"transformer_blocks.{i}."
+        table.update({
+            x + "attn.qkv": _split([t + "attn.to_q", t + "attn.to_k", t + "attn.to_v"], [h, h, h]),
+            x + "attn.proj": _whole(t + "attn.to_out.0"),
+            x + "mlp.fc1": _whole(t + "ff.net.0.proj"), x + "mlp.fc2": _whole(t + "ff.net.2"),
+            x + "adaLN_modulation.1": _whole(t + "norm1.linear"),
+            x + "attn.ln_q": _whole(t + "attn.norm_q"), x + "attn.ln_k": _whole(t + "attn.norm_k"),
+            c + "attn.qkv": _split([t + "attn.add_q_proj", t + "attn.add_k_proj", t + "attn.add_v_proj"], [h, h, h]),
+            c + "attn.ln_q": _whole(t + "attn.norm_added_q"), c + "attn.ln_k": _whole(t + "attn.norm_added_k"),
+        })
+        if i in dual:
+            table.update({
+                x + "attn2.qkv": _split([t + "attn2.to_q", t + "attn2.to_k", t + "attn2.to_v"], [h, h, h]),
+                x + "attn2.proj": _whole(t + "attn2.to_out.0"),
+                x + "attn2.ln_q": _whole(t + "attn2.norm_q"), x + "attn2.ln_k": _whole(t + "attn2.norm_k"),
+            })
+        if i < layers - 1:
+            table.update({
+                c + "attn.proj": _whole(t + "attn.to_add_out"),
+                c + "mlp.fc1": _whole(t + "ff_context.net.0.proj"), c + "mlp.fc2": _whole(t + "ff_context.net.2"),
+                c + "adaLN_modulation.1": _whole(t + "norm1_context.linear"),
+            })
+        else:  # the last context block is pre-only: AdaLayerNormContinuous, (scale, shift) in diffusers
+            table[c + "adaLN_modulation.1"] = _swapped(t + "norm1_context.linear", h)
+    table.update({
+        "x_embedder.proj": _whole("pos_embed.proj"), "context_embedder": _whole("context_embedder"),
+        "t_embedder.mlp.0": _whole("time_text_embed.timestep_embedder.linear_1"),
+        "t_embedder.mlp.2": _whole("time_text_embed.timestep_embedder.linear_2"),
+        "y_embedder.mlp.0": _whole("time_text_embed.text_embedder.linear_1"),
+        "y_embedder.mlp.2": _whole("time_text_embed.text_embedder.linear_2"),
+        "final_layer.linear": _whole("proj_out"),
+        "final_layer.adaLN_modulation.1": _swapped("norm_out.linear", h),
+    })
+    return table
+
+
+# which table a family's transformer uses
+SOURCE_TABLES = {"flux": flux_source_names, "sd3": sd3_source_names}
+
+
+def source_names(denoiser: str | None, config: dict[str, Any]) -> SourceTable:
+    """The original-name table of a transformer (``denoiser`` ``"flux"`` / ``"sd3"``); empty for a UNet.
+
+    >>> source_names("unet", {})
+    {}
+    """
+    build = SOURCE_TABLES.get(denoiser or "")
+    return build(config) if build is not None else {}
+
+
+__all__ = ["RowPiece", "RowSpans", "SOURCE_TABLES", "SourceTable", "flux_source_names", "sd3_source_names",
+           "source_names"]
