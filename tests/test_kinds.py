@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorablend.io.deltas import ModuleGroup, build_delta
-from lorablend.kinds import KINDS, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
+from lorablend.kinds import KINDS, DeltaProblem, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta, SetDelta
 
 from conftest import assert_same_computed
 
@@ -30,7 +30,12 @@ SAMPLES = {
     "full": lambda: FullDelta(rnd(6, 5), diff_b=rnd(6)),
     "dora out": lambda: DoRADelta(LowRankDelta(rnd(4, 12), rnd(10, 4), alpha=2.0), rnd(10).abs() + 1, "out"),
     "dora in": lambda: DoRADelta(LowRankDelta(rnd(4, 12), rnd(10, 4), alpha=2.0), rnd(1, 12).abs() + 1, "in"),
+    "lora bias": lambda: LowRankDelta(rnd(4, 12), rnd(10, 4), alpha=2.0, bias=rnd(10, seed=3)),
+    "set": lambda: SetDelta(rnd(10, 12, seed=4)),
 }
+BIASED = ("full", "lora bias")
+NEEDS_BASE = ("dora out", "dora in", "set")
+NO_KOHYA = ("lora bias",)  # a LoRA bias has no kohya spelling: refused, not dropped
 
 
 def weight_for(delta) -> torch.Tensor:
@@ -54,7 +59,7 @@ def test_factors_multiply_to_the_delta(name):
     d = SAMPLES[name]()
     dense = d.delta_weight(base=weight_for(d) if d.needs_base else None).reshape(d.shape[0], -1)
     low = d.low_rank_factors()
-    assert (low is not None) == (d.kind == "lora")  # only a plain LoRA is one cheap low-rank pair
+    assert (low is not None) == (d.kind == "lora")  # only a LoRA is one cheap low-rank pair
     exact = d.exact_factors()
     if exact is not None:
         assert_same_computed(exact[0] @ exact[1], dense)
@@ -66,9 +71,9 @@ def test_factors_multiply_to_the_delta(name):
 @pytest.mark.parametrize("name", SAMPLES)
 def test_bias_base_and_offline_view(name):
     d = SAMPLES[name]()
-    assert d.changes_bias == (name == "full")
+    assert d.changes_bias == (name in BIASED)
     assert (d.delta_bias() is not None) == d.changes_bias
-    assert d.needs_base == name.startswith("dora")
+    assert d.needs_base == (name in NEEDS_BASE)
     free = d.base_free()
     assert not free.needs_base and (free is d) == (not d.needs_base)
     if d.needs_base:
@@ -80,7 +85,7 @@ def test_bias_base_and_offline_view(name):
 _ROLE = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "dora_scale": "dora_scale"}
 
 
-@pytest.mark.parametrize("name", SAMPLES)
+@pytest.mark.parametrize("name", [n for n in SAMPLES if n not in NO_KOHYA])
 def test_kohya_names_read_back_as_the_same_kind_and_tensors(name):
     d = SAMPLES[name]()
     written = dict(d.kohya_tensors(d.shape))
@@ -115,4 +120,58 @@ def test_the_registry_tells_kinds_apart_by_their_roles():
         for b in KINDS[i + 1:]:
             assert not (a.roles & b.roles), (a.kind, b.kind)
         assert not (a.roles & DoRADelta.roles)
-    assert {k.kind for k in KINDS} == {"lora", "loha", "lokr", "full"}
+    assert {k.kind for k in KINDS} == {"lora", "loha", "lokr", "full", "set"}
+
+
+def test_a_lora_bias_is_scaled_refused_by_kohya_and_written_by_peft():
+    d = SAMPLES["lora bias"]()
+    assert_same_computed(d.delta_bias(), d.bias * 0.5)  # alpha/rank, as PEFT's forward and merge add it
+    with pytest.raises(ValueError, match="diffusers format"):
+        dict(d.kohya_tensors(d.shape))
+    assert torch.equal(d.peft_tensors(d.shape)["lora_B.bias"], d.bias)
+
+
+# Row splits: for every kind, the delta of some output rows equals those rows of the full ΔW (and bias).
+SPANS = [((0, 4),), ((4, 10),), ((6, 10), (0, 6)), ((2, 4), (8, 10))]
+
+
+def _dense(d, base):
+    return d.delta_weight(base=base if d.needs_base else None)
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLES if n != "dora in"])
+@pytest.mark.parametrize("spans", SPANS)
+def test_rows_of_a_delta_are_those_rows_of_its_weight(name, spans):
+    d = SAMPLES[name]()
+    if d.out_features < 10:
+        spans = [(a * d.out_features // 10, b * d.out_features // 10) for a, b in spans]
+        spans = [(a, b) for a, b in spans if b > a]
+    rows = torch.cat([torch.arange(a, b) for a, b in spans])
+    base = weight_for(d)
+    part = d.take_rows(spans)
+    assert part.out_features == len(rows) and part.shape[1:] == d.shape[1:]
+    assert_same_computed(_dense(part, base[rows]), _dense(d, base)[rows])
+    if d.changes_bias:
+        assert_same_computed(part.delta_bias(), d.delta_bias()[rows])
+    assert part.scale == d.scale or part.kind == "full"
+    if len(spans) == 1:
+        assert_same_computed(_dense(d.rows(*spans[0]), base[rows]), _dense(part, base[rows]))
+
+
+def test_a_split_stays_the_same_kind_where_the_kind_allows():
+    lora = SAMPLES["lora linear"]()
+    q = lora.rows(0, 4)
+    assert q.kind == "lora" and q.down is lora.down and q.rank == lora.rank  # the down factor is shared
+    lokr = LoKrDelta(w1=rnd(3, 2), w2_a=rnd(4, 2), w2_b=rnd(2, 5), alpha=1.0)  # 12 rows: blocks of 4
+    assert lokr.rows(4, 12).kind == "lokr" and lokr.rows(4, 12).w1.shape == (2, 2)
+    dense = lokr.rows(2, 6)  # cuts through a copy of w2: exact, but dense
+    assert dense.kind == "full"
+    assert_same_computed(dense.delta_weight(), lokr.delta_weight()[2:6])
+    assert SAMPLES["loha"]().rows(0, 5).kind == "loha"
+
+
+def test_rows_that_cannot_be_split_exactly_are_refused_with_why():
+    with pytest.raises(DeltaProblem, match="per-input-column"):
+        SAMPLES["dora in"]().rows(0, 4)
+    with pytest.raises(DeltaProblem, match="not inside the 10 output rows"):
+        SAMPLES["lora linear"]().rows(8, 12)

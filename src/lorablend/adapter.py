@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from .kinds import Delta, DeltaKind, DoRADelta, FullDelta, InnerDelta, LoHaDelta, LoKrDelta, LowRankDelta
+from .kinds import Delta, DeltaKind, DoRADelta, FullDelta, InnerDelta, LoHaDelta, LoKrDelta, LowRankDelta, SetDelta
 from .naming import COMPONENTS  # the one component list, in its order
 from .report import LoadReport
 from .transfer import deltas_to, map_tensors  # (their old home: kept importable from here)

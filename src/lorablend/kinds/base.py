@@ -18,7 +18,7 @@ carries that scale.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -113,6 +113,32 @@ def module_shaped(down: torch.Tensor, up: torch.Tensor, weight_shape: Shape | No
     return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
 
 
+RowSpans = Sequence[tuple[int, int]]
+
+
+def check_spans(spans: RowSpans, out: int, what: str) -> list[tuple[int, int]]:
+    """The spans as a list, or a DeltaProblem when one is empty or falls outside ``out`` rows.
+
+    >>> check_spans(((0, 2), (4, 6)), 6, "LoRA")
+    [(0, 2), (4, 6)]
+    """
+    spans = [(int(a), int(b)) for a, b in spans]
+    bad = [(a, b) for a, b in spans if not 0 <= a < b <= out]
+    if not spans or bad:
+        raise DeltaProblem(f"rows {bad or spans} are not inside the {out} output rows of this {what} delta")
+    return spans
+
+
+def take(tensor: torch.Tensor, spans: RowSpans, dim: int = 0) -> torch.Tensor:
+    """The rows (``dim``) of ``tensor`` in ``spans``, in order: a view for one span, else one new tensor.
+
+    >>> take(torch.arange(6), ((4, 6), (0, 2))).tolist()
+    [4, 5, 0, 1]
+    """
+    parts = [tensor.narrow(dim, a, b - a) for a, b in spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def present(pairs: Iterable[tuple[str, torch.Tensor | None]]) -> Iterator[tuple[str, torch.Tensor]]:
     """The ``(name, tensor)`` pairs whose tensor exists (optional factors are None)."""
     return ((n, t) for n, t in pairs if t is not None)
@@ -178,6 +204,24 @@ class DeltaKind:
         """The part of this delta whose ΔW needs no base weight (itself; DoRA: its inner delta) — what an
         offline view (inspect, plots) can show without a model."""
         return self
+
+    def rows(self, start: int, stop: int) -> "DeltaKind":
+        """The exact delta of output rows ``[start, stop)`` of this one: what a module made of those rows of a
+        fused layer gets (a LoRA over Flux's ``qkv`` gives ``to_q`` its rows ``0:3072``). Same kind where the kind
+        allows it (a LoRA keeps its down factor and alpha and takes those rows of ``up``), so nothing becomes dense
+        that was not; ``DeltaProblem`` when the rows cannot be separated exactly.
+
+        >>> from lorablend.kinds import LowRankDelta
+        >>> LowRankDelta(torch.ones(2, 3), torch.ones(6, 2), alpha=1.0).rows(2, 4).shape
+        (2, 3)
+        """
+        return self.take_rows(((start, stop),))
+
+    def take_rows(self, spans: RowSpans) -> "DeltaKind":
+        """The exact delta whose output rows are these ``(start, stop)`` spans of this one's, in order (one span:
+        :meth:`rows`; two swapped halves: a modulation whose (shift, scale) diffusers reads as (scale, shift)).
+        Every kind gives it; ``DeltaProblem`` when the rows cannot be separated exactly."""
+        raise NotImplementedError  # pragma: no cover
 
     def fit_problem(self, weight_shape: Shape) -> str | None:
         """None when the delta fits a weight of ``weight_shape``; else the reason, in words.

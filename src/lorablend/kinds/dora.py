@@ -8,7 +8,7 @@ from typing import ClassVar, Iterator, Literal, Union
 
 import torch
 
-from .base import DeltaKind, DeltaProblem, Shape, fit_to_shape
+from .base import DeltaKind, DeltaProblem, RowSpans, Shape, check_spans, fit_to_shape, take
 from .loha import LoHaDelta
 from .lokr import LoKrDelta
 from .lora import LowRankDelta
@@ -87,6 +87,23 @@ class DoRADelta(DeltaKind):
             return (f"its DoRA magnitude has {self.magnitude.numel()} values but the module has {want} "
                     f"{'output rows' if self.axis == 'out' else 'input columns'}")
         return None
+
+    def take_rows(self, spans: RowSpans) -> "DoRADelta":
+        """Per-output-row norms are row by row, so those rows of the magnitude and of the inner delta are exact.
+        Per-input-column norms run over every row of the fused layer, which no module made of some of its rows
+        sees: refused, with why."""
+        if self.axis != "out":
+            raise DeltaProblem(
+                "a DoRA delta with per-input-column norms (dora_scale of shape (1, in)) over a fused layer cannot be "
+                "split into its modules: each column's norm runs over all the fused rows, which no single module has"
+            )
+        spans = check_spans(spans, self.out_features, "DoRA")
+        inner = self.inner.take_rows(spans)
+        if not isinstance(inner, type(self.inner)):  # a LoKr whose rows had to become a dense diff
+            raise DeltaProblem("DoRA over a LoKr whose rows do not split on its Kronecker blocks is not applied")
+        flat = self.magnitude.reshape(self.magnitude.shape[0], -1) if self.magnitude.dim() > 1 else self.magnitude
+        magnitude = take(flat, spans)
+        return DoRADelta(inner=inner, magnitude=magnitude.reshape(-1, *self.magnitude.shape[1:]), axis=self.axis)
 
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from self.inner.tensors()

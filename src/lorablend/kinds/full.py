@@ -7,7 +7,7 @@ from typing import ClassVar, Iterator, Mapping
 
 import torch
 
-from .base import DeltaKind, DeltaProblem, Shape, fit_to_shape, present
+from .base import DeltaKind, DeltaProblem, RowSpans, Shape, check_spans, fit_to_shape, present, take
 
 
 @dataclass(eq=False)
@@ -46,6 +46,11 @@ class FullDelta(DeltaKind):
         if problem is None and self.diff_b is not None and self.diff_b.numel() != int(weight_shape[0]):
             return f"its bias difference has {self.diff_b.numel()} values but the module has {weight_shape[0]} outputs"
         return problem
+
+    def take_rows(self, spans: RowSpans) -> "FullDelta":
+        """Those rows of the weight and bias differences."""
+        spans = check_spans(spans, self.out_features, "full diff")
+        return FullDelta(diff=take(self.diff, spans), diff_b=None if self.diff_b is None else take(self.diff_b, spans))
 
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from (t for t in (self.diff, self.diff_b) if t is not None)

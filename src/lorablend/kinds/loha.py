@@ -7,7 +7,10 @@ from typing import ClassVar, Iterator, Mapping
 
 import torch
 
-from .base import DeltaKind, DeltaProblem, Shape, alpha_tensor, fit_to_shape, need, present, tucker, written_alpha
+from .base import (
+    DeltaKind, DeltaProblem, RowSpans, Shape, alpha_tensor, check_spans, fit_to_shape, need, present, take, tucker,
+    written_alpha,
+)
 
 _NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
@@ -69,6 +72,14 @@ class LoHaDelta(DeltaKind):
         up = (u1[:, :, None] * u2[:, None, :]).reshape(out, r) * self.scale
         down = (d1[:, None, :] * d2[None, :, :]).reshape(r, n)
         return up, down
+
+    def take_rows(self, spans: RowSpans) -> "LoHaDelta":
+        """Row ``i`` of ``(w1_a w1_b) ⊙ (w2_a w2_b)`` is row ``i`` of ``w1_a`` and of ``w2_a`` against the shared
+        ``b`` factors: take those rows of both ``a`` factors (their second axis with Tucker, where ``a`` is (r, out))."""
+        spans = check_spans(spans, self.out_features, "LoHa")
+        dim = 1 if self.t1 is not None else 0
+        return LoHaDelta(w1_a=take(self.w1_a, spans, dim), w1_b=self.w1_b, w2_a=take(self.w2_a, spans, dim),
+                         w2_b=self.w2_b, alpha=self.alpha, t1=self.t1, t2=self.t2)
 
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from (t for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2) if t is not None)

@@ -7,7 +7,11 @@ from typing import ClassVar, Iterator, Mapping
 
 import torch
 
-from .base import DeltaKind, DeltaProblem, Shape, alpha_tensor, fit_to_shape, present, tucker, written_alpha
+from .base import (
+    DeltaKind, DeltaProblem, RowSpans, Shape, alpha_tensor, check_spans, fit_to_shape, present, take, tucker,
+    written_alpha,
+)
+from .full import FullDelta
 
 _NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -94,6 +98,27 @@ class LoKrDelta(DeltaKind):
         if p1.shape[1] * p2.shape[1] >= min(out, n):
             return None
         return torch.kron(p1, p2) * self.scale, torch.kron(q1, q2)
+
+    def _w2_rows(self) -> int:
+        if self.w2 is not None:
+            return int(self.w2.shape[0])
+        return int(self.w2_a.shape[1] if self.t2 is not None else self.w2_a.shape[0])
+
+    def take_rows(self, spans: RowSpans) -> "LoKrDelta | FullDelta":
+        """Row ``i`` of ``kron(w1, w2)`` is row ``i // p`` of ``w1`` against row ``i % p`` of ``w2`` (``p`` rows).
+        Spans on whole multiples of ``p`` take rows of ``w1`` (or of ``w1_a``) and stay LoKr, exactly (Flux's q/k/v
+        split of a 9216-row LoKr with ``p`` dividing 3072). Other spans cut through copies of ``w2``, which no
+        Kronecker product of the same factors gives: the delta of those rows is then a dense full diff — still
+        exact (the fp32 ΔW rows, scale applied), only larger."""
+        spans = check_spans(spans, self.out_features, "LoKr")
+        p = self._w2_rows()
+        if any(a % p or b % p for a, b in spans):
+            return FullDelta(diff=take(self.delta_weight(), spans))
+        blocks = [(a // p, b // p) for a, b in spans]
+        w1 = None if self.w1 is None else take(self.w1, blocks)
+        w1_a = None if self.w1_a is None else take(self.w1_a, blocks)
+        return LoKrDelta(w1=w1, w1_a=w1_a, w1_b=self.w1_b, w2=self.w2, w2_a=self.w2_a, w2_b=self.w2_b, t2=self.t2,
+                         alpha=self.alpha)
 
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from (t for t in (self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2) if t is not None)

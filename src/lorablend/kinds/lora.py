@@ -7,7 +7,10 @@ from typing import ClassVar, Iterator, Mapping
 
 import torch
 
-from .base import DeltaKind, DeltaProblem, Shape, fit_to_shape, module_shaped, need, present, written_alpha, alpha_tensor
+from .base import (
+    DeltaKind, DeltaProblem, RowSpans, Shape, alpha_tensor, check_spans, fit_to_shape, module_shaped, need, present,
+    take, written_alpha,
+)
 
 
 @dataclass(eq=False)
@@ -15,7 +18,9 @@ class LowRankDelta(DeltaKind):
     """LoRA / LoCon: ``ΔW = alpha/rank · up @ down`` (optionally through a Tucker ``mid`` core).
 
     Shapes: linear ``down (r, in)``, ``up (out, r)``; conv ``down (r, in, kh, kw)``,
-    ``up (out, r, 1, 1)``; Tucker conv ``down (r, in, 1, 1)``, ``mid (r, r, kh, kw)``.
+    ``up (out, r, 1, 1)``; Tucker conv ``down (r, in, 1, 1)``, ``mid (r, r, kh, kw)``. ``bias (out,)``: the bias of
+    the up projection (PEFT ``lora_bias=True``'s ``lora_B.bias``; BFL Flux control LoRAs have one on every layer):
+    the module's bias changes by ``alpha/rank · bias``, as PEFT's forward and merge add it.
 
     >>> d = LowRankDelta(down=torch.ones(2, 3), up=torch.ones(4, 2), alpha=1.0)
     >>> d.delta_weight().shape, d.scale
@@ -26,6 +31,7 @@ class LowRankDelta(DeltaKind):
     up: torch.Tensor
     alpha: float | None = None
     mid: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
     kind: str = field(default="lora", init=False)
     roles: ClassVar[frozenset[str]] = frozenset({"down", "up", "mid"})
 
@@ -79,10 +85,32 @@ class LowRankDelta(DeltaKind):
         up, down = self.factors()
         return fit_to_shape((up @ down).reshape(self.shape), shape, "LoRA")
 
+    @property
+    def changes_bias(self) -> bool:
+        return self.bias is not None
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.float() * self.scale
+
+    def fit_problem(self, weight_shape: Shape) -> str | None:
+        problem = super().fit_problem(weight_shape)
+        if problem is None and self.bias is not None and self.bias.numel() != int(weight_shape[0]):
+            return f"its bias (lora_B.bias) has {self.bias.numel()} values but the module has {weight_shape[0]} outputs"
+        return problem
+
+    def take_rows(self, spans: RowSpans) -> "LowRankDelta":
+        """Those rows of ``up`` (and of the bias); ``down``, ``mid`` and alpha shared, so the scale is unchanged."""
+        spans = check_spans(spans, self.out_features, "LoRA")
+        bias = None if self.bias is None else take(self.bias, spans)
+        return LowRankDelta(down=self.down, up=take(self.up, spans), alpha=self.alpha, mid=self.mid, bias=bias)
+
     def tensors(self) -> Iterator[torch.Tensor]:
-        yield from (t for t in (self.down, self.up, self.mid) if t is not None)
+        yield from (t for t in (self.down, self.up, self.mid, self.bias) if t is not None)
 
     def kohya_tensors(self, weight_shape: Shape | None) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.bias is not None:
+            raise ValueError("a LoRA with a bias (lora_B.bias, e.g. a BFL Flux control LoRA) has no kohya / LyCORIS "
+                             "spelling; save it in the diffusers format")
         down, up = (self.down, self.up) if self.mid is not None else module_shaped(self.down, self.up, weight_shape)
         yield from present((("lora_down.weight", down), ("lora_up.weight", up), ("lora_mid.weight", self.mid)))
         alpha = written_alpha(self)
@@ -105,7 +133,10 @@ class LowRankDelta(DeltaKind):
             _, in_ch, *kernel = self.shape
             core = self.down_2d()
             down, up = core.reshape(core.shape[0], in_ch, *kernel), self.up.reshape(self.up.shape[0], -1, 1, 1)
-        return {"lora_A.weight": down, "lora_B.weight": up}
+        out = {"lora_A.weight": down, "lora_B.weight": up}
+        if self.bias is not None:
+            out["lora_B.bias"] = self.bias
+        return out
 
     @classmethod
     def from_roles(cls, get: Mapping[str, torch.Tensor], alpha: float | None) -> "LowRankDelta":
@@ -115,4 +146,7 @@ class LowRankDelta(DeltaKind):
             raise DeltaProblem(f"LoRA factors must be 2-D or 4-D, got down {tuple(down.shape)} and up {tuple(up.shape)}")
         if up.reshape(up.shape[0], -1).shape[1] != down.shape[0] and mid is None:
             raise DeltaProblem(f"LoRA factors do not chain: up {tuple(up.shape)} and down {tuple(down.shape)}")
-        return cls(down=down, up=up, alpha=alpha, mid=mid)
+        bias = get.get("up_bias")
+        if bias is not None and bias.numel() != up.shape[0]:
+            raise DeltaProblem(f"LoRA bias of shape {tuple(bias.shape)} does not match up {tuple(up.shape)}")
+        return cls(down=down, up=up, alpha=alpha, mid=mid, bias=None if bias is None else bias.reshape(-1))
