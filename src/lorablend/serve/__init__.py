@@ -1,0 +1,19 @@
+"""``lorablend serve``: any LoRA mix per request over HTTP, on one pipeline, switched without reloading.
+
+One file, one job: ``app`` (the routes; ``create_app``), ``engine`` (the pipeline's one worker: batches and
+switches), ``cache`` (parsed adapters, LRU by bytes), ``catalog`` (names -> files in ``--lora-dir``),
+``prompts`` (A1111 ``<lora:name:weight>`` tokens), ``schemas`` (request bodies), ``responses`` (answer shapes),
+``security`` (token, paths, body size), ``metrics`` (Prometheus text), ``run`` (the command's start-up).
+Needs the ``serve`` extra (``pip install lorablend[serve]``: fastapi, uvicorn, python-multipart).
+
+>>> from lorablend.serve import ServeConfig, create_app
+>>> app = create_app(pipeline, ServeConfig(lora_dir="loras/"))               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from .app import create_app
+from .config import ServeConfig
+from .engine import Generation
+
+__all__ = ["Generation", "ServeConfig", "create_app"]

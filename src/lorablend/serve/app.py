@@ -1,0 +1,292 @@
+"""``create_app``: the server as an ASGI app (FastAPI) over one ``lorablend.DiffusionPipeline``.
+
+Run it with ``lorablend serve`` or any ASGI server, or mount it in your own app. Routes: ``GET /health``,
+``GET /metrics``, ``GET|POST /v1/loras``, ``DELETE /v1/loras/{name}``, ``POST /v1/images``; A1111's
+``POST /sdapi/v1/txt2img`` and ``GET /sdapi/v1/loras``; OpenAI's ``POST /v1/images/generations``.
+Every route but ``/health`` wants the token when one is set.
+
+>>> from lorablend.serve import ServeConfig, create_app
+>>> app = create_app(pipeline, ServeConfig(lora_dir="loras/"))               # doctest: +SKIP
+>>> uvicorn.run(app, host="127.0.0.1", port=8000)                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
+
+from ..errors import LoraCompatibilityError, LoraFormatError
+from . import responses
+from .cache import AdapterCache, CachedAdapter
+from .catalog import Catalog, LoraSource, NameTaken, UnknownLora, check_name, header_info
+from .config import ServeConfig
+from .engine import Engine, Generation, Result, ServerStopping
+from .metrics import Metrics, MetricsMiddleware
+from .schemas import ImageRequest, LoraRegistration, OpenAIImageRequest, Txt2ImgRequest, invalid
+from .security import LORA_SUFFIXES, BodyLimit, Forbidden, TokenCheck, resolve_inside
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited: nobody is left to answer."""
+
+
+class ServerState:
+    """Everything one server owns (no module-level state): settings, catalog, cache, engine, metrics, and the
+    private folder where uploads live until deleted or the server stops."""
+
+    def __init__(self, pipe: Any, config: ServeConfig) -> None:
+        self.pipe = pipe
+        self.config = config.check()
+        self.metrics = Metrics()
+        self.catalog = Catalog(config.lora_dir)
+        self.cache = AdapterCache(pipe, budget_bytes=config.cache_bytes, metrics=self.metrics)
+        self.engine = Engine(pipe, self.cache, self.metrics, max_batch=config.max_batch)
+        self.upload_dir = Path(tempfile.mkdtemp(prefix="lorablend-uploads-"))
+
+    def adapters_for(self, names: list[str]) -> list[CachedAdapter]:
+        """The parsed adapters of a mix: 404 for an unknown name, 422 for a file the reader refuses."""
+        sources = [self.catalog.lookup(n) for n in names]  # every name checked before any file is read
+        return [self.cache.get(s) for s in sources]
+
+    def describe(self, source: LoraSource) -> dict[str, Any]:
+        """One row of ``GET /v1/loras``."""
+        entry = self.cache.cached(source.name)
+        row: dict[str, Any] = {"name": source.name, "origin": source.origin,
+                               "loaded": source.name in self.cache.names_loaded(), "cached": entry is not None}
+        try:
+            row["bytes"] = source.path.stat().st_size
+            if entry is not None:
+                ranks = [d.rank for d in entry.adapter.deltas.values() if d.rank is not None]
+                row.update(format=entry.adapter.format, family=entry.adapter.family, rank=max(ranks, default=None))
+            else:
+                row.update(header_info(source.path))
+        except (OSError, ValueError) as exc:  # a damaged file is listed with its problem, not hidden
+            row.update(format=None, family=None, rank=None, error=str(exc))
+        return row
+
+    def close(self) -> None:
+        self.engine.stop()
+        shutil.rmtree(self.upload_dir, ignore_errors=True)
+
+
+def _error(status: int) -> Any:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+    return handler
+
+
+def _install_errors(app: FastAPI) -> None:
+    for exc_type, status in ((UnknownLora, 404), (NameTaken, 409), (Forbidden, 403), (LoraFormatError, 422),
+                             (LoraCompatibilityError, 422), (ServerStopping, 503), (ClientGone, 499)):
+        app.add_exception_handler(exc_type, _error(status))
+
+    async def unprocessable(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and a NaN or inf input cannot be written as JSON: say it in text
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", ""),
+                   "input": _plain(e.get("input"))} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+    app.add_exception_handler(RequestValidationError, unprocessable)
+
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
+    app.add_exception_handler(Exception, internal)
+
+
+def _plain(value: Any) -> Any:
+    """A validation error's input as JSON can carry it (non-finite numbers and odd types as text)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)[:200]
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body is read by then: the next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def generate(state: ServerState, gen: Generation, request: Request) -> tuple[Generation, Result]:
+    """Resolve the mix, queue the request, wait for its batch; a client that leaves frees its place."""
+    entries = await run_in_threadpool(state.adapters_for, sorted(gen.loras))
+    state.engine.start()  # idempotent: started here too, because a mounted sub-app gets no startup event
+    job = state.engine.submit(gen, entries)
+    result = asyncio.wrap_future(job.future)
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not result.done():
+        state.engine.abandon(job)
+        raise ClientGone("the client disconnected before its images were made")
+    return job.generation, result.result()
+
+
+def create_app(pipe: Any, config: ServeConfig, *, title: str = "lorablend") -> FastAPI:
+    """The server for ``pipe`` (a ``lorablend.DiffusionPipeline``) with these settings; an ASGI app.
+
+    >>> app = create_app(DiffusionPipeline.from_pretrained("sd15/"), ServeConfig(lora_dir="loras/"))  # doctest: +SKIP
+    """
+    state = ServerState(pipe, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.close)
+
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.state.lorablend = state
+    _install_errors(app)
+    _routes(app, state)
+    # the last added wraps the others: metrics see every answer (401 and 413 too); the token is checked
+    # before any body byte is read; the body limit cuts an upload off as it arrives
+    app.add_middleware(BodyLimit, limit_for=lambda path: config.max_upload_bytes if path.rstrip("/").endswith(
+        "/v1/loras") else config.max_body_bytes)
+    app.add_middleware(TokenCheck, token=config.token)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app
+
+
+def _routes(app: FastAPI, state: ServerState) -> None:
+    config = state.config
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/loras")
+    async def list_loras() -> dict:
+        sources = await run_in_threadpool(state.catalog.scan)
+        rows = await run_in_threadpool(lambda: [state.describe(s) for s in sorted(sources.values(), key=_by_name)])
+        return {"loras": rows}
+
+    @app.post("/v1/loras", status_code=201)
+    async def add_lora(request: Request) -> dict:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await _upload(state, request)
+        try:
+            body = LoraRegistration.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from None
+        path = resolve_inside(config.lora_dir, body.path)
+        if not path.is_file():
+            raise UnknownLora(f"path {body.path!r}: no such file in --lora-dir; GET /v1/loras lists what is there")
+        return await run_in_threadpool(_register, state, body.name or path.stem, path, "registered")
+
+    @app.delete("/v1/loras/{name:path}")
+    async def delete_lora(name: str) -> dict:
+        source = await run_in_threadpool(state.catalog.unregister, name)
+
+        def unload() -> None:
+            with state.engine.lock:  # the pipeline changes only between batches
+                state.cache.drop(name)
+            if source.origin == "upload":
+                source.path.unlink(missing_ok=True)
+        await run_in_threadpool(unload)
+        return {"deleted": name}
+
+    @app.post("/v1/images")
+    async def images(body: ImageRequest, request: Request) -> Any:
+        gen, result = await generate(state, body.generation(config), request)
+        if len(result.images) == 1 and body.response_format != "json":
+            return Response(responses.png_bytes(result.images[0]), media_type="image/png",
+                            headers=responses.native_headers(gen, result))
+        return responses.native(gen, result)
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
+        gen, result = await generate(state, body.generation(config), request)
+        return responses.a1111(gen, result, body.model_dump())
+
+    @app.get("/sdapi/v1/loras")
+    async def a1111_loras() -> list:
+        sources = await run_in_threadpool(state.catalog.scan)
+        return [{"name": s.name, "alias": s.name, "path": str(s.path), "metadata": {}}
+                for s in sorted(sources.values(), key=_by_name)]
+
+    @app.post("/v1/images/generations")
+    async def openai_images(body: OpenAIImageRequest, request: Request) -> dict:
+        gen, result = await generate(state, body.generation(config), request)
+        return responses.openai(gen, result)
+
+
+def _by_name(source: LoraSource) -> str:
+    return source.name
+
+
+def _register(state: ServerState, name: str, path: Path, origin: str) -> dict:
+    """Parse (refusing damage with the reader's message), then serve under ``name``; the 201 answer."""
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise invalid("name", str(exc), name) from None
+    if name in state.catalog.scan():
+        raise NameTaken(f"LoRA name {name!r} is taken; pick another name, or DELETE /v1/loras/{name} first")
+    entry = state.cache.get(LoraSource(name, path, origin))
+    state.catalog.register(name, path, origin)
+    adapter = entry.adapter
+    report = adapter.report
+    ranks = [d.rank for d in adapter.deltas.values() if d.rank is not None]
+    return {"name": name, "origin": origin, "format": adapter.format, "family": adapter.family,
+            "rank": max(ranks, default=None), "bytes": path.stat().st_size, "layers": len(adapter.deltas),
+            "report": {"counts": report.counts(), "complete": report.complete,
+                       "not_mapped": [{"key": r.key, "status": r.status, "reason": r.reason}
+                                      for r in (report.unsupported + report.unknown)[:50]]}}
+
+
+async def _upload(state: ServerState, request: Request) -> dict:
+    """A multipart upload (``file``, optional ``name``): kept in the server's private folder, parsed, served."""
+    form = await request.form()
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise invalid("file", "send the LoRA as a multipart file field named 'file'")
+    filename = Path(upload.filename or "upload.safetensors")
+    name = form.get("name") or filename.stem
+    if not isinstance(name, str):
+        raise invalid("name", "'name' must be a text field")
+    suffix = filename.suffix.lower() if filename.suffix.lower() in LORA_SUFFIXES else ".safetensors"
+    path = state.upload_dir / f"{uuid.uuid4().hex}{suffix}"
+
+    def save_and_register() -> dict:
+        with open(path, "wb") as out:
+            shutil.copyfileobj(upload.file, out, 1 << 20)
+        try:
+            return _register(state, name, path, "upload")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+    try:
+        return await run_in_threadpool(save_and_register)
+    finally:
+        await form.close()
+
+
+__all__ = ["ServerState", "create_app", "generate"]

@@ -1,0 +1,160 @@
+"""The adapter cache: parsed LoRAs held in host memory, loaded into the one pipeline on demand, least recently
+used first out when their bytes pass ``--cache-bytes``.
+
+Two sides, two threads. Request handlers call :meth:`AdapterCache.get` (parse on a miss, from a thread pool):
+a damaged file fails there, before the request queues, with the reader's message. The generation worker calls
+:meth:`AdapterCache.activate` while it holds the pipeline: it loads what the batch needs
+(``load_lora_weights``) and evicts with ``delete_adapters``. Only the worker (or a caller holding the pipeline
+lock) changes what the pipeline holds, so eviction can never pull a LoRA out from under a running batch. A file
+changed on disk (size or mtime) is parsed again and reloaded: an entry is reused only while its stamp holds.
+Clients see eviction only as latency: an evicted LoRA is read again on its next use.
+
+>>> cache = AdapterCache(pipe, budget_bytes=4 * 2**30, metrics=Metrics())          # doctest: +SKIP
+>>> entry = cache.get(catalog.lookup("ink"))                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .catalog import LoraSource
+from .metrics import Metrics
+
+
+@dataclass(eq=False)
+class CachedAdapter:
+    """One parsed LoRA: its name, a version unique in this server (a reparse is a new version), the Adapter,
+    its tensor bytes and the file stamp it was read at."""
+
+    name: str
+    version: int
+    adapter: Any
+    nbytes: int
+    stamp: tuple[int, int]
+    path: Path
+
+
+def adapter_bytes(adapter: Any) -> int:
+    """Bytes of an Adapter's tensors. >>> adapter_bytes(adapter)  # doctest: +SKIP"""
+    return sum(t.numel() * t.element_size() for d in adapter.deltas.values() for t in d.tensors())
+
+
+class AdapterCache:
+    """LRU of parsed adapters bounded by ``budget_bytes``; the loaded ones are a subset, in the pipeline.
+
+    A batch may need more than the budget (its own LoRAs are never evicted while it runs): the cache then holds
+    more until the next batch, and says so in ``lorablend_adapter_cache_bytes``.
+
+    >>> AdapterCache(pipe, budget_bytes=2**30, metrics=Metrics()).names_loaded()   # doctest: +SKIP
+    []
+    """
+
+    def __init__(self, pipe: Any, *, budget_bytes: int, metrics: Metrics) -> None:
+        self.pipe = pipe
+        self.budget = int(budget_bytes)
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, CachedAdapter] = OrderedDict()  # least recently used first
+        self._loaded: dict[str, CachedAdapter] = {}  # what the pipeline holds now, under these names
+        self._versions = itertools.count(1)
+        metrics.gauge("lorablend_adapter_cache_bytes", self.nbytes)
+        metrics.gauge("lorablend_adapters_loaded", lambda: len(self._loaded))
+
+    # ------------------------------------------------------------------ request side
+    def get(self, source: LoraSource) -> CachedAdapter:
+        """The parsed adapter of ``source`` (a hit) or parse it now (a miss). Raises the reader's
+        ``LoraFormatError`` for a damaged file and ``LoraCompatibilityError`` for one that does not fit the
+        pipeline: both before anything changes."""
+        stamp = source.stamp()
+        with self._lock:
+            entry = self._entries.get(source.name)
+            if entry is not None and entry.stamp == stamp and entry.path == source.path:
+                self._entries.move_to_end(source.name)
+                self.metrics.count("lorablend_adapter_cache_hits_total")
+                return entry
+        self.metrics.count("lorablend_adapter_cache_misses_total")
+        adapter = self._parse(source)
+        entry = CachedAdapter(source.name, next(self._versions), adapter, adapter_bytes(adapter), stamp, source.path)
+        with self._lock:
+            self._entries[source.name] = entry
+            self._entries.move_to_end(source.name)
+            self._trim(keep={source.name}, may_unload=False)
+        return entry
+
+    def _parse(self, source: LoraSource) -> Any:
+        from ..io import load_adapter
+        from ..resolve import bind_adapter
+
+        view = self.pipe.model_view
+        adapter = load_adapter(str(source.path), target=view.index, name=source.name)
+        bind_adapter(adapter, view, strict=True)  # a LoRA for another model fails here, not in the worker
+        return adapter
+
+    # ------------------------------------------------------------------ worker side (pipeline held)
+    def activate(self, entries: Sequence[CachedAdapter]) -> None:
+        """Make the pipeline hold exactly these versions of these names (loading what it lacks), then evict
+        least recently used adapters other than these until the cache fits its budget. Worker only."""
+        for entry in entries:
+            loaded = self._loaded.get(entry.name)
+            if loaded is not entry:
+                if loaded is not None:  # an older version of the file, or a name registered again
+                    self.pipe.delete_adapters(entry.name)
+                    del self._loaded[entry.name]
+                self.pipe.load_lora_weights(entry.adapter, adapter_name=entry.name)
+                self._loaded[entry.name] = entry
+            with self._lock:
+                if self._entries.get(entry.name) is None:  # evicted from the host side while queued: it is back
+                    self._entries[entry.name] = entry
+                if self._entries[entry.name] is entry:
+                    self._entries.move_to_end(entry.name)
+        with self._lock:
+            self._trim(keep={e.name for e in entries}, may_unload=True)
+
+    def drop(self, name: str) -> None:
+        """Forget ``name`` entirely (``DELETE /v1/loras``): unload it from the pipeline. Pipeline lock held."""
+        with self._lock:
+            self._entries.pop(name, None)
+        if self._loaded.pop(name, None) is not None:
+            self.pipe.delete_adapters(name)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def nbytes(self) -> int:
+        """Bytes held: every parsed entry, plus loaded versions no longer current (unloaded at the next batch)."""
+        current = {id(e) for e in self._entries.values()}
+        return sum(e.nbytes for e in self._entries.values()) + sum(
+            e.nbytes for e in list(self._loaded.values()) if id(e) not in current)
+
+    def names_loaded(self) -> list[str]:
+        """Names the pipeline holds now. >>> cache.names_loaded()  # doctest: +SKIP"""
+        return sorted(self._loaded)
+
+    def cached(self, name: str) -> CachedAdapter | None:
+        """The current parsed entry of ``name``, if any (no LRU bump). >>> cache.cached("ink")  # doctest: +SKIP"""
+        with self._lock:
+            return self._entries.get(name)
+
+    def _trim(self, keep: set[str], may_unload: bool) -> None:
+        """Evict least recently used entries (not in ``keep``) until within budget. Loaded entries go only when
+        ``may_unload`` (the worker, holding the pipeline); stale loaded versions go first. Lock held."""
+        if may_unload:
+            for name, loaded in list(self._loaded.items()):
+                if name not in keep and self._entries.get(name) is not loaded:
+                    self.pipe.delete_adapters(name)
+                    del self._loaded[name]
+        for name in list(self._entries):
+            if self.nbytes() <= self.budget:
+                return
+            if name in keep or (name in self._loaded and not may_unload):
+                continue
+            del self._entries[name]
+            if self._loaded.pop(name, None) is not None:
+                self.pipe.delete_adapters(name)
+            self.metrics.count("lorablend_adapter_cache_evictions_total")
+
+
+__all__ = ["AdapterCache", "CachedAdapter", "adapter_bytes"]

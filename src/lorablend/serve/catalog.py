@@ -1,0 +1,177 @@
+"""What the server can serve, by name: every LoRA file under ``--lora-dir`` (by file stem) plus the LoRAs
+registered at run time (``POST /v1/loras``: a path inside the folder under another name, or an upload).
+
+The folder is rescanned when a name is not known and when the list is asked for, so a file copied in is served
+without a restart. A file whose symlinks lead out of the folder is not served. Two files with one stem are
+listed by their path inside the folder without suffix (``sdxl/style``) so that no name means two files.
+
+>>> catalog = Catalog("loras/")                                              # doctest: +SKIP
+>>> catalog.lookup("style").path                                            # doctest: +SKIP
+PosixPath('/srv/loras/style.safetensors')
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .security import LORA_SUFFIXES, inside
+
+# Names a client may give: what an A1111 <lora:NAME:W> token and a URL path segment can carry unescaped.
+NAME_RULE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}$")
+
+
+class UnknownLora(LookupError):
+    """A LoRA name the server does not know (answered 404, with the names that come close)."""
+
+
+class NameTaken(ValueError):
+    """A registration under a name that already means a LoRA (answered 409)."""
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """One servable LoRA: its name, the file, and where it came from (``dir``, ``registered``, ``upload``)."""
+
+    name: str
+    path: Path
+    origin: str
+
+    def stamp(self) -> tuple[int, int]:
+        """(size, mtime in ns) of the file now: a parsed adapter is reused only while this is unchanged."""
+        info = self.path.stat()
+        return info.st_size, info.st_mtime_ns
+
+
+def check_name(name: str) -> str:
+    """``name`` if a client may register it, else ``ValueError`` saying what is allowed.
+
+    >>> check_name("ink v2")
+    'ink v2'
+    >>> check_name("a:b")
+    Traceback (most recent call last):
+    ...
+    ValueError: LoRA name 'a:b': use 1-128 letters, digits, '_', '-', '.', or spaces (no ':' '<' '>' '/'), e.g. ink_v2
+    """
+    if not isinstance(name, str) or not NAME_RULE.match(name) or name.strip() != name:
+        raise ValueError(f"LoRA name {name!r}: use 1-128 letters, digits, '_', '-', '.', or spaces "
+                         "(no ':' '<' '>' '/'), e.g. ink_v2")
+    return name
+
+
+class Catalog:
+    """Names -> LoRA files, for one folder; thread-safe (request handlers run in a thread pool).
+
+    >>> Catalog("loras/").names()                                          # doctest: +SKIP
+    ['ink', 'paper']
+    """
+
+    def __init__(self, lora_dir: str | os.PathLike) -> None:
+        self.root = Path(lora_dir).resolve()
+        self._lock = threading.Lock()
+        self._registered: dict[str, LoraSource] = {}
+        self._files: dict[str, LoraSource] = {}
+
+    def scan(self) -> dict[str, LoraSource]:
+        """Read the folder again; returns every servable name (registered names win over nothing: they never
+        share a name with a file, registration refuses that)."""
+        found: list[Path] = []
+        for folder, dirs, files in os.walk(self.root):  # links to folders are not followed
+            dirs.sort()
+            for f in sorted(files):
+                path = Path(folder) / f
+                if path.suffix.lower() in LORA_SUFFIXES and inside(self.root, path):
+                    found.append(path)
+        stems: dict[str, int] = {}
+        for path in found:
+            stems[path.stem] = stems.get(path.stem, 0) + 1
+        files = {}
+        for path in found:
+            rel = path.relative_to(self.root)
+            name = path.stem if stems[path.stem] == 1 else rel.with_suffix("").as_posix()
+            files[name] = LoraSource(name, path, "dir")
+        with self._lock:
+            self._files = files
+            return {**files, **self._registered}
+
+    def names(self) -> list[str]:
+        """Every servable name, sorted. >>> Catalog("loras/").names()  # doctest: +SKIP"""
+        return sorted(self.scan())
+
+    def lookup(self, name: str) -> LoraSource:
+        """The source of ``name``; raises :class:`UnknownLora` naming close matches.
+
+        >>> Catalog("loras/").lookup("stlye")                               # doctest: +SKIP
+        Traceback (most recent call last):
+        lorablend.serve.catalog.UnknownLora: unknown LoRA 'stlye'; did you mean 'style'? ...
+        """
+        with self._lock:
+            known = self._registered.get(name) or self._files.get(name)
+        if known is not None and known.path.exists():
+            return known
+        every = self.scan()
+        if name in every:
+            return every[name]
+        close = difflib.get_close_matches(name, list(every), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise UnknownLora(f"unknown LoRA {name!r}; {hint}GET /v1/loras lists the {len(every)} LoRAs served")
+
+    def register(self, name: str, path: Path, origin: str) -> LoraSource:
+        """Serve ``path`` as ``name``; raises :class:`NameTaken` when the name is in use.
+
+        >>> Catalog("loras/").register("ink2", Path("loras/ink.safetensors"), "registered")  # doctest: +SKIP
+        """
+        check_name(name)
+        every = self.scan()
+        with self._lock:
+            if name in every:
+                raise NameTaken(f"LoRA name {name!r} is taken ({every[name].origin}); pick another name, or "
+                                f"DELETE /v1/loras/{name} first if it was registered")
+            source = self._registered[name] = LoraSource(name, Path(path), origin)
+            return source
+
+    def unregister(self, name: str) -> LoraSource:
+        """Stop serving a registered name; a file of the folder cannot be unregistered (it is served while it
+        exists): ``NameTaken`` says so, ``UnknownLora`` when the name means nothing."""
+        with self._lock:
+            source = self._registered.pop(name, None)
+        if source is not None:
+            return source
+        if name in self.scan():
+            raise NameTaken(f"LoRA {name!r} is a file in --lora-dir: it is served while the file exists; "
+                            "remove the file to stop serving it")
+        raise UnknownLora(f"unknown LoRA {name!r}; GET /v1/loras lists the LoRAs served")
+
+
+def header_info(path: Path) -> dict[str, Any]:
+    """Format, family and rank of a LoRA file from its header alone (no tensor read): what ``GET /v1/loras``
+    shows for a file not parsed yet. ``None`` where the header cannot tell (a pickle; a family without evidence).
+
+    >>> header_info(Path("style.safetensors"))                              # doctest: +SKIP
+    {'format': 'kohya', 'family': 'sd1', 'rank': 16}
+    """
+    from ..io.detect import detect_format
+    from ..io.safetensors import read_header
+    from ..naming import FamilyEvidence, detect_family
+
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] != b"{":
+        return {"format": "pickle", "family": None, "rank": None}
+    header = read_header(path)
+    names = [e.name for e in header.entries]
+    downs = [e for e in header.entries if e.name.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight"))]
+    width = next((e.shape[1] for e in downs if "attn2" in e.name and "to_k" in e.name
+                  and len(e.shape) >= 2), None)
+    second = any(n.startswith(("lora_te2_", "text_encoder_2.", "te2.")) for n in names)
+    family = detect_family(FamilyEvidence(second_text_encoder=second, cross_attention_width=width))
+    return {"format": detect_format(names), "family": family,
+            "rank": max((e.shape[0] for e in downs if e.shape), default=None)}
+
+
+__all__ = ["Catalog", "LoraSource", "NameTaken", "UnknownLora", "check_name", "header_info"]

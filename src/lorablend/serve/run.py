@@ -1,0 +1,74 @@
+"""``lorablend serve``'s start-up: check the settings, load the model (compiled when asked), run uvicorn.
+
+>>> serve("sd15/", ServeConfig(lora_dir="loras/"), host="127.0.0.1", port=8000)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from .config import ServeConfig
+
+logger = logging.getLogger(__name__)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class CompileUnavailable(RuntimeError):
+    """``--compile`` on a build of lorablend without ``DiffusionPipeline.compile_denoiser``."""
+
+
+def check_compile() -> None:
+    """Raise :class:`CompileUnavailable` unless this build can compile the denoiser with static LoRA slots.
+
+    >>> check_compile()                                                     # doctest: +SKIP
+    """
+    from ..pipeline import DiffusionPipeline
+
+    if getattr(DiffusionPipeline, "compile_denoiser", None) is None:
+        raise CompileUnavailable(
+            "--compile: compiling the denoiser with switchable LoRAs is not available in this build of lorablend "
+            "(DiffusionPipeline.compile_denoiser is missing); run without --compile")
+
+
+def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | None = None,
+               compile: bool = False) -> Any:
+    """The ``lorablend.DiffusionPipeline`` to serve: from a folder or hub id, on ``device`` (CUDA when present),
+    compiled with ``compile_denoiser()`` when ``compile``.
+
+    >>> pipe = load_model("sd15/", device="cpu")                            # doctest: +SKIP
+    """
+    from ..generate import load_pipeline
+
+    if compile:
+        check_compile()  # before seconds of loading
+    pipe, _ = load_pipeline(model, [], device=device, dtype=dtype)
+    if compile:
+        pipe.compile_denoiser()
+    return pipe
+
+
+def serve(model: str, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+          dtype: torch.dtype | None = None, compile: bool = False, log_level: str = "info") -> None:
+    """Load ``model`` and serve it until interrupted (uvicorn, one process: the pipeline is not shared).
+
+    >>> serve("sd15/", ServeConfig(lora_dir="loras/"), port=8000)          # doctest: +SKIP
+    """
+    import uvicorn
+
+    from .app import create_app
+
+    config.check()
+    if host not in LOOPBACK and config.token is None:
+        print(f"lorablend serve: warning: listening on {host} without a token; anyone who reaches this port can "
+              "use the server (pass --token or set LORABLEND_TOKEN)", file=sys.stderr)
+    pipe = load_model(model, device=device, dtype=dtype, compile=compile)
+    app = create_app(pipe, config)
+    print(f"lorablend serve: {model} on http://{host}:{port} (LoRAs from {config.lora_dir})", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+__all__ = ["CompileUnavailable", "check_compile", "load_model", "serve"]

@@ -1,0 +1,202 @@
+"""The request bodies of every endpoint, checked by pydantic (a bad field answers 422 naming it), and what
+each becomes: one :class:`~lorablend.serve.engine.Generation`.
+
+Types are strict (``"steps": "20"`` is refused, not guessed), numbers must be finite, weights and sizes bounded.
+The native body refuses unknown fields (a typo is an error); the A1111 and OpenAI bodies ignore the fields of
+those APIs this server has no use for (``sampler_name``, ``quality``, ...), as their front-ends send them all.
+LoRA tokens ``<lora:name:weight>`` in a prompt add to the mix on every endpoint.
+
+>>> ImageRequest(prompt="a cat", seed=1).loras
+{}
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_WEIGHT, ServeConfig
+from .engine import Generation
+from .prompts import PromptTokenError, split_lora_tokens
+
+Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
+Side = Annotated[int, Field(ge=8, le=MAX_SIDE, multiple_of=8)]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+LoraName = Annotated[str, Field(min_length=1, max_length=256)]
+Guidance = Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=MAX_GUIDANCE)]
+_STRICT = ConfigDict(strict=True, extra="forbid")
+_COMPAT = ConfigDict(strict=True, extra="ignore")
+
+
+def invalid(field: str, message: str, value: Any = None) -> RequestValidationError:
+    """A 422 in FastAPI's own shape, for checks that depend on the server's settings (max steps, images).
+
+    >>> invalid("steps", "at most 150").errors()[0]["loc"]
+    ('body', 'steps')
+    """
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+
+
+def _mix(prompt: str, loras: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """The prompt without its ``<lora:…>`` tokens and the whole mix (tokens added to ``loras``), checked."""
+    try:
+        text, tokens = split_lora_tokens(prompt)
+    except PromptTokenError as exc:
+        raise invalid("prompt", str(exc), prompt) from None
+    mix = dict(loras)
+    for name, weight in tokens.items():
+        mix[name] = mix.get(name, 0.0) + weight
+    for name, weight in mix.items():
+        if abs(weight) > MAX_WEIGHT:
+            raise invalid("loras", f"LoRA {name!r}: weight {weight:g} (with its prompt tokens) is over "
+                                   f"{MAX_WEIGHT:g}; use a weight in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]", weight)
+    return text, mix
+
+
+def _limits(config: ServeConfig, steps: int, images: int, images_field: str) -> None:
+    if steps > config.max_steps:
+        raise invalid("steps", f"{steps} steps: this server allows at most {config.max_steps}", steps)
+    if images > config.max_images:
+        raise invalid(images_field, f"{images} images: this server allows at most {config.max_images} per request; "
+                                    "send several requests", images)
+
+
+def _seed(seed: int | None) -> int:
+    return random.SystemRandom().randrange(MAX_SEED) if seed is None or seed < 0 else seed
+
+
+class ImageRequest(BaseModel):
+    """``POST /v1/images``: the native body. ``seed`` omitted: a random one, returned in the answer.
+
+    >>> ImageRequest(prompt="a cat", loras={"ink": float("nan")})          # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for ImageRequest
+    loras.ink
+      Input should be a finite number ...
+    """
+
+    model_config = _STRICT
+    prompt: Prompt
+    negative_prompt: Prompt | None = None
+    loras: dict[LoraName, Weight] = Field(default_factory=dict, max_length=64)
+    scale: Weight = 1.0
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    steps: Annotated[int, Field(ge=1)] | None = None
+    guidance_scale: Guidance | None = None
+    width: Side | None = None
+    height: Side | None = None
+    num_images: Annotated[int, Field(ge=1)] = 1
+    response_format: Literal["png", "json"] | None = None
+
+    def generation(self, config: ServeConfig) -> Generation:
+        """The request in the library's terms (422 for what only the server's limits refuse).
+
+        >>> ImageRequest(prompt="a cat <lora:ink:0.5>", seed=2).generation(ServeConfig(".")).loras
+        {'ink': 0.5}
+        """
+        steps = self.steps or config.default_steps
+        _limits(config, steps, self.num_images, "num_images")
+        if self.response_format == "png" and self.num_images > 1:
+            raise invalid("response_format", "png answers one image; ask for response_format 'json' to get "
+                                             f"{self.num_images} images", self.response_format)
+        prompt, mix = _mix(self.prompt, self.loras)
+        return Generation(prompt, _seed(self.seed), steps, mix, self.negative_prompt or None, self.guidance_scale,
+                          self.width, self.height, self.num_images, self.scale)
+
+
+class LoraRegistration(BaseModel):
+    """``POST /v1/loras`` (JSON): serve a file inside ``--lora-dir`` under ``name`` (default: the file's stem).
+
+    >>> LoraRegistration(path="styles/ink.safetensors").path
+    'styles/ink.safetensors'
+    """
+
+    model_config = _STRICT
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+class Txt2ImgRequest(BaseModel):
+    """``POST /sdapi/v1/txt2img``: AUTOMATIC1111's body (the fields that apply; the others are ignored).
+
+    ``seed`` -1 (A1111's "random") picks one; images are ``batch_size × n_iter``, all from that one seed's noise
+    (drawn in order, as ``num_images`` does on ``/v1/images``).
+
+    >>> Txt2ImgRequest(prompt="a cat <lora:ink:0.8>", seed=5, steps=2).generation(ServeConfig(".")).prompt
+    'a cat'
+    """
+
+    model_config = _COMPAT
+    prompt: Prompt
+    negative_prompt: Prompt | None = ""
+    seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] = -1
+    steps: Annotated[int, Field(ge=1)] = 20
+    cfg_scale: Guidance = 7.0
+    width: Side | None = None
+    height: Side | None = None
+    batch_size: Annotated[int, Field(ge=1)] = 1
+    n_iter: Annotated[int, Field(ge=1)] = 1
+
+    def generation(self, config: ServeConfig) -> Generation:
+        """The request in the library's terms. >>> Txt2ImgRequest(prompt="x").generation(ServeConfig(".")).steps
+        20
+        """
+        images = self.batch_size * self.n_iter
+        _limits(config, self.steps, images, "batch_size")
+        prompt, mix = _mix(self.prompt, {})
+        return Generation(prompt, _seed(self.seed), self.steps, mix, self.negative_prompt or None, self.cfg_scale,
+                          self.width, self.height, images)
+
+
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+
+
+class OpenAIImageRequest(BaseModel):
+    """``POST /v1/images/generations``: the OpenAI images body. ``size`` is ``"WxH"`` (or ``"auto"``: the model's
+    size); only ``response_format`` ``b64_json`` is served (no image hosting). Beyond OpenAI's fields, ``seed``,
+    ``steps``, ``guidance_scale``, ``negative_prompt``, ``loras`` and ``scale`` may be sent (the ``openai``
+    client's ``extra_body``).
+
+    >>> OpenAIImageRequest(prompt="a cat", size="64x32", seed=1, steps=2).generation(ServeConfig(".")).width
+    64
+    """
+
+    model_config = _COMPAT
+    prompt: Prompt
+    n: Annotated[int, Field(ge=1)] | None = 1
+    size: Annotated[str, Field(max_length=16)] | None = None
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    model: Annotated[str, Field(max_length=256)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    steps: Annotated[int, Field(ge=1)] | None = None
+    guidance_scale: Guidance | None = None
+    negative_prompt: Prompt | None = None
+    loras: dict[LoraName, Weight] = Field(default_factory=dict, max_length=64)
+    scale: Weight = 1.0
+
+    def generation(self, config: ServeConfig) -> Generation:
+        """The request in the library's terms (422 for a size that is not ``WxH`` in multiples of 8)."""
+        if self.response_format == "url":
+            raise invalid("response_format", "this server returns images inline only; ask for 'b64_json'", "url")
+        width = height = None
+        if self.size not in (None, "auto"):
+            match = _SIZE.match(self.size)
+            sides = [int(v) for v in match.groups()] if match else []
+            if not sides or any(v < 8 or v > MAX_SIDE or v % 8 for v in sides):
+                raise invalid("size", f"size {self.size!r}: write WIDTHxHEIGHT with multiples of 8 from 8 to "
+                                      f"{MAX_SIDE}, e.g. '512x512'", self.size)
+            width, height = sides
+        steps = self.steps or config.default_steps
+        n = self.n or 1
+        _limits(config, steps, n, "n")
+        prompt, mix = _mix(self.prompt, self.loras)
+        return Generation(prompt, _seed(self.seed), steps, mix, self.negative_prompt or None, self.guidance_scale,
+                          width, height, n, self.scale)
+
+
+__all__ = ["ImageRequest", "LoraRegistration", "OpenAIImageRequest", "Txt2ImgRequest", "invalid"]
