@@ -376,6 +376,66 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a pipeline over HTTP: any LoRA mix per request (native, A1111 and OpenAI image APIs)",
+        description=(
+            "Load a diffusers pipeline once and serve it over HTTP (FastAPI + uvicorn). Each request names its own "
+            "LoRA mix (files under --lora-dir, by stem): requests with the same mix are batched, different mixes "
+            "switch through the unfused runtime (weights set, nothing reloaded). Routes: /health, /metrics, "
+            "/v1/loras, /v1/images, /sdapi/v1/txt2img (A1111), /v1/images/generations (OpenAI). Binds 127.0.0.1 "
+            "unless --host says otherwise."
+        ),
+    )
+    p.add_argument("--model", required=True, help="a diffusers pipeline folder or a hub repo id")
+    p.add_argument("--lora-dir", required=True, help="the folder of LoRA files to serve (clients name them by stem)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on every route but /health (default: $LORABLEND_TOKEN)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when present)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--cache-bytes", type=int, default=4 * 2**30, metavar="N",
+                   help="bytes of parsed LoRAs kept in memory, least recently used out first (default 4 GiB)")
+    p.add_argument("--max-batch", type=int, default=4, metavar="N",
+                   help="images generated together for requests with the same mix and settings (default 4)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the denoiser under torch.compile (DiffusionPipeline.compile_denoiser), when this build has it")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"lorablend serve needs the serve extra ({exc.name} is missing): "
+                         "pip install 'lorablend[serve]'") from None
+    from .serve.config import ServeConfig
+    from .serve.run import serve
+
+    dtype = None
+    if args.dtype:
+        from .io.write import parse_dtype
+
+        dtype = parse_dtype(args.dtype)
+    config = ServeConfig(lora_dir=args.lora_dir, token=args.token or os.environ.get("LORABLEND_TOKEN") or None,
+                         cache_bytes=args.cache_bytes, max_batch=args.max_batch).check()
+    if args.compile:
+        from .serve.run import CompileUnavailable, check_compile
+
+        try:
+            check_compile()
+        except CompileUnavailable as exc:
+            raise UsageError(str(exc)) from None
+    serve(args.model, config, host=args.host, port=args.port, device=args.device, dtype=dtype, compile=args.compile)
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
@@ -385,6 +445,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
     _add_bake,
     _add_generate,
+    _add_serve,
 )
 
 
