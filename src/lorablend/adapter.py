@@ -31,6 +31,7 @@ FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium",
 class Adapter:
     """One LoRA-family file in canonical form.
 
+    ``widened_inputs`` names the modules whose input the adapter widens (:attr:`needs_control`).
     ``deltas`` maps target keys (``unet.…`` / ``transformer.…``, ``text_encoder.…``, ``text_encoder_2.…``,
     ``text_encoder_3.…``) to Deltas;
     ``metadata`` is the file's header metadata, kept and written back out; ``report`` accounts for
@@ -47,6 +48,10 @@ class Adapter:
     metadata: dict[str, str] = field(default_factory=dict)
     report: LoadReport = field(default_factory=LoadReport)
     format: str = "canonical"
+    # target key -> the input features its delta reads where that is more than the standard model's module has:
+    # a Flux control LoRA's x_embedder (img_in) also reads the control image's latents. A control pipeline widens
+    # that module (zero columns for the new inputs) before applying; a plain pipeline must refuse the adapter.
+    widened_inputs: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -56,6 +61,15 @@ class Adapter:
         """The model components this adapter touches, in a stable order."""
         order = {c: i for i, c in enumerate(COMPONENTS)}
         return sorted({k.split(".", 1)[0] for k in self.deltas}, key=lambda c: (order.get(c, 9), c))
+
+    @property
+    def needs_control(self) -> bool:
+        """True for a control LoRA (FLUX.1 Depth / Canny): it widens an input and needs a control pipeline.
+
+        >>> Adapter("depth", "flux", {}, widened_inputs={"transformer.x_embedder": 128}).needs_control
+        True
+        """
+        return bool(self.widened_inputs)
 
     def kinds(self) -> dict[str, int]:
         """How many layers of each Delta kind."""

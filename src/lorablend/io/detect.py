@@ -1,14 +1,17 @@
 """Which format a set of keys is in, read from the keys themselves (never from the file name).
 
-``detect_format`` answers ``"kohya"`` (kohya / A1111 / LyCORIS names), ``"diffusers"`` (diffusers / PEFT
-names), ``"cloneofsimo"`` (positional keys, refused by :mod:`lorablend.io.legacy`) or ``"unknown"``.
-A file that mixes kohya and diffusers keys is named after the majority; ``split_keys`` still sends every
-key to the reader that understands it.
+``detect_format`` answers ``"kohya"`` (kohya / A1111 / LyCORIS / OneTrainer flat names), ``"original"`` (a
+transformer's own dotted names: BFL Flux / SAI MMDiT, as ai-toolkit, ComfyUI, XLabs, BFL control LoRAs and LyCORIS
+write them; :mod:`.read_original`), ``"diffusers"`` (diffusers / PEFT names), ``"cloneofsimo"`` (positional keys,
+refused by :mod:`lorablend.io.legacy`) or ``"unknown"``. A file that mixes layouts is named after the majority;
+``sort_keys`` still sends every key to the reader that understands it.
 
 >>> detect_format(["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"])
 'kohya'
 >>> detect_format(["unet.mid_block.attentions.0.proj_in.lora_A.weight"])
 'diffusers'
+>>> detect_format(["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"])
+'original'
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from typing import Iterable
 from .legacy import is_cloneofsimo
 from .read_diffusers import is_diffusers_key
 from .read_kohya import is_kohya_key
+from .read_original import is_original_key
 
-READ_FORMATS = ("diffusers", "kohya")  # the formats load_adapter reads (format= may force one)
+READ_FORMATS = ("diffusers", "kohya", "original")  # the formats load_adapter reads (format= may force one)
 FORMATS = READ_FORMATS  # the old name, kept for callers that import it
 
 # Textual-inversion embeddings that trainers bundle into LoRA files (kohya "bundle_emb", cloneofsimo "<s1>",
@@ -36,17 +40,29 @@ def embedding_reason(key: str) -> str | None:
     return None
 
 
-def split_keys(keys: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
-    """``(kohya_keys, diffusers_keys, other_keys)``."""
-    kohya, diffusers, other = [], [], []
+def sort_keys(keys: Iterable[str]) -> dict[str, list[str]]:
+    """Each key under the reader that understands it: ``kohya``, ``original``, ``diffusers``, or ``other``.
+
+    >>> sort_keys(["lora_unet_x.alpha", "double_blocks.0.img_in.scale", "x"])["original"]
+    ['double_blocks.0.img_in.scale']
+    """
+    out: dict[str, list[str]] = {"kohya": [], "original": [], "diffusers": [], "other": []}
     for key in keys:
         if is_kohya_key(key):
-            kohya.append(key)
+            out["kohya"].append(key)
+        elif is_original_key(key):  # before diffusers: its lora_A / lora_B spellings are theirs too
+            out["original"].append(key)
         elif is_diffusers_key(key):
-            diffusers.append(key)
+            out["diffusers"].append(key)
         else:
-            other.append(key)
-    return kohya, diffusers, other
+            out["other"].append(key)
+    return out
+
+
+def split_keys(keys: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
+    """``(kohya_keys, diffusers_keys, other_keys)``, original-name keys counted with the dotted (diffusers) ones."""
+    sorted_keys = sort_keys(keys)
+    return sorted_keys["kohya"], sorted_keys["original"] + sorted_keys["diffusers"], sorted_keys["other"]
 
 
 def detect_format(keys: Iterable[str]) -> str:
@@ -54,10 +70,10 @@ def detect_format(keys: Iterable[str]) -> str:
     keys = list(keys)
     if is_cloneofsimo(keys):
         return "cloneofsimo"
-    kohya, diffusers, _ = split_keys(keys)
-    if not kohya and not diffusers:
+    counts = {fmt: len(found) for fmt, found in sort_keys(keys).items() if fmt != "other"}
+    if not any(counts.values()):
         return "unknown"
-    return "kohya" if len(kohya) >= len(diffusers) else "diffusers"
+    return max(counts, key=lambda fmt: counts[fmt])  # ties: kohya, then original, then diffusers
 
 
 def diagnose(keys: list[str]) -> str:
@@ -69,5 +85,6 @@ def diagnose(keys: list[str]) -> str:
     if keys and all(k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")) for k in keys):
         return " These are the keys of a full Stable Diffusion checkpoint, not of a LoRA."
     if any(k.startswith(("lora_transformer_", "transformer.", "lora_unet_double_blocks", "diffusion_model.")) for k in keys):
-        return " The names look like a LoRA for another architecture (Flux, SD3, a DiT), not SD1.x / SD2.x / SDXL."
+        return (" The names look like a LoRA for a transformer lorablend does not know (it reads SD1.x, SD2.x, SDXL, "
+                "Flux.1, SD3 and SD3.5).")
     return ""

@@ -6,8 +6,17 @@ The steps, each in its own module: read the bytes (:mod:`.files`), refuse positi
 ModuleIndex and check its shape against the module's weight.
 
 Names resolve against ``target``'s module tree when a target is given (its family is the target's), else
-against the standard architecture of the family whose modules the file's tensors fit best (SD1.x, SD2.x or
-SDXL, decided by shapes: SD1 cross-attention reads 768-wide text, SD2 1024, SDXL 2048).
+against the standard architecture of the family whose modules the file's tensors fit best (SD1.x, SD2.x,
+SDXL, Flux.1, SD3, SD3.5 medium / large, decided by names and shapes: SD1 cross-attention reads 768-wide text, SD2
+1024, SDXL 2048; Flux's joint attention is 3072 wide, SD3's 1536, SD3.5 large's 2432).
+
+A name of a fused layer (Flux ``double_blocks.N.img_attn.qkv``, ``single_blocks.N.linear1``, SD3
+``joint_blocks.N.x_block.attn.qkv``) resolves to several modules, each with the rows it takes
+(:meth:`~lorablend.naming.ModuleIndex.lookup_rows`); the module's Delta gives each its exact rows
+(``delta.take_rows``). Each of the group's keys is then reported mapped to the first of those modules, the reason
+naming all of them and their rows. A Flux control LoRA's ``img_in`` delta reads more input channels than the
+plain model's ``x_embedder`` (the control image's latents): it is mapped, and ``adapter.widened_inputs`` says
+which module needs how many input features, so that a control pipeline can widen it and a plain one can refuse.
 
 Decisions:
 
@@ -29,15 +38,21 @@ import torch
 from ..adapter import FAMILIES, Adapter, Delta, deltas_to
 from ..errors import LoraFormatError
 from ..naming import FamilyEvidence, ModuleIndex, detect_family, module_index, standard_index
+from ..naming.configs import DENOISERS
+from ..naming.fused import WIDENED_INPUTS
 from ..report import LoadReport
 from .deltas import DeltaProblem, ModuleGroup, build_delta, delta_shape, shape_problem
-from .detect import READ_FORMATS, detect_format, diagnose, embedding_reason, split_keys
+from .detect import READ_FORMATS, detect_format, diagnose, embedding_reason, sort_keys
 from .files import RawSource, check_finite, read_source
 from .legacy import is_cloneofsimo, refuse_cloneofsimo
 from .read_diffusers import parse_diffusers
 from .read_kohya import parse_kohya
+from .read_original import parse_original
 
-_FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+_FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3 medium",
+                 "sd35-medium": "SD3.5 medium", "sd35-large": "SD3.5 large"}
+_KNOWN = "SD1.x / SD2.x / SDXL / Flux.1 / SD3 / SD3.5"
+Targets = tuple[tuple[str, Any], ...]  # ((target key, source row spans or None), ...)
 
 
 def load_adapter(
@@ -54,7 +69,7 @@ def load_adapter(
     ``source``: a ``.safetensors`` / ``.bin`` / ``.pt`` path, a folder with one weight file (``weight_name``
     picks one of several), or a dict of tensors (left unchanged). ``target``: a pipeline, a
     ``lorablend.DiffusionPipeline``, a model or a dict of components to resolve names against.
-    ``format``: ``"diffusers"`` or ``"kohya"`` to skip detection (never needed for a well-formed file).
+    ``format``: ``"diffusers"``, ``"kohya"`` or ``"original"`` to skip detection (never needed for a well-formed file).
     ``name`` defaults to the file's stem. ``device`` puts the adapter's tensors there (e.g. ``"cuda"``): the file
     is then mapped, not copied on the host, and goes to the device in one transfer per span of bytes.
 
@@ -81,26 +96,18 @@ def load_adapter(
 
     report = LoadReport(source=raw.label, format=fmt)
     status: dict[str, tuple[str, str | None, str]] = {k: (s, None, r) for k, s, r in leftovers}
-    deltas: dict[str, Delta] = {}
-    claimed: dict[str, str] = {}
+    placed = _Placed()
     for group, (delta, problem) in zip(groups, built):
-        target_key = _resolve(idx, group)
-        if target_key is None:
+        targets = _targets(idx, group)
+        if targets is None:
             record = _unresolved(group, idx, family, target is not None)
         elif problem is not None:
             record = ("unsupported", None, problem)
-        elif target_key in claimed:
-            record = ("unsupported", None, f"{claimed[target_key]!r} in this file already targets {target_key}")
         else:
-            why = shape_problem(delta, idx.modules[target_key].weight_shape)
-            if why is not None:
-                record = ("unsupported", None, f"does not fit {target_key}: {why}")
-            else:
-                record = ("mapped", target_key, "")
-                deltas[target_key] = delta
-                claimed[target_key] = group.name
+            record = placed.place(group, delta, targets, idx)
         for key in group.all_keys():
             status[key] = record
+    deltas = placed.deltas
     for key in keys:
         s, t, reason = status[key]
         report.add(key, s, target=t, reason=reason)
@@ -114,7 +121,67 @@ def load_adapter(
         metadata=dict(raw.metadata),
         report=report,
         format=fmt,
+        widened_inputs=placed.widened,
     )
+
+
+class _Placed:
+    """The deltas placed so far: each target key once, the rows of a fused layer given to each of its modules."""
+
+    def __init__(self) -> None:
+        self.deltas: dict[str, Delta] = {}
+        self.claimed: dict[str, str] = {}
+        self.widened: dict[str, int] = {}
+
+    def place(self, group: ModuleGroup, delta: Delta, targets: Targets, idx: ModuleIndex) -> tuple[str, str | None, str]:
+        """Place one module's delta on its target(s) (all or none), and say what became of its keys."""
+        pieces, widened = {}, {}
+        rows = max((stop for _, spans in targets if spans for _, stop in spans), default=0)
+        if rows and delta.out_features != rows:
+            return ("unsupported", None, f"its ΔW has {delta.out_features} rows but {group.name} has {rows} "
+                                         f"({', '.join(k for k, _ in targets)}): made for another model")
+        for key, spans in targets:
+            if key in self.claimed:
+                return ("unsupported", None, f"{self.claimed[key]!r} in this file already targets {key}")
+            try:
+                piece = delta if spans is None else delta.take_rows(spans)
+            except DeltaProblem as e:
+                return ("unsupported", None, f"cannot split {group.name} into {key} …: {e}")
+            shape = idx.modules[key].weight_shape
+            why = shape_problem(piece, shape)
+            if why is not None and _widens(idx, key, piece, shape):
+                why, widened[key] = None, int(piece.shape[1])
+            if why is not None:
+                return ("unsupported", None, f"does not fit {key}: {why}")
+            pieces[key] = piece
+        self.deltas.update(pieces)
+        self.claimed.update(dict.fromkeys(pieces, group.name))
+        self.widened.update(widened)
+        return ("mapped", targets[0][0], _mapped_reason(targets, widened, idx))
+
+
+def _widenable(idx: ModuleIndex) -> dict[str, str]:
+    return WIDENED_INPUTS.get(DENOISERS.get(idx.family or "", ""), {})
+
+
+def _widens(idx: ModuleIndex, key: str, delta: Delta, shape: tuple[int, ...]) -> bool:
+    """A delta that reads more input features than the module has, on an input a LoRA may widen (naming data)."""
+    paths = _widenable(idx)
+    natural = delta.shape
+    return (key.split(".", 1)[1] in paths and len(natural) == 2 == len(shape) and natural[0] == shape[0]
+            and natural[1] > shape[1])
+
+
+def _mapped_reason(targets: Targets, widened: dict[str, int], idx: ModuleIndex) -> str:
+    notes = []
+    if len(targets) > 1 or targets[0][1] is not None:
+        notes.append("rows of a fused layer: " + ", ".join(
+            f"{k} rows {'+'.join(f'{a}:{b}' for a, b in spans)}" for k, spans in targets))
+    for key, width in widened.items():
+        have = idx.modules[key].weight_shape[1]
+        why = _widenable(idx).get(key.split(".", 1)[1], "")
+        notes.append(f"widens {key} from {have} to {width} input features ({why}): needs a control pipeline")
+    return "; ".join(notes)
 
 
 def _parse(raw: RawSource, forced: str | None) -> tuple[str, list[ModuleGroup], list[tuple[str, str, str]]]:
@@ -131,10 +198,11 @@ def _parse(raw: RawSource, forced: str | None) -> tuple[str, list[ModuleGroup], 
         if forced not in READ_FORMATS:
             raise LoraFormatError(f"{raw.label}: format={forced!r} is not one we read; use one of {READ_FORMATS} or None")
         fmt = forced
-        kohya_keys, diffusers_keys, other = (rest, [], []) if forced == "kohya" else ([], rest, [])
+        routed = {"kohya": [], "original": [], "diffusers": [], "other": []}
+        routed[forced] = rest
     else:
         fmt = detect_format(rest)
-        kohya_keys, diffusers_keys, other = split_keys(rest)
+        routed = sort_keys(rest)
         if fmt == "unknown":
             if not rest:
                 raise LoraFormatError(
@@ -143,18 +211,18 @@ def _parse(raw: RawSource, forced: str | None) -> tuple[str, list[ModuleGroup], 
                 )
             raise LoraFormatError(
                 f"{raw.label}: none of its {len(keys)} keys is spelled like a LoRA key of a format lorablend reads "
-                f"(kohya lora_unet_…/lora_te…, diffusers/PEFT …lora_A/lora_B, …lora.down/up); first keys: "
-                f"{keys[:3]}.{diagnose(keys)}"
+                f"(kohya lora_unet_…/lora_te…, diffusers/PEFT …lora_A/lora_B, …lora.down/up, BFL / ComfyUI "
+                f"double_blocks…); first keys: {keys[:3]}.{diagnose(keys)}"
             )
     groups: list[ModuleGroup] = []
-    if kohya_keys:
-        g, left = parse_kohya({k: raw.tensors[k] for k in kohya_keys})
-        groups += g
-        leftovers += left
-    if diffusers_keys:
-        g, left = parse_diffusers({k: raw.tensors[k] for k in diffusers_keys}, raw.metadata)
-        groups += g
-        leftovers += left
+    readers = {"kohya": parse_kohya, "original": parse_original,
+               "diffusers": lambda tensors: parse_diffusers(tensors, raw.metadata)}
+    for fmt_name, parse in readers.items():
+        if routed[fmt_name]:
+            g, left = parse({k: raw.tensors[k] for k in routed[fmt_name]})
+            groups += g
+            leftovers += left
+    other = routed["other"]
     for key in other:
         leftovers.append((key, "unknown", "not a key of any LoRA format lorablend reads"))
     return fmt, groups, leftovers
@@ -167,14 +235,29 @@ def _build(group: ModuleGroup, tensors: dict[str, torch.Tensor]) -> tuple[Delta 
         return None, str(e)
 
 
-def _resolve(idx: ModuleIndex, group: ModuleGroup) -> str | None:
-    if group.lookup[0] == "kohya":
-        return idx.lookup_kohya(group.lookup[1])
-    for component, path in group.lookup[1]:
+def _targets(idx: ModuleIndex, group: ModuleGroup) -> Targets | None:
+    """The module(s) a group's name means in this index, each with the source rows it takes (None: all)."""
+    kind = group.lookup[0]
+    if kind == "kohya":
+        key = idx.lookup_kohya(group.lookup[1])
+        return ((key, None),) if key is not None else idx.lookup_rows(group.lookup[1])
+    candidates = group.lookup[1]
+    if kind == "original":
+        rows = idx.lookup_rows(group.lookup[1])
+        if rows is not None:
+            return rows
+        candidates = group.lookup[2]
+    for component, path in candidates:
         key = idx.lookup(component, path)
         if key is not None:
-            return key
+            return ((key, None),)
     return None
+
+
+def _resolve(idx: ModuleIndex, group: ModuleGroup) -> str | None:
+    """The (first) target key of a group's name in this index."""
+    targets = _targets(idx, group)
+    return targets[0][0] if targets else None
 
 
 def _unresolved(group: ModuleGroup, idx: ModuleIndex, family: str, has_target: bool) -> tuple[str, None, str]:
@@ -183,7 +266,7 @@ def _unresolved(group: ModuleGroup, idx: ModuleIndex, family: str, has_target: b
         other = _resolve(standard_index(fam), group)
         if other is not None:
             return ("unsupported", None, f"{where} has no such layer (it names {other} of a {_FAMILY_NAMES[fam]} model)")
-    return ("unknown", None, f"no layer named {group.name!r} in {where} or any SD1.x / SD2.x / SDXL model")
+    return ("unknown", None, f"no layer named {group.name!r} in {where} or any {_KNOWN} model")
 
 
 def _require_some_name(raw: RawSource, groups: list[ModuleGroup], idx: ModuleIndex) -> None:
@@ -197,7 +280,7 @@ def _require_some_name(raw: RawSource, groups: list[ModuleGroup], idx: ModuleInd
 def _no_layer_error(raw: RawSource) -> None:
     keys = list(raw.tensors)
     raise LoraFormatError(
-        f"{raw.label}: none of its {len(keys)} keys names a layer of an SD1.x, SD2.x or SDXL model "
+        f"{raw.label}: none of its {len(keys)} keys names a layer of an {_KNOWN} model "
         f"(first key {keys[0]!r}), so there is nothing to load.{diagnose(keys)}"
     )
 
@@ -218,9 +301,21 @@ def _family_hint(group: ModuleGroup, delta: Delta | None) -> str | None:
 
 
 def _family_order(groups: list[ModuleGroup], built: list[tuple[Delta | None, str | None]]) -> list[str]:
-    """Families in the order to prefer on a tie: the first hint the keys and shapes give, then sd1, sdxl, sd2."""
+    """Families in the order to prefer on a tie: the first hint the keys and shapes give, then sd1, sdxl, sd2,
+    then the transformer families in FAMILIES' order (SD3 medium before SD3.5 medium: a file without attn2 layers
+    or q/k norms fits both)."""
     hint = next((h for g, (d, _) in zip(groups, built) if (h := _family_hint(g, d))), None)
-    return list(dict.fromkeys([h for h in (hint,) if h] + ["sd1", "sdxl", "sd2"]))
+    return list(dict.fromkeys([h for h in (hint,) if h] + ["sd1", "sdxl", "sd2", *FAMILIES]))
+
+
+def _fits(idx: ModuleIndex, delta: Delta, targets: Targets) -> bool:
+    """Whether a delta fits the module(s) its name means: whole, or as the rows of a fused layer (the same
+    input width as each module, as many rows as the pieces take)."""
+    if len(targets) == 1 and targets[0][1] is None:
+        return shape_problem(delta, idx.modules[targets[0][0]].weight_shape) is None
+    rows = max(stop for _, spans in targets if spans for _, stop in spans)
+    return delta.out_features == rows and all(
+        tuple(idx.modules[key].weight_shape[1:]) == tuple(delta.shape[1:]) for key, _ in targets)
 
 
 def _choose_family(raw: RawSource, groups: list[ModuleGroup], built: list[tuple[Delta | None, str | None]]) -> str:
@@ -230,11 +325,11 @@ def _choose_family(raw: RawSource, groups: list[ModuleGroup], built: list[tuple[
         idx = standard_index(fam)
         fit = named = 0
         for group, (delta, _) in zip(groups, built):
-            key = _resolve(idx, group)
-            if key is None:
+            targets = _targets(idx, group)
+            if targets is None:
                 continue
             named += 1
-            if delta is not None and shape_problem(delta, idx.modules[key].weight_shape) is None:
+            if delta is not None and _fits(idx, delta, targets):
                 fit += 1
         scores[fam] = (fit, named)
     best = max(scores, key=lambda f: scores[f])  # max keeps the first of equals: the hint order
@@ -250,11 +345,11 @@ def _choose_family(raw: RawSource, groups: list[ModuleGroup], built: list[tuple[
         )
     idx = standard_index(best)
     example = next(
-        (f"{g.name}: {shape_problem(d, idx.modules[k].weight_shape)}"
+        (f"{g.name}: its ΔW is {d.shape}, {k} is {idx.modules[k].weight_shape}"
          for g, (d, _) in zip(groups, built) if d is not None and (k := _resolve(idx, g))),
         "",
     )
     raise LoraFormatError(
-        f"{raw.label}: its layers name SD modules but their shapes fit no SD1.x, SD2.x or SDXL model "
+        f"{raw.label}: its layers name modules we know but their shapes fit no {_KNOWN} model "
         f"(e.g. {example}); it was made for another model"
     )

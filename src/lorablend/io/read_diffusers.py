@@ -1,9 +1,11 @@
 """diffusers / PEFT LoRA files: sort every key into a module and a role.
 
-Spellings read (``C`` is ``unet.``, ``text_encoder.``, ``text_encoder_2.`` or nothing; PEFT's ``base_model.model.``
-is dropped; a PEFT adapter name such as ``lora_A.default.weight`` is allowed):
+Spellings read (``C`` is a component: ``unet.``, ``transformer.``, ``text_encoder.``, ``text_encoder_2.``,
+``text_encoder_3.``, or nothing; PEFT's ``base_model.model.`` is dropped; a PEFT adapter name such as
+``lora_A.default.weight`` is allowed):
 
-* PEFT: ``C<module>.lora_A.weight`` / ``.lora_B.weight``, DoRA ``C<module>.lora_magnitude_vector``;
+* PEFT: ``C<module>.lora_A.weight`` / ``.lora_B.weight`` (+ ``.lora_B.bias`` with ``lora_bias=True``, applied),
+  DoRA ``C<module>.lora_magnitude_vector``;
 * diffusers >= 0.21: ``C<module>.lora.down.weight`` / ``.lora.up.weight``;
 * attention processors: ``C<attn>.processor.to_q_lora.down.weight`` (``to_k``, ``to_v``, ``to_out``; also without
   ``.processor``), on text encoders meaning ``q_proj`` … ``out_proj``;
@@ -69,9 +71,10 @@ def _split_component(key: str) -> tuple[str | None, str]:
 
 
 def _candidates(component: str | None, module: str) -> tuple[tuple[str, str], ...]:
-    """Where a module may live: an un-prefixed path is tried as a UNet path, then as a text-encoder path.
-    diffusers once wrote ``to_out`` for the attention output, which is ``to_out.0`` in the module tree."""
-    comps = (component,) if component else ("unet", "text_encoder")
+    """Where a module may live: an un-prefixed path is tried as a UNet path, a transformer path, then a
+    text-encoder path. diffusers once wrote ``to_out`` for the attention output, which is ``to_out.0`` in the
+    module tree."""
+    comps = (component,) if component else ("unet", "transformer", "text_encoder")
     out: list[tuple[str, str]] = []
     for comp in comps:
         out.append((comp, module))
@@ -124,9 +127,6 @@ def parse_diffusers(
         group.parts[role] = key
         group.keys.append(key)
     out = list(groups.values())
-    for group in out:
-        if "up_bias" in group.parts:
-            group.refused = "a LoRA bias (PEFT lora_bias=True) is not applied by lorablend"
     _apply_metadata_alphas(out, tensors, metadata)
     return out, leftovers
 

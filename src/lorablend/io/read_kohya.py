@@ -9,7 +9,11 @@ Suffixes and their roles:
 * LoRA / LoCon: ``lora_down.weight``, ``lora_up.weight``, optional ``lora_mid.weight`` (Tucker), ``alpha``;
 * LoHa: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``, optional ``hada_t1`` / ``hada_t2``;
 * LoKr: ``lokr_w1`` or ``lokr_w1_a`` + ``lokr_w1_b``; ``lokr_w2`` or ``lokr_w2_a`` + ``lokr_w2_b``; optional ``lokr_t2``;
-* full: ``diff``, ``diff_b``; DoRA: ``dora_scale`` on any of the above.
+* full: ``diff``, ``diff_b``; DoRA: ``dora_scale`` on any of the above; a replacement: ``set_weight``.
+
+A transformer's kohya names may be its original ones (``lora_unet_double_blocks_0_img_attn_qkv``: fused rows that
+the ModuleIndex splits, :meth:`~lorablend.naming.ModuleIndex.lookup_rows`) or OneTrainer's flattened diffusers
+paths (``lora_transformer_transformer_blocks_0_attn_to_q``); both are looked up whole, like every flat name.
 
 Recognised but not applied (reported unsupported, with the reason): OFT / BOFT (``oft_blocks``, ``oft_diag``,
 ``rescale``), IA3 (``weight`` + ``on_input``), GLoRA (``a1.weight`` …), LyCORIS norms (``w_norm``, ``b_norm``).
@@ -28,7 +32,8 @@ import torch
 
 from .deltas import ModuleGroup
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
+# lora_transformer_: OneTrainer's Flux files (diffusers paths, flattened); lora_te3_: SD3's T5
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_")
 
 _ROLES = {
     "lora_down.weight": "down",
@@ -38,6 +43,7 @@ _ROLES = {
     "dora_scale": "dora_scale",
     "diff": "diff",
     "diff_b": "diff_b",
+    "set_weight": "set_weight",  # a replacement weight (ComfyUI's name)
     **{s: s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
     **{s: s for s in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
 }
@@ -54,7 +60,6 @@ _REFUSED = {
     "b2.weight": "GLoRA",
     "w_norm": "LyCORIS norm fine-tuning",
     "b_norm": "LyCORIS norm fine-tuning",
-    "set_weight": "weight replacement (set)",
     "reshape_weight": "weight reshaping",
 }
 _WHY = {
@@ -63,9 +68,27 @@ _WHY = {
     "IA3": "it rescales the base weight's channels instead of adding a delta",
     "GLoRA": "its delta depends on the base weight in a way lorablend does not model",
     "LyCORIS norm fine-tuning": "it changes normalisation layers, which lorablend does not adapt",
-    "weight replacement (set)": "it replaces the weight instead of adding a delta",
     "weight reshaping": "it changes the module's shape",
 }
+
+
+def suffix_role(suffix: str) -> str | None:
+    """The role of a LyCORIS / kohya tensor suffix (``lora_down.weight`` -> ``down``), or None.
+
+    >>> suffix_role("lokr_w1"), suffix_role("weight")
+    ('lokr_w1', None)
+    """
+    return _ROLES.get(suffix)
+
+
+def refused_reason(suffix: str) -> str | None:
+    """Why a module with this suffix is not applied (OFT, IA3, GLoRA, norm fine-tuning …), or None.
+
+    >>> refused_reason("oft_blocks")
+    'OFT/BOFT (orthogonal fine-tuning) is not applied by lorablend: it rotates the base weight instead of adding a delta'
+    """
+    algo = _REFUSED.get(suffix)
+    return None if algo is None else f"{algo} is not applied by lorablend: {_WHY[algo]}"
 
 
 def is_kohya_key(key: str) -> bool:
@@ -90,8 +113,7 @@ def parse_kohya(tensors: Mapping[str, torch.Tensor]) -> tuple[list[ModuleGroup],
         if suffix in _ROLES:
             group.parts[_ROLES[suffix]] = key
         elif suffix in _REFUSED:
-            algo = _REFUSED[suffix]
-            group.refused = f"{algo} is not applied by lorablend: {_WHY[algo]}"
+            group.refused = refused_reason(suffix)
         else:
             extras.setdefault(flat, []).append((key, suffix))
     out = []

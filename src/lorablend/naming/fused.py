@@ -172,6 +172,11 @@ def sd3_source_names(config: dict[str, Any]) -> SourceTable:
     return table
 
 
+# Inputs a LoRA may widen, per denoiser: module path -> why. BFL's control LoRAs (FLUX.1 Depth / Canny) give
+# img_in (x_embedder) more input features than the plain model has (64 latent channels + 64 for the control
+# image's latents); diffusers widens the module with zero columns when a control pipeline loads one.
+WIDENED_INPUTS = {"flux": {"x_embedder": "the control image's latents (a Flux control LoRA: FLUX.1 Depth / Canny)"}}
+
 # which table a family's transformer uses
 SOURCE_TABLES = {"flux": flux_source_names, "sd3": sd3_source_names}
 
@@ -186,5 +191,5 @@ def source_names(denoiser: str | None, config: dict[str, Any]) -> SourceTable:
     return build(config) if build is not None else {}
 
 
-__all__ = ["RowPiece", "RowSpans", "SOURCE_TABLES", "SourceTable", "flux_source_names", "sd3_source_names",
+__all__ = ["RowPiece", "RowSpans", "SOURCE_TABLES", "WIDENED_INPUTS", "SourceTable", "flux_source_names", "sd3_source_names",
            "source_names"]
