@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from test_serve_support import (  # noqa: E402  (after the skips: no server without its extra)
-    GEN, LORAS, TOKEN, assert_same_image, decode_b64, decode_png, free_port, library, server, world,
+    GEN, LORAS, TOKEN, assert_same_image, decode_b64, decode_png, free_port, library, server, wait_until, world,
 )
 
 __all__ = ["library", "server", "world"]  # fixtures, imported for pytest to find
@@ -110,13 +110,11 @@ def test_requests_with_one_mix_run_as_one_batch_with_unbatched_images(server, li
     with engine.lock:
         threads.append(threading.Thread(target=ask, args=(1, "first", {"ink": 0.3})))
         threads[0].start()
-        while engine._queue or not threads[0].is_alive():  # wait until the worker has taken it
-            time.sleep(0.01)
+        wait_until(lambda: engine.running, "the worker to take the first request")
         for seed in seeds:
             threads.append(threading.Thread(target=ask, args=(seed, f"cat {seed}", mix)))
             threads[-1].start()
-        while len(engine._queue) < len(seeds):
-            time.sleep(0.01)
+        wait_until(lambda: len(engine._queue) == len(seeds), "three requests queued")
     for t in threads:
         t.join()
     assert server.state.metrics.value("lorablend_requests_dropped_total") == before

@@ -116,6 +116,16 @@ class Library:
         return out.images
 
 
+def wait_until(predicate, what: str, limit_s: float = 120.0) -> None:
+    """Wait for a state the test set up (a request queued, a client dropped); a guard against hanging, never a
+    timing assertion: the limit is far above any run."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {limit_s:.0f} s for {what}")
+        time.sleep(0.01)
+
+
 def decode_png(data: bytes) -> np.ndarray:
     from PIL import Image
 

@@ -40,12 +40,20 @@ from .security import LORA_SUFFIXES, BodyLimit, Forbidden, TokenCheck, resolve_i
 
 
 class ClientGone(Exception):
-    """The client disconnected while its request waited: nobody is left to answer."""
+    """The client disconnected while its request waited: nobody is left to answer (logged as 499).
+
+    >>> ClientGone("the client disconnected").args[0]
+    'the client disconnected'
+    """
 
 
 class ServerState:
     """Everything one server owns (no module-level state): settings, catalog, cache, engine, metrics, and the
-    private folder where uploads live until deleted or the server stops."""
+    private folder where uploads live until deleted or the server stops.
+
+    >>> app.state.lorablend.cache.names_loaded()                            # doctest: +SKIP
+    ['ink']
+    """
 
     def __init__(self, pipe: Any, config: ServeConfig) -> None:
         self.pipe = pipe
@@ -229,7 +237,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/sdapi/v1/loras")
     async def a1111_loras() -> list:
         sources = await run_in_threadpool(state.catalog.scan)
-        return [{"name": s.name, "alias": s.name, "path": str(s.path), "metadata": {}}
+        # paths relative to --lora-dir: the client needs no view of the server's disk
+        return [{"name": s.name, "alias": s.name, "path": _shown_path(s, state.catalog.root), "metadata": {}}
                 for s in sorted(sources.values(), key=_by_name)]
 
     @app.post("/v1/images/generations")
@@ -240,6 +249,13 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
 def _by_name(source: LoraSource) -> str:
     return source.name
+
+
+def _shown_path(source: LoraSource, root: Path) -> str:
+    try:
+        return source.path.relative_to(root).as_posix()
+    except ValueError:  # an upload: it lives in the server's private folder
+        return f"{source.name}{source.path.suffix}"
 
 
 def _register(state: ServerState, name: str, path: Path, origin: str) -> dict:

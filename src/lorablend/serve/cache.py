@@ -29,7 +29,11 @@ from .metrics import Metrics
 @dataclass(eq=False)
 class CachedAdapter:
     """One parsed LoRA: its name, a version unique in this server (a reparse is a new version), the Adapter,
-    its tensor bytes and the file stamp it was read at."""
+    its tensor bytes and the file stamp it was read at.
+
+    >>> entry = cache.get(catalog.lookup("ink")); entry.name, entry.nbytes      # doctest: +SKIP
+    ('ink', 584000)
+    """
 
     name: str
     version: int
@@ -58,7 +62,7 @@ class AdapterCache:
         self.pipe = pipe
         self.budget = int(budget_bytes)
         self.metrics = metrics
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # nbytes() takes it too, from inside _trim
         self._entries: OrderedDict[str, CachedAdapter] = OrderedDict()  # least recently used first
         self._loaded: dict[str, CachedAdapter] = {}  # what the pipeline holds now, under these names
         self._versions = itertools.count(1)
@@ -125,9 +129,10 @@ class AdapterCache:
     # ------------------------------------------------------------------ bookkeeping
     def nbytes(self) -> int:
         """Bytes held: every parsed entry, plus loaded versions no longer current (unloaded at the next batch)."""
-        current = {id(e) for e in self._entries.values()}
-        return sum(e.nbytes for e in self._entries.values()) + sum(
-            e.nbytes for e in list(self._loaded.values()) if id(e) not in current)
+        with self._lock:  # also read by /metrics, from another thread
+            current = {id(e) for e in self._entries.values()}
+            return sum(e.nbytes for e in self._entries.values()) + sum(
+                e.nbytes for e in list(self._loaded.values()) if id(e) not in current)
 
     def names_loaded(self) -> list[str]:
         """Names the pipeline holds now. >>> cache.names_loaded()  # doctest: +SKIP"""

@@ -27,16 +27,28 @@ NAME_RULE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}$")
 
 
 class UnknownLora(LookupError):
-    """A LoRA name the server does not know (answered 404, with the names that come close)."""
+    """A LoRA name the server does not know (answered 404, with the names that come close).
+
+    >>> isinstance(UnknownLora("unknown LoRA 'x'"), LookupError)
+    True
+    """
 
 
 class NameTaken(ValueError):
-    """A registration under a name that already means a LoRA (answered 409)."""
+    """A registration under a name that already means a LoRA (answered 409).
+
+    >>> isinstance(NameTaken("LoRA name 'ink' is taken"), ValueError)
+    True
+    """
 
 
 @dataclass(frozen=True)
 class LoraSource:
-    """One servable LoRA: its name, the file, and where it came from (``dir``, ``registered``, ``upload``)."""
+    """One servable LoRA: its name, the file, and where it came from (``dir``, ``registered``, ``upload``).
+
+    >>> LoraSource("ink", Path("loras/ink.safetensors"), "dir").origin
+    'dir'
+    """
 
     name: str
     path: Path

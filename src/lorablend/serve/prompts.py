@@ -17,7 +17,11 @@ _TOKEN = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
 
 
 class PromptTokenError(ValueError):
-    """A ``<lora:…>`` token that cannot be read (no name, a weight that is not a finite number)."""
+    """A ``<lora:…>`` token that cannot be read (no name, a weight that is not a finite number): answered 422.
+
+    >>> isinstance(PromptTokenError("<lora::1>: no LoRA name"), ValueError)
+    True
+    """
 
 
 def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float]]:

@@ -18,7 +18,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class CompileUnavailable(RuntimeError):
-    """``--compile`` on a build of lorablend without ``DiffusionPipeline.compile_denoiser``."""
+    """``--compile`` on a build of lorablend without ``DiffusionPipeline.compile_denoiser`` (the command exits 2).
+
+    >>> isinstance(CompileUnavailable("--compile: not available"), RuntimeError)
+    True
+    """
 
 
 def check_compile() -> None:

@@ -22,7 +22,11 @@ LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 class Forbidden(PermissionError):
-    """A path that resolves outside the LoRA folder (``..``, absolute, a symlink pointing out): answered 403."""
+    """A path that resolves outside the LoRA folder (``..``, absolute, a symlink pointing out): answered 403.
+
+    >>> isinstance(Forbidden("path '../x': '..' is not allowed"), PermissionError)
+    True
+    """
 
 
 def resolve_inside(folder: str | os.PathLike, relative: str) -> Path:
@@ -83,7 +87,11 @@ def token_ok(expected: str | None, authorization: str | None, api_key: str | Non
 
 class BodyTooLarge(HTTPException):
     """A request body over its limit, raised from ``receive`` so that nothing reads past the limit. An
-    ``HTTPException`` (413) so that the framework's body parser passes it on instead of answering 400."""
+    ``HTTPException`` (413) so that the framework's body parser passes it on instead of answering 400.
+
+    >>> BodyTooLarge("request body over the limit").status_code
+    413
+    """
 
     def __init__(self, detail: str) -> None:
         super().__init__(status_code=413, detail=detail)
