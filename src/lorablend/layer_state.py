@@ -100,7 +100,7 @@ class LayerState:
         if self.up is None or tuple(d for _, d in contributors) != tuple(d for _, d in self.contributors):
             self.clear_term()
         self.contributors = contributors
-        if contributors and self.handle is None:
+        if contributors and self.handle is None and self.component not in self.table.static:
             self.handle = self.module.register_forward_hook(self)
         elif not contributors and self.handle is not None:
             self.handle.remove()
@@ -235,6 +235,25 @@ class LayerTable:
         self.weights: dict[str, dict[str, float]] = {}
         self.version = 0
         self._vectors: dict[tuple, WeightVectors] = {}  # (device, dtype) -> the flat weight vectors
+        # component -> its static-mode owner (``compiled.StaticDenoiser``): its layers get no hook here, the owner
+        # adds their terms from fixed buffers (a compiled graph must not see hooks come and go)
+        self.static: dict[str, Any] = {}
+
+    def set_static(self, component: str, owner: Any | None) -> None:
+        """Hand ``component``'s layers to a static-mode ``owner`` (their hooks go), or back to hooks (``None``)."""
+        if owner is not None:
+            self.static[component] = owner
+        else:
+            self.static.pop(component, None)
+        for layer in self.by_key.values():
+            if layer.component != component:
+                continue
+            if owner is not None and layer.handle is not None:
+                layer.handle.remove()
+                layer.handle = None
+            layer.clear_term()
+            layer.set_contributors(layer.contributors)  # back to hooks: hooked again where something contributes
+        self.version += 1
 
     def add(self, key: str, component: str, module: nn.Module) -> LayerState:
         """The layer of ``key``, created on first use."""
@@ -279,7 +298,10 @@ class LayerTable:
                 layer.version = self.version
 
     def prepare(self) -> None:
-        """Bring every hooked layer's term up to date now instead of on its next forward."""
+        """Bring every hooked layer's term (and every static-mode owner's buffers) up to date now instead of on
+        the next forward."""
+        for owner in list(self.static.values()):
+            owner.sync()
         self.refresh_weight_vectors()
         for layer in self.by_key.values():
             if layer.handle is None:

@@ -381,6 +381,30 @@ class DiffusionPipeline:
     def fused_loras(self) -> set[str]:
         return set(self._runtime.fused_names)
 
+    # ------------------------------------------------------------------------------ compiled denoiser
+    def compile_denoiser(
+        self,
+        *,
+        max_rank: int = 64,
+        grow: bool = True,
+        backend: Any = "inductor",
+        mode: str | None = None,
+        fullgraph: bool = True,
+        dynamic: bool | None = None,
+        options: dict | None = None,
+    ) -> Any:
+        """Run the denoiser (the UNet) under ``torch.compile`` in static mode: switching adapters, weights,
+        enable/disable and ``cross_attention_kwargs={"scale": s}`` then writes fixed buffers in place, with no
+        graph break and no recompile (``docs/compile.md``). Text encoders stay eager. Returns the
+        ``compiled.StaticDenoiser`` (``.sync()``, ``.close()``, ``.capacity``, ``.memory()``).
+
+        >>> pipeline.compile_denoiser(max_rank=64)                           # doctest: +SKIP
+        """
+        from .compiled import compile_denoiser
+
+        return compile_denoiser(self._runtime, max_rank=max_rank, grow=grow, backend=backend, mode=mode,
+                                fullgraph=fullgraph, dynamic=dynamic, options=options)
+
     # ------------------------------------------------------------------------------ save / push
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``: the weights as they are (fused adapters included; unfused ones are

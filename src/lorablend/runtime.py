@@ -107,6 +107,11 @@ class LoraRuntime:
 
     # ----------------------------------------------------------------------------------- queries
     @property
+    def layers(self) -> LayerTable:
+        """The per-layer room (terms, per-layer weights, the version): what static mode (``compiled.py``) reads."""
+        return self._layers
+
+    @property
     def fused_names(self) -> list[str]:
         """Adapters fused into at least one component, in fuse order."""
         return list(self._fused)
