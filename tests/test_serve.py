@@ -18,11 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from lorablend import DiffusionPipeline
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from test_serve_support import (  # noqa: E402  (after the skips: no server without its extra)
-    GEN, LORAS, TOKEN, assert_same_image, decode_b64, decode_png, free_port, library, server, wait_until, world,
+    GEN, LORAS, TOKEN, RunningServer, assert_same_image, decode_b64, decode_png, free_port, library, server,
+    wait_until, world,
 )
 
 __all__ = ["library", "server", "world"]  # fixtures, imported for pytest to find
@@ -157,6 +160,31 @@ def test_metrics_count_requests_cache_switches_and_queue(server):
                  "lorablend_adapter_cache_evictions_total"):
         assert line in text, line
     assert server.state.metrics.value("lorablend_adapter_cache_hits_total") > 0
+
+
+def test_a_compiled_denoiser_switches_mixes_with_one_graph_and_the_same_images(world, library):
+    if getattr(DiffusionPipeline, "compile_denoiser", None) is None:
+        pytest.skip("this build has no DiffusionPipeline.compile_denoiser (lorablend serve --compile says so)")
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # dynamo's own tracer with the eager backend: the graph-break and recompile checks hold for any backend,
+    # and inductor's code generation would cost minutes of CPU here
+    compiled = RunningServer(world, compile_backend="eager")
+    try:
+        with compiled.client() as client:
+            for mix, seed in [({"ink": 0.5}, 1), ({"ink": 0.5, "moss": -0.7}, 2), ({"clay": 1.0}, 3), ({}, 4),
+                              ({"paper": 0.3, "clay": 0.2, "moss": 0.9}, 5)]:
+                r = client.post("/v1/images", json={"prompt": "c", "loras": mix, "seed": seed, **GEN})
+                assert r.status_code == 200, r.text
+                assert_same_image(decode_png(r.content), library.image("c", mix, seed)[0], f"compiled: {mix}")
+        stats = torch._dynamo.utils.counters
+        assert stats["stats"]["unique_graphs"] == 1 and not stats["graph_break"], (dict(stats["stats"]),
+                                                                                   dict(stats["graph_break"]))
+    finally:
+        compiled.stop()
+        torch._dynamo.reset()
 
 
 def test_the_command_serves_binds_loopback_and_checks_the_token(world, tmp_path):

@@ -66,7 +66,7 @@ def free_port() -> int:
 class RunningServer:
     """uvicorn serving ``create_app`` in a thread, on 127.0.0.1; ``client()`` talks to it with the token."""
 
-    def __init__(self, world: World, **config: Any) -> None:
+    def __init__(self, world: World, *, compile_backend: str | None = None, **config: Any) -> None:
         import uvicorn
 
         from lorablend.serve import ServeConfig, create_app
@@ -74,7 +74,8 @@ class RunningServer:
         self.pipe = DiffusionPipeline.from_pretrained(str(world.model))
         self.pipe.set_progress_bar_config(disable=True)
         self.config = ServeConfig(lora_dir=world.loras, token=TOKEN, **config)
-        self.app = create_app(self.pipe, self.config)
+        compiled = self.pipe.compile_denoiser(backend=compile_backend) if compile_backend else None
+        self.app = create_app(self.pipe, self.config, compiled=compiled)
         self.state = self.app.state.lorablend
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

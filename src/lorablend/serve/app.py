@@ -55,13 +55,13 @@ class ServerState:
     ['ink']
     """
 
-    def __init__(self, pipe: Any, config: ServeConfig) -> None:
+    def __init__(self, pipe: Any, config: ServeConfig, compiled: Any = None) -> None:
         self.pipe = pipe
         self.config = config.check()
         self.metrics = Metrics()
         self.catalog = Catalog(config.lora_dir)
         self.cache = AdapterCache(pipe, budget_bytes=config.cache_bytes, metrics=self.metrics)
-        self.engine = Engine(pipe, self.cache, self.metrics, max_batch=config.max_batch)
+        self.engine = Engine(pipe, self.cache, self.metrics, max_batch=config.max_batch, compiled=compiled)
         self.upload_dir = Path(tempfile.mkdtemp(prefix="lorablend-uploads-"))
 
     def adapters_for(self, names: list[str]) -> list[CachedAdapter]:
@@ -151,12 +151,13 @@ async def generate(state: ServerState, gen: Generation, request: Request) -> tup
     return job.generation, result.result()
 
 
-def create_app(pipe: Any, config: ServeConfig, *, title: str = "lorablend") -> FastAPI:
+def create_app(pipe: Any, config: ServeConfig, *, compiled: Any = None, title: str = "lorablend") -> FastAPI:
     """The server for ``pipe`` (a ``lorablend.DiffusionPipeline``) with these settings; an ASGI app.
+    ``compiled``: the handle of ``pipe.compile_denoiser()`` when the denoiser was compiled.
 
     >>> app = create_app(DiffusionPipeline.from_pretrained("sd15/"), ServeConfig(lora_dir="loras/"))  # doctest: +SKIP
     """
-    state = ServerState(pipe, config)
+    state = ServerState(pipe, config, compiled)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -108,14 +108,17 @@ class Engine:
     """The pipeline, its lock, the queue and the worker thread.
 
     ``lock`` is held while a batch switches and generates; anything else that changes the pipeline (deleting a
-    LoRA) takes it too.
+    LoRA) takes it too. ``compiled``: the handle ``DiffusionPipeline.compile_denoiser()`` returned, when the
+    denoiser runs compiled (its buffers are then written during the switch, not in the first forward).
 
     >>> Engine(pipe, cache, Metrics(), max_batch=4).defaults                    # doctest: +SKIP
     {'width': 512, 'height': 512, 'guidance_scale': 7.5}
     """
 
-    def __init__(self, pipe: Any, cache: AdapterCache, metrics: Metrics, *, max_batch: int) -> None:
+    def __init__(self, pipe: Any, cache: AdapterCache, metrics: Metrics, *, max_batch: int,
+                 compiled: Any = None) -> None:
         self.pipe = pipe
+        self.compiled = compiled  # compile_denoiser()'s handle: its buffers are written at the switch
         self.cache = cache
         self.metrics = metrics
         self.max_batch = int(max_batch)
@@ -242,6 +245,8 @@ class Engine:
         names = [e.name for e in job.entries]
         self.pipe.set_adapters(names, [float(job.generation.loras[n]) for n in names])
         self.pipe._runtime.prepare()  # build the blended terms here, so 'switch' times them and 'generate' does not
+        if self.compiled is not None:
+            self.compiled.sync()  # the compiled denoiser's fixed buffers, written in place: no recompile
 
     def _generate(self, batch: list[Job]) -> list[np.ndarray]:
         """One pipeline call for the batch; each request's noise from its own seed, as its own call would draw it."""

@@ -39,20 +39,18 @@ def check_compile() -> None:
 
 
 def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | None = None,
-               compile: bool = False) -> Any:
-    """The ``lorablend.DiffusionPipeline`` to serve: from a folder or hub id, on ``device`` (CUDA when present),
-    compiled with ``compile_denoiser()`` when ``compile``.
+               compile: bool = False) -> tuple[Any, Any]:
+    """The ``lorablend.DiffusionPipeline`` to serve, from a folder or hub id, on ``device`` (CUDA when present),
+    and, with ``compile``, the handle of its compiled denoiser (``compile_denoiser()``; else None).
 
-    >>> pipe = load_model("sd15/", device="cpu")                            # doctest: +SKIP
+    >>> pipe, compiled = load_model("sd15/", device="cpu")                  # doctest: +SKIP
     """
     from ..generate import load_pipeline
 
     if compile:
         check_compile()  # before seconds of loading
     pipe, _ = load_pipeline(model, [], device=device, dtype=dtype)
-    if compile:
-        pipe.compile_denoiser()
-    return pipe
+    return pipe, (pipe.compile_denoiser() if compile else None)
 
 
 def serve(model: str, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
@@ -69,8 +67,8 @@ def serve(model: str, config: ServeConfig, *, host: str = "127.0.0.1", port: int
     if host not in LOOPBACK and config.token is None:
         print(f"lorablend serve: warning: listening on {host} without a token; anyone who reaches this port can "
               "use the server (pass --token or set LORABLEND_TOKEN)", file=sys.stderr)
-    pipe = load_model(model, device=device, dtype=dtype, compile=compile)
-    app = create_app(pipe, config)
+    pipe, compiled = load_model(model, device=device, dtype=dtype, compile=compile)
+    app = create_app(pipe, config, compiled=compiled)
     print(f"lorablend serve: {model} on http://{host}:{port} (LoRAs from {config.lora_dir})", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
