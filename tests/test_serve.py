@@ -212,6 +212,13 @@ def test_the_command_serves_binds_loopback_and_checks_the_token(world, tmp_path)
         proc.wait(timeout=60)
 
 
+def test_the_command_binds_loopback_unless_told():
+    from lorablend.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--lora-dir", "."])
+    assert (args.host, args.port, args.compile) == ("127.0.0.1", 8000, False)
+
+
 def test_the_command_line_imports_without_the_serve_extra():
     code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
             "from lorablend.cli import main\n"

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from ..errors import LoraCompatibilityError, LoraFormatError
 from . import responses
 from .cache import AdapterCache, CachedAdapter
-from .catalog import Catalog, LoraSource, NameTaken, UnknownLora, check_name, header_info
+from .catalog import Catalog, LoraSource, NameTaken, UnknownLora, check_name
 from .config import ServeConfig
 from .engine import Engine, Generation, Result, ServerStopping
 from .metrics import Metrics, MetricsMiddleware
@@ -65,12 +65,20 @@ class ServerState:
         self.upload_dir = Path(tempfile.mkdtemp(prefix="lorablend-uploads-"))
 
     def adapters_for(self, names: list[str]) -> list[CachedAdapter]:
-        """The parsed adapters of a mix: 404 for an unknown name, 422 for a file the reader refuses."""
+        """The parsed adapters of a mix: 404 for an unknown name, 422 for a file the reader refuses.
+
+        >>> [e.name for e in state.adapters_for(["ink", "paper"])]              # doctest: +SKIP
+        ['ink', 'paper']
+        """
         sources = [self.catalog.lookup(n) for n in names]  # every name checked before any file is read
         return [self.cache.get(s) for s in sources]
 
     def describe(self, source: LoraSource) -> dict[str, Any]:
-        """One row of ``GET /v1/loras``."""
+        """One row of ``GET /v1/loras``.
+
+        >>> state.describe(state.catalog.lookup("ink"))["format"]              # doctest: +SKIP
+        'kohya'
+        """
         entry = self.cache.cached(source.name)
         row: dict[str, Any] = {"name": source.name, "origin": source.origin,
                                "loaded": source.name in self.cache.names_loaded(), "cached": entry is not None}
@@ -80,12 +88,13 @@ class ServerState:
                 ranks = [d.rank for d in entry.adapter.deltas.values() if d.rank is not None]
                 row.update(format=entry.adapter.format, family=entry.adapter.family, rank=max(ranks, default=None))
             else:
-                row.update(header_info(source.path))
+                row.update(self.catalog.info(source))
         except (OSError, ValueError) as exc:  # a damaged file is listed with its problem, not hidden
             row.update(format=None, family=None, rank=None, error=str(exc))
         return row
 
     def close(self) -> None:
+        """Stop the worker and remove the uploads (the app's shutdown). >>> state.close()  # doctest: +SKIP"""
         self.engine.stop()
         shutil.rmtree(self.upload_dir, ignore_errors=True)
 
@@ -135,7 +144,10 @@ async def _client_gone(request: Request) -> None:
 
 
 async def generate(state: ServerState, gen: Generation, request: Request) -> tuple[Generation, Result]:
-    """Resolve the mix, queue the request, wait for its batch; a client that leaves frees its place."""
+    """Resolve the mix, queue the request, wait for its batch; a client that leaves frees its place.
+
+    >>> gen, result = await generate(state, body.generation(config), request)   # doctest: +SKIP
+    """
     entries = await run_in_threadpool(state.adapters_for, sorted(gen.loras))
     state.engine.start()  # idempotent: started here too, because a mounted sub-app gets no startup event
     job = state.engine.submit(gen, entries)
@@ -185,20 +197,25 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health")
     async def health() -> dict:
+        """Liveness: ``{"status": "ok"}``; needs no token."""
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
+        """Prometheus text: requests, latency, switch time, cache hits / misses / evictions, queue depth."""
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/loras")
     async def list_loras() -> dict:
+        """Every LoRA served: name, origin, format, family, rank, bytes, whether parsed and loaded."""
         sources = await run_in_threadpool(state.catalog.scan)
         rows = await run_in_threadpool(lambda: [state.describe(s) for s in sorted(sources.values(), key=_by_name)])
         return {"loras": rows}
 
     @app.post("/v1/loras", status_code=201)
     async def add_lora(request: Request) -> dict:
+        """Register a file inside --lora-dir (JSON ``{"path", "name"?}``) or an upload (multipart ``file``,
+        ``name``?): 201 with the load report."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             return await _upload(state, request)
         try:
@@ -212,6 +229,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.delete("/v1/loras/{name:path}")
     async def delete_lora(name: str) -> dict:
+        """Forget a registered or uploaded LoRA (and unload it)."""
         source = await run_in_threadpool(state.catalog.unregister, name)
 
         def unload() -> None:
@@ -224,6 +242,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/images")
     async def images(body: ImageRequest, request: Request) -> Any:
+        """Generate: image/png for one image, else JSON with base64 PNGs, seed, mix and timings."""
         gen, result = await generate(state, body.generation(config), request)
         if len(result.images) == 1 and body.response_format != "json":
             return Response(responses.png_bytes(result.images[0]), media_type="image/png",
@@ -232,11 +251,13 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
+        """AUTOMATIC1111's txt2img (LoRAs as ``<lora:name:weight>`` in the prompt)."""
         gen, result = await generate(state, body.generation(config), request)
         return responses.a1111(gen, result, body.model_dump())
 
     @app.get("/sdapi/v1/loras")
     async def a1111_loras() -> list:
+        """AUTOMATIC1111's LoRA list."""
         sources = await run_in_threadpool(state.catalog.scan)
         # paths relative to --lora-dir: the client needs no view of the server's disk
         return [{"name": s.name, "alias": s.name, "path": _shown_path(s, state.catalog.root), "metadata": {}}
@@ -244,6 +265,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/images/generations")
     async def openai_images(body: OpenAIImageRequest, request: Request) -> dict:
+        """OpenAI's images API (``b64_json``; LoRAs as prompt tokens or an extra ``loras`` field)."""
         gen, result = await generate(state, body.generation(config), request)
         return responses.openai(gen, result)
 

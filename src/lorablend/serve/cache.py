@@ -73,7 +73,11 @@ class AdapterCache:
     def get(self, source: LoraSource) -> CachedAdapter:
         """The parsed adapter of ``source`` (a hit) or parse it now (a miss). Raises the reader's
         ``LoraFormatError`` for a damaged file and ``LoraCompatibilityError`` for one that does not fit the
-        pipeline: both before anything changes."""
+        pipeline: both before anything changes.
+
+        >>> cache.get(catalog.lookup("ink")).version                            # doctest: +SKIP
+        1
+        """
         stamp = source.stamp()
         with self._lock:
             entry = self._entries.get(source.name)
@@ -102,7 +106,10 @@ class AdapterCache:
     # ------------------------------------------------------------------ worker side (pipeline held)
     def activate(self, entries: Sequence[CachedAdapter]) -> None:
         """Make the pipeline hold exactly these versions of these names (loading what it lacks), then evict
-        least recently used adapters other than these until the cache fits its budget. Worker only."""
+        least recently used adapters other than these until the cache fits its budget. Worker only.
+
+        >>> with engine.lock: cache.activate([cache.get(catalog.lookup("ink"))])   # doctest: +SKIP
+        """
         for entry in entries:
             loaded = self._loaded.get(entry.name)
             if loaded is not entry:
@@ -120,7 +127,10 @@ class AdapterCache:
             self._trim(keep={e.name for e in entries}, may_unload=True)
 
     def drop(self, name: str) -> None:
-        """Forget ``name`` entirely (``DELETE /v1/loras``): unload it from the pipeline. Pipeline lock held."""
+        """Forget ``name`` entirely (``DELETE /v1/loras``): unload it from the pipeline. Pipeline lock held.
+
+        >>> with engine.lock: cache.drop("ink")                                  # doctest: +SKIP
+        """
         with self._lock:
             self._entries.pop(name, None)
         if self._loaded.pop(name, None) is not None:
@@ -128,7 +138,11 @@ class AdapterCache:
 
     # ------------------------------------------------------------------ bookkeeping
     def nbytes(self) -> int:
-        """Bytes held: every parsed entry, plus loaded versions no longer current (unloaded at the next batch)."""
+        """Bytes held: every parsed entry, plus loaded versions no longer current (unloaded at the next batch).
+
+        >>> cache.nbytes() <= cache.budget                                        # doctest: +SKIP
+        True
+        """
         with self._lock:  # also read by /metrics, from another thread
             current = {id(e) for e in self._entries.values()}
             return sum(e.nbytes for e in self._entries.values()) + sum(

@@ -55,7 +55,11 @@ class LoraSource:
     origin: str
 
     def stamp(self) -> tuple[int, int]:
-        """(size, mtime in ns) of the file now: a parsed adapter is reused only while this is unchanged."""
+        """(size, mtime in ns) of the file now: a parsed adapter is reused only while this is unchanged.
+
+        >>> catalog.lookup("ink").stamp()                                      # doctest: +SKIP
+        (584216, 1764500000000000000)
+        """
         info = self.path.stat()
         return info.st_size, info.st_mtime_ns
 
@@ -88,10 +92,31 @@ class Catalog:
         self._lock = threading.Lock()
         self._registered: dict[str, LoraSource] = {}
         self._files: dict[str, LoraSource] = {}
+        self._headers: dict[tuple, dict[str, Any]] = {}  # (path, size, mtime) -> header_info: listing re-reads none
+
+    def info(self, source: LoraSource) -> dict[str, Any]:
+        """``header_info`` of a source, read once per version of its file (a listing of many files stays cheap).
+
+        >>> catalog.info(catalog.lookup("ink"))["format"]                      # doctest: +SKIP
+        'kohya'
+        """
+        key = (source.path, *source.stamp())
+        with self._lock:
+            known = self._headers.get(key)
+        if known is None:
+            known = header_info(source.path)
+            with self._lock:
+                self._headers = {k: v for k, v in self._headers.items() if k[0] != source.path}
+                self._headers[key] = known
+        return dict(known)
 
     def scan(self) -> dict[str, LoraSource]:
         """Read the folder again; returns every servable name (registered names win over nothing: they never
-        share a name with a file, registration refuses that)."""
+        share a name with a file, registration refuses that).
+
+        >>> sorted(Catalog("loras/").scan())                                 # doctest: +SKIP
+        ['ink', 'paper']
+        """
         found: list[Path] = []
         for folder, dirs, files in os.walk(self.root):  # links to folders are not followed
             dirs.sort()
@@ -149,7 +174,11 @@ class Catalog:
 
     def unregister(self, name: str) -> LoraSource:
         """Stop serving a registered name; a file of the folder cannot be unregistered (it is served while it
-        exists): ``NameTaken`` says so, ``UnknownLora`` when the name means nothing."""
+        exists): ``NameTaken`` says so, ``UnknownLora`` when the name means nothing.
+
+        >>> catalog.unregister("ink2").origin                                  # doctest: +SKIP
+        'registered'
+        """
         with self._lock:
             source = self._registered.pop(name, None)
         if source is not None:

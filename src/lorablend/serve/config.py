@@ -47,7 +47,11 @@ class ServeConfig:
     default_steps: int = 30
 
     def check(self) -> "ServeConfig":
-        """Raise ``ValueError`` naming the setting and the fix; return self when every setting is usable."""
+        """Raise ``ValueError`` naming the setting and the fix; return self when every setting is usable.
+
+        >>> ServeConfig(lora_dir=".").check().max_batch
+        4
+        """
         folder = Path(self.lora_dir)
         if not folder.is_dir():
             raise ValueError(f"--lora-dir {self.lora_dir}: not a folder; pass the folder that holds your LoRA files")

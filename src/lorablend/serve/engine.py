@@ -127,6 +127,7 @@ class Engine:
         self._queue: deque[Job] = deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed = False  # stopped for good: a late request gets 503, never a new worker
         self.running: tuple[Job, ...] = ()  # the batch taken from the queue and not yet answered
         size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         guidance = inspect.signature(pipe.pipe.__call__).parameters.get("guidance_scale")
@@ -138,16 +139,15 @@ class Engine:
     def start(self) -> None:
         """Start the worker thread (idempotent). >>> engine.start()  # doctest: +SKIP"""
         with self._cond:
-            if self._thread is not None:
+            if self._thread is not None or self._closed:
                 return
-            self._stopping = False
             self._thread = threading.Thread(target=self._run, name="lorablend-generate", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         """Finish the running batch, fail the queued ones, stop the worker. >>> engine.stop()  # doctest: +SKIP"""
         with self._cond:
-            self._stopping = True
+            self._stopping = self._closed = True
             pending = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
@@ -165,7 +165,11 @@ class Engine:
                        else gen.guidance_scale)
 
     def submit(self, gen: Generation, entries: Sequence[CachedAdapter]) -> Job:
-        """Queue a request (``entries``: the parsed adapters of ``gen.loras``); returns its :class:`Job`."""
+        """Queue a request (``entries``: the parsed adapters of ``gen.loras``); returns its :class:`Job`.
+
+        >>> engine.submit(Generation("a cat", seed=1, steps=20), []).future.result().images[0].shape  # doctest: +SKIP
+        (512, 512, 3)
+        """
         gen = self.resolve(gen)
         ordered = sorted(entries, key=lambda e: e.name)
         job = Job(gen, ordered, _batch_key(gen, ordered), concurrent.futures.Future(), time.perf_counter())
@@ -177,7 +181,10 @@ class Engine:
         return job
 
     def abandon(self, job: Job) -> None:
-        """The client of ``job`` went away: drop it if it has not started (frees its place at once)."""
+        """The client of ``job`` went away: drop it if it has not started (frees its place at once).
+
+        >>> engine.abandon(job)                                                 # doctest: +SKIP
+        """
         with self._cond:
             job.gone = True
             if job in self._queue:

@@ -73,13 +73,19 @@ class Metrics:
         self._live: dict[str, Callable[[], float]] = {}
 
     def count(self, name: str, amount: float = 1, **labels: str) -> None:
-        """Add ``amount`` to a counter. >>> Metrics().count("lorablend_requests_total", route="/health")"""
+        """Add ``amount`` to a counter.
+
+        >>> Metrics().count("lorablend_requests_total", route="/health")
+        """
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             self._counters[key] = self._counters.get(key, 0) + amount
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        """Record one value in a histogram. >>> Metrics().observe("lorablend_request_seconds", 0.2, route="/x")"""
+        """Record one value in a histogram.
+
+        >>> Metrics().observe("lorablend_request_seconds", 0.2, route="/x")
+        """
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             hist = self._histograms.get(key)
@@ -88,12 +94,17 @@ class Metrics:
             hist.observe(value)
 
     def gauge(self, name: str, read: Callable[[], float]) -> None:
-        """A gauge read when the metrics are rendered. >>> Metrics().gauge("lorablend_queue_depth", lambda: 0)"""
+        """A gauge read when the metrics are rendered.
+
+        >>> Metrics().gauge("lorablend_queue_depth", lambda: 0)
+        """
         with self._lock:
             self._live[name] = read
 
     def value(self, name: str, **labels: str) -> float:
-        """A counter's value (0 when never counted). >>> Metrics().value("lorablend_requests_dropped_total")
+        """A counter's value (0 when never counted).
+
+        >>> Metrics().value("lorablend_requests_dropped_total")
         0
         """
         with self._lock:

@@ -21,7 +21,11 @@ from .engine import Generation, Result
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """One H×W×3 float image in [0, 1] as PNG bytes (8-bit, rounded as diffusers rounds)."""
+    """One H×W×3 float image in [0, 1] as PNG bytes (8-bit, rounded as diffusers rounds).
+
+    >>> len(png_bytes(np.ones((8, 8, 3), np.float32))) > 8
+    True
+    """
     from PIL import Image
 
     pixels = (np.clip(image, 0.0, 1.0) * 255).round().astype("uint8")
@@ -47,7 +51,11 @@ def native(gen: Generation, result: Result) -> dict[str, Any]:
 
 
 def native_headers(gen: Generation, result: Result) -> dict[str, str]:
-    """What a PNG answer carries beside the image: seed, mix and timings as headers."""
+    """What a PNG answer carries beside the image: seed, mix and timings as headers.
+
+    >>> native_headers(gen, result)["X-Seed"]                               # doctest: +SKIP
+    '3'
+    """
     return {"X-Seed": str(gen.seed), "X-Loras": json.dumps(gen.loras), "X-Timings": json.dumps(result.timings)}
 
 

@@ -180,7 +180,11 @@ class OpenAIImageRequest(BaseModel):
     scale: Weight = 1.0
 
     def generation(self, config: ServeConfig) -> Generation:
-        """The request in the library's terms (422 for a size that is not ``WxH`` in multiples of 8)."""
+        """The request in the library's terms (422 for a size that is not ``WxH`` in multiples of 8).
+
+        >>> OpenAIImageRequest(prompt="x", size="auto").generation(ServeConfig(".")).width is None
+        True
+        """
         if self.response_format == "url":
             raise invalid("response_format", "this server returns images inline only; ask for 'b64_json'", "url")
         width = height = None
