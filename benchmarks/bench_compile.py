@@ -50,13 +50,14 @@ def inputs(unet, latent: int, batch: int, device: str, dtype: torch.dtype) -> di
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    kw = {"sample": rnd(batch, cfg.in_channels, latent, latent), "timestep": torch.tensor([500] * batch, device=device),
+    kw = {"sample": rnd(batch, cfg.in_channels, latent, latent),
+          "timestep": torch.tensor([500] * batch, device=device),
           "encoder_hidden_states": rnd(batch, 77, cfg.cross_attention_dim)}
     if cfg.addition_embed_type == "text_time":
         text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         px = latent * 8
-        kw["added_cond_kwargs"] = {"text_embeds": rnd(batch, text_dim),
-                                   "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * batch, device=device, dtype=dtype)}
+        time_ids = torch.tensor([[px, px, 0, 0, px, px]] * batch, device=device, dtype=dtype)
+        kw["added_cond_kwargs"] = {"text_embeds": rnd(batch, text_dim), "time_ids": time_ids}
     return kw
 
 

@@ -75,8 +75,8 @@ def test_sdxl_twenty_adapters_one_graph_no_break_no_recompile(make_pipe, make_ad
                   lambda p: p.set_adapters(["lora2", "lora5"], [1.5, -0.25])]  # weights only
     steps[12:12] = [lambda p: p.delete_adapters("lora3"), lambda p: p.load_lora_weights(adapters[20]),
                     lambda p: p.set_adapters(["lora20", "lora4"], [0.9, 0.3])]
-    steps += [lambda p: p.fuse_lora(adapter_names=["lora20"]), lambda p: p.set_adapters(["lora20", "lora7"], [0.9, 0.6]),
-              lambda p: p.unfuse_lora()]
+    steps += [lambda p: p.fuse_lora(adapter_names=["lora20"]),
+              lambda p: p.set_adapters(["lora20", "lora7"], [0.9, 0.6]), lambda p: p.unfuse_lora()]
     with dynamo.config.patch(error_on_recompile=True):
         for i, step in enumerate(steps):
             for p in (pipe, ref):
@@ -101,7 +101,8 @@ def test_sd1_static_mode_matches_eager_and_close_gives_the_hooks_back(make_pipe,
     keys = set(pipe.unet.state_dict())
     backend = CompileCounterWithBackend("eager")
     static = pipe.compile_denoiser(max_rank=16, backend=backend)
-    for names, weights in [(["lora0", "lora3"], [0.6, 0.9]), (["lora1"], [1.2]), (["lora2", "lora0", "lora1"], [1, -1, .5])]:
+    mixes = [(["lora0", "lora3"], [0.6, 0.9]), (["lora1"], [1.2]), (["lora2", "lora0", "lora1"], [1.0, -1.0, 0.5])]
+    for names, weights in mixes:
         for p in (pipe, ref):
             p.set_adapters(names, weights)
         assert_same_computed(_image(pipe, 0.7), _image(ref, 0.7))

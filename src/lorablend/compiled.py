@@ -203,6 +203,9 @@ class StaticDenoiser:
                                     None if m.bias is None else torch.zeros_like(m.bias))
             self.layers[key] = layer
             m.forward = layer.forward  # (an instance attribute: the module's state_dict is unchanged)
+        if device.type == "cuda":  # CUDA graphs (mode="reduce-overhead") read them in place instead of copying
+            for t in self._tensors():
+                torch._dynamo.mark_static_address(t)
         self.built_for = (device, dtype)
         self._version: int | None = None
         self._scale_value: float | None = None
@@ -219,9 +222,11 @@ class StaticDenoiser:
         >>> static.memory() > 0                                                     # doctest: +SKIP
         True
         """
-        tensors = [self.shared.svecs] + [t for layer in self.layers.values() for t in (
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.shared.scale, self.shared.svecs] + [t for layer in self.layers.values() for t in (
             (layer.up, layer.down) if isinstance(layer, _PairLayer) else (layer.delta, layer.dbias)) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------------------------- writing the mix
     def sync(self) -> None:
@@ -283,9 +288,10 @@ class StaticDenoiser:
             if pair is None:
                 raise ValueError(
                     f"compiled {self.component}: adapter {name!r} gives {layer.key} a {delta.kind} delta with no exact "
-                    f"low-rank form (a full diff, DoRA or a bias change), and that layer holds rank-{self.capacity} "
-                    f"factor buffers. Fuse it (fuse_lora(adapter_names=[{name!r}])): fused weights work compiled; "
-                    "or close() the compiled denoiser to run it through the eager hooks")
+                    "low-rank form (a full diff, DoRA, a bias change, or a LoHa/LoKr of too high a product rank), and "
+                    f"that layer holds rank-{self.capacity} factor buffers. Fuse it "
+                    f"(fuse_lora(adapter_names=[{name!r}])): fused weights work compiled; or close() the compiled "
+                    "denoiser to run it through the eager hooks")
 
     def _over_capacity(self, need: int, key: str) -> None:
         if not self.grow:
