@@ -138,6 +138,8 @@ def test_a1111_and_openai_clients_get_the_same_image_as_v1_images(server):
             "prompt": "a lighthouse <lora:ink:0.6> <lora:moss:0.4>", "negative_prompt": "", "seed": seed, "steps": 2,
             "cfg_scale": 7.5, "width": size, "height": size, "batch_size": 1, "sampler_name": "Euler a"}).json()
         names = [row["name"] for row in client.get("/sdapi/v1/loras").json()]
+        for route in ("/sdapi/v1/sd-models", "/sdapi/v1/samplers", "/sdapi/v1/options"):  # read at start-up
+            assert client.get(route).status_code == 200, route
     assert sorted(names) == sorted(LORAS)
     assert json.loads(a1111["info"])["seed"] == seed and len(a1111["images"]) == 1
     assert_same_image(decode_b64(a1111["images"][0]), native, "A1111 txt2img")
@@ -146,8 +148,32 @@ def test_a1111_and_openai_clients_get_the_same_image_as_v1_images(server):
                                  response_format="b64_json", model="lorablend",
                                  extra_body={"seed": seed, "steps": 2, "guidance_scale": 7.5})
     assert_same_image(decode_b64(answer.data[0].b64_json), native, "OpenAI images.generate")
+    assert len(api.models.list().data) == 1
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+
+
+def test_the_app_mounts_inside_another_app(server, library):
+    import uvicorn
+    from fastapi import FastAPI
+
+    parent = FastAPI()
+    parent.mount("/lora", server.app)  # a mounted app gets no startup event: the worker starts on demand
+    port = free_port()
+    host = uvicorn.Server(uvicorn.Config(parent, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=host.run, daemon=True)
+    thread.start()
+    wait_until(lambda: host.started, "the parent app to start")
+    try:
+        url = f"http://127.0.0.1:{port}/lora"
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        assert httpx.get(f"{url}/v1/loras").status_code == 401
+        r = httpx.post(f"{url}/v1/images", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120,
+                       json={"prompt": "mounted", "loras": {"paper": 0.4}, "seed": 6, **GEN})
+        assert_same_image(decode_png(r.content), library.image("mounted", {"paper": 0.4}, 6)[0], "mounted")
+    finally:
+        host.should_exit = True
+        thread.join()
 
 
 def test_metrics_count_requests_cache_switches_and_queue(server):

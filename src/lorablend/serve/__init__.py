@@ -1,9 +1,11 @@
 """``lorablend serve``: any LoRA mix per request over HTTP, on one pipeline, switched without reloading.
 
-One file, one job: ``app`` (the routes; ``create_app``), ``engine`` (the pipeline's one worker: batches and
-switches), ``cache`` (parsed adapters, LRU by bytes), ``catalog`` (names -> files in ``--lora-dir``),
+One file, one job: ``app`` (``create_app``, the native routes), ``compat`` (the A1111 and OpenAI routes),
+``state`` (one server's objects and a request's way through them), ``engine`` (the pipeline's one worker:
+batches and switches), ``cache`` (parsed adapters, LRU by bytes), ``catalog`` (names -> files in ``--lora-dir``),
 ``prompts`` (A1111 ``<lora:name:weight>`` tokens), ``schemas`` (request bodies), ``responses`` (answer shapes),
-``security`` (token, paths, body size), ``metrics`` (Prometheus text), ``run`` (the command's start-up).
+``security`` (token, paths, body size), ``metrics`` (Prometheus text), ``config`` (the settings), ``run`` (the
+command's start-up).
 Needs the ``serve`` extra (``pip install lorablend[serve]``: fastapi, uvicorn, python-multipart).
 
 >>> from lorablend.serve import ServeConfig, create_app

@@ -1,8 +1,8 @@
 """``create_app``: the server as an ASGI app (FastAPI) over one ``lorablend.DiffusionPipeline``.
 
-Run it with ``lorablend serve`` or any ASGI server, or mount it in your own app. Routes: ``GET /health``,
-``GET /metrics``, ``GET|POST /v1/loras``, ``DELETE /v1/loras/{name}``, ``POST /v1/images``; A1111's
-``POST /sdapi/v1/txt2img`` and ``GET /sdapi/v1/loras``; OpenAI's ``POST /v1/images/generations``.
+Run it with ``lorablend serve`` or any ASGI server, or mount it in your own app (a mounted app gets no startup
+event: the worker then starts with the first request). Routes here: ``GET /health``, ``GET /metrics``,
+``GET|POST /v1/loras``, ``DELETE /v1/loras/{name}``, ``POST /v1/images``; A1111's and OpenAI's in ``compat``.
 Every route but ``/health`` wants the token when one is set.
 
 >>> from lorablend.serve import ServeConfig, create_app
@@ -12,12 +12,9 @@ Every route but ``/health`` wants the token when one is set.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import shutil
-import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,73 +27,27 @@ from pydantic import ValidationError
 
 from ..errors import LoraCompatibilityError, LoraFormatError
 from . import responses
-from .cache import AdapterCache, CachedAdapter
-from .catalog import Catalog, LoraSource, NameTaken, UnknownLora, check_name
+from .catalog import LoraSource, NameTaken, UnknownLora, check_name
+from .compat import add_compat_routes
 from .config import ServeConfig
-from .engine import Engine, Generation, Result, ServerStopping
-from .metrics import Metrics, MetricsMiddleware
-from .schemas import ImageRequest, LoraRegistration, OpenAIImageRequest, Txt2ImgRequest, invalid
+from .engine import ServerStopping
+from .metrics import MetricsMiddleware
+from .schemas import ImageRequest, LoraRegistration, invalid
 from .security import LORA_SUFFIXES, BodyLimit, Forbidden, TokenCheck, resolve_inside
+from .state import ClientGone, ServerState, generate
 
 
-class ClientGone(Exception):
-    """The client disconnected while its request waited: nobody is left to answer (logged as 499).
-
-    >>> ClientGone("the client disconnected").args[0]
-    'the client disconnected'
-    """
-
-
-class ServerState:
-    """Everything one server owns (no module-level state): settings, catalog, cache, engine, metrics, and the
-    private folder where uploads live until deleted or the server stops.
-
-    >>> app.state.lorablend.cache.names_loaded()                            # doctest: +SKIP
-    ['ink']
-    """
-
-    def __init__(self, pipe: Any, config: ServeConfig, compiled: Any = None) -> None:
-        self.pipe = pipe
-        self.config = config.check()
-        self.metrics = Metrics()
-        self.catalog = Catalog(config.lora_dir)
-        self.cache = AdapterCache(pipe, budget_bytes=config.cache_bytes, metrics=self.metrics)
-        self.engine = Engine(pipe, self.cache, self.metrics, max_batch=config.max_batch, compiled=compiled)
-        self.upload_dir = Path(tempfile.mkdtemp(prefix="lorablend-uploads-"))
-
-    def adapters_for(self, names: list[str]) -> list[CachedAdapter]:
-        """The parsed adapters of a mix: 404 for an unknown name, 422 for a file the reader refuses.
-
-        >>> [e.name for e in state.adapters_for(["ink", "paper"])]              # doctest: +SKIP
-        ['ink', 'paper']
-        """
-        sources = [self.catalog.lookup(n) for n in names]  # every name checked before any file is read
-        return [self.cache.get(s) for s in sources]
-
-    def describe(self, source: LoraSource) -> dict[str, Any]:
-        """One row of ``GET /v1/loras``.
-
-        >>> state.describe(state.catalog.lookup("ink"))["format"]              # doctest: +SKIP
-        'kohya'
-        """
-        entry = self.cache.cached(source.name)
-        row: dict[str, Any] = {"name": source.name, "origin": source.origin,
-                               "loaded": source.name in self.cache.names_loaded(), "cached": entry is not None}
-        try:
-            row["bytes"] = source.path.stat().st_size
-            if entry is not None:
-                ranks = [d.rank for d in entry.adapter.deltas.values() if d.rank is not None]
-                row.update(format=entry.adapter.format, family=entry.adapter.family, rank=max(ranks, default=None))
-            else:
-                row.update(self.catalog.info(source))
-        except (OSError, ValueError) as exc:  # a damaged file is listed with its problem, not hidden
-            row.update(format=None, family=None, rank=None, error=str(exc))
-        return row
-
-    def close(self) -> None:
-        """Stop the worker and remove the uploads (the app's shutdown). >>> state.close()  # doctest: +SKIP"""
-        self.engine.stop()
-        shutil.rmtree(self.upload_dir, ignore_errors=True)
+def _plain(value: Any) -> Any:
+    """A validation error's input as JSON can carry it (non-finite numbers and odd types as text)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)[:200]
 
 
 def _error(status: int) -> Any:
@@ -122,47 +73,6 @@ def _install_errors(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal)
 
 
-def _plain(value: Any) -> Any:
-    """A validation error's input as JSON can carry it (non-finite numbers and odd types as text)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return repr(value)[:200]
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body is read by then: the next ASGI message is the disconnect)."""
-    while True:
-        message = await request.receive()
-        if message.get("type") == "http.disconnect":
-            return
-
-
-async def generate(state: ServerState, gen: Generation, request: Request) -> tuple[Generation, Result]:
-    """Resolve the mix, queue the request, wait for its batch; a client that leaves frees its place.
-
-    >>> gen, result = await generate(state, body.generation(config), request)   # doctest: +SKIP
-    """
-    entries = await run_in_threadpool(state.adapters_for, sorted(gen.loras))
-    state.engine.start()  # idempotent: started here too, because a mounted sub-app gets no startup event
-    job = state.engine.submit(gen, entries)
-    result = asyncio.wrap_future(job.future)
-    watcher = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not result.done():
-        state.engine.abandon(job)
-        raise ClientGone("the client disconnected before its images were made")
-    return job.generation, result.result()
-
-
 def create_app(pipe: Any, config: ServeConfig, *, compiled: Any = None, title: str = "lorablend") -> FastAPI:
     """The server for ``pipe`` (a ``lorablend.DiffusionPipeline``) with these settings; an ASGI app.
     ``compiled``: the handle of ``pipe.compile_denoiser()`` when the denoiser was compiled.
@@ -183,6 +93,7 @@ def create_app(pipe: Any, config: ServeConfig, *, compiled: Any = None, title: s
     app.state.lorablend = state
     _install_errors(app)
     _routes(app, state)
+    add_compat_routes(app, state)
     # the last added wraps the others: metrics see every answer (401 and 413 too); the token is checked
     # before any body byte is read; the body limit cuts an upload off as it arrives
     app.add_middleware(BodyLimit, limit_for=lambda path: config.max_upload_bytes if path.rstrip("/").endswith(
@@ -249,36 +160,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                             headers=responses.native_headers(gen, result))
         return responses.native(gen, result)
 
-    @app.post("/sdapi/v1/txt2img")
-    async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
-        """AUTOMATIC1111's txt2img (LoRAs as ``<lora:name:weight>`` in the prompt)."""
-        gen, result = await generate(state, body.generation(config), request)
-        return responses.a1111(gen, result, body.model_dump())
-
-    @app.get("/sdapi/v1/loras")
-    async def a1111_loras() -> list:
-        """AUTOMATIC1111's LoRA list."""
-        sources = await run_in_threadpool(state.catalog.scan)
-        # paths relative to --lora-dir: the client needs no view of the server's disk
-        return [{"name": s.name, "alias": s.name, "path": _shown_path(s, state.catalog.root), "metadata": {}}
-                for s in sorted(sources.values(), key=_by_name)]
-
-    @app.post("/v1/images/generations")
-    async def openai_images(body: OpenAIImageRequest, request: Request) -> dict:
-        """OpenAI's images API (``b64_json``; LoRAs as prompt tokens or an extra ``loras`` field)."""
-        gen, result = await generate(state, body.generation(config), request)
-        return responses.openai(gen, result)
-
-
 def _by_name(source: LoraSource) -> str:
     return source.name
-
-
-def _shown_path(source: LoraSource, root: Path) -> str:
-    try:
-        return source.path.relative_to(root).as_posix()
-    except ValueError:  # an upload: it lives in the server's private folder
-        return f"{source.name}{source.path.suffix}"
 
 
 def _register(state: ServerState, name: str, path: Path, origin: str) -> dict:
@@ -328,4 +211,4 @@ async def _upload(state: ServerState, request: Request) -> dict:
         await form.close()
 
 
-__all__ = ["ServerState", "create_app", "generate"]
+__all__ = ["create_app"]
