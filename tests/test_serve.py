@@ -253,3 +253,43 @@ def test_the_command_line_imports_without_the_serve_extra():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "pip install 'lorablend[serve]'" in done.stderr
+
+
+def test_sdxl_batches_equal_the_library_and_keep_negative_prompts_apart():
+    """The engine alone, on the tiny SDXL pipeline: a batch mixes prompts, seeds and image counts; a request
+    with a negative prompt never joins one without (SDXL encodes a missing negative prompt as zeros)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from lorablend.demo import random_adapter, tiny_pipeline
+    from lorablend.serve.cache import AdapterCache, CachedAdapter
+    from lorablend.serve.engine import Engine, Generation
+    from lorablend.serve.metrics import Metrics
+
+    pipe, ref = DiffusionPipeline(tiny_pipeline("sdxl")), DiffusionPipeline(tiny_pipeline("sdxl"))
+    ref.set_progress_bar_config(disable=True)
+    entries = []
+    for i, name in enumerate(("a", "b")):
+        adapter = random_adapter(pipe.pipe, name, seed=i + 1, strength=2.0)
+        ref.load_lora_weights(adapter, adapter_name=name)
+        entries.append(CachedAdapter(name, i, adapter, 0, (0, 0), Path(name)))
+    metrics = Metrics()
+    engine = Engine(pipe, AdapterCache(pipe, budget_bytes=2**30, metrics=metrics), metrics, max_batch=4)
+    mix = {"a": 0.6, "b": -0.4}
+    asks = [("x", 1, None, 1), ("a dog", 2, None, 2), ("a cat", 3, None, 1), ("neg", 4, "ugly", 1)]
+    with engine.lock:  # all four queue before the worker may run the first
+        engine.start()
+        jobs = [engine.submit(Generation(p, seed=s, steps=2, loras=mix, width=32, height=32, negative_prompt=neg,
+                                         num_images=k), entries) for p, s, neg, k in asks]
+    results = [job.future.result() for job in jobs]
+    engine.stop()
+    assert results[-1].batch_images == 1 and all(r.batch_images > 1 for r in results[1:3])
+    ref.set_adapters(list(mix), list(mix.values()))
+    for (prompt, seed, negative, k), result in zip(asks, results):
+        expected = ref(prompt, negative_prompt=negative, num_inference_steps=2, width=32, height=32,
+                       num_images_per_prompt=k, guidance_scale=5.0, output_type="np",
+                       generator=np.random.Generator(np.random.PCG64(seed))).images
+        assert len(result.images) == k
+        for got, want in zip(result.images, expected):
+            assert_same_image(got, want, f"SDXL {prompt}")
