@@ -13,6 +13,7 @@ import pickle
 import socket
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -248,3 +249,18 @@ def test_eviction_is_invisible_except_in_latency(world, library):
         assert small.state.cache.names_loaded() == ["clay"]
     finally:
         small.stop()
+
+
+def test_clients_asking_for_one_new_lora_at_once_parse_it_once(server, world):
+    twin = world.loras / "twin.safetensors"
+    twin.write_bytes(world.files["moss"].read_bytes())
+    state, metrics = server.state, server.state.metrics
+    before = metrics.value("lorablend_adapter_cache_misses_total")
+    try:
+        source = state.catalog.lookup("twin")
+        with ThreadPoolExecutor(4) as pool:
+            entries = list(pool.map(lambda _: state.cache.get(source), range(4)))
+        assert all(e is entries[0] for e in entries)
+        assert metrics.value("lorablend_adapter_cache_misses_total") == before + 1
+    finally:
+        twin.unlink()

@@ -66,6 +66,7 @@ class AdapterCache:
         self._entries: OrderedDict[str, CachedAdapter] = OrderedDict()  # least recently used first
         self._loaded: dict[str, CachedAdapter] = {}  # what the pipeline holds now, under these names
         self._versions = itertools.count(1)
+        self._parsing: dict[str, threading.Lock] = {}  # one lock per name being parsed (kept: a few bytes each)
         metrics.gauge("lorablend_adapter_cache_bytes", self.nbytes)
         metrics.gauge("lorablend_adapters_loaded", lambda: len(self._loaded))
 
@@ -79,20 +80,35 @@ class AdapterCache:
         1
         """
         stamp = source.stamp()
+        entry = self._current(source, stamp)
+        if entry is not None:
+            self.metrics.count("lorablend_adapter_cache_hits_total")
+            return entry
+        with self._lock:
+            parsing = self._parsing.setdefault(source.name, threading.Lock())
+        with parsing:  # clients asking for one new LoRA at once: one parse, one version (else: reloads)
+            entry = self._current(source, stamp)
+            if entry is not None:
+                self.metrics.count("lorablend_adapter_cache_hits_total")
+                return entry
+            self.metrics.count("lorablend_adapter_cache_misses_total")
+            adapter = self._parse(source)
+            entry = CachedAdapter(source.name, next(self._versions), adapter, adapter_bytes(adapter), stamp,
+                                  source.path)
+            with self._lock:
+                self._entries[source.name] = entry
+                self._entries.move_to_end(source.name)
+                self._trim(keep={source.name}, may_unload=False)
+        return entry
+
+    def _current(self, source: LoraSource, stamp: tuple[int, int]) -> CachedAdapter | None:
+        """The cached entry of ``source`` if it was read from this very file as it is now (LRU bumped)."""
         with self._lock:
             entry = self._entries.get(source.name)
             if entry is not None and entry.stamp == stamp and entry.path == source.path:
                 self._entries.move_to_end(source.name)
-                self.metrics.count("lorablend_adapter_cache_hits_total")
                 return entry
-        self.metrics.count("lorablend_adapter_cache_misses_total")
-        adapter = self._parse(source)
-        entry = CachedAdapter(source.name, next(self._versions), adapter, adapter_bytes(adapter), stamp, source.path)
-        with self._lock:
-            self._entries[source.name] = entry
-            self._entries.move_to_end(source.name)
-            self._trim(keep={source.name}, may_unload=False)
-        return entry
+        return None
 
     def _parse(self, source: LoraSource) -> Any:
         from ..io import load_adapter
