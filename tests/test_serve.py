@@ -245,6 +245,15 @@ def test_the_command_binds_loopback_unless_told():
     assert (args.host, args.port, args.compile) == ("127.0.0.1", 8000, False)
 
 
+def test_compile_on_a_build_without_it_is_a_clear_usage_error(monkeypatch, capsys, tmp_path):
+    from lorablend.cli import main
+
+    monkeypatch.delattr(DiffusionPipeline, "compile_denoiser", raising=False)
+    assert main(["serve", "--model", "m", "--lora-dir", str(tmp_path), "--compile"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorablend: error: --compile") and "not available in this build" in err, err
+
+
 def test_the_command_line_imports_without_the_serve_extra():
     code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
             "from lorablend.cli import main\n"
