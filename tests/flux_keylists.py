@@ -29,11 +29,14 @@ def keylist(name: str) -> dict[str, list[int]]:
     return json.loads((KEYLISTS / f"{name}.json").read_text())["state_dict_shapes"]
 
 
-def state_dict(name: str, rank: int | None = 2, seed: int = 0, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """The file's keys with seeded values: its shapes, the rank axis set to ``rank`` (None keeps the file's)."""
+def state_dict(name: str, rank: int | None = 2, seed: int = 0, only: str = "") -> dict[str, torch.Tensor]:
+    """The file's keys (those starting with ``only``) with seeded bf16 values: its shapes, the rank axis set to
+    ``rank`` (None keeps the file's)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in keylist(name).items():
+        if not key.startswith(only):
+            continue
         shape = list(shape)
         if key.endswith("alpha"):
             out[key] = torch.tensor(ALPHA)
@@ -45,7 +48,7 @@ def state_dict(name: str, rank: int | None = 2, seed: int = 0, dtype=torch.bfloa
         t = torch.randn(*shape, generator=g) * 0.1
         if key.endswith(("dora_scale", ".scale")):
             t = t.abs() + 1.0  # magnitudes and norm scales are positive
-        out[key] = t.to(dtype)
+        out[key] = t.to(torch.bfloat16)
     return out
 
 

@@ -32,8 +32,9 @@ SAMPLES = {
     "dora in": lambda: DoRADelta(LowRankDelta(rnd(4, 12), rnd(10, 4), alpha=2.0), rnd(1, 12).abs() + 1, "in"),
     "lora bias": lambda: LowRankDelta(rnd(4, 12), rnd(10, 4), alpha=2.0, bias=rnd(10, seed=3)),
     "set": lambda: SetDelta(rnd(10, 12, seed=4)),
+    "lora diff_b": lambda: LowRankDelta(rnd(4, 12), rnd(10, 4), alpha=2.0, diff_b=rnd(10, seed=5)),
 }
-BIASED = ("full", "lora bias")
+BIASED = ("full", "lora bias", "lora diff_b")
 NEEDS_BASE = ("dora out", "dora in", "set")
 NO_KOHYA = ("lora bias",)  # a LoRA bias has no kohya spelling: refused, not dropped
 
@@ -129,6 +130,16 @@ def test_a_lora_bias_is_scaled_refused_by_kohya_and_written_by_peft():
     with pytest.raises(ValueError, match="diffusers format"):
         dict(d.kohya_tensors(d.shape))
     assert torch.equal(d.peft_tensors(d.shape)["lora_B.bias"], d.bias)
+    both = LowRankDelta(d.down, d.up, alpha=2.0, bias=d.bias, diff_b=rnd(10, seed=5))  # diff_b: added unscaled
+    assert_same_computed(both.delta_bias(), d.bias * 0.5 + rnd(10, seed=5))
+    assert SAMPLES["lora diff_b"]().peft_problem() == "LoRA with a bias difference (diff_b)"
+
+
+def test_a_role_no_kind_applies_is_refused_not_dropped():
+    group = ModuleGroup("m", {"hada_w1_a": "a", "hada_w1_b": "b", "hada_w2_a": "c", "hada_w2_b": "d", "diff_b": "e"})
+    tensors = {"a": rnd(4, 2), "b": rnd(2, 3), "c": rnd(4, 2), "d": rnd(2, 3), "e": rnd(4)}
+    with pytest.raises(DeltaProblem, match=r"a loha module with \['diff_b'\] beside it"):
+        build_delta(group, tensors)
 
 
 # Row splits: for every kind, the delta of some output rows equals those rows of the full ΔW (and bias).
@@ -175,3 +186,11 @@ def test_rows_that_cannot_be_split_exactly_are_refused_with_why():
         SAMPLES["dora in"]().rows(0, 4)
     with pytest.raises(DeltaProblem, match="not inside the 10 output rows"):
         SAMPLES["lora linear"]().rows(8, 12)
+
+
+def test_a_bias_difference_alone_changes_the_bias_only():
+    d = FullDelta(None, diff_b=rnd(6))
+    assert d.changes_bias and d.fit_problem((6, 5)) is None and "has 6 values" in d.fit_problem((7, 5))
+    assert torch.equal(d.delta_weight((6, 5)), torch.zeros(6, 5)) and torch.equal(d.delta_bias(), d.diff_b)
+    assert torch.equal(d.rows(2, 4).delta_bias(), d.diff_b[2:4])
+    assert dict(d.kohya_tensors((6, 5))).keys() == {"diff_b"}

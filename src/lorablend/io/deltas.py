@@ -72,6 +72,9 @@ def _inner_delta(group: ModuleGroup, tensors: dict[str, torch.Tensor]) -> Delta:
             raise DeltaProblem(f"{group.parts[role]!r} is {what}; a factor of a LoRA layer is a matrix of values")
     for kind in KINDS:
         if kind.roles & get.keys():
+            stray = sorted(get.keys() - kind.roles - kind.extra_roles)
+            if stray:  # never drop a tensor silently: a kind that cannot apply it refuses the module
+                raise DeltaProblem(f"a {kind.kind} module with {stray} beside it, which a {kind.kind} delta cannot apply")
             return kind.from_roles(get, _alpha(group, tensors))
     raise DeltaProblem(f"no weights for this module, only {sorted(group.parts)}")
 

@@ -152,6 +152,9 @@ class DeltaKind:
 
     kind: ClassVar[str]
     roles: ClassVar[frozenset[str]] = frozenset()
+    # roles the kind also takes when a module has them (a LoRA's bias); any other role a module has beside the
+    # kind's own is refused by the reader, never dropped
+    extra_roles: ClassVar[frozenset[str]] = frozenset()
     # DoRA's ΔW depends on the base weight: fuse and merge must pass it.
     needs_base: ClassVar[bool] = False
     # LyCORIS LoHa / LoKr may hold a conv's ΔW flattened to (out, in·kh·kw): its 4-D shape comes from the module.

@@ -12,14 +12,16 @@ from .base import DeltaKind, DeltaProblem, RowSpans, Shape, check_spans, fit_to_
 
 @dataclass(eq=False)
 class FullDelta(DeltaKind):
-    """A full weight difference (LyCORIS ``diff``) with an optional bias difference (``diff_b``).
+    """A full weight difference (LyCORIS ``diff``) with an optional bias difference (``diff_b``). A bias
+    difference alone (``diff`` None: kohya / ComfyUI Flux files that trained biases only) changes no weight: its
+    ΔW is zeros of the module's shape and its own ``shape`` is ``(out,)``, which fits any weight with ``out`` rows.
 
     >>> d = FullDelta(diff=torch.ones(2, 2), diff_b=torch.ones(2))
     >>> d.delta_weight().sum().item(), d.changes_bias, d.rank
     (4.0, True, None)
     """
 
-    diff: torch.Tensor
+    diff: torch.Tensor | None
     diff_b: torch.Tensor | None = None
     kind: str = field(default="full", init=False)
     roles: ClassVar[frozenset[str]] = frozenset({"diff", "diff_b"})
@@ -29,9 +31,11 @@ class FullDelta(DeltaKind):
 
     @property
     def shape(self) -> Shape:
-        return tuple(int(s) for s in self.diff.shape)
+        return tuple(int(s) for s in (self.diff if self.diff is not None else self.diff_b).shape)
 
     def delta_weight(self, shape: Shape | torch.Size | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+        if self.diff is None:  # a bias difference alone: the weight does not change
+            return torch.zeros(tuple(shape) if shape is not None else self.shape)
         return fit_to_shape(self.diff.float(), shape, "full diff")
 
     @property
@@ -42,6 +46,9 @@ class FullDelta(DeltaKind):
         return None if self.diff_b is None else self.diff_b.float()
 
     def fit_problem(self, weight_shape: Shape) -> str | None:
+        if self.diff is None:
+            return None if self.diff_b.numel() == int(weight_shape[0]) else (
+                f"its bias difference has {self.diff_b.numel()} values but the module has {weight_shape[0]} outputs")
         problem = super().fit_problem(weight_shape)
         if problem is None and self.diff_b is not None and self.diff_b.numel() != int(weight_shape[0]):
             return f"its bias difference has {self.diff_b.numel()} values but the module has {weight_shape[0]} outputs"
@@ -50,7 +57,8 @@ class FullDelta(DeltaKind):
     def take_rows(self, spans: RowSpans) -> "FullDelta":
         """Those rows of the weight and bias differences."""
         spans = check_spans(spans, self.out_features, "full diff")
-        return FullDelta(diff=take(self.diff, spans), diff_b=None if self.diff_b is None else take(self.diff_b, spans))
+        diff, diff_b = (None if t is None else take(t, spans) for t in (self.diff, self.diff_b))
+        return FullDelta(diff=diff, diff_b=diff_b)
 
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from (t for t in (self.diff, self.diff_b) if t is not None)
@@ -60,6 +68,7 @@ class FullDelta(DeltaKind):
 
     @classmethod
     def from_roles(cls, get: Mapping[str, torch.Tensor], alpha: float | None) -> "FullDelta":
-        if "diff" not in get:
-            raise DeltaProblem("a bias difference (diff_b) without a weight difference (diff) is not applied")
-        return cls(diff=get["diff"], diff_b=get.get("diff_b"))
+        diff_b = get.get("diff_b")
+        if diff_b is not None and diff_b.dim() != 1:
+            raise DeltaProblem(f"a bias difference (diff_b) of shape {tuple(diff_b.shape)}: a bias has one axis")
+        return cls(diff=get.get("diff"), diff_b=diff_b)

@@ -20,7 +20,9 @@ class LowRankDelta(DeltaKind):
     Shapes: linear ``down (r, in)``, ``up (out, r)``; conv ``down (r, in, kh, kw)``,
     ``up (out, r, 1, 1)``; Tucker conv ``down (r, in, 1, 1)``, ``mid (r, r, kh, kw)``. ``bias (out,)``: the bias of
     the up projection (PEFT ``lora_bias=True``'s ``lora_B.bias``; BFL Flux control LoRAs have one on every layer):
-    the module's bias changes by ``alpha/rank · bias``, as PEFT's forward and merge add it.
+    the module's bias changes by ``alpha/rank · bias``, as PEFT's forward and merge add it. ``diff_b (out,)``: a
+    bias difference stored beside the factors (kohya / ComfyUI ``.diff_b``, e.g. Flux trainers that train biases),
+    added as it is (no scale).
 
     >>> d = LowRankDelta(down=torch.ones(2, 3), up=torch.ones(4, 2), alpha=1.0)
     >>> d.delta_weight().shape, d.scale
@@ -32,8 +34,10 @@ class LowRankDelta(DeltaKind):
     alpha: float | None = None
     mid: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    diff_b: torch.Tensor | None = None
     kind: str = field(default="lora", init=False)
     roles: ClassVar[frozenset[str]] = frozenset({"down", "up", "mid"})
+    extra_roles: ClassVar[frozenset[str]] = frozenset({"up_bias", "diff_b"})
 
     @property
     def rank(self) -> int:
@@ -87,27 +91,33 @@ class LowRankDelta(DeltaKind):
 
     @property
     def changes_bias(self) -> bool:
-        return self.bias is not None
+        return self.bias is not None or self.diff_b is not None
 
     def delta_bias(self) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.float() * self.scale
+        parts = [t for t in (None if self.bias is None else self.bias.float() * self.scale,
+                             None if self.diff_b is None else self.diff_b.float()) if t is not None]
+        return sum(parts[1:], parts[0]) if parts else None
 
     def fit_problem(self, weight_shape: Shape) -> str | None:
         problem = super().fit_problem(weight_shape)
-        if problem is None and self.bias is not None and self.bias.numel() != int(weight_shape[0]):
-            return f"its bias (lora_B.bias) has {self.bias.numel()} values but the module has {weight_shape[0]} outputs"
+        for name, t in (("lora_B.bias", self.bias), ("diff_b", self.diff_b)):
+            if problem is None and t is not None and t.numel() != int(weight_shape[0]):
+                problem = f"its bias ({name}) has {t.numel()} values but the module has {weight_shape[0]} outputs"
         return problem
 
     def take_rows(self, spans: RowSpans) -> "LowRankDelta":
-        """Those rows of ``up`` (and of the bias); ``down``, ``mid`` and alpha shared, so the scale is unchanged."""
+        """Those rows of ``up`` (and of the biases); ``down``, ``mid`` and alpha shared: the scale is unchanged."""
         spans = check_spans(spans, self.out_features, "LoRA")
-        bias = None if self.bias is None else take(self.bias, spans)
-        return LowRankDelta(down=self.down, up=take(self.up, spans), alpha=self.alpha, mid=self.mid, bias=bias)
+        bias, diff_b = (None if t is None else take(t, spans) for t in (self.bias, self.diff_b))
+        return LowRankDelta(down=self.down, up=take(self.up, spans), alpha=self.alpha, mid=self.mid, bias=bias,
+                            diff_b=diff_b)
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        yield from (t for t in (self.down, self.up, self.mid, self.bias) if t is not None)
+        yield from (t for t in (self.down, self.up, self.mid, self.bias, self.diff_b) if t is not None)
 
     def kohya_tensors(self, weight_shape: Shape | None) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.diff_b is not None:
+            yield "diff_b", self.diff_b
         if self.bias is not None:
             raise ValueError("a LoRA with a bias (lora_B.bias, e.g. a BFL Flux control LoRA) has no kohya / LyCORIS "
                              "spelling; save it in the diffusers format")
@@ -122,7 +132,7 @@ class LowRankDelta(DeltaKind):
         return None if self.mid is None else "locon"  # Tucker cores are LyCORIS' LoCon
 
     def peft_problem(self) -> str | None:
-        return None
+        return None if self.diff_b is None else "LoRA with a bias difference (diff_b)"
 
     def peft_tensors(self, weight_shape: Shape | None) -> dict[str, torch.Tensor]:
         """``lora_A`` / ``lora_B`` with the dims PEFT builds for the module: 2-D for Linear, 4-D for Conv2d."""
@@ -149,4 +159,6 @@ class LowRankDelta(DeltaKind):
         bias = get.get("up_bias")
         if bias is not None and bias.numel() != up.shape[0]:
             raise DeltaProblem(f"LoRA bias of shape {tuple(bias.shape)} does not match up {tuple(up.shape)}")
-        return cls(down=down, up=up, alpha=alpha, mid=mid, bias=None if bias is None else bias.reshape(-1))
+        diff_b = get.get("diff_b")
+        return cls(down=down, up=up, alpha=alpha, mid=mid, bias=None if bias is None else bias.reshape(-1),
+                   diff_b=None if diff_b is None else diff_b.reshape(-1))
