@@ -77,7 +77,7 @@ def peft_state_dict(adapter) -> dict[str, torch.Tensor]:
 def params_of(pipe) -> dict[str, torch.Tensor]:
     """Every parameter of the adaptable components, cloned: ``{component.name: tensor}``."""
     out = {}
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
+    for comp in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
         model = getattr(pipe, comp, None)
         if model is not None:
             out.update({f"{comp}.{n}": p.detach().clone() for n, p in model.named_parameters()})

@@ -1,4 +1,5 @@
-"""``DiffusionPipeline``: the LoRA API of diffusers' "Merge LoRAs" guide on a diffusers SD1.x / SDXL pipeline.
+"""``DiffusionPipeline``: the LoRA API of diffusers' "Merge LoRAs" guide on a diffusers SD1.x / SDXL / Flux.1 / SD3
+pipeline (a ``unet`` or a ``transformer`` denoiser).
 
 Generation is diffusers' own; this class adds the LoRA methods (same names and arguments as diffusers)
 on top of the exact runtime in ``runtime.py``, and delegates everything else to the wrapped pipeline
@@ -24,6 +25,7 @@ Where the guide is wrong, this is what is true here:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -64,6 +66,54 @@ def _is_numpy_generator(generator: Any) -> bool:
     )
 
 
+def _denoiser(pipe: Any) -> torch.nn.Module | None:
+    """The pipeline's denoiser: its ``unet`` (SD1.x / SDXL) or ``transformer`` (Flux.1, SD3), else None."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+def _host_normal(generator: Any, batch: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal noise ``(batch, *shape)`` from one numpy generator or one per image."""
+    if isinstance(generator, np.random.Generator):
+        return generator.standard_normal((batch, *shape))
+    if len(generator) != batch:
+        raise ValueError(f"got {len(generator)} numpy generators for {batch} images; pass one per image")
+    return np.stack([g.standard_normal(shape) for g in generator])
+
+
+@contextlib.contextmanager
+def _host_noise_in_prepare_latents(pipe: Any, generator: Any):
+    """For one call, the pipeline's ``prepare_latents`` gets latents drawn on the host from ``generator``, shaped
+    from the batch / channels / size it is called with (so a Kontext image's auto-resize is respected) and packed
+    into 2×2 patches when the pipeline packs its latents (Flux)."""
+    original = pipe.prepare_latents
+    signature = inspect.signature(original)
+    packs = callable(getattr(pipe, "_pack_latents", None))
+
+    def prepare_latents(*args: Any, **kwargs: Any):
+        bound = signature.bind(*args, **kwargs)
+        params = bound.arguments
+        if params.get("latents") is None:
+            batch, channels = int(params["batch_size"]), int(params["num_channels_latents"])
+            factor = pipe.vae_scale_factor * (2 if packs else 1)
+            height, width = (int(params[k]) // factor * (2 if packs else 1) for k in ("height", "width"))
+            noise = torch.from_numpy(_host_normal(generator, batch, (channels, height, width)))
+            latents = noise.to(device=params["device"], dtype=params["dtype"])
+            if packs:
+                latents = pipe._pack_latents(latents, batch, channels, height, width)
+            params["latents"] = latents
+        return original(*bound.args, **bound.kwargs)
+
+    pipe.__dict__["prepare_latents"] = prepare_latents  # (an instance attribute: the class's method stays)
+    try:
+        yield
+    finally:
+        pipe.__dict__.pop("prepare_latents", None)
+
+
 class DiffusionPipeline:
     """A diffusers pipeline with lorablend's LoRA runtime.
 
@@ -83,9 +133,10 @@ class DiffusionPipeline:
     ):
         if isinstance(pipe, DiffusionPipeline):
             pipe = pipe.pipe
-        if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        if _denoiser(pipe) is None:
             raise TypeError(
-                f"DiffusionPipeline wraps a diffusers SD1.x/SDXL pipeline (with a unet); got {type(pipe).__name__}"
+                "DiffusionPipeline wraps a diffusers SD1.x / SDXL (unet) or Flux.1 / SD3 (transformer) pipeline; "
+                f"got {type(pipe).__name__}, which has neither"
             )
         from .naming import components_of
 
@@ -138,28 +189,45 @@ class DiffusionPipeline:
         return self
 
     # ------------------------------------------------------------------------------ generation
-    def __call__(self, *args: Any, generator: Any = None, cross_attention_kwargs: dict | None = None, **kwargs: Any):
+    def __call__(
+        self,
+        *args: Any,
+        generator: Any = None,
+        cross_attention_kwargs: dict | None = None,
+        joint_attention_kwargs: dict | None = None,
+        **kwargs: Any,
+    ):
         """Generate with diffusers; returns diffusers' output (``out[0][0]`` and ``out.images[0]`` both work).
 
         ``generator`` may be a ``torch.Generator`` (passed to diffusers) or a ``np.random.Generator`` / a list
         of them, one per image: the initial latents are then drawn on the host with
-        ``generator.standard_normal(shape)``, so a seed gives the same latents on every device.
-        ``cross_attention_kwargs={"scale": s}`` scales the unfused adapters in the UNet and text encoders for
-        this call only.
+        ``generator.standard_normal(shape)`` (packed as the pipeline packs them, for Flux), so a seed gives the
+        same latents on every device. ``cross_attention_kwargs={"scale": s}`` (SD1.x / SDXL) or
+        ``joint_attention_kwargs={"scale": s}`` (Flux, SD3: diffusers' name there; either spelling is accepted)
+        scales the unfused adapters in the denoiser and the text encoders for this call only.
 
         >>> image = pipeline("a bowl of ramen", generator=np.random.Generator(np.random.PCG64(0)))[0][0]  # doctest: +SKIP
         """
-        attention_kwargs = dict(cross_attention_kwargs or {})
+        if cross_attention_kwargs is not None and joint_attention_kwargs is not None:
+            raise ValueError("pass cross_attention_kwargs (SD1.x / SDXL) or joint_attention_kwargs (Flux, SD3), not both")
+        attention_kwargs = dict(cross_attention_kwargs or joint_attention_kwargs or {})
         scale = attention_kwargs.pop("scale", 1.0)
+        joint = "joint_attention_kwargs" in inspect.signature(self.pipe.__call__).parameters
+        kwargs["joint_attention_kwargs" if joint else "cross_attention_kwargs"] = attention_kwargs or None
+        host_noise = contextlib.nullcontext()
         if _is_numpy_generator(generator):
             if kwargs.get("latents") is not None:
                 raise ValueError("pass either latents= or a numpy generator, not both")
-            kwargs["latents"] = self._host_latents(generator, args, kwargs)
+            if isinstance(getattr(self.pipe, "unet", None), torch.nn.Module):
+                kwargs["latents"] = self._host_latents(generator, args, kwargs)
+            else:  # a transformer pipeline sizes (and packs) its latents inside prepare_latents: draw them there
+                host_noise = _host_noise_in_prepare_latents(self.pipe, generator)
             generator = None
-        with self._runtime.call_scale(scale):
-            return self.pipe(*args, generator=generator, cross_attention_kwargs=attention_kwargs or None, **kwargs)
+        with self._runtime.call_scale(scale), host_noise:
+            return self.pipe(*args, generator=generator, **kwargs)
 
     def _host_latents(self, generator: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Initial latents of a UNet pipeline drawn on the host from numpy generator(s) (see ``__call__``)."""
         pipe = self.pipe
         signature = inspect.signature(pipe.__call__)
         if "latents" not in signature.parameters:
@@ -177,14 +245,9 @@ class DiffusionPipeline:
         default = pipe.unet.config.sample_size * scale_factor
         height, width = params.get("height") or default, params.get("width") or default
         shape = (pipe.unet.config.in_channels, int(height) // scale_factor, int(width) // scale_factor)
-        if isinstance(generator, np.random.Generator):
-            noise = generator.standard_normal((batch, *shape))
-        else:
-            if len(generator) != batch:
-                raise ValueError(f"got {len(generator)} numpy generators for {batch} images; pass one per image")
-            noise = np.stack([g.standard_normal(shape) for g in generator])
         # diffusers' prepare_latents multiplies given latents by scheduler.init_noise_sigma itself.
-        return torch.from_numpy(noise).to(device=pipe._execution_device, dtype=pipe.unet.dtype)
+        return torch.from_numpy(_host_normal(generator, batch, shape)).to(
+            device=pipe._execution_device, dtype=pipe.unet.dtype)
 
     # ------------------------------------------------------------------------------ loading
     def load_lora_weights(

@@ -110,6 +110,16 @@ def _vae(seed: int, **overrides):
     return AutoencoderKL(**{**FLUX_VAE, **overrides})
 
 
+def _finish(pipe, torch_dtype: torch.dtype):
+    # Models built from a config start in training mode, and T5 has dropout 0.1: eval() as from_pretrained does,
+    # or every call draws other dropout masks (images then differ by ~2e-3 between two identical calls).
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+
+
 def tiny_flux_pipeline(*, seed: int = 0, kontext: bool = False, torch_dtype: torch.dtype = torch.float32):
     """A tiny ``FluxPipeline`` (or ``FluxKontextPipeline``): 2 double + 2 single blocks, CLIP-L and T5 32 wide.
 
@@ -132,8 +142,7 @@ def tiny_flux_pipeline(*, seed: int = 0, kontext: bool = False, torch_dtype: tor
         tokenizer_2=tiny_t5_tokenizer(),
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+    return _finish(pipe, torch_dtype)
 
 
 def tiny_sd3_pipeline(*, seed: int = 0, torch_dtype: torch.dtype = torch.float32):
@@ -159,8 +168,7 @@ def tiny_sd3_pipeline(*, seed: int = 0, torch_dtype: torch.dtype = torch.float32
         tokenizer_3=tiny_t5_tokenizer(),
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+    return _finish(pipe, torch_dtype)
 
 
 __all__ = ["FLUX_TRANSFORMER", "SD3_TRANSFORMER", "T5_ENCODER", "tiny_flux_pipeline", "tiny_sd3_pipeline",

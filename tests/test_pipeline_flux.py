@@ -1,0 +1,127 @@
+"""The guide on Flux.1 / Kontext / SD3 pipelines: tiny pipelines from config numbers, LoRA files with the real
+module names, images against diffusers + PEFT (which reads these files itself), bf16 unfuse bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lorablend
+from lorablend.tiny_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
+
+from conftest import assert_params_equal, params_of
+
+GEN = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+IMAGE_TOL = 1e-3  # the issue's parity bound for images in [0, 1] computed by two systems
+FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "proj_mlp", "proj_out",
+                "ff.net.2", "ff_context.net.0.proj", "norm1.linear", "norm.linear")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_sd3_pipeline()
+
+
+def _seed(s: int = 0) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(s))
+
+
+def _peft_file(path, transformer, seed: int, rank: int = 4, targets=FLUX_TARGETS, prefix="transformer") -> str:
+    """A diffusers/PEFT-named LoRA over ``targets`` of ``transformer`` (every block that has them)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in transformer.named_modules():
+        if isinstance(m, torch.nn.Linear) and any(name.endswith(t) for t in targets):
+            sd[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.2
+            sd[f"{prefix}.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.2
+    save_file(sd, str(path))
+    return str(path)
+
+
+def _theirs(pipe, generator, **kw):
+    """diffusers' own call with the noise our numpy generator gives (drawn where the pipeline draws it)."""
+    from lorablend.pipeline import _host_noise_in_prepare_latents
+
+    with _host_noise_in_prepare_latents(pipe, generator):
+        return pipe(prompt="a cat", **GEN, **kw).images
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_blend_and_call_time_scale_match_diffusers_peft(tmp_path, flux, sd3, family):
+    base = {"flux": flux, "sd3": sd3}[family]
+    files = [_peft_file(tmp_path / f"{n}.safetensors", base.transformer, seed) for n, seed in (("a", 1), ("b", 2))]
+    ours = lorablend.DiffusionPipeline(copy.deepcopy(base))
+    theirs = copy.deepcopy(base)
+    for name, f in zip("ab", files):
+        report = ours.load_lora_weights(f, adapter_name=name)
+        assert "0 unknown" in str(report) and "0 unsupported" in str(report)
+        theirs.load_lora_weights(f, adapter_name=name)
+    ours.set_adapters(["a", "b"], [0.7, -0.4])
+    theirs.set_adapters(["a", "b"], [0.7, -0.4])
+    got = ours(prompt="a cat", generator=_seed(), **GEN).images
+    want = _theirs(theirs, _seed())
+    np.testing.assert_allclose(got, want, atol=IMAGE_TOL, rtol=0)
+    scaled = ours(prompt="a cat", generator=_seed(), joint_attention_kwargs={"scale": 0.5}, **GEN).images
+    np.testing.assert_allclose(scaled, _theirs(theirs, _seed(), joint_attention_kwargs={"scale": 0.5}),
+                               atol=IMAGE_TOL, rtol=0)
+    ours.disable_lora()
+    plain = ours(prompt="a cat", generator=_seed(), **GEN).images
+    assert np.abs(got - plain).max() > 20 * IMAGE_TOL  # the LoRAs change the image well beyond the tolerance
+
+
+def test_kontext_draws_host_noise_where_the_pipeline_sizes_it(tmp_path):
+    from PIL import Image
+
+    base = tiny_flux_pipeline(kontext=True)
+    f = _peft_file(tmp_path / "k.safetensors", base.transformer, seed=3)
+    ours, theirs = lorablend.DiffusionPipeline(copy.deepcopy(base)), copy.deepcopy(base)
+    ours.load_lora_weights(f, adapter_name="k")
+    theirs.load_lora_weights(f, adapter_name="k")
+    kw = dict(image=Image.new("RGB", (32, 32), (120, 30, 200)), _auto_resize=False, max_area=32 * 32)
+    got = ours(prompt="a cat", generator=_seed(5), **GEN, **kw).images
+    np.testing.assert_allclose(got, _theirs(theirs, _seed(5), **kw), atol=IMAGE_TOL, rtol=0)
+    again = ours(prompt="a cat", generator=[_seed(5)], **GEN, **kw).images  # one generator per image: the same noise
+    np.testing.assert_allclose(again, got, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fused_count", [1, 2, 5])
+def test_bf16_unfuse_is_bit_exact_after_fusing_several(tmp_path, flux, fused_count):
+    pipe = lorablend.DiffusionPipeline(copy.deepcopy(flux).to(dtype=torch.bfloat16))
+    before = params_of(pipe)
+    names = [f"l{i}" for i in range(fused_count)]
+    for i, name in enumerate(names):
+        pipe.load_lora_weights(_peft_file(tmp_path / f"{name}.safetensors", flux.transformer, seed=10 + i),
+                               adapter_name=name)
+    pipe.set_adapters(names, [0.5 + 0.1 * i for i in range(fused_count)])
+    pipe.fuse_lora(adapter_names=names)
+    assert pipe.num_fused_loras == fused_count
+    fused = params_of(pipe)
+    assert any(not torch.equal(fused[k], before[k]) for k in before)
+    pipe.unfuse_lora()
+    assert_params_equal(pipe, before)
+
+
+def test_fused_flux_generates_what_the_unfused_blend_generates(tmp_path, flux):
+    pipe = lorablend.DiffusionPipeline(copy.deepcopy(flux))
+    for name, seed in (("a", 1), ("b", 2)):
+        pipe.load_lora_weights(_peft_file(tmp_path / f"{name}.safetensors", flux.transformer, seed),
+                               adapter_name=name)
+    pipe.set_adapters(["a", "b"], [0.6, 0.3])
+    unfused = pipe(prompt="a cat", generator=_seed(), **GEN).images
+    pipe.add_weighted_adapter(["a", "b"], [0.6, 0.3], "ab", combination_type="cat")
+    pipe.set_adapters("ab")
+    merged = pipe(prompt="a cat", generator=_seed(), **GEN).images
+    pipe.fuse_lora(adapter_names=["ab"])
+    pipe.unload_lora_weights()
+    fused = pipe(prompt="a cat", generator=_seed(), **GEN).images
+    np.testing.assert_allclose(merged, unfused, atol=IMAGE_TOL, rtol=0)
+    np.testing.assert_allclose(fused, unfused, atol=IMAGE_TOL, rtol=0)
