@@ -125,3 +125,75 @@ def test_fused_flux_generates_what_the_unfused_blend_generates(tmp_path, flux):
     fused = pipe(prompt="a cat", generator=_seed(), **GEN).images
     np.testing.assert_allclose(merged, unfused, atol=IMAGE_TOL, rtol=0)
     np.testing.assert_allclose(fused, unfused, atol=IMAGE_TOL, rtol=0)
+
+
+def _kohya_flux_file(path, seed: int, rank: int = 4, dim: int = 32, mlp: int = 128, double: int = 2, single: int = 2):
+    """A kohya sd-scripts Flux LoRA with BFL names for the tiny transformer (fused qkv and linear1 rows)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {}
+    for i in range(double):
+        for s in ("img", "txt"):
+            shapes.update({f"double_blocks_{i}_{s}_attn_qkv": (dim, 3 * dim), f"double_blocks_{i}_{s}_attn_proj": (dim, dim),
+                           f"double_blocks_{i}_{s}_mlp_0": (dim, mlp), f"double_blocks_{i}_{s}_mlp_2": (mlp, dim),
+                           f"double_blocks_{i}_{s}_mod_lin": (dim, 6 * dim)})
+    for i in range(single):
+        shapes.update({f"single_blocks_{i}_linear1": (dim, 3 * dim + mlp), f"single_blocks_{i}_linear2": (dim + mlp, dim),
+                       f"single_blocks_{i}_modulation_lin": (dim, 3 * dim)})
+    sd = {}
+    for name, (fan_in, fan_out) in shapes.items():
+        sd[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=g) * 0.2
+        sd[f"lora_unet_{name}.lora_up.weight"] = torch.randn(fan_out, rank, generator=g) * 0.2
+        sd[f"lora_unet_{name}.alpha"] = torch.tensor(float(rank) / 2)
+    save_file(sd, str(path))
+    return str(path), len(sd)
+
+
+# BFL name -> [(diffusers module, rows)] for the tiny transformer (written out by hand, independently of naming/)
+def _bfl_to_diffusers(dim: int = 32, mlp: int = 128, double: int = 2, single: int = 2) -> dict:
+    table = {}
+    for i in range(double):
+        b = f"transformer_blocks.{i}"
+        for s, (q, k, v, out, ff, norm) in {
+            "img": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff", "norm1.linear"),
+            "txt": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context",
+                    "norm1_context.linear"),
+        }.items():
+            table[f"double_blocks_{i}_{s}_attn_qkv"] = [(f"{b}.{m}", slice(j * dim, (j + 1) * dim))
+                                                      for j, m in enumerate((q, k, v))]
+            table[f"double_blocks_{i}_{s}_attn_proj"] = [(f"{b}.{out}", slice(None))]
+            table[f"double_blocks_{i}_{s}_mlp_0"] = [(f"{b}.{ff}.net.0.proj", slice(None))]
+            table[f"double_blocks_{i}_{s}_mlp_2"] = [(f"{b}.{ff}.net.2", slice(None))]
+            table[f"double_blocks_{i}_{s}_mod_lin"] = [(f"{b}.{norm}", slice(None))]
+    for i in range(single):
+        b = f"single_transformer_blocks.{i}"
+        table[f"single_blocks_{i}_linear1"] = [(f"{b}.{m}", slice(j * dim, (j + 1) * dim))
+                                               for j, m in enumerate(("attn.to_q", "attn.to_k", "attn.to_v"))]
+        table[f"single_blocks_{i}_linear1"].append((f"{b}.proj_mlp", slice(3 * dim, 3 * dim + mlp)))
+        table[f"single_blocks_{i}_linear2"] = [(f"{b}.proj_out", slice(None))]
+        table[f"single_blocks_{i}_modulation_lin"] = [(f"{b}.norm.linear", slice(None))]
+    return table
+
+
+def test_kohya_flux_file_gives_the_image_of_its_rows_split_by_hand(tmp_path, flux):
+    """kohya's fused q/k/v (and single-block linear1) LoRA: one down shared by the split up rows. diffusers reads
+    such files only at the real widths (its converter hard-codes 3072 / 12288), so the oracle here is diffusers +
+    PEFT on a diffusers-named file split by hand from the same tensors (the scale folded into lora_B)."""
+    path, n_keys = _kohya_flux_file(tmp_path / "kohya.safetensors", seed=7)
+    from safetensors.torch import load_file
+
+    kohya, split = load_file(path), {}
+    for bfl, targets in _bfl_to_diffusers().items():
+        down, up = kohya[f"lora_unet_{bfl}.lora_down.weight"], kohya[f"lora_unet_{bfl}.lora_up.weight"]
+        scale = float(kohya[f"lora_unet_{bfl}.alpha"]) / down.shape[0]
+        for module, rows in targets:
+            split[f"transformer.{module}.lora_A.weight"] = down.clone()
+            split[f"transformer.{module}.lora_B.weight"] = (up[rows] * scale).contiguous()
+    save_file(split, str(tmp_path / "split.safetensors"))
+    ours, theirs = lorablend.DiffusionPipeline(copy.deepcopy(flux)), copy.deepcopy(flux)
+    report = ours.load_lora_weights(path, adapter_name="k")
+    assert f"{n_keys} keys mapped, 0 unsupported, 0 unknown" in str(report)
+    theirs.load_lora_weights(str(tmp_path / "split.safetensors"), adapter_name="k")
+    got = ours(prompt="a cat", generator=_seed(), **GEN).images
+    np.testing.assert_allclose(got, _theirs(theirs, _seed()), atol=IMAGE_TOL, rtol=0)
+    ours.disable_lora()
+    assert np.abs(got - ours(prompt="a cat", generator=_seed(), **GEN).images).max() > 20 * IMAGE_TOL
