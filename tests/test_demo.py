@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lorablend.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +23,16 @@ def test_demo_command_runs_the_guide_and_writes_images_and_report(tmp_path, caps
     assert {"base.png", "set_adapters.png", "fuse_lora.png", "reloaded.png", "unfuse_lora.png"} <= {p.name for p in out.iterdir()}
     assert "unfuse_lora on a second pipeline" in (out / "report.md").read_text()
     # (no time bound here: timings belong to benchmarks/, and a loaded CI machine made a 120 s bound fail)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_demo_runs_the_guide_on_a_transformer_family(tmp_path, capsys, family):
+    assert main(["demo", "--family", family, "--output", str(tmp_path / "out"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["ok"] for s in doc["steps"]] == [True] * 7
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"tiny {'Flux.1' if family == 'flux' else 'SD3'} pipeline" in report
+    assert "every transformer weight bit-exact" in report
 
 
 def test_example_script_runs_the_guide_offline(tmp_path):

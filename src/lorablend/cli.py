@@ -228,6 +228,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--steps", type=int, default=2, help="inference steps per image (default 2)")
+    p.add_argument("--family", default="sdxl", choices=["sdxl", "flux", "sd3"],
+                   help="the tiny pipeline's family (default sdxl; flux and sd3 run the same guide on a transformer)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.set_defaults(func=_cmd_demo)
 
@@ -237,7 +239,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .demo import run_demo
 
-    steps = run_demo(args.output, steps=args.steps)
+    steps = run_demo(args.output, steps=args.steps, family=args.family)
     if args.json:
         _print_json({"output": str(args.output), "steps": [asdict(s) for s in steps]})
     else:

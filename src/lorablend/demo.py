@@ -75,6 +75,7 @@ SD1_SCHEDULER = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+TINY_FAMILIES = {"sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3"}  # what `lorablend demo --family` builds
 SDXL_SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -207,7 +208,7 @@ def random_adapter(
     for key, info in index.modules.items():
         if components is not None and info.component not in components:
             continue
-        if targets == "attn" and not key.endswith(attn):
+        if (targets == "attn" and not key.endswith(attn)) or info.kind == "norm":  # (a norm scale is never low-rank)
             continue
         out_f, *rest = info.weight_shape
         r = max(1, min(rank, out_f, math.prod(rest)))
@@ -263,9 +264,22 @@ class _DemoRun:
     out: Path
     steps: int
     seed: int
+    family: str = "sdxl"
     prompt: str = "A bowl of ramen shaped like a cute kawaii bear, by Feng Zikai"
     results: list[DemoStep] = field(default_factory=list)
     images: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def denoiser(self) -> str:
+        """The component the LoRAs adapt: ``unet`` (SDXL) or ``transformer`` (Flux.1, SD3)."""
+        return "unet" if self.family == "sdxl" else "transformer"
+
+    @property
+    def files(self) -> tuple[str, str]:
+        """The two LoRA file names: the guide's for SDXL, Flux-named ones otherwise."""
+        if self.family == "sdxl":
+            return "ikea_instructions_xl_v1_5.safetensors", "fengzikai_v1.0_XL.safetensors"
+        return f"ikea_instructions_{self.family}.safetensors", f"fengzikai_{self.family}.safetensors"
 
     @property
     def base_dir(self) -> Path:
@@ -282,15 +296,16 @@ class _DemoRun:
         ok, detail = value if isinstance(value, tuple) else (bool(value), "")
         self.results.append(DemoStep(name, invariant, bool(ok), time.perf_counter() - start, detail))
         if not ok:
-            _write_report(self.out, self.results)
+            _write_report(self.out, self.results, self.family)
             raise AssertionError(f"demo step {name!r}: {invariant} does not hold ({detail})")
 
     def generate(self, pipe: Any, key: str | None, **kw: Any) -> Any:
         """One image from the same seed's noise; kept under ``key`` (written as ``key.png``) unless None."""
         import numpy as np
 
-        image = pipe(self.prompt, generator=np.random.Generator(np.random.PCG64(self.seed)),
-                     num_inference_steps=self.steps, output_type="np", **kw).images[0]
+        size = {} if self.family == "sdxl" else {"height": 32, "width": 32}  # (Flux / SD3 default to 1024²)
+        image = pipe(prompt=self.prompt, generator=np.random.Generator(np.random.PCG64(self.seed)),
+                     num_inference_steps=self.steps, output_type="np", **size, **kw).images[0]
         if key is not None:
             self.images[key] = image
         return image
@@ -303,8 +318,9 @@ class _DemoRun:
         return pipe
 
 
-def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0) -> list[DemoStep]:
-    """Run the "Merge LoRAs" guide end to end on a tiny SDXL pipeline, offline, checking each step.
+def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0, family: str = "sdxl") -> list[DemoStep]:
+    """Run the "Merge LoRAs" guide end to end on a tiny SDXL (or ``family="flux"`` / ``"sd3"``) pipeline, offline,
+    checking each step.
 
     Writes to ``output``: the tiny base pipeline, two LoRA files (kohya with SGM names, and diffusers format),
     the fused pipeline, one PNG per generated image and ``report.md`` / ``report.json``. Returns the steps;
@@ -314,9 +330,11 @@ def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0) -> list[DemoS
     >>> all(s.ok for s in steps)                                        # doctest: +SKIP
     True
     """
-    run = _DemoRun(Path(output), steps, seed)
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"demo family must be one of {sorted(TINY_FAMILIES)}, got {family!r}")
+    run = _DemoRun(Path(output), steps, seed, family)
     run.out.mkdir(parents=True, exist_ok=True)
-    run.step("build", "a tiny SDXL pipeline and two LoRA files are written offline", _build)
+    run.step("build", f"a tiny {TINY_FAMILIES[family]} pipeline and two LoRA files are written offline", _build)
     live = _LiveSteps(run)
     run.step("load_lora_weights", "every key of both files is applied", live.load)
     run.step("set_adapters [0.7, 0.8]", "the blend changes the image, scale=0 is the base, and leaves no state",
@@ -328,23 +346,32 @@ def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0) -> list[DemoS
     run.step("unfuse_lora on a second pipeline", "unfuse restores the original weights bit for bit",
              live.unfuse_second)
     _write_images(run.out, run.images)
-    _write_report(run.out, run.results)
+    _write_report(run.out, run.results, run.family)
     return run.results
+
+
+def _tiny(family: str, seed: int) -> Any:
+    from .tiny_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    builders = {"sdxl": lambda: tiny_pipeline("sdxl", seed=seed), "flux": lambda: tiny_flux_pipeline(seed=seed),
+                "sd3": lambda: tiny_sd3_pipeline(seed=seed)}
+    return builders[family]()
 
 
 def _build(run: _DemoRun) -> tuple[bool, str]:
     from .io import save_adapter
 
-    pipe = tiny_pipeline("sdxl", seed=run.seed)
+    pipe = _tiny(run.family, run.seed)
     pipe.save_pretrained(run.base_dir)
     ikea = random_adapter(pipe, "ikea", rank=4, alpha=2.0, seed=run.seed + 1)
     feng = random_adapter(pipe, "feng", rank=8, alpha=8.0, seed=run.seed + 2, targets="attn")
     run.lora_dir.mkdir(exist_ok=True)
-    save_adapter(ikea, run.lora_dir / "ikea_instructions_xl_v1_5.safetensors", format="kohya", target=pipe,
-                 overwrite=True)
-    save_adapter(feng, run.lora_dir / "fengzikai_v1.0_XL.safetensors", format="diffusers", target=pipe,
-                 overwrite=True)
-    return True, f"tiny SDXL saved to {run.base_dir.name}/; LoRAs: kohya (SGM names) + diffusers"
+    # SDXL: kohya with SGM names + diffusers. Flux / SD3: diffusers names for both (the kohya-Flux writer is
+    # issue 11's write side; the readers of every Flux layout are tested in tests/test_io_read_flux*.py).
+    first = "kohya" if run.family == "sdxl" else "diffusers"
+    save_adapter(ikea, run.lora_dir / run.files[0], format=first, target=pipe, overwrite=True)
+    save_adapter(feng, run.lora_dir / run.files[1], format="diffusers", target=pipe, overwrite=True)
+    return True, f"tiny {TINY_FAMILIES[run.family]} saved to {run.base_dir.name}/; LoRAs: {first} + diffusers"
 
 
 class _LiveSteps:
@@ -353,14 +380,14 @@ class _LiveSteps:
     def __init__(self, run: _DemoRun) -> None:
         self.pipeline = run.pipeline(run.base_dir)
         self.base_image = run.generate(self.pipeline, "base")
-        self.pristine = {k: v.detach().clone() for k, v in self.pipeline.unet.state_dict().items()}
+        self.denoiser = run.denoiser
+        self.pristine = {k: v.detach().clone() for k, v in getattr(self.pipeline, run.denoiser).state_dict().items()}
 
     def load(self, run: _DemoRun) -> tuple[bool, str]:
         p = self.pipeline
-        r1 = p.load_lora_weights(str(run.lora_dir), weight_name="ikea_instructions_xl_v1_5.safetensors",
-                                 adapter_name="ikea")
-        r2 = p.load_lora_weights(str(run.lora_dir), weight_name="fengzikai_v1.0_XL.safetensors", adapter_name="feng")
-        ok = r1.complete and r2.complete and p.get_list_adapters()["unet"] == ["ikea", "feng"]
+        r1 = p.load_lora_weights(str(run.lora_dir), weight_name=run.files[0], adapter_name="ikea")
+        r2 = p.load_lora_weights(str(run.lora_dir), weight_name=run.files[1], adapter_name="feng")
+        ok = r1.complete and r2.complete and p.get_list_adapters()[run.denoiser] == ["ikea", "feng"]
         return ok, f"{r1.counts()['mapped']} + {r2.counts()['mapped']} keys mapped, none skipped"
 
     def blend(self, run: _DemoRun) -> tuple[bool, str]:
@@ -403,17 +430,17 @@ class _LiveSteps:
 
     def unfuse_second(self, run: _DemoRun) -> tuple[bool, str]:
         second = run.pipeline(run.base_dir)
-        second.load_lora_weights(str(run.lora_dir / "ikea_instructions_xl_v1_5.safetensors"), adapter_name="ikea")
-        second.load_lora_weights(str(run.lora_dir / "fengzikai_v1.0_XL.safetensors"), adapter_name="feng")
+        second.load_lora_weights(str(run.lora_dir / run.files[0]), adapter_name="ikea")
+        second.load_lora_weights(str(run.lora_dir / run.files[1]), adapter_name="feng")
         second.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
         second.fuse_lora(adapter_names=["ikea", "feng"], lora_scale=1.0)
         second.unfuse_lora(adapter_names=["feng"])  # one of several: the guide says this needs a reload
         second.unfuse_lora()
-        exact = all(torch.equal(v, self.pristine[k]) for k, v in second.unet.state_dict().items())
+        exact = all(torch.equal(v, self.pristine[k]) for k, v in getattr(second, run.denoiser).state_dict().items())
         second.unload_lora_weights()
         restored = run.generate(second, "unfuse_lora")
         d = _max_diff(restored, self.base_image)
-        return exact and d < IMAGE_ATOL, (f"2 fused LoRAs unfused (one, then the other): every UNet weight "
+        return exact and d < IMAGE_ATOL, (f"2 fused LoRAs unfused (one, then the other): every {run.denoiser} weight "
                                           f"bit-exact; image within {d:.1e} of the base")
 
 
@@ -425,8 +452,8 @@ def _write_images(out: Path, images: dict[str, Any]) -> None:
         Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8")).save(out / f"{key}.png")
 
 
-def _write_report(out: Path, steps: list[DemoStep]) -> None:
-    lines = ["# lorablend demo: the Merge LoRAs guide on a tiny SDXL pipeline", "",
+def _write_report(out: Path, steps: list[DemoStep], family: str) -> None:
+    lines = [f"# lorablend demo: the Merge LoRAs guide on a tiny {TINY_FAMILIES[family]} pipeline", "",
              "| step | invariant | ok | seconds | detail |", "|---|---|---|---|---|"]
     lines += [f"| {s.name} | {s.invariant} | {'yes' if s.ok else 'NO'} | {s.seconds:.2f} | {s.detail} |" for s in steps]
     (out / "report.md").write_text("\n".join(lines) + "\n")
