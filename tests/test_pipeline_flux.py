@@ -197,3 +197,23 @@ def test_kohya_flux_file_gives_the_image_of_its_rows_split_by_hand(tmp_path, flu
     np.testing.assert_allclose(got, _theirs(theirs, _seed()), atol=IMAGE_TOL, rtol=0)
     ours.disable_lora()
     assert np.abs(got - ours(prompt="a cat", generator=_seed(), **GEN).images).max() > 20 * IMAGE_TOL
+
+
+def test_per_block_weights_on_flux_equal_a_file_cut_to_those_blocks(tmp_path, flux):
+    """{"D01": 0.8, "S00": -0.5} and every other block 0 (BASE included) gives the image of a file that holds
+    only those blocks' keys at those weights (checked with diffusers + PEFT)."""
+    full = _peft_file(tmp_path / "full.safetensors", flux.transformer, seed=4)
+    from safetensors.torch import load_file
+
+    sd = load_file(full)
+    cut = {k: (v * 0.8 if ".lora_B." in k and ".transformer_blocks.1." in k else
+               v * -0.5 if ".lora_B." in k and "single_transformer_blocks.0." in k else v)
+           for k, v in sd.items() if ".transformer_blocks.1." in k or "single_transformer_blocks.0." in k}
+    cut = {k: v for k, v in cut.items() if not k.startswith("transformer.single_transformer_blocks.1")}
+    save_file(cut, str(tmp_path / "cut.safetensors"))
+    ours, theirs = lorablend.DiffusionPipeline(copy.deepcopy(flux)), copy.deepcopy(flux)
+    ours.load_lora_weights(full, adapter_name="f")
+    ours.set_adapters("f", {"D01": 0.8, "S00": -0.5, "D00": 0.0, "S01": 0.0, "BASE": 0.0, "FINAL": 0.0})
+    theirs.load_lora_weights(str(tmp_path / "cut.safetensors"), adapter_name="c")
+    got = ours(prompt="a cat", generator=_seed(), **GEN).images
+    np.testing.assert_allclose(got, _theirs(theirs, _seed()), atol=IMAGE_TOL, rtol=0)

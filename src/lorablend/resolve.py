@@ -259,10 +259,11 @@ def layer_weights(spec: Any, bound: BoundAdapter, view: ModelView) -> dict[str, 
                 f"unknown weight key {key!r} for adapter {bound.name!r}; use components {sorted(components)} "
                 f"or block labels {labels_known}"
             )
-    unet_spec = comp_spec.get("unet")
+    denoiser = "transformer" if "transformer" in components else "unet"  # (Flux / SD3 vs SD1.x / SDXL)
+    unet_spec = comp_spec.get(denoiser)
     diffusers_blocks: Mapping[str, Any] | None = None
     if isinstance(unet_spec, Mapping):
-        if any(k in _DIFFUSERS_SECTIONS for k in unet_spec):
+        if denoiser == "unet" and any(k in _DIFFUSERS_SECTIONS for k in unet_spec):
             _validate_diffusers_blocks(unet_spec, view.components["unet"])
             diffusers_blocks = unet_spec
         else:
@@ -271,7 +272,7 @@ def layer_weights(spec: Any, bound: BoundAdapter, view: ModelView) -> dict[str, 
     for comp in TEXT_COMPONENTS:
         if comp in comp_spec:
             comp_spec[comp] = _check_number(comp_spec[comp], f"weight of {comp}")
-    unet_default = 1.0 if unet_spec is None else _check_number(unet_spec, "weight of unet")
+    unet_default = 1.0 if unet_spec is None else _check_number(unet_spec, f"weight of {denoiser}")
     labels = (
         expand_block_weights({k: _check_number(v, f"block {k}") for k, v in label_spec.items()},
                              view.family or "sd1", labels_known)
@@ -282,7 +283,7 @@ def layer_weights(spec: Any, bound: BoundAdapter, view: ModelView) -> dict[str, 
     out: dict[str, float] = {}
     for key, layer in bound.layers.items():
         label = view.index.block(key)
-        if layer.component == "unet":
+        if layer.component == denoiser:
             w = unet_default
             if diffusers_blocks is not None:
                 b = _diffusers_block_weight(diffusers_blocks, key.split(".", 1)[1], view.components["unet"])
