@@ -3,7 +3,7 @@ request with the same mix and settings (up to ``max_batch`` images), makes that 
 
 Isolation: every batch sets exactly its mix (``set_adapters`` with its names and weights; an empty mix is an empty
 set, so no LoRA), never fuses, and draws each request's initial noise from its own
-``np.random.Generator(np.random.PCG64(seed))`` (``DiffusionPipeline._host_latents``, as a single call would), so
+``np.random.Generator(np.random.PCG64(seed))`` (``DiffusionPipeline.__call__``, as a single call would), so
 a request's image is the one the library gives for that seed and mix, whatever ran before or beside it.
 Switching between mixes goes through the unfused runtime: weights set, terms rebuilt, nothing reloaded.
 
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from .cache import AdapterCache, CachedAdapter
 from .metrics import Metrics
@@ -129,7 +128,9 @@ class Engine:
         self._stopping = False
         self._closed = False  # stopped for good: a late request gets 503, never a new worker
         self.running: tuple[Job, ...] = ()  # the batch taken from the queue and not yet answered
-        size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        # diffusers' own default side: Flux / SD3 / SDXL pipelines name it default_sample_size, SD1.x reads the UNet
+        sample = getattr(pipe.pipe, "default_sample_size", None) or pipe.pipe.unet.config.sample_size
+        size = int(sample) * int(pipe.vae_scale_factor)
         guidance = inspect.signature(pipe.pipe.__call__).parameters.get("guidance_scale")
         self.defaults = {"width": size, "height": size,
                          "guidance_scale": float(guidance.default) if guidance is not None else 7.5}
@@ -260,16 +261,16 @@ class Engine:
         g = batch[0].generation
         prompts: list[str] = []
         negatives: list[str] = []
-        noise = []
+        generators: list[np.random.Generator] = []
         for job in batch:
             gen, n = job.generation, job.generation.num_images
             prompts += [gen.prompt] * n
             negatives += [gen.negative_prompt or ""] * n
-            generator = np.random.Generator(np.random.PCG64(gen.seed))
-            noise.append(self.pipe._host_latents(generator, (), {"prompt": gen.prompt, "num_images_per_prompt": n,
-                                                                  "height": gen.height, "width": gen.width}))
+            # one generator per request, drawn once per image in order: the same numbers as that request's own
+            # call (one (n, …) draw); the pipeline draws them where it sizes its latents (packed for Flux)
+            generators += [np.random.Generator(np.random.PCG64(gen.seed))] * n
         kwargs = dict(prompt=prompts, negative_prompt=None if g.negative_prompt is None else negatives,
-                      latents=torch.cat(noise), num_inference_steps=g.steps, guidance_scale=g.guidance_scale,
+                      generator=generators, num_inference_steps=g.steps, guidance_scale=g.guidance_scale,
                       height=g.height, width=g.width, output_type="np")
         if g.scale != 1.0:
             kwargs["cross_attention_kwargs"] = {"scale": g.scale}
