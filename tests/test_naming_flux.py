@@ -93,6 +93,19 @@ def test_fused_rows_of_flux_in_order():
     assert idx.lookup_rows("double_blocks.19.img_attn.qkv") is None
 
 
+def test_original_names_of_modules_for_writers():
+    flux = module_index(family="flux")
+    assert flux.original_name("transformer.transformer_blocks.4.attn.add_k_proj") == (
+        "double_blocks.4.txt_attn.qkv", ((3072, 6144),))
+    assert flux.original_name("transformer.norm_out.linear") == ("final_layer.adaLN_modulation.1", ((3072, 6144), (0, 3072)))
+    assert flux.original_name("transformer.transformer_blocks.4.attn.to_out.0") == ("double_blocks.4.img_attn.proj", None)
+    assert flux.original_name("text_encoder.text_model.encoder.layers.0.mlp.fc1") is None
+    for name in flux.source_names():  # every module's name leads back to it
+        for key, spans in flux.lookup_rows(name):
+            found = flux.original_name(key)
+            assert flux.lookup_rows(found[0]) == flux.lookup_rows(name) or ".processor." in name
+
+
 def test_schnell_has_no_guidance_embedder_names():
     table = flux_source_names({**FLUX_DEV_TRANSFORMER, "guidance_embeds": False})
     assert "guidance_in.in_layer" not in table and "time_in.in_layer" in table

@@ -79,6 +79,7 @@ class ModuleIndex:
     _dotted: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     _kohya: dict[str, str] = field(default_factory=dict, repr=False)
     _sources: dict[str, tuple[RowTarget, ...]] = field(default_factory=dict, repr=False)
+    _originals: dict[str, tuple[str, "RowSpans | None"]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index_aliases()
@@ -95,6 +96,8 @@ class ModuleIndex:
             if all(key in self.modules for key, _ in targets):
                 self._sources[name] = targets
                 self._sources.setdefault("lora_unet_" + name.replace(".", "_"), targets)
+                if ".processor." not in name:  # XLabs' spellings: their layers have BFL names too
+                    self._originals.update({key: (name, spans) for key, spans in targets})
 
     def _index_aliases(self) -> None:
         for key, info in self.modules.items():
@@ -144,6 +147,17 @@ class ModuleIndex:
     def source_names(self) -> list[str]:
         """Every original (BFL / SAI) dotted name :meth:`lookup_rows` knows, in the model's order."""
         return [n for n in self._sources if not n.startswith("lora_unet_")]
+
+    def original_name(self, target_key: str) -> tuple[str, "RowSpans | None"] | None:
+        """The inverse of :meth:`lookup_rows` for writers (a kohya-Flux file, a single-file checkpoint in BFL
+        names): the original name of the layer a module is (part of), and the rows of it the module is (None: all);
+        None for a module without one (a UNet's, a text encoder's).
+
+        >>> from lorablend.naming import module_index
+        >>> module_index(family="flux").original_name("transformer.single_transformer_blocks.2.proj_mlp")
+        ('single_blocks.2.linear1', ((9216, 21504),))
+        """
+        return self._originals.get(target_key)
 
     def kohya_name(self, target_key: str, sgm: bool | None = None) -> str:
         """The kohya name a trainer would write for a target key.
