@@ -174,7 +174,8 @@ class ModuleIndex:
         if info.component == "transformer":
             return "lora_transformer_" + info.path.replace(".", "_")  # OneTrainer's names: one module each
         if info.component == "text_encoder":
-            prefix = "lora_te1" if len(self.components) > 2 else "lora_te"
+            # SD1/2's one encoder is lora_te; where there are (or the family has) more, kohya numbers them
+            prefix = "lora_te1" if {"text_encoder_2", "transformer"} & set(self.components) else "lora_te"
         else:
             prefix = _KOHYA_PREFIX[info.component][0]
         return f"{prefix}_{info.path.replace('.', '_')}"
