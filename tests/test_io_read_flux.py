@@ -270,3 +270,17 @@ def test_probe_agrees_with_the_dense_delta():
     delta = load_adapter(sd).deltas[f"{T}transformer_blocks.0.attn.to_q"]
     x = torch.randn(3072, 3, generator=torch.Generator().manual_seed(1))
     assert_same_computed(probe(delta, 3072), delta.delta_weight() @ x)
+
+
+def test_comfyui_text_encoder_prefixes():
+    g = torch.Generator().manual_seed(11)
+    clip = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    t5 = "text_encoders.t5xxl.transformer.encoder.block.3.layer.0.SelfAttention.o"
+    sd = {f"{clip}.lora_down.weight": torch.randn(2, 768, generator=g), f"{clip}.lora_up.weight": torch.randn(768, 2, generator=g),
+          f"{t5}.lora_down.weight": torch.randn(2, 4096, generator=g), f"{t5}.lora_up.weight": torch.randn(4096, 2, generator=g),
+          "diffusion_model.img_in.lora_down.weight": torch.randn(2, 64, generator=g),
+          "diffusion_model.img_in.lora_up.weight": torch.randn(3072, 2, generator=g)}
+    adapter = load_adapter(sd)
+    assert adapter.family == "flux" and adapter.report.complete, adapter.report.summary()
+    assert {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj", f"{T}x_embedder",
+            "text_encoder_2.encoder.block.3.layer.0.SelfAttention.o"} == set(adapter.deltas)  # Flux: T5 is the 2nd
