@@ -1,11 +1,15 @@
 """Write an Adapter as a LoRA file that diffusers, ComfyUI and A1111 load.
 
-Two formats (see ``write_diffusers.py`` and ``write_kohya.py`` for the key layouts):
+Three formats (see ``write_diffusers.py``, ``write_kohya.py`` and ``write_original.py`` for the key layouts):
 
 * ``"diffusers"``: PEFT ``lora_A`` / ``lora_B`` keys plus diffusers' ``lora_adapter_metadata`` header, what
   ``pipe.load_lora_weights`` reads with alpha applied per module. Low-rank layers only.
 * ``"kohya"``: ``lora_unet_…`` / ``lora_te…`` keys with ``lora_down`` / ``lora_up`` / ``alpha`` and the LyCORIS
-  keys (``hada_*``, ``lokr_*``, ``diff``, ``dora_scale``, ``lora_mid``); every Delta kind fits, losslessly.
+  keys (``hada_*``, ``lokr_*``, ``diff``, ``dora_scale``, ``lora_mid``); every Delta kind fits, losslessly. For a
+  Flux / SD3 transformer: kohya sd-scripts' names, BFL / SAI originals (``lora_unet_double_blocks_0_img_attn_qkv``),
+  the q / k / v (/ mlp) modules of a fused layer written as ONE LoRA over its rows (``write_original.py``).
+* ``"ai-toolkit"`` (Flux / SD3 only): ComfyUI's layout, ``diffusion_model.<BFL / SAI name>.lora_A.weight`` /
+  ``lora_B.weight`` / ``alpha``, fused layers as for kohya.
 
 Both carry the adapter's metadata and an ``sshs_model_hash`` equal to the sha256 of the file's own data
 section (what kohya and A1111 compute). The bytes come from ``io/safetensors.py`` (the one writer); the file is
@@ -29,10 +33,11 @@ from ..outputs import OutputExistsError, atomic_write, check_output, refuse_inpu
 from .safetensors import serialize
 from .write_diffusers import diffusers_state_dict
 from .write_kohya import kohya_metadata, kohya_state_dict
+from .write_original import original_state_dict
 
 logger = logging.getLogger(__name__)
 
-WRITE_FORMATS = ("diffusers", "kohya")  # the formats save_adapter writes
+WRITE_FORMATS = ("diffusers", "kohya", "ai-toolkit")  # the formats save_adapter writes
 FORMATS = WRITE_FORMATS  # the old name, kept for callers that import it
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for in a folder
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -68,6 +73,8 @@ def naming_index(adapter: Adapter, target: Any = None) -> ModuleIndex:
     Checks that every layer fits the index's module of that name, so an adapter made for a non-standard model
     (a tiny test pipeline, say) is not silently written under the standard model's names.
     """
+    if isinstance(target, str):  # a family's name: its standard model
+        target = None if target == adapter.family else _other_family(adapter, target)
     index = module_index(target, family=adapter.family) if target is not None else module_index(family=adapter.family)
     for key, delta in adapter.deltas.items():
         info = index.modules.get(key)
@@ -80,6 +87,18 @@ def naming_index(adapter: Adapter, target: Any = None) -> ModuleIndex:
                 f"Pass target=<the pipeline or model it was made for> to save_adapter"
             )
     return index
+
+
+def _other_family(adapter: Adapter, family: str) -> None:
+    raise ValueError(f"target={family!r}: adapter {adapter.name!r} is {adapter.family}; name its own family or pass "
+                     f"the pipeline it was made for")
+
+
+def _plain_metadata(adapter: Adapter) -> dict[str, Any]:
+    """The adapter's own metadata for a file that is neither kohya's nor diffusers' (stale hashes dropped)."""
+    meta = {k: v for k, v in adapter.metadata.items() if k not in (*_KOHYA_ONLY, LORA_ADAPTER_METADATA_KEY)}
+    meta["format"] = "pt"
+    return meta
 
 
 def _text_metadata(values: Mapping[str, Any]) -> dict[str, str]:
@@ -116,7 +135,13 @@ def adapter_state_dict(
             # disable=None: a bar on a terminal only, never in logs or pipes
             return tqdm(items, total=len(adapter.deltas), desc=f"writing {format}", unit="layer", disable=None)
 
-    if format == "kohya":
+    if format == "ai-toolkit" or (format == "kohya" and index.source_names()):
+        if not index.source_names():
+            raise ValueError(f"format='ai-toolkit' names a Flux / SD3 transformer; adapter {adapter.name!r} is "
+                             f"{adapter.family}: save it with format='kohya' or 'diffusers'")
+        tensors = original_state_dict(adapter, index, "kohya" if format == "kohya" else "ai-toolkit", progress=bar)
+        meta = kohya_metadata(adapter, index) if format == "kohya" else _plain_metadata(adapter)
+    elif format == "kohya":
         tensors = kohya_state_dict(adapter, index, progress=bar)
         meta = kohya_metadata(adapter, index)
     else:

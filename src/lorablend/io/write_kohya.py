@@ -34,15 +34,22 @@ from ..kinds import alpha_tensor, written_alpha
 from ..naming import ModuleIndex
 
 # kohya's ss_base_model_version values and the SAI model-spec architecture ids (sd-scripts sai_model_spec.py).
-_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-_RESOLUTION = {"sd1": "512x512", "sd2": "512x512", "sdxl": "1024x1024"}
+_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3_m",
+                       "sd35-medium": "sd3_5_m", "sd35-large": "sd3_5_l"}
+_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
+                 "flux": "flux-1-dev", "sd3": "stable-diffusion-3-medium", "sd35-medium": "stable-diffusion-3-5-medium",
+                 "sd35-large": "stable-diffusion-3-5-large"}
+_RESOLUTION = {"sd1": "512x512", "sd2": "512x512"}  # every other family: 1024x1024
 # sd-scripts: SDXL LoRAs are "implemented" by SGM (their names are SGM names), SD1/SD2 ones by diffusers.
 _IMPLEMENTATION = {
     "sd1": "diffusers",
     "sd2": "diffusers",
     "sdxl": "https://github.com/Stability-AI/generative-models",
-}
+    "flux": "https://github.com/black-forest-labs/flux",  # sd-scripts' IMPL_FLUX
+}  # SD3 / SD3.5: Stability AI's, as SDXL
+# sd-scripts' network modules for the transformer families (their files hold BFL / SAI names)
+_NETWORK_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3", "sd35-medium": "networks.lora_sd3",
+                   "sd35-large": "networks.lora_sd3"}
 
 
 def kohya_module_name(index: ModuleIndex, target_key: str) -> str:
@@ -86,7 +93,7 @@ def _network_summary(adapter: Adapter, index: ModuleIndex) -> dict[str, str]:
     """ss_network_module / dim / alpha / args describing what is written (not what the source once was)."""
     algos = [d.lycoris_algo for d in adapter.deltas.values()]
     plain = all(algo is None for algo in algos)  # what kohya's own networks.lora holds
-    module = "networks.lora" if plain else "lycoris.kohya"
+    module = _NETWORK_MODULE.get(adapter.family, "networks.lora") if plain else "lycoris.kohya"
     linear, conv = [], []
     for key, d in adapter.deltas.items():
         rank = d.rank
@@ -117,7 +124,9 @@ def _network_summary(adapter: Adapter, index: ModuleIndex) -> dict[str, str]:
 
 
 def _family_of_architecture(arch: str) -> str | None:
-    for prefix, family in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
+    for prefix, family in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"),
+                           ("flux-1", "flux"), ("stable-diffusion-3-5-large", "sd35-large"),
+                           ("stable-diffusion-3-5-medium", "sd35-medium"), ("stable-diffusion-3", "sd3")):
         if arch.startswith(prefix):
             return family
     return None
@@ -144,9 +153,9 @@ def kohya_metadata(adapter: Adapter, index: ModuleIndex) -> dict[str, str]:
     if _family_of_architecture(meta.get("modelspec.architecture", "")) != family:
         meta["modelspec.architecture"] = f"{_ARCHITECTURE[family]}/lora"
     meta.setdefault("modelspec.sai_model_spec", "1.0.0")
-    meta["modelspec.implementation"] = _IMPLEMENTATION[family]
+    meta["modelspec.implementation"] = _IMPLEMENTATION.get(family, _IMPLEMENTATION["sdxl"])
     meta.setdefault("modelspec.title", adapter.name)
-    meta.setdefault("modelspec.resolution", _RESOLUTION[family])
+    meta.setdefault("modelspec.resolution", _RESOLUTION.get(family, "1024x1024"))
     return meta
 
 
