@@ -217,3 +217,30 @@ def test_per_block_weights_on_flux_equal_a_file_cut_to_those_blocks(tmp_path, fl
     theirs.load_lora_weights(str(tmp_path / "cut.safetensors"), adapter_name="c")
     got = ours(prompt="a cat", generator=_seed(), **GEN).images
     np.testing.assert_allclose(got, _theirs(theirs, _seed()), atol=IMAGE_TOL, rtol=0)
+
+
+def test_a_norm_scale_diff_applies_unfused_and_fused_like_the_edited_weight(flux):
+    """kohya / control LoRAs carry diffs of the q/k RMSNorm scales (diffusers drops them): unfused, the hook adds
+    n(x) · ΔW; fused, the weight moves; both give the image of a pipeline whose norm weights were edited by hand."""
+    from lorablend.adapter import Adapter, FullDelta
+
+    pipe = lorablend.DiffusionPipeline(copy.deepcopy(flux))
+    norms = [k for k, info in pipe.model_view.index.modules.items() if info.kind == "norm"]
+    assert len(norms) == 12  # norm_q / norm_k / norm_added_q / norm_added_k of 2 double blocks, q / k of 2 single
+    g = torch.Generator().manual_seed(9)
+    deltas = {k: FullDelta(diff=torch.randn(pipe.model_view.module(k).weight.shape, generator=g)) for k in norms}
+    pipe.load_lora_weights(Adapter("norms", "flux", deltas), adapter_name="norms")
+    pipe.set_adapters("norms", 0.6)
+    unfused = pipe(prompt="a cat", generator=_seed(), **GEN).images
+    edited = copy.deepcopy(flux)
+    with torch.no_grad():
+        for k, d in deltas.items():
+            edited.transformer.get_submodule(k.split(".", 1)[1]).weight.add_(d.diff, alpha=0.6)
+    want = _theirs(edited, _seed())
+    np.testing.assert_allclose(unfused, want, atol=IMAGE_TOL, rtol=0)
+    before = params_of(pipe)
+    pipe.fuse_lora()
+    np.testing.assert_allclose(pipe(prompt="a cat", generator=_seed(), **GEN).images, want, atol=IMAGE_TOL, rtol=0)
+    pipe.unfuse_lora()
+    assert_params_equal(pipe, before)
+    assert np.abs(unfused - _theirs(copy.deepcopy(flux), _seed())).max() > 10 * IMAGE_TOL  # (0.015 seen)

@@ -73,6 +73,11 @@ class LayerState:
     pristine_bias: torch.Tensor | None = None
 
     @property
+    def is_norm(self) -> bool:
+        """A norm's 1-D scale (a transformer's q/k RMSNorm): its delta multiplies the normalized input."""
+        return not isinstance(self.module, (nn.Linear, nn.Conv2d))
+
+    @property
     def is_conv(self) -> bool:
         return isinstance(self.module, nn.Conv2d)
 
@@ -119,7 +124,9 @@ class LayerState:
                 return out
         x = args[0]
         if self.dense is not None:
-            if self.is_conv:
+            if self.is_norm:  # y = n(x) · w (+ b): a weight delta adds n(x) · ΔW
+                delta = _normalized(module, x).to(out.dtype) * self.dense
+            elif self.is_conv:
                 delta = F.conv2d(x, self.dense, self.bias, module.stride, module.padding, module.dilation)
             else:
                 delta = F.linear(x, self.dense, self.bias)
@@ -219,6 +226,17 @@ class LayerState:
                 w.copy_(p)
             if self.pristine_bias is not None:
                 self.module.bias.copy_(self.pristine_bias)
+
+
+def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a norm multiplies by its weight: ``x / rms(x)`` for an RMSNorm (diffusers' and torch's), the
+    standardized ``x`` for a LayerNorm — the module's own eps, its arithmetic in fp32 as diffusers does it."""
+    eps = getattr(module, "eps", None) or 1e-6
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x.float(), module.normalized_shape, eps=eps)
+    if "RMSNorm" in type(module).__name__:
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    raise TypeError(f"a weight delta on a {type(module).__name__} is not supported (RMSNorm and LayerNorm are)")
 
 
 class LayerTable:

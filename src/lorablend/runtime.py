@@ -470,7 +470,7 @@ class LoraRuntime:
                 layer.pristine_weight = weight.detach()
             else:
                 layer.pristine_weight = weight.detach().to(target, copy=True)
-        if module.bias is not None and layer.pristine_bias is None and has_bias_terms(entries):
+        if getattr(module, "bias", None) is not None and layer.pristine_bias is None and has_bias_terms(entries):
             layer.pristine_bias = module.bias.detach().to(layer.pristine_weight.device, copy=True)
         with torch.no_grad():
             if layer.weight_is_pristine():  # compute into another tensor and rebind: the backup stays untouched
