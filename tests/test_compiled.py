@@ -17,7 +17,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from lorablend import DiffusionPipeline
-from lorablend.adapter import Adapter, DoRADelta, FullDelta, LowRankDelta
+from lorablend.adapter import Adapter, DoRADelta, FullDelta, LoHaDelta, LowRankDelta
 from lorablend.compiled import CapacityError
 
 from conftest import GEN_KW, assert_same_computed
@@ -142,7 +142,8 @@ def test_dense_layers_take_every_kind_and_pair_layers_refuse_what_has_no_factors
     full = FullDelta(diff=torch.randn(64, 64, generator=g) * 0.01)
     dora = DoRADelta(LowRankDelta(torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g) * 0.1),
                      magnitude=torch.rand(64, generator=g) + 0.5)
-    adapters = [Adapter(n, "sd1", {key: d}) for n, d in (("lora", lora), ("full", full), ("dora", dora))]
+    loha = LoHaDelta(*(torch.randn(s, generator=g) * 0.3 for s in [(64, 2), (2, 64), (64, 2), (2, 64)]), alpha=1.0)
+    adapters = [Adapter(n, "sd1", {key: d}) for n, d in (("lora", lora), ("full", full), ("dora", dora), ("loha", loha))]
 
     pipe, ref = _pair(make_pipe, None, "sd1", adapters)
     static = pipe.compile_denoiser(max_rank=32, backend=None)  # 32·(64+64) ≥ 64·64: a dense ΔW buffer
@@ -156,9 +157,10 @@ def test_dense_layers_take_every_kind_and_pair_layers_refuse_what_has_no_factors
     assert not pipe._runtime.layers.static and "forward" not in pipe.unet.__dict__  # nothing changed
     for p in (pipe, ref):
         p.fuse_lora(adapter_names=["full", "dora"])
-        p.set_adapters(["lora"], [0.5])
-    pipe.compile_denoiser(max_rank=8, backend=None)
+        p.set_adapters(["lora", "loha"], [0.5, 0.8])  # LoHa through its exact rank-4 factors
+    static = pipe.compile_denoiser(max_rank=8, backend=None)
     assert_same_computed(_image(pipe), _image(ref))
+    assert static.layers[key].used == 2 + 4
 
 
 def test_a_dtype_change_remakes_the_buffers(make_pipe, make_adapter):
