@@ -143,7 +143,8 @@ def test_dense_layers_take_every_kind_and_pair_layers_refuse_what_has_no_factors
     dora = DoRADelta(LowRankDelta(torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g) * 0.1),
                      magnitude=torch.rand(64, generator=g) + 0.5)
     loha = LoHaDelta(*(torch.randn(s, generator=g) * 0.3 for s in [(64, 2), (2, 64), (64, 2), (2, 64)]), alpha=1.0)
-    adapters = [Adapter(n, "sd1", {key: d}) for n, d in (("lora", lora), ("full", full), ("dora", dora), ("loha", loha))]
+    kinds = (("lora", lora), ("full", full), ("dora", dora), ("loha", loha))
+    adapters = [Adapter(n, "sd1", {key: d}) for n, d in kinds]
 
     pipe, ref = _pair(make_pipe, None, "sd1", adapters)
     static = pipe.compile_denoiser(max_rank=32, backend=None)  # 32·(64+64) ≥ 64·64: a dense ΔW buffer
