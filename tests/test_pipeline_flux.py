@@ -244,3 +244,27 @@ def test_a_norm_scale_diff_applies_unfused_and_fused_like_the_edited_weight(flux
     pipe.unfuse_lora()
     assert_params_equal(pipe, before)
     assert np.abs(unfused - _theirs(copy.deepcopy(flux), _seed())).max() > 10 * IMAGE_TOL  # (0.015 seen)
+
+
+def test_lora_biases_apply_unfused_as_fused(tmp_path, flux):
+    """A LoRA with lora_B.bias (BFL control LoRAs have one on every layer) or a kohya diff_b: the unfused forward
+    adds the weighted bias as fusing writes it; PEFT's oracle reads lora_B.bias from a diffusers-named file."""
+    from safetensors.torch import load_file
+
+    path = _peft_file(tmp_path / "b.safetensors", flux.transformer, seed=6, targets=("attn.to_q", "proj_mlp"))
+    sd, g = load_file(path), torch.Generator().manual_seed(1)
+    for k in [k for k in sd if k.endswith("lora_B.weight")]:
+        sd[k.replace("lora_B.weight", "lora_B.bias")] = torch.randn(sd[k].shape[0], generator=g)
+    save_file(sd, str(tmp_path / "bias.safetensors"))
+    pipe = lorablend.DiffusionPipeline(copy.deepcopy(flux))
+    pipe.load_lora_weights(str(tmp_path / "bias.safetensors"), adapter_name="b")
+    pipe.set_adapters("b", 0.7)
+    unfused = pipe(prompt="a cat", generator=_seed(), **GEN).images
+    pipe.fuse_lora()
+    fused = pipe(prompt="a cat", generator=_seed(), **GEN).images
+    np.testing.assert_allclose(unfused, fused, atol=IMAGE_TOL, rtol=0)
+    pipe.unfuse_lora()
+    no_bias = lorablend.DiffusionPipeline(copy.deepcopy(flux))
+    no_bias.load_lora_weights(path, adapter_name="b")
+    no_bias.set_adapters("b", 0.7)
+    assert np.abs(unfused - no_bias(prompt="a cat", generator=_seed(), **GEN).images).max() > 10 * IMAGE_TOL

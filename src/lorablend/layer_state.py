@@ -187,6 +187,10 @@ class LayerState:
         out_f, in_flat = shape[0], weight[0].numel()
         pairs = [d.low_rank_factors() for _, d in terms]
         rank = sum(int(p[0].shape[1]) for p in pairs) if all(p is not None for p in pairs) else 0
+        if any(d.changes_bias for _, d in terms):
+            # A bias delta (control LoRA lora_B.bias, kohya diff_b) would need re-weighing beside svec on every
+            # weights-only switch: such layers take the dense term, which carries the weighted bias exactly.
+            rank = 0
         with torch.no_grad():
             if rank and rank * (out_f + in_flat) < out_f * in_flat:
                 up, down = concat_factors([(1.0, p) for p in pairs], device)
