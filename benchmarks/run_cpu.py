@@ -1,10 +1,13 @@
-"""`make bench`: the CPU suite (offline start-up + runtime side by side + svd merge) in under 10 minutes on a
-2-core machine.
+"""`make bench`: the CPU suite (offline start-up + runtime side by side + Flux.1 runtime + svd merge) in about
+15 minutes on a 2-core machine (the Flux part ~5 of them; `--skip-flux` leaves it out).
 
 The runtime part uses the real SD1.5 UNet (860 M weights, 192 touched layers) rather than SDXL: SDXL in fp32
 needs ~10 GiB for the UNet plus ~8 GiB for lorablend's pristine copies while fused, more than a shared
 2-core / 23 GiB machine can give; `--model sdxl` runs it anyway where memory allows. The merge part is always
-SDXL-shaped (it needs no UNet). Tables go to stdout and to bench-output/ (RESULTS-cpu.md + per-part files).
+SDXL-shaped (it needs no UNet). The Flux part (`bench_flux.py`) is a real-width Flux.1 transformer with 2 double +
+4 single blocks in fp32 (1.3 B weights) and kohya-Flux files at rank 16: the whole FLUX.1-dev transformer is
+11.9 B weights, 44 GiB in fp32 (`benchmarks/gpu.sh` runs it in bf16 on a GPU). Tables go to stdout and to
+bench-output/ (RESULTS-cpu.md + per-part files).
 
     .venv/bin/python benchmarks/run_cpu.py                 # what `make bench` runs
     .venv/bin/python benchmarks/run_cpu.py --model sdxl --latent 8
@@ -34,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-merge", action="store_true")
     p.add_argument("--skip-runtime", action="store_true")
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--skip-flux", action="store_true", help="leave out the Flux.1 transformer rows (bench_flux.py)")
     args = p.parse_args(argv)
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +71,14 @@ def main(argv=None) -> int:
             "--profile",
         ])
         parts.append(rt["text"])
+    if not args.skip_flux:
+        import bench_flux
+
+        # 2 fuse/unfuse cycles (the first shown apart) and 3 forward rounds: a real-width forward costs seconds
+        # here and diffusers+PEFT's fuse / unfuse of 1.2 B touched weights about ten, so more would pass 5 minutes
+        fx = bench_flux.main(["--model", "flux-small", "--threads", str(args.threads), "--outdir", str(out),
+                              "--cache", cache, "--cycles", "2", "--repeats", "3"])
+        parts.append(fx["text"])
     if not args.skip_merge:
         import bench_merge
 
