@@ -207,6 +207,7 @@ class StaticDenoiser:
             for t in self._tensors():
                 torch._dynamo.mark_static_address(t)
         self.built_for = (device, dtype)
+        self._shapes = {k: tuple(m.weight.shape) for k, m in self.modules.items()}
         self._version: int | None = None
         self._scale_value: float | None = None
         self._gather: torch.Tensor | None = None
@@ -240,6 +241,10 @@ class StaticDenoiser:
                         weight.device, weight.dtype)
             self._allocate()
         if self._version != self.table.version:
+            if any(tuple(m.weight.shape) != self._shapes[k] for k, m in self.modules.items()):
+                logger.warning("static %s: a layer's weight changed shape: buffers remade (one recompile)",
+                               self.component)
+                self._allocate()  # (e.g. an input layer widened for a control LoRA)
             self._write_mix()  # (first: growing the capacity remakes every buffer, the scale's too)
             self._version = self.table.version
         scale = float(self.table.scale_var.get())
