@@ -47,11 +47,11 @@ def _peft_file(path, transformer, seed: int, rank: int = 4, targets=FLUX_TARGETS
     return str(path)
 
 
-def _theirs(pipe, generator, **kw):
+def _theirs(pipe, noise, **kw):
     """diffusers' own call with the noise our numpy generator gives (drawn where the pipeline draws it)."""
     from lorablend.pipeline import _host_noise_in_prepare_latents
 
-    with _host_noise_in_prepare_latents(pipe, generator):
+    with _host_noise_in_prepare_latents(pipe, noise):
         return pipe(prompt="a cat", **GEN, **kw).images
 
 
@@ -268,3 +268,44 @@ def test_lora_biases_apply_unfused_as_fused(tmp_path, flux):
     no_bias.load_lora_weights(path, adapter_name="b")
     no_bias.set_adapters("b", 0.7)
     assert np.abs(unfused - no_bias(prompt="a cat", generator=_seed(), **GEN).images).max() > 10 * IMAGE_TOL
+
+
+def _control_lora_file(path, flux) -> str:
+    """A control LoRA for the tiny transformer: x_embedder reads twice its inputs (noise + control latents)."""
+    g, sd, r = torch.Generator().manual_seed(0), {}, 4
+    xe = flux.transformer.x_embedder
+    sd["transformer.x_embedder.lora_A.weight"] = torch.randn(r, 2 * xe.in_features, generator=g) * 0.2
+    sd["transformer.x_embedder.lora_B.weight"] = torch.randn(xe.out_features, r, generator=g) * 0.2
+    for name, m in flux.transformer.named_modules():
+        if name.endswith("attn.to_q"):
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(r, m.in_features, generator=g) * 0.2
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, r, generator=g) * 0.2
+    save_file(sd, str(path))
+    return str(path)
+
+
+def test_a_control_lora_is_refused_on_a_plain_pipeline_and_applied_on_a_control_one(tmp_path, flux):
+    from diffusers import FluxControlPipeline
+    from PIL import Image
+
+    from lorablend.errors import LoraCompatibilityError
+    from lorablend.pipeline import _seeded_for_the_rest
+
+    path = _control_lora_file(tmp_path / "control.safetensors", flux)
+    plain = lorablend.DiffusionPipeline(copy.deepcopy(flux))
+    before = params_of(plain)
+    with pytest.raises(LoraCompatibilityError, match="control LoRA.*FluxControlPipeline"):
+        plain.load_lora_weights(path, adapter_name="c")
+    assert_params_equal(plain, before)
+    assert not plain.get_list_adapters() and plain.transformer.x_embedder.in_features == 4
+    ours = lorablend.DiffusionPipeline(FluxControlPipeline.from_pipe(copy.deepcopy(flux)))
+    theirs = FluxControlPipeline.from_pipe(copy.deepcopy(flux))
+    ours.load_lora_weights(path, adapter_name="c")
+    theirs.load_lora_weights(path, adapter_name="c")  # diffusers widens x_embedder the same way
+    assert ours.transformer.x_embedder.in_features == 8 == ours.transformer.config.in_channels
+    control = Image.new("RGB", (32, 32), (200, 10, 90))
+    got = ours(prompt="a cat", control_image=control, generator=_seed(), **GEN).images
+    want = _theirs(theirs, _seed(), control_image=control, generator=_seeded_for_the_rest(_seed(), "cpu"))
+    np.testing.assert_allclose(got, want, atol=IMAGE_TOL, rtol=0)
+    again = ours(prompt="a cat", control_image=control, generator=_seed(), **GEN).images
+    np.testing.assert_allclose(again, got, atol=1e-6, rtol=0)  # the control image's VAE sample is seeded too

@@ -84,6 +84,13 @@ def _host_normal(generator: Any, batch: int, shape: tuple[int, ...]) -> np.ndarr
     return np.stack([g.standard_normal(shape) for g in generator])
 
 
+def _seeded_for_the_rest(generator: Any, device: torch.device) -> torch.Generator:
+    """A torch generator for what else a transformer pipeline draws (a control image's VAE sample), seeded from a
+    child of the (first) numpy generator: the latents' stream stays the one the seed alone gives."""
+    first = generator if isinstance(generator, np.random.Generator) else generator[0]
+    return torch.Generator(device=device).manual_seed(int(first.spawn(1)[0].integers(2**63)))
+
+
 @contextlib.contextmanager
 def _host_noise_in_prepare_latents(pipe: Any, generator: Any):
     """For one call, the pipeline's ``prepare_latents`` gets latents drawn on the host from ``generator``, shaped
@@ -220,9 +227,10 @@ class DiffusionPipeline:
                 raise ValueError("pass either latents= or a numpy generator, not both")
             if isinstance(getattr(self.pipe, "unet", None), torch.nn.Module):
                 kwargs["latents"] = self._host_latents(generator, args, kwargs)
+                generator = None
             else:  # a transformer pipeline sizes (and packs) its latents inside prepare_latents: draw them there
                 host_noise = _host_noise_in_prepare_latents(self.pipe, generator)
-            generator = None
+                generator = _seeded_for_the_rest(generator, self.pipe._execution_device)
         with self._runtime.call_scale(scale), host_noise:
             return self.pipe(*args, generator=generator, **kwargs)
 
@@ -283,6 +291,13 @@ class DiffusionPipeline:
 
             view = self._runtime.view  # names resolved, shapes and values checked here, once: binding trusts them
             adapter = load_adapter(source, target=view.index, name=name, device=view.shared_accelerator())
+        if adapter.needs_control:  # a Flux control LoRA: widen x_embedder on a control pipeline, else refuse
+            from .control import widen_for_control
+
+            layers = self._runtime._layers.by_key
+            busy = {k for k in adapter.widened_inputs
+                    if k in layers and (layers[k].loaded or layers[k].pristine_weight is not None)}
+            widen_for_control(self.pipe, adapter, self._runtime.view, busy=busy)
         bound = bind_adapter(adapter, self._runtime.view, strict=strict, checked=not isinstance(source, Adapter))
         self._runtime.add(bound, replace_existing=hotswap)
         return bound.report
