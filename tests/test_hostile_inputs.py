@@ -40,7 +40,10 @@ import lorablend
 from lorablend.errors import LoraCompatibilityError, LoraFormatError
 
 FULL = os.environ.get("LORABLEND_HOSTILE_FULL") == "1"
-LIMIT_S = 2.0
+# A refusal takes ~0.1 s on an idle machine; 2.0 s failed once (2.2 s) on this 2-core VM at load 5. The budget
+# is there to catch work proportional to a lie (reading a 100 MB header, allocating what a header claims), which
+# takes far longer, not to time the readers: those figures live in benchmarks/.
+LIMIT_S = 10.0
 LIBRARY_ERRORS = (LoraFormatError, LoraCompatibilityError)
 
 ALL_KINDS = sorted(set(hc.MUTATORS) | {
