@@ -309,3 +309,37 @@ def test_a_control_lora_is_refused_on_a_plain_pipeline_and_applied_on_a_control_
     np.testing.assert_allclose(got, want, atol=IMAGE_TOL, rtol=0)
     again = ours(prompt="a cat", control_image=control, generator=_seed(), **GEN).images
     np.testing.assert_allclose(again, got, atol=1e-6, rtol=0)  # the control image's VAE sample is seeded too
+
+
+def test_compiled_flux_transformer_switches_with_one_graph_and_refuses_a_norm_delta(tmp_path, flux):
+    """Static mode on a transformer: one graph, no break, no recompile across mixes; outputs = eager; a delta on a
+    norm's scale (no buffer for it) is refused at the switch with the way out (fuse it)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from lorablend.adapter import Adapter, FullDelta
+
+    pipe = lorablend.DiffusionPipeline(copy.deepcopy(flux))
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        pipe.load_lora_weights(_peft_file(tmp_path / f"{name}.safetensors", flux.transformer, seed, rank=2 + seed),
+                               adapter_name=name)
+    mixes = [(["a", "b"], [0.5, 0.5]), (["c"], [1.0]), (["a", "c"], [0.3, -0.7]), (["b"], [0.9])]
+    eager = []
+    for names, weights in mixes:
+        pipe.set_adapters(names, weights)
+        eager.append(pipe(prompt="a cat", generator=_seed(), **GEN).images)
+    dynamo.reset()
+    counters.clear()
+    static = pipe.compile_denoiser(backend="eager", fullgraph=False)
+    for (names, weights), want in zip(mixes, eager):
+        pipe.set_adapters(names, weights)
+        np.testing.assert_allclose(pipe(prompt="a cat", generator=_seed(), **GEN).images, want, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"] and not counters["recompiles"]
+    key = next(k for k, info in pipe.model_view.index.modules.items() if info.kind == "norm")
+    shape = pipe.model_view.module(key).weight.shape
+    pipe.load_lora_weights(Adapter("n", "flux", {key: FullDelta(diff=torch.ones(shape))}), adapter_name="n")
+    with pytest.raises(ValueError, match="norm's scale.*Fuse it"):
+        pipe.set_adapters(["a", "n"], [1.0, 1.0])
+        static.sync()
+    static.close()
