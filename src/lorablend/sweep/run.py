@@ -1,0 +1,222 @@
+"""``lorablend sweep``: every prompt × seed × LoRA mix of a comparison, on one worker or many, resumable.
+
+Output folder ``OUT``: ``images/*.png`` (one per cell), ``manifest.jsonl`` (one line per cell: prompt, seed,
+LoRA weights, file, sha256 of the PNG, timings, worker), ``grid.png`` (a labelled contact sheet: a block of rows
+per prompt, one row per seed, one column per mix) and ``sweep.json`` (the settings, so a rerun into the same
+folder with other settings is refused instead of mixing two sweeps). A rerun skips every cell whose line is in
+the manifest with its file present and intact, and makes the rest.
+
+>>> spec = SweepSpec("sd15/", [("ink.safetensors", "ink")], [0, 0.5, 1], ["a cat"], [0, 1, 2], steps=20)
+>>> summary = run_sweep(spec, "sweep-out", engine="ray", workers=2)                    # doctest: +SKIP
+>>> summary["cells"], summary["made"]                                                # doctest: +SKIP
+(9, 9)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..outputs import atomic_write, refuse_input
+from .manifest import append_line, done_cells, read_manifest, rewrite_manifest
+from .plan import Cell, SweepSpec, group_cells, naive_order, plan_cells, switches
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class SweepRun:
+    """How to run a sweep (not what it makes): engine, workers, cluster address, devices, progress, and
+    ``on_cell``, called in this process with each manifest line as it is written (tests stop or disturb a run
+    there). ``max_restarts``: Ray restarts of one dead worker before its cells go to the others.
+
+    >>> SweepRun(engine="ray", workers=2).check().workers
+    2
+    """
+
+    engine: str = "local"
+    workers: int = 1
+    address: str | None = None
+    gpus_per_worker: float = 0.0
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = False
+    max_restarts: int = 2
+    on_cell: Callable[[dict[str, Any]], None] | None = None
+
+    def check(self) -> "SweepRun":
+        """Raise ``ValueError`` naming the bad setting and the fix. >>> SweepRun(workers=0).check()
+        Traceback (most recent call last):
+        ...
+        ValueError: --workers 0: must be at least 1
+        """
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine}: choose one of {', '.join(ENGINES)}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"--workers {self.workers}: must be at least 1")
+        if self.engine == "local" and self.workers != 1:
+            raise ValueError(f"--workers {self.workers}: the local engine runs one worker (one pipeline in this "
+                             "process); pass --engine ray for several")
+        if self.engine == "local" and self.address:
+            raise ValueError(f"--address {self.address}: joining a cluster needs --engine ray")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"--gpus-per-worker {self.gpus_per_worker}: must be 0 or more")
+        return self
+
+
+def check_spec(spec: SweepSpec, out: str | os.PathLike) -> None:
+    """What can be checked before any model is loaded: files exist, lists are not empty, sizes are valid, and
+    ``out`` is neither an input nor inside one. Raises ``ValueError`` / ``FileNotFoundError`` naming the input.
+
+    >>> check_spec(SweepSpec("org/model", [], [1.0], [], [0]), "out")
+    Traceback (most recent call last):
+    ...
+    ValueError: --prompt: give at least one prompt
+    """
+    for flag, values in (("--prompt", spec.prompts), ("--seeds", spec.seeds), ("--weights", spec.weights)):
+        if not values:
+            raise ValueError(f"{flag}: give at least one {flag.strip('-').rstrip('s')}")
+    for path, _ in spec.loras:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--lora {path}: no such file; pass existing LoRA files")
+    model = str(spec.model)
+    if not Path(model).exists() and (model.count("/") != 1 or model.startswith((".", "/"))):
+        raise FileNotFoundError(f"--model {model}: no such pipeline folder (and not a hub id like 'org/name')")
+    inputs = [p for p, _ in spec.loras] + ([model] if Path(model).exists() else [])
+    refuse_input(out, inputs, what="an input of the sweep")
+    if spec.steps <= 0:
+        raise ValueError(f"--steps {spec.steps}: must be a positive integer")
+    for flag, v in (("--width", spec.width), ("--height", spec.height)):
+        if v is not None and (v <= 0 or v % 8):
+            raise ValueError(f"{flag} {v}: must be a positive multiple of 8")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"-o {out}: a file is there; the sweep writes a folder, name a new one")
+
+
+def _claim_folder(spec: SweepSpec, out: Path) -> None:
+    """Write ``sweep.json``, or check that the one there has these settings (a resume, not a different sweep)."""
+    settings = spec.settings()
+    marker = out / "sweep.json"
+    if marker.exists():
+        try:
+            before = json.loads(marker.read_text()).get("settings")
+        except (OSError, ValueError):
+            before = None
+        if before != json.loads(json.dumps(settings)):
+            raise ValueError(f"-o {out}: this folder holds a sweep with other settings (model, LoRA files, steps "
+                             "or size, see its sweep.json); pass a new -o folder, or the same settings to resume")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"-o {out}: the folder is not empty and holds no sweep; pass a new -o folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(marker, [json.dumps({"settings": settings}, indent=2).encode()], overwrite=True)
+
+
+class _Writer:
+    """The driver's side of a run: each result becomes a PNG file, then a manifest line (in that order: a line
+    is only ever written for a file on disk), then a step of the progress bar."""
+
+    def __init__(self, out: Path, cells: Sequence[Cell], done: dict[str, dict], inputs: list[str],
+                 run: SweepRun) -> None:
+        from tqdm.auto import tqdm
+
+        self.out, self.inputs, self.run, self.done = out, inputs, run, done
+        self.by_key = {c.key: c for c in cells}
+        self.made = self.switched = 0
+        self.bar = tqdm(total=len(cells), initial=len(done), unit="cell", desc="sweep", disable=not run.progress,
+                        dynamic_ncols=True)
+
+    def __call__(self, results: list[dict[str, Any]]) -> None:
+        for r in results:
+            cell = self.by_key[r["key"]]
+            atomic_write(self.out / cell.file, [r["png"]], overwrite=True, inputs=self.inputs)
+            line = {**cell.record(), "sha256": r["sha256"], "timings": r["timings"], "worker": r["pid"]}
+            append_line(self.out / "manifest.jsonl", line)
+            self.done[cell.key] = line
+            self.made += 1
+            self.switched += bool(r.get("switched"))
+            self.bar.update(1)
+            if self.run.on_cell is not None:
+                self.run.on_cell(line)
+
+
+def run_sweep(spec: SweepSpec, out: str | os.PathLike, run: SweepRun | None = None) -> dict[str, Any]:
+    """Make every cell of ``spec`` not already in ``out`` (see the module), then the manifest in plan order and
+    ``grid.png``; returns a summary (cells, made, skipped, switches vs the naive order, seconds, workers).
+
+    >>> run_sweep(spec, "sweep-out", SweepRun(engine="ray", workers=2, progress=True))      # doctest: +SKIP
+    """
+    run = (run or SweepRun()).check()
+    check_spec(spec, out)
+    out = Path(out)
+    _claim_folder(spec, out)
+    started = time.perf_counter()
+    cells = plan_cells(spec)
+    keys = {c.key for c in cells}
+    done = {k: r for k, r in done_cells(out, read_manifest(out / "manifest.jsonl")).items() if k in keys}
+    skipped, skipped_keys = len(done), set(done)
+    todo = [c for c in cells if c.key not in done]
+    groups = [[_plain(c) for c in g] for g in group_cells(todo, run.workers)]
+    writer = _Writer(out, cells, done, [p for p, _ in spec.loras] + [str(spec.model)], run)
+    with writer.bar:
+        info = _engine(spec, groups, writer, run) if groups else {"engine": run.engine, "workers": []}
+    seconds = time.perf_counter() - started
+    rewrite_manifest(out / "manifest.jsonl", [done[c.key] for c in cells])
+    grid = write_grid(spec, cells, out)
+    return {"output": str(out), "cells": len(cells), "made": writer.made, "skipped": skipped,
+            "switches": writer.switched, "switches_planned": switches(todo),
+            "switches_naive": switches([c for c in naive_order(spec) if c.key not in skipped_keys]),
+            "seconds": round(seconds, 3), "cells_per_second": round(writer.made / seconds, 4) if seconds else None,
+            "grid": str(grid), **info}
+
+
+def _plain(cell: Cell) -> dict[str, Any]:
+    return {"key": cell.key, "prompt": cell.prompt, "seed": cell.seed, "mix": list(cell.mix)}
+
+
+def _engine(spec: SweepSpec, groups: list, writer: _Writer, run: SweepRun) -> dict[str, Any]:
+    from .engines import RayOptions, run_local, run_ray
+
+    if run.engine == "local":
+        return run_local(spec, groups, writer, device=run.device, dtype=run.dtype)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ValueError("--engine ray needs Ray: pip install 'lorablend[ray]' (or use --engine local)") from None
+    options = RayOptions(workers=run.workers, address=run.address, gpus_per_worker=run.gpus_per_worker,
+                         max_restarts=run.max_restarts, device=run.device, dtype=run.dtype)
+    return run_ray(spec, groups, writer, options)
+
+
+def write_grid(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> Path:
+    """``OUT/grid.png``: one column per mix, a block of rows per prompt (one row per seed), every cell's image
+    read back from its file (``generate.render_grid`` draws the sheet).
+
+    >>> write_grid(spec, plan_cells(spec), Path("sweep-out"))                           # doctest: +SKIP
+    PosixPath('sweep-out/grid.png')
+    """
+    from PIL import Image
+
+    from ..generate import render_grid, save_png
+
+    mixes = spec.mixes()
+    by = {(c.prompt_index, c.seed, c.mix): c for c in cells}
+    rows, labels = [], []
+    for p, prompt in enumerate(spec.prompts):
+        for seed in spec.seeds:
+            row = []
+            for mix in mixes:
+                with Image.open(out / by[(p, int(seed), mix)].file) as image:
+                    row.append(image.convert("RGB"))
+            rows.append(row)
+            labels.append(f"{prompt} · seed {seed}")
+    columns = [by[(0, int(spec.seeds[0]), mix)].label for mix in mixes]
+    title = f"{Path(str(spec.model)).name}: {spec.steps} steps; columns: LoRA weights, rows: prompt and seed"
+    return save_png(render_grid(rows, columns, labels, title), out / "grid.png", overwrite=True)
+
+
+__all__ = ["ENGINES", "SweepRun", "check_spec", "run_sweep", "write_grid"]
