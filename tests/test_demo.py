@@ -32,7 +32,7 @@ def test_demo_runs_the_guide_on_a_transformer_family(tmp_path, capsys, family):
     assert [s["ok"] for s in doc["steps"]] == [True] * 7
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"tiny {'Flux.1' if family == 'flux' else 'SD3'} pipeline" in report
-    assert "every transformer weight bit-exact" in report
+    assert "every transformer weight bit-exact" in report and "LoRAs: kohya + diffusers" in report
 
 
 def test_example_script_runs_the_guide_offline(tmp_path):

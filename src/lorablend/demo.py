@@ -366,9 +366,8 @@ def _build(run: _DemoRun) -> tuple[bool, str]:
     ikea = random_adapter(pipe, "ikea", rank=4, alpha=2.0, seed=run.seed + 1)
     feng = random_adapter(pipe, "feng", rank=8, alpha=8.0, seed=run.seed + 2, targets="attn")
     run.lora_dir.mkdir(exist_ok=True)
-    # SDXL: kohya with SGM names + diffusers. Flux / SD3: diffusers names for both (the kohya-Flux writer is
-    # issue 11's write side; the readers of every Flux layout are tested in tests/test_io_read_flux*.py).
-    first = "kohya" if run.family == "sdxl" else "diffusers"
+    # kohya (SGM names for SDXL; BFL / SAI names with fused q/k/v for Flux / SD3) + diffusers
+    first = "kohya"
     save_adapter(ikea, run.lora_dir / run.files[0], format=first, target=pipe, overwrite=True)
     save_adapter(feng, run.lora_dir / run.files[1], format="diffusers", target=pipe, overwrite=True)
     return True, f"tiny {TINY_FAMILIES[run.family]} saved to {run.base_dir.name}/; LoRAs: {first} + diffusers"
