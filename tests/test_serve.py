@@ -264,80 +264,66 @@ def test_the_command_line_imports_without_the_serve_extra():
     assert "pip install 'lorablend[serve]'" in done.stderr
 
 
-def test_sdxl_batches_equal_the_library_and_keep_negative_prompts_apart():
-    """The engine alone, on the tiny SDXL pipeline: a batch mixes prompts, seeds and image counts; a request
-    with a negative prompt never joins one without (SDXL encodes a missing negative prompt as zeros)."""
+def _engine_batches(build, asks: list[tuple[str, int, str | None, int]], mix: dict[str, float]):
+    """The engine alone on ``build()``'s pipeline with two random LoRAs: ``asks`` (prompt, seed, negative, images)
+    all queue before the worker runs the first; returns (results, the library pipeline with the same LoRAs)."""
     from pathlib import Path
-
-    import numpy as np
-
-    from lorablend.demo import random_adapter, tiny_pipeline
-    from lorablend.serve.cache import AdapterCache, CachedAdapter
-    from lorablend.serve.engine import Engine, Generation
-    from lorablend.serve.metrics import Metrics
-
-    pipe, ref = DiffusionPipeline(tiny_pipeline("sdxl")), DiffusionPipeline(tiny_pipeline("sdxl"))
-    ref.set_progress_bar_config(disable=True)
-    entries = []
-    for i, name in enumerate(("a", "b")):
-        adapter = random_adapter(pipe.pipe, name, seed=i + 1, strength=2.0)
-        ref.load_lora_weights(adapter, adapter_name=name)
-        entries.append(CachedAdapter(name, i, adapter, 0, (0, 0), Path(name)))
-    metrics = Metrics()
-    engine = Engine(pipe, AdapterCache(pipe, budget_bytes=2**30, metrics=metrics), metrics, max_batch=4)
-    mix = {"a": 0.6, "b": -0.4}
-    asks = [("x", 1, None, 1), ("a dog", 2, None, 2), ("a cat", 3, None, 1), ("neg", 4, "ugly", 1)]
-    with engine.lock:  # all four queue before the worker may run the first
-        engine.start()
-        jobs = [engine.submit(Generation(p, seed=s, steps=2, loras=mix, width=32, height=32, negative_prompt=neg,
-                                         num_images=k), entries) for p, s, neg, k in asks]
-    results = [job.future.result() for job in jobs]
-    engine.stop()
-    assert results[-1].batch_images == 1 and all(r.batch_images > 1 for r in results[1:3])
-    ref.set_adapters(list(mix), list(mix.values()))
-    for (prompt, seed, negative, k), result in zip(asks, results):
-        expected = ref(prompt, negative_prompt=negative, num_inference_steps=2, width=32, height=32,
-                       num_images_per_prompt=k, guidance_scale=5.0, output_type="np",
-                       generator=np.random.Generator(np.random.PCG64(seed))).images
-        assert len(result.images) == k
-        for got, want in zip(result.images, expected):
-            assert_same_image(got, want, f"SDXL {prompt}")
-
-
-def test_flux_batches_equal_the_library():
-    """The engine on a tiny Flux.1 pipeline: packed latents drawn per request from its own seed, batched."""
-    import inspect
-    from pathlib import Path
-
-    import numpy as np
 
     from lorablend.demo import random_adapter
     from lorablend.serve.cache import AdapterCache, CachedAdapter
     from lorablend.serve.engine import Engine, Generation
     from lorablend.serve.metrics import Metrics
-    from lorablend.tiny_transformers import tiny_flux_pipeline
 
-    pipe, ref = DiffusionPipeline(tiny_flux_pipeline()), DiffusionPipeline(tiny_flux_pipeline())
+    pipe, ref = DiffusionPipeline(build()), DiffusionPipeline(build())
+    ref.set_progress_bar_config(disable=True)
     entries = []
-    for i, name in enumerate(("a", "b")):
+    for i, name in enumerate(mix):
         adapter = random_adapter(pipe.pipe, name, seed=i + 1, strength=2.0)
         ref.load_lora_weights(adapter, adapter_name=name)
         entries.append(CachedAdapter(name, i, adapter, 0, (0, 0), Path(name)))
     metrics = Metrics()
     engine = Engine(pipe, AdapterCache(pipe, budget_bytes=2**30, metrics=metrics), metrics, max_batch=4)
-    mix = {"a": 0.6, "b": -0.4}
-    asks = [("a cat", 1, 1), ("a dog", 2, 2)]
-    with engine.lock:  # both queue before the worker may run the first
+    with engine.lock:  # every request queues before the worker may run the first
         engine.start()
-        jobs = [engine.submit(Generation(p, seed=s, steps=2, loras=mix, width=32, height=32, num_images=k), entries)
-                for p, s, k in asks]
+        jobs = [engine.submit(Generation(p, seed=s, steps=2, loras=mix, width=32, height=32, negative_prompt=neg,
+                                         num_images=k), entries) for p, s, neg, k in asks]
     results = [job.future.result() for job in jobs]
     engine.stop()
-    assert all(r.batch_images == 3 for r in results)
     ref.set_adapters(list(mix), list(mix.values()))
-    for (prompt, seed, k), result in zip(asks, results):
-        expected = ref(prompt=prompt, num_inference_steps=2, width=32, height=32, num_images_per_prompt=k,
-                       guidance_scale=inspect.signature(ref.pipe.__call__).parameters["guidance_scale"].default,
-                       output_type="np", generator=np.random.Generator(np.random.PCG64(seed))).images
+    return results, ref
+
+
+def _assert_library_images(ref, asks, results, guidance_scale: float, what: str) -> None:
+    import numpy as np
+
+    for (prompt, seed, negative, k), result in zip(asks, results):
+        expected = ref(prompt=prompt, negative_prompt=negative, num_inference_steps=2, width=32, height=32,
+                       num_images_per_prompt=k, guidance_scale=guidance_scale, output_type="np",
+                       generator=np.random.Generator(np.random.PCG64(seed))).images
+        assert len(result.images) == k
         for got, want in zip(result.images, expected):
-            assert_same_image(got, want, f"Flux {prompt}")
+            assert_same_image(got, want, f"{what} {prompt}")
+
+
+def test_sdxl_batches_equal_the_library_and_keep_negative_prompts_apart():
+    """The engine alone, on the tiny SDXL pipeline: a batch mixes prompts, seeds and image counts; a request
+    with a negative prompt never joins one without (SDXL encodes a missing negative prompt as zeros)."""
+    from lorablend.demo import tiny_pipeline
+
+    asks = [("x", 1, None, 1), ("a dog", 2, None, 2), ("a cat", 3, None, 1), ("neg", 4, "ugly", 1)]
+    results, ref = _engine_batches(lambda: tiny_pipeline("sdxl"), asks, {"a": 0.6, "b": -0.4})
+    assert results[-1].batch_images == 1 and all(r.batch_images > 1 for r in results[1:3])
+    _assert_library_images(ref, asks, results, 5.0, "SDXL")
+
+
+def test_flux_batches_equal_the_library():
+    """The engine on a tiny Flux.1 pipeline: packed latents drawn per request from its own seed, batched."""
+    import inspect
+
+    from lorablend.tiny_transformers import tiny_flux_pipeline
+
+    asks = [("a cat", 1, None, 1), ("a dog", 2, None, 2)]
+    results, ref = _engine_batches(tiny_flux_pipeline, asks, {"a": 0.6, "b": -0.4})
+    assert all(r.batch_images == 3 for r in results)
+    guidance = inspect.signature(ref.pipe.__call__).parameters["guidance_scale"].default
+    _assert_library_images(ref, asks, results, guidance, "Flux")
