@@ -419,19 +419,7 @@ def report(args, ours: dict, theirs: dict, fl: dict, keylist: str) -> str:
         for k, v in res.get("errors", {}).items():
             lines.append(f"**{res['system']}: section `{k}` failed: {v}**")
 
-    def t(res, key):
-        return res.get("times", {}).get(key)
-
-    def cell(v):
-        if v is None:
-            return "—"
-        return C.fmt_s(v["median"]) + (f" (cpu {C.fmt_s(v['cpu'])})" if "cpu" in v else "")
-
-    def q(a, b):
-        if not (a and b):
-            return "—"
-        text = f"{a['median'] / b['median']:.2f}"
-        return text + (f" (cpu {a['cpu'] / b['cpu']:.2f})" if a.get("cpu") and b.get("cpu") else "")
+    t, cell, q = C.timing_of, C.timing_cell, C.timing_ratio
 
     rows = []
 

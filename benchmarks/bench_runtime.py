@@ -719,19 +719,7 @@ def cold_report(args, cold: dict, runs: dict) -> str:
     ours_w, theirs_w, kept_w = (runs.get(k, {}) for k in ("ours", "theirs", "ours-kept"))
     machine = next((r["machine"] for r in (ours_c, theirs_c, fl, ours_w) if "machine" in r), {})
 
-    def t(res, key):
-        return res.get("times", {}).get(key)
-
-    def cell(v):
-        if v is None:
-            return "—"
-        return C.fmt_s(v["median"]) + (f" (cpu {C.fmt_s(v['cpu'])})" if "cpu" in v else "")
-
-    def q(a, b):
-        if not (a and b):
-            return "—"
-        text = f"{a['median'] / b['median']:.2f}"
-        return text + (f" (cpu {a['cpu'] / b['cpu']:.2f})" if a.get("cpu") and b.get("cpu") else "")
+    t, cell, q = C.timing_of, C.timing_cell, C.timing_ratio
 
     rows = []
 

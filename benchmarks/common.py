@@ -394,6 +394,26 @@ def lora_files(cache: Path, model: str, targets, specs: list[tuple[str, str, int
 # ---------------------------------------------------------------- output
 
 
+def timing_of(res: dict, key: str) -> dict | None:
+    """The timing ``key`` of one system's result (``{"median", "cpu"?, "samples"}``), or None."""
+    return res.get("times", {}).get(key)
+
+
+def timing_cell(v: dict | None) -> str:
+    """A table cell for one timing: its median, and its CPU time when measured."""
+    if v is None:
+        return "—"
+    return fmt_s(v["median"]) + (f" (cpu {fmt_s(v['cpu'])})" if "cpu" in v else "")
+
+
+def timing_ratio(a: dict | None, b: dict | None) -> str:
+    """``a / b`` of two timings' medians (and of their CPU times when both have one)."""
+    if not (a and b):
+        return "—"
+    text = f"{a['median'] / b['median']:.2f}"
+    return text + (f" (cpu {a['cpu'] / b['cpu']:.2f})" if a.get("cpu") and b.get("cpu") else "")
+
+
 def fmt_s(x: float | None) -> str:
     if x is None or x != x:
         return "—"
