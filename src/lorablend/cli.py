@@ -382,60 +382,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sweep",
-        help="every prompt x seed x LoRA-weight mix of a comparison, on one worker or a Ray cluster, resumable",
-        description=(
-            "Make one image per cell (each prompt x each seed x each combination of --weights for the LoRAs) into "
-            "OUT/images, one line per cell in OUT/manifest.jsonl (prompt, seed, weights, file, sha256, timings) and a "
-            "labelled contact sheet OUT/grid.png. Cells are grouped by mix so a worker switches LoRAs once per group; "
-            "rerun the same command to finish an interrupted sweep (done cells are kept). A cell's image does not "
-            "depend on the engine or the number of workers. --engine ray spreads the cells over Ray actors (one "
-            "pipeline each): a local Ray instance, or the cluster at --address."
-        ),
-    )
-    p.add_argument("--model", required=True, help="a diffusers pipeline folder or a hub repo id")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE", help="a LoRA file; repeat for several")
-    p.add_argument("--weights", default="0,0.5,1", metavar="W,W,...",
-                   help="the weights each LoRA takes; every combination is a mix (default 0,0.5,1)")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
-    p.add_argument("--negative-prompt", default=None, help="the negative prompt")
-    p.add_argument("--seeds", default="0", metavar="S,S,...", help="noise seeds (default 0)")
-    p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
-    p.add_argument("-o", "--output", required=True, help="the output folder (new, or a sweep's to resume it)")
-    p.add_argument("--engine", default="local", choices=["local", "ray"], help="local: one worker here (default); ray: Ray actors")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="Ray workers, one pipeline each (default 1)")
-    p.add_argument("--address", default=None, help="with --engine ray: a running Ray cluster (e.g. auto, or ray://host:10001)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="with --engine ray: GPUs per worker (default 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when the worker sees one)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    from .sweep.command import DESCRIPTION, add_arguments
+
+    p = sub.add_parser("sweep", description=DESCRIPTION, help="every prompt x seed x LoRA-weight mix of a "
+                       "comparison, on one worker or a Ray cluster, resumable")
+    add_arguments(p)
     p.set_defaults(func=_cmd_sweep)
 
 
-def _seeds_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds {text!r}: write comma-separated integers, e.g. --seeds 0,1,2") from None
-
-
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .generate import _adapter_names, hf_progress_bars
-    from .sweep import SweepRun, SweepSpec, run_sweep
+    from .generate import hf_progress_bars
+    from .sweep import run_sweep
+    from .sweep.command import from_arguments
 
-    names = _adapter_names([(path, 1.0) for path in args.lora])
-    spec = SweepSpec(args.model, [(path, name) for path, name in zip(args.lora, names)],
-                     _weights_list(args.weights, "--weights"), args.prompt, _seeds_list(args.seeds), steps=args.steps,
-                     width=args.width, height=args.height, guidance_scale=args.guidance_scale,
-                     negative_prompt=args.negative_prompt)
     progress = sys.stderr.isatty() and not args.json
     hf_progress_bars(progress)
-    run = SweepRun(engine=args.engine, workers=args.workers, address=args.address,
-                   gpus_per_worker=args.gpus_per_worker, device=args.device, dtype=args.dtype, progress=progress)
+    spec, run = from_arguments(args, progress)
     summary = run_sweep(spec, args.output, run)
     if args.json:
         _print_json(summary)
@@ -475,6 +437,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="images generated together for requests with the same mix and settings (default 4)")
     p.add_argument("--compile", action="store_true",
                    help="run the denoiser under torch.compile (DiffusionPipeline.compile_denoiser), when this build has it")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: one process, one pipeline (default); ray: Ray Serve replicas routed by LoRA mix")
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: a running Ray cluster (e.g. auto); default: a local Ray instance")
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --engine ray: pipeline replicas (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G",
+                   help="with --engine ray: GPUs per replica (default 0)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -495,6 +464,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dtype = parse_dtype(args.dtype)
     config = ServeConfig(lora_dir=args.lora_dir, token=args.token or os.environ.get("LORABLEND_TOKEN") or None,
                          cache_bytes=args.cache_bytes, max_batch=args.max_batch).check()
+    if args.engine == "ray":
+        return _serve_on_ray(args, config, dtype)
+    if (args.address, args.replicas, args.gpus_per_replica) != (None, 1, 0.0):
+        raise UsageError("--address, --replicas and --gpus-per-replica are for --engine ray")
     if args.compile:
         from .serve.run import CompileUnavailable, check_compile
 
@@ -503,6 +476,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except CompileUnavailable as exc:
             raise UsageError(str(exc)) from None
     serve(args.model, config, host=args.host, port=args.port, device=args.device, dtype=dtype, compile=args.compile)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, config: Any, dtype: Any) -> int:
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise UsageError("--engine ray needs Ray Serve: pip install 'lorablend[ray]' (or use --engine local)") from None
+    if args.compile:
+        raise UsageError("--compile is not available with --engine ray yet; drop --compile or use --engine local")
+    from .serve.ray_app import RayServeOptions, deploy
+
+    options = RayServeOptions(replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, address=args.address,
+                              device=args.device, dtype=args.dtype).check()
+    print(f"lorablend serve: {args.model} on Ray, {args.replicas} replica(s), http://{args.host}:{args.port} "
+          f"(LoRAs from {config.lora_dir})", file=sys.stderr)
+    deploy(args.model, config, options, host=args.host, port=args.port, blocking=True)
     return 0
 
 
