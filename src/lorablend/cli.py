@@ -101,18 +101,22 @@ def _cmd_inspect_plot(args: argparse.Namespace) -> int:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from .io.write import WRITE_FORMATS
+
     p = sub.add_parser(
         "convert",
-        help="rewrite a LoRA file in diffusers or kohya format",
+        help="rewrite a LoRA file in diffusers, kohya or ai-toolkit format",
         description=(
             "Read a LoRA file in any supported format and write it in diffusers format (what "
-            "pipe.load_lora_weights reads; low-rank layers only) or kohya format (what A1111 and ComfyUI read; "
-            "every layer kind, LyCORIS included). The input is never overwritten."
+            "pipe.load_lora_weights reads; low-rank layers only), kohya format (what A1111 and ComfyUI read; "
+            "every layer kind, LyCORIS included; Flux / SD3 in sd-scripts' BFL / SAI names, fused qkv as one LoRA) "
+            "or ai-toolkit format (Flux / SD3: ComfyUI's diffusion_model.<BFL name>.lora_A / lora_B). "
+            "The family comes from the file. The input is never overwritten."
         ),
     )
     p.add_argument("input", help="the LoRA file to read")
     p.add_argument("output", help="the .safetensors file to write (or an existing folder)")
-    p.add_argument("--to", required=True, choices=["diffusers", "kohya"], help="the output format")
+    p.add_argument("--to", required=True, choices=list(WRITE_FORMATS), help="the output format")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast the weights (default: keep)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
@@ -141,6 +145,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     from .merge import METHODS
+    from .io.write import WRITE_FORMATS
 
     p = sub.add_parser(
         "merge",
@@ -162,7 +167,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="ties/dare_ties sign election")
     p.add_argument("--seed", type=int, default=None, help="dare: random seed (default 0; results are deterministic)")
     p.add_argument("--block-weights", default=None, metavar="JSON", help='per-block multipliers, e.g. \'{"IN04": 0.5, "M00": 0}\' or an LBW list')
-    p.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"], help="output format (default diffusers)")
+    p.add_argument("--format", default="diffusers", choices=list(WRITE_FORMATS), help="output format (default diffusers)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="output dtype (default: the inputs' dtype, fp32 if they differ)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the math runs (default cpu)")
     p.add_argument("--name", default=None, help="name of the merged adapter (default: the input names joined by '+')")

@@ -29,16 +29,23 @@ from .adapter import Adapter, Delta, LowRankDelta
 
 # Layer types (columns), in display order: the first pattern that matches a target key wins.
 LAYER_TYPES: list[tuple[str, str]] = [
-    ("te attn", r"^text_encoder(_2)?\..*self_attn\."),
-    ("te mlp", r"^text_encoder(_2)?\..*mlp\."),
-    ("te proj", r"^text_encoder(_2)?\.text_projection$"),
+    ("te attn", r"^text_encoder(_[23])?\..*(self_attn|SelfAttention)\."),  # CLIP; T5's SelfAttention
+    ("te mlp", r"^text_encoder(_[23])?\..*(mlp|DenseReluDense)\."),
+    ("te proj", r"^text_encoder(_[23])?\.text_projection$"),
     ("attn1", r"\.attn1\."),
     ("attn2", r"\.attn2\."),
+    # Flux / SD3 transformer: the image stream's attention, the text stream's (context), q/k norms, modulations
+    ("attn", r"^transformer\..*\.attn2?\.(to_[qkv]|to_out\.0)$"),
+    ("attn ctx", r"^transformer\..*\.attn\.(add_[qkv]_proj|to_add_out)$"),
+    ("qk norm", r"^transformer\..*\.norm_(added_)?[qk]$"),
+    ("mod", r"^transformer\..*norm(1|1_context|_out)?\.linear$"),
     ("ff", r"\.ff\."),
+    ("ff ctx", r"\.ff_context\."),
+    ("mlp", r"\.proj_mlp$"),
     ("proj", r"\.proj_(in|out)$"),
     ("resnet", r"\.resnets\.\d+\."),
     ("sampler", r"\.(down|up)samplers\."),
-    ("embed", r"^unet\.(time_embedding|add_embedding)\."),
+    ("embed", r"^unet\.(time_embedding|add_embedding)\.|^transformer\.(time_text_embed|x_embedder|context_embedder|pos_embed)"),
     ("conv io", r"^unet\.conv_(in|out)$"),
 ]
 
@@ -57,6 +64,8 @@ def layer_type(target_key: str) -> str:
 
 def block_of(target_key: str, index: Any) -> str:
     """The row a target key belongs to: its block label, with the text encoders told apart (``BASE te2``)."""
+    if target_key.startswith("text_encoder_3."):
+        return "BASE te3"
     if target_key.startswith("text_encoder_2."):
         return "BASE te2"
     if target_key.startswith("text_encoder."):
@@ -65,7 +74,8 @@ def block_of(target_key: str, index: Any) -> str:
 
 
 def _row_order(label: str) -> tuple[int, int, str]:
-    rank = {"BASE": 0, "TIME": 1, "IN": 2, "M": 3, "OUT": 4, "FINAL": 5}
+    # Flux double (D) before single (S) blocks; SD3 joint (J) blocks where a UNet's IN blocks are
+    rank = {"BASE": 0, "TIME": 1, "EMBED": 2, "IN": 3, "D": 3, "J": 3, "M": 4, "S": 4, "OUT": 5, "FINAL": 6}
     head = label.split()[0].rstrip("0123456789")
     tail = label.split()[0][len(head):]
     return rank.get(head, 6), int(tail) if tail else 0, label
