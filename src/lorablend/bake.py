@@ -5,7 +5,9 @@ Two kinds of model:
 * **A diffusers pipeline folder**: loaded with ``lorablend.DiffusionPipeline``, ``fuse_lora`` (the same code as
   the live API), ``unload_lora_weights``, ``save_pretrained`` into a temp folder beside the output, renamed.
 * **A single-file SD1.x / SD2.x / SDXL checkpoint** (``.safetensors`` with LDM/SGM names, what A1111 and ComfyUI
-  load): streamed tensor by tensor. The output header is known before any tensor is read (same keys, dtypes and
+  load), or a **Flux.1 transformer in BFL names** (``double_blocks.N.img_attn.qkv.weight``: q / k / v rows;
+  ``single_blocks.N.linear1``: q / k / v / mlp rows; ``final_layer.adaLN_modulation.1``: its halves swapped):
+  streamed tensor by tensor. The output header is known before any tensor is read (same keys, dtypes and
   shapes), so it is written first; then each tensor in file order — untouched ones copied byte for byte in
   chunks, touched ones read alone, fused (``fusion.fused_weight``: fp32 from the pristine tensor, one cast) and
   written. Peak memory is about one tensor plus the adapters, whatever the checkpoint's size. SDXL's second
@@ -377,7 +379,7 @@ def _stream(job: BakeJob, header: SafetensorsHeader, ops: dict[str, list[_Op]], 
 
 def _apply(tensor: torch.Tensor, ops: list[_Op], out_dtype: torch.dtype, safe: bool) -> torch.Tensor:
     """The fused version of one checkpoint tensor (every region computed from the pristine values)."""
-    if len(ops) == 1 and ops[0].placement.rows is None:
+    if len(ops) == 1 and ops[0].placement.row_spans is None:
         op = ops[0]
         if op.part == "bias":
             return fused_bias(tensor, op.terms, out_dtype=out_dtype)
@@ -386,12 +388,17 @@ def _apply(tensor: torch.Tensor, ops: list[_Op], out_dtype: torch.dtype, safe: b
             return fused.t().contiguous()
         return fused_weight(tensor, op.terms, out_dtype=out_dtype, safe=safe, key=op.placement.target_key)
     result = tensor.to(out_dtype, copy=True)
-    for op in ops:  # row blocks of a fused q/k/v tensor: each is its own layer
-        lo, hi = op.placement.rows
+    for op in ops:  # row blocks of a fused tensor (q/k/v, Flux linear1, swapped modulation halves): each its own layer
+        spans = op.placement.row_spans
+        rows = tensor[spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat([tensor[a:b] for a, b in spans])
         if op.part == "bias":
-            result[lo:hi] = fused_bias(tensor[lo:hi], op.terms, out_dtype=out_dtype)
+            fused = fused_bias(rows, op.terms, out_dtype=out_dtype)
         else:
-            result[lo:hi] = fused_weight(tensor[lo:hi], op.terms, out_dtype=out_dtype, safe=safe, key=op.placement.target_key)
+            fused = fused_weight(rows, op.terms, out_dtype=out_dtype, safe=safe, key=op.placement.target_key)
+        at = 0
+        for a, b in spans:  # the module's rows back where the file keeps them
+            result[a:b] = fused[at:at + b - a]
+            at += b - a
     return result
 
 

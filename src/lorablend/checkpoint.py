@@ -223,6 +223,12 @@ class Placement:
     bias_key: str | None = None
     rows: tuple[int, int] | None = None
     transposed: bool = False
+    spans: tuple[tuple[int, int], ...] | None = None  # several row spans, in the module's order (Flux final_layer)
+
+    @property
+    def row_spans(self) -> tuple[tuple[int, int], ...] | None:
+        """The stored rows that make the module's rows, in order (None: the whole tensor)."""
+        return self.spans or ((self.rows,) if self.rows is not None else None)
 
 
 _OPENCLIP = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc1|mlp\.fc2)$")
@@ -236,18 +242,22 @@ class CheckpointLayout:
     header: SafetensorsHeader
     family: str
     view: ModelView
+    prefix: str = UNET_PREFIX  # a transformer's tensors: "" (BFL's own files) or "model.diffusion_model." (ComfyUI)
+    _sources: dict | None = None
 
     def placement(self, target_key: str) -> Placement | None:
         """Where ``target_key``'s weight is stored, or None when this layout has no tensor for it."""
         info = self.view.index.modules.get(target_key)
         if info is None:
             return None
+        if info.component == "transformer":
+            return self._transformer_placement(target_key)
         if info.component == "unet":
             if info.ldm_path is None:
                 return None
             stem = UNET_PREFIX + info.ldm_path
             return Placement(target_key, stem + ".weight", self._bias(stem + ".bias"))
-        layout = next(((p, l) for c, p, l in TEXT_LAYOUTS[self.family] if c == info.component), None)
+        layout = next(((p, l) for c, p, l in TEXT_LAYOUTS.get(self.family, []) if c == info.component), None)
         if layout is None:
             return None
         prefix, kind = layout
@@ -271,6 +281,23 @@ class CheckpointLayout:
         rows = (i * width, (i + 1) * width)
         return Placement(target_key, block + "attn.in_proj_weight", self._bias(block + "attn.in_proj_bias"), rows=rows)
 
+    def _transformer_placement(self, target_key: str) -> Placement | None:
+        """A Flux / SD3 module in the original (BFL / SAI) names: a fused tensor's rows, ``.scale`` for Flux's
+        RMSNorms (SAI's are ``.weight``)."""
+        from .io.write_original import source_of  # the one reverse of the original-name table
+
+        if self._sources is None:
+            self._sources = source_of(self.view.index)
+        where = self._sources.get(target_key)
+        if where is None:
+            return None
+        name, spans = where
+        stem = self.prefix + name
+        weight = stem + ".weight" if stem + ".weight" in self.header.by_name else stem + ".scale"
+        rows = spans[0] if spans is not None and len(spans) == 1 else None
+        multi = tuple(spans) if spans is not None and len(spans) > 1 else None
+        return Placement(target_key, weight, self._bias(stem + ".bias"), rows=rows, spans=multi)
+
     def _bias(self, key: str) -> str | None:
         return key if key in self.header.by_name else None
 
@@ -285,14 +312,67 @@ class CheckpointLayout:
         have = entry.shape
         if placement.transposed:
             have = tuple(reversed(have))
-        if placement.rows is not None:
-            lo, hi = placement.rows
-            if len(have) != len(want) or hi > have[0]:
-                return f"{placement.weight_key} of shape {have} has no rows {lo}:{hi} of shape {want}"
-            have = (hi - lo, *have[1:])
+        spans = placement.row_spans
+        if spans is not None:
+            if len(have) != len(want) or max(b for _, b in spans) > have[0]:
+                return f"{placement.weight_key} of shape {have} has no rows {list(spans)} of shape {want}"
+            have = (sum(b - a for a, b in spans), *have[1:])
         if have != want:
             return f"{placement.weight_key} has shape {entry.shape}, the layer needs {want}"
         return None
+
+
+# ------------------------------------------------------------------------------------------- Flux / SD3
+
+
+_TRANSFORMER_PREFIXES = ("", UNET_PREFIX)  # BFL's / SAI's own transformer files; ComfyUI's all-in-one checkpoints
+_TRANSFORMER_MARKS = {"flux": "double_blocks.0.img_attn.qkv.weight", "sd3": "joint_blocks.0.x_block.attn.qkv.weight"}
+
+
+def _flux_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
+    """A ``FluxTransformer2DModel`` config with this file's shapes (widths, depths, inputs, guidance embedder)."""
+    names, shape = header.by_name, header.shape
+    width, in_channels = shape(p + "img_in.weight")
+    head_dim = shape(p + "double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    return {
+        "patch_size": 1, "in_channels": int(in_channels), "out_channels": int(shape(p + "final_layer.linear.weight")[0]),
+        "num_layers": len(_indices(names, re.escape(p) + r"double_blocks\.(\d+)\.")),
+        "num_single_layers": len(_indices(names, re.escape(p) + r"single_blocks\.(\d+)\.")),
+        "attention_head_dim": int(head_dim), "num_attention_heads": int(width) // int(head_dim),
+        "joint_attention_dim": int(shape(p + "txt_in.weight")[1]),
+        "pooled_projection_dim": int(shape(p + "vector_in.in_layer.weight")[1]),
+        "guidance_embeds": p + "guidance_in.in_layer.weight" in names,
+        "axes_dims_rope": [int(head_dim) // 8, int(head_dim) * 7 // 16, int(head_dim) - int(head_dim) // 8 - int(head_dim) * 7 // 16],
+    }
+
+
+def transformer_layout(header: SafetensorsHeader) -> CheckpointLayout | None:
+    """The layout of a single-file Flux.1 transformer in BFL names (``double_blocks.0.img_attn.qkv.weight``, with
+    or without ComfyUI's ``model.diffusion_model.``), or None for any other file. Its config is read off the
+    header and the transformer built on the meta device, as for a UNet; every target key is placed at its BFL
+    tensor and rows (``naming/fused.py``). SD3 single files (SAI names) are detected and refused by name.
+
+    >>> transformer_layout(read_header("flux1-dev.safetensors")).family      # doctest: +SKIP
+    'flux'
+    """
+    found = [(fam, p) for p in _TRANSFORMER_PREFIXES for fam, mark in _TRANSFORMER_MARKS.items()
+             if p + mark in header.by_name]
+    if not found:
+        return None
+    family, prefix = found[0]
+    if family != "flux":
+        raise LoraFormatError(
+            f"{header.path}: an SD3 / SD3.5 single-file checkpoint (SAI names); baking into it is not supported yet: "
+            f"bake into its diffusers pipeline folder instead")
+    try:
+        config = _flux_config(header, prefix)
+    except TypeError:  # a shape() that was None: a tensor the layout needs is missing
+        raise LoraFormatError(f"{header.path}: BFL Flux names but not the whole transformer (img_in, txt_in, "
+                              f"vector_in, final_layer and the q/k norms are needed)") from None
+    components = build_meta_components(config, [], denoiser="flux")
+    view = ModelView.of(components)
+    view.index.family = family
+    return CheckpointLayout(header, family, view, prefix=prefix)
 
 
 def checkpoint_layout(path: str | os.PathLike, header: SafetensorsHeader | None = None) -> CheckpointLayout:
@@ -302,6 +382,9 @@ def checkpoint_layout(path: str | os.PathLike, header: SafetensorsHeader | None 
     'sd1'
     """
     header = header or read_header(path)
+    transformer = transformer_layout(header)
+    if transformer is not None:
+        return transformer
     family = checkpoint_family(header)
     components = build_components(header, family)
     view = ModelView.of(components)
@@ -318,5 +401,6 @@ __all__ = [
     "checkpoint_family",
     "checkpoint_layout",
     "detect_family",
+    "transformer_layout",
     "unet_config",
 ]
