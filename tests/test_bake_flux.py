@@ -50,6 +50,8 @@ def _pairs(width: int, double: int, single: int) -> dict[str, list[str]]:
                   "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
                   "vector_in.in_layer": ["time_text_embed.text_embedder.linear_1"],
                   "vector_in.out_layer": ["time_text_embed.text_embedder.linear_2"],
+                  "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],  # FLUX.1-dev only
+                  "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
                   "img_in": ["x_embedder"], "txt_in": ["context_embedder"], "final_layer.linear": ["proj_out"],
                   "final_layer.adaLN_modulation.1": ["norm_out.linear"]})
     return table

@@ -387,7 +387,9 @@ def _apply(tensor: torch.Tensor, ops: list[_Op], out_dtype: torch.dtype, safe: b
             fused = fused_weight(tensor.t().contiguous(), op.terms, out_dtype=out_dtype, safe=safe, key=op.placement.target_key)
             return fused.t().contiguous()
         return fused_weight(tensor, op.terms, out_dtype=out_dtype, safe=safe, key=op.placement.target_key)
-    result = tensor.to(out_dtype, copy=True)
+    # read_tensor gave fresh memory and the ops' rows are disjoint: each block is fused from its pristine rows and
+    # written back over them, so no second copy of the whole tensor is needed when the dtype stays
+    result = tensor if tensor.dtype == out_dtype else tensor.to(out_dtype)
     for op in ops:  # row blocks of a fused tensor (q/k/v, Flux linear1, swapped modulation halves): each its own layer
         spans = op.placement.row_spans
         rows = tensor[spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat([tensor[a:b] for a, b in spans])
