@@ -164,3 +164,70 @@ def test_comfyui_prefixed_flux_checkpoint_bakes_the_same(flux_files, tmp_path):
     bake(prefixed, [(flux_files["a"], 1.0)], tmp_path / "c.safetensors")
     p, c = load_file(str(tmp_path / "p.safetensors")), load_file(str(tmp_path / "c.safetensors"))
     assert all(torch.equal(c["model.diffusion_model." + k], v) for k, v in p.items())
+
+
+# ------------------------------------------------------------------------------------------- SD3 (SAI names)
+
+
+def _sai_pairs(layers: int) -> dict[str, tuple[list[str], bool]]:
+    """SAI MMDiT tensor stem -> (diffusers modules stacked in order, whether its halves are (shift, scale))."""
+    table: dict[str, tuple[list[str], bool]] = {}
+    for i in range(layers):
+        t, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        table.update({x + "attn.qkv": ([t + "attn.to_q", t + "attn.to_k", t + "attn.to_v"], False),
+                      x + "attn.proj": ([t + "attn.to_out.0"], False), x + "mlp.fc1": ([t + "ff.net.0.proj"], False),
+                      x + "mlp.fc2": ([t + "ff.net.2"], False), x + "adaLN_modulation.1": ([t + "norm1.linear"], False),
+                      c + "attn.qkv": ([t + "attn.add_q_proj", t + "attn.add_k_proj", t + "attn.add_v_proj"], False),
+                      c + "attn.proj": ([t + "attn.to_add_out"], False),
+                      c + "mlp.fc1": ([t + "ff_context.net.0.proj"], False), c + "mlp.fc2": ([t + "ff_context.net.2"], False),
+                      c + "adaLN_modulation.1": ([t + "norm1_context.linear"], i == layers - 1)})  # last: pre-only
+    table.update({"x_embedder.proj": (["pos_embed.proj"], False), "context_embedder": (["context_embedder"], False),
+                  "t_embedder.mlp.0": (["time_text_embed.timestep_embedder.linear_1"], False),
+                  "t_embedder.mlp.2": (["time_text_embed.timestep_embedder.linear_2"], False),
+                  "y_embedder.mlp.0": (["time_text_embed.text_embedder.linear_1"], False),
+                  "y_embedder.mlp.2": (["time_text_embed.text_embedder.linear_2"], False),
+                  "final_layer.linear": (["proj_out"], False), "final_layer.adaLN_modulation.1": (["norm_out.linear"], True)})
+    return table
+
+
+def sai_state_dict(transformer: torch.nn.Module, prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
+    """An SD3 transformer's weights under SAI's names (every diffusers tensor used exactly once)."""
+    sd = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    out = {prefix + "pos_embed": sd.pop("pos_embed.pos_embed")}
+    for stem, (modules, swapped) in _sai_pairs(transformer.config.num_layers).items():
+        for part in ("weight", "bias"):
+            have = [sd.pop(f"{m}.{part}") for m in modules if f"{m}.{part}" in sd]
+            if have:
+                t = torch.cat(have)
+                out[f"{prefix}{stem}.{part}"] = torch.cat(t.chunk(2)[::-1]).contiguous() if swapped else t
+    assert not sd, sorted(sd)
+    return out
+
+
+def test_baked_sd3_file_equals_pipeline_fusion_written_in_sai_names(tmp_path):
+    from lorablend import Adapter, LowRankDelta
+    from lorablend.tiny_transformers import tiny_sd3_pipeline
+
+    pipe = DiffusionPipeline(tiny_sd3_pipeline(torch_dtype=torch.bfloat16))
+    ckpt = tmp_path / "sd3-tiny.safetensors"
+    save_file(sai_state_dict(pipe.pipe.transformer), str(ckpt))
+    g = torch.Generator().manual_seed(2)
+    deltas = {}
+    for key, info in pipe.model_view.index.modules.items():
+        if info.component == "transformer" and info.kind == "linear":
+            out, fan_in = info.weight_shape
+            deltas[key] = LowRankDelta(torch.randn(2, fan_in, generator=g) * 0.3, torch.randn(out, 2, generator=g) * 0.3,
+                                       alpha=1.0)
+    adapter = Adapter("every", "sd3", deltas)
+    report = bake(ckpt, [(adapter, 0.6)], tmp_path / "baked.safetensors", lora_scale=0.9)
+    assert report.family == "sd3" and not report.skipped and report.touched == len(deltas)
+    pipe.load_lora_weights(adapter, adapter_name="every")
+    pipe.set_adapters(["every"], adapter_weights=[0.6])
+    pipe.fuse_lora(lora_scale=0.9)
+    want, got = sai_state_dict(pipe.pipe.transformer), load_file(str(tmp_path / "baked.safetensors"))
+    assert set(got) == set(want)
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), key
+    before = load_file(str(ckpt))
+    assert not torch.equal(got["model.diffusion_model.final_layer.adaLN_modulation.1.weight"],
+                           before["model.diffusion_model.final_layer.adaLN_modulation.1.weight"])

@@ -16,6 +16,7 @@ key with its LDM path (``naming``). Only the header is read here; tensors stay o
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -346,11 +347,38 @@ def _flux_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
     }
 
 
+def _sd3_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
+    """An ``SD3Transformer2DModel`` config with this file's shapes (SAI MMDiT names: SD3 medium, SD3.5 medium with
+    its dual-attention blocks, SD3.5 large with q/k norms). SAI's heads are 64 wide where no q/k norm says."""
+    names, shape = header.by_name, header.shape
+    width, in_channels, patch, _ = shape(p + "x_embedder.proj.weight")
+    blocks = _indices(names, re.escape(p) + r"joint_blocks\.(\d+)\.")
+    norm = shape(p + "joint_blocks.0.x_block.attn.ln_q.weight")
+    # without q/k norms the head width shapes no weight: SAI's 64, or one head of the whole width (a tiny model)
+    head_dim = int(norm[0]) if norm is not None else 64 if int(width) % 64 == 0 else int(width)
+    context = shape(p + "context_embedder.weight")
+    return {
+        "sample_size": 128, "patch_size": int(patch), "in_channels": int(in_channels), "num_layers": len(blocks),
+        "attention_head_dim": head_dim, "num_attention_heads": int(width) // head_dim,
+        "joint_attention_dim": int(context[1]), "caption_projection_dim": int(context[0]),
+        "pooled_projection_dim": int(shape(p + "y_embedder.mlp.0.weight")[1]),
+        "out_channels": int(shape(p + "final_layer.linear.weight")[0]) // int(patch) ** 2,
+        "pos_embed_max_size": math.isqrt(int(shape(p + "pos_embed")[1])),
+        "dual_attention_layers": tuple(i for i in blocks if f"{p}joint_blocks.{i}.x_block.attn2.qkv.weight" in names),
+        "qk_norm": "rms_norm" if norm is not None else None,
+    }
+
+
+_CONFIGS = {"flux": _flux_config, "sd3": _sd3_config}
+
+
 def transformer_layout(header: SafetensorsHeader) -> CheckpointLayout | None:
-    """The layout of a single-file Flux.1 transformer in BFL names (``double_blocks.0.img_attn.qkv.weight``, with
-    or without ComfyUI's ``model.diffusion_model.``), or None for any other file. Its config is read off the
-    header and the transformer built on the meta device, as for a UNet; every target key is placed at its BFL
-    tensor and rows (``naming/fused.py``). SD3 single files (SAI names) are detected and refused by name.
+    """The layout of a single-file Flux.1 transformer in BFL names (``double_blocks.0.img_attn.qkv.weight``) or an
+    SD3 / SD3.5 one in SAI names (``joint_blocks.0.x_block.attn.qkv.weight``), with or without the
+    ``model.diffusion_model.`` prefix (SAI's and ComfyUI's all-in-one files), or None for any other file. Its
+    config is read off the header and the transformer built on the meta device, as for a UNet; every target key
+    is placed at its original tensor and rows (``naming/fused.py``). Text encoders in the file are not indexed:
+    their LoRA layers are refused (``strict``) or skipped.
 
     >>> transformer_layout(read_header("flux1-dev.safetensors")).family      # doctest: +SKIP
     'flux'
@@ -359,19 +387,15 @@ def transformer_layout(header: SafetensorsHeader) -> CheckpointLayout | None:
              if p + mark in header.by_name]
     if not found:
         return None
-    family, prefix = found[0]
-    if family != "flux":
-        raise LoraFormatError(
-            f"{header.path}: an SD3 / SD3.5 single-file checkpoint (SAI names); baking into it is not supported yet: "
-            f"bake into its diffusers pipeline folder instead")
+    denoiser, prefix = found[0]
     try:
-        config = _flux_config(header, prefix)
+        config = _CONFIGS[denoiser](header, prefix)
     except TypeError:  # a shape() that was None: a tensor the layout needs is missing
-        raise LoraFormatError(f"{header.path}: BFL Flux names but not the whole transformer (img_in, txt_in, "
-                              f"vector_in, final_layer and the q/k norms are needed)") from None
-    components = build_meta_components(config, [], denoiser="flux")
-    view = ModelView.of(components)
-    view.index.family = family
+        raise LoraFormatError(f"{header.path}: {denoiser} transformer names but not the whole transformer (its patch "
+                              f"and text embedders, final layer, and Flux's q/k norms are needed)") from None
+    components = build_meta_components(config, [], denoiser=denoiser)
+    view = ModelView.of(components)  # the family from the transformer's class and widths (SD3 / SD3.5 told apart)
+    family = view.index.family
     return CheckpointLayout(header, family, view, prefix=prefix)
 
 
