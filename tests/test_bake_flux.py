@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from lorablend import DiffusionPipeline
 from lorablend.bake import bake
 from lorablend.checkpoint import checkpoint_layout
-from lorablend.errors import LoraCompatibilityError
+from lorablend.errors import LoraCompatibilityError, LoraFormatError
 from lorablend.tiny_transformers import tiny_flux_pipeline
 
 from test_pipeline_flux import _bfl_to_diffusers, _kohya_flux_file
@@ -231,3 +231,10 @@ def test_baked_sd3_file_equals_pipeline_fusion_written_in_sai_names(tmp_path):
     before = load_file(str(ckpt))
     assert not torch.equal(got["model.diffusion_model.final_layer.adaLN_modulation.1.weight"],
                            before["model.diffusion_model.final_layer.adaLN_modulation.1.weight"])
+
+
+def test_a_bfl_file_missing_what_its_config_needs_is_refused_by_name(tmp_path):
+    path = tmp_path / "part.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32)}, str(path))
+    with pytest.raises(LoraFormatError, match="not the whole transformer"):
+        checkpoint_layout(path)

@@ -124,3 +124,24 @@ def test_cli_convert_merge_and_inspect_a_flux_file(tmp_path, files, capsys):
     assert heat["rows"][:3] == ["BASE te", "D00", "S00"] or heat["rows"][0] == "BASE te"
     assert {"attn", "attn ctx", "mod", "ff", "ff ctx", "mlp", "proj"} <= set(heat["cols"])
     assert "other" not in heat["cols"]
+
+
+def test_sd3_kohya_and_diffusers_convert_both_ways_and_inspect_shows_joint_blocks(tmp_path, capsys):
+    from lorablend import Adapter, LowRankDelta
+    from lorablend.io import save_adapter
+
+    g = torch.Generator().manual_seed(4)
+    t = "transformer.transformer_blocks.3."
+    deltas = {t + "attn." + n: LowRankDelta(torch.randn(2, 1536, generator=g), torch.randn(1536, 2, generator=g), 2.0)
+              for n in ("to_q", "to_k", "to_v", "to_out.0")}
+    deltas[t + "ff.net.0.proj"] = LowRankDelta(torch.randn(2, 1536, generator=g), torch.randn(6144, 2, generator=g), 2.0)
+    src = save_adapter(Adapter("sd3", "sd3", deltas), tmp_path / "d.safetensors", format="diffusers")
+    convert_file(src, tmp_path / "k.safetensors", to="kohya")
+    assert "lora_unet_joint_blocks_3_x_block_attn_qkv.lora_down.weight" in load_file(str(tmp_path / "k.safetensors"))
+    convert_file(tmp_path / "k.safetensors", tmp_path / "d2.safetensors", to="diffusers")
+    back = load_adapter(tmp_path / "d2.safetensors")
+    assert back.family == "sd3"
+    for key, delta in deltas.items():
+        assert_same_computed(back.deltas[key].delta_weight(), delta.delta_weight(), msg=key)
+    assert main(["inspect", str(tmp_path / "k.safetensors"), "--json"]) == 0
+    assert "J03" in capsys.readouterr().out
