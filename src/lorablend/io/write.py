@@ -10,6 +10,9 @@ Three formats (see ``write_diffusers.py``, ``write_kohya.py`` and ``write_origin
   the q / k / v (/ mlp) modules of a fused layer written as ONE LoRA over its rows (``write_original.py``).
 * ``"ai-toolkit"`` (Flux / SD3 only): ComfyUI's layout, ``diffusion_model.<BFL / SAI name>.lora_A.weight`` /
   ``lora_B.weight`` / ``alpha``, fused layers as for kohya.
+* ``"onetrainer"``: kohya's tensor names with one module each (a transformer as ``lora_transformer_<diffusers
+  path>``, OneTrainer's Flux names): every Delta kind on every module, losslessly — where a LoHa / LoKr / DoRA on
+  part of a fused layer has no BFL spelling. For a UNet family it is the kohya file.
 
 Both carry the adapter's metadata and an ``sshs_model_hash`` equal to the sha256 of the file's own data
 section (what kohya and A1111 compute). The bytes come from ``io/safetensors.py`` (the one writer); the file is
@@ -37,7 +40,7 @@ from .write_original import original_state_dict
 
 logger = logging.getLogger(__name__)
 
-WRITE_FORMATS = ("diffusers", "kohya", "ai-toolkit")  # the formats save_adapter writes
+WRITE_FORMATS = ("diffusers", "kohya", "ai-toolkit", "onetrainer")  # the formats save_adapter writes
 FORMATS = WRITE_FORMATS  # the old name, kept for callers that import it
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for in a folder
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -141,7 +144,7 @@ def adapter_state_dict(
                              f"{adapter.family}: save it with format='kohya' or 'diffusers'")
         tensors = original_state_dict(adapter, index, "kohya" if format == "kohya" else "ai-toolkit", progress=bar)
         meta = kohya_metadata(adapter, index) if format == "kohya" else _plain_metadata(adapter)
-    elif format == "kohya":
+    elif format in ("kohya", "onetrainer"):
         tensors = kohya_state_dict(adapter, index, progress=bar)
         meta = kohya_metadata(adapter, index)
     else:

@@ -20,8 +20,8 @@ the final modulation's swapped halves) gets ONE delta over its rows, exactly:
 * full differences (``diff`` / ``diff_b``): stacked at their rows, zeros elsewhere.
 
 LoHa, LoKr, DoRA and replacement weights of a module that is only PART of a fused layer cannot be put back into
-one delta of the same kind: refused with the layer's name (save ``format="diffusers"`` for LoRAs, or reduce them
-to a LoRA with ``merge(..., method="svd")``). On a layer a module has whole, every kind is written as
+one delta of the same kind: refused with the layer's name (save ``format="onetrainer"``, one module each, or
+reduce them to a LoRA with ``merge(..., method="svd")``). On a layer a module has whole, every kind is written as
 ``kohya_tensors`` names it (LyCORIS ``hada_*`` / ``lokr_*`` / ``dora_scale`` with BFL names, as LyCORIS writes them).
 
 >>> from lorablend.naming import module_index
@@ -195,8 +195,8 @@ def layer_tensors(layer: SourceLayer, index: ModuleIndex) -> Iterator[tuple[str,
     raise ValueError(
         f"layer {layer.name} is one fused weight in the original layout, and the adapter has {'/'.join(kinds)} "
         f"deltas on its parts ({', '.join(k for k, _, _ in layer.pieces)}), which cannot be put back into one delta "
-        f"of that kind. Save with format='diffusers' (one module each), or reduce the adapter to a LoRA first "
-        f"with lorablend.merge(..., method='svd')"
+        f"of that kind. Save with format='onetrainer' (kohya tensors, one module each: lossless) or 'diffusers', "
+        f"or reduce the adapter to a LoRA first with lorablend.merge(..., method='svd')"
     )
 
 
