@@ -97,6 +97,16 @@ def _other_family(adapter: Adapter, family: str) -> None:
                      f"the pipeline it was made for")
 
 
+def _written_network(meta: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """ss_network_dim / alpha as written: a fused layer's LoRA may have another rank than its modules had."""
+    pairs = [(int(t.shape[0]), float(tensors[k[: -len("lora_down.weight")] + "alpha"]))
+             for k, t in tensors.items() if k.endswith(".lora_down.weight") and k[: -len("lora_down.weight")] + "alpha" in tensors]
+    if pairs and "ss_network_dim" in meta:
+        rank, alpha = max(set(pairs), key=pairs.count)
+        meta["ss_network_dim"], meta["ss_network_alpha"] = str(rank), str(alpha)
+    return meta
+
+
 def _plain_metadata(adapter: Adapter) -> dict[str, Any]:
     """The adapter's own metadata for a file that is neither kohya's nor diffusers' (stale hashes dropped)."""
     meta = {k: v for k, v in adapter.metadata.items() if k not in (*_KOHYA_ONLY, LORA_ADAPTER_METADATA_KEY)}
@@ -143,7 +153,7 @@ def adapter_state_dict(
             raise ValueError(f"format='ai-toolkit' names a Flux / SD3 transformer; adapter {adapter.name!r} is "
                              f"{adapter.family}: save it with format='kohya' or 'diffusers'")
         tensors = original_state_dict(adapter, index, "kohya" if format == "kohya" else "ai-toolkit", progress=bar)
-        meta = kohya_metadata(adapter, index) if format == "kohya" else _plain_metadata(adapter)
+        meta = _written_network(kohya_metadata(adapter, index), tensors) if format == "kohya" else _plain_metadata(adapter)
     elif format in ("kohya", "onetrainer"):
         tensors = kohya_state_dict(adapter, index, progress=bar)
         meta = kohya_metadata(adapter, index)
