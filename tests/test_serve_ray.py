@@ -84,3 +84,54 @@ def test_ray_flags_without_the_ray_engine_are_a_usage_error(world, capsys):
     assert "--engine ray" in capsys.readouterr().err
     assert main(args + ["--engine", "ray", "--replicas", "0"]) == 2
     assert "--replicas 0" in capsys.readouterr().err
+
+
+def test_a_killed_replica_is_replaced_and_no_request_gets_a_wrong_image(ray_server, local_server):
+    """Last in this module: it kills a replica. Requests in flight on it may fail, with a 503 that says to send
+    them again; every image that is answered is the right one; Ray Serve starts a new replica."""
+    import os
+    import signal
+    import threading
+
+    from test_serve_support import wait_until
+
+    first = _post(ray_server, {"prompt": "a fox", "loras": {"clay": 0.5}, "seed": 1, **GEN})
+    victim = int(first.headers["x-lorablend-replica"])
+    bodies = [{"prompt": "a fox", "loras": mix, "seed": seed, **GEN}
+              for seed in range(3) for mix in ({"clay": 0.5}, {"ink": 0.3}, {})]
+    answers: list = [None] * len(bodies)
+    started = threading.Event()
+
+    def send(i: int) -> None:
+        started.set()
+        answers[i] = _post(ray_server, bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    started.wait()
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join()
+    for body, got in zip(bodies, answers):
+        assert got.status_code in (200, 503), got.text
+        if got.status_code == 503:
+            assert "send the request again" in got.json()["detail"]
+        else:
+            want = _post(local_server.url, body)
+            assert_same_image(decode_png(got.content), decode_png(want.content), f"mix {body['loras']}")
+    # Ray Serve starts a new replica: two live replicas answer again, neither of them the killed one (fresh mixes,
+    # so the router spreads them over both)
+    seen: set[int] = set()
+    weights = iter(range(1, 10_000))
+
+    def answered_by_two_live_replicas() -> bool:
+        body = {"prompt": "a fox", "loras": {"ink": next(weights) / 1000}, "seed": 2, **GEN}
+        r = _post(ray_server, body)
+        if r.status_code == 200:
+            seen.add(int(r.headers["x-lorablend-replica"]))
+        return len(seen - {victim}) == 2
+
+    wait_until(answered_by_two_live_replicas, "two live replicas after the kill")
+    assert victim not in seen
+

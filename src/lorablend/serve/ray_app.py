@@ -30,6 +30,16 @@ GENERATION_ROUTES = {"/v1/images": "ImageRequest", "/sdapi/v1/txt2img": "Txt2Img
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection"}
 
 
+def _ray_gone() -> tuple[type, ...]:
+    """Ray's errors for a replica that died under a request (empty without Ray: nothing to catch)."""
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    except ImportError:
+        return ()
+    return (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+
 def mix_id(path: str, body: bytes, config: ServeConfig) -> str:
     """The multiplexed model id of a request: its sorted LoRA mix as JSON (``""`` for any other request, or a
     body the app will refuse anyway: that answer comes from any replica).
@@ -126,8 +136,15 @@ class Router:
         model_id = mix_id(path, body, self.config) if request.method == "POST" else ""
         handle = self.pipeline.options(multiplexed_model_id=model_id) if model_id else self.pipeline
         target = path + (f"?{request.url.query}" if request.url.query else "")
-        status, headers, content = await handle.handle.remote(request.method, target,
-                                                               list(request.headers.items()), body)
+        try:
+            status, headers, content = await handle.handle.remote(request.method, target,
+                                                                   list(request.headers.items()), body)
+        except Exception as exc:
+            if not isinstance(exc, _ray_gone()):
+                raise
+            # the replica died with this request on it; Ray Serve starts another in its place
+            return JSONResponse({"detail": f"the replica running this request stopped ({type(exc).__name__}); "
+                                           "no image was made: send the request again"}, status_code=503)
         return Response(content, status_code=status, headers=dict(headers))
 
 
