@@ -238,3 +238,14 @@ def test_a_bfl_file_missing_what_its_config_needs_is_refused_by_name(tmp_path):
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32)}, str(path))
     with pytest.raises(LoraFormatError, match="not the whole transformer"):
         checkpoint_layout(path)
+
+
+def test_a_kohya_flux_file_read_on_a_tiny_pipeline_is_written_back_bit_for_bit(flux_files):
+    from lorablend.io import load_adapter
+    from lorablend.io.write import adapter_state_dict
+
+    pipe = tiny_flux_pipeline()
+    original = load_file(flux_files["b"])
+    written, _ = adapter_state_dict(load_adapter(flux_files["b"], target=pipe), "kohya", target=pipe)
+    assert set(written) == set(original)
+    assert all(torch.equal(written[k], v) for k, v in original.items())
