@@ -197,6 +197,41 @@ def generate_image(pipe: Any, names: Sequence[str], weights: Sequence[float], pr
     return pipe(prompt, generator=generator, **settings.call_kwargs()).images[0]
 
 
+class CellRenderer:
+    """One pipeline making cells (prompt, seed, LoRA mix) one after another: the mix is set (and its blended terms
+    built) only when it differs from the last cell's, so cells taken in mix order switch once per mix; the noise
+    of a cell comes from its own seed. ``generate --grid`` and every ``lorablend sweep`` worker make their images
+    here, so a cell's image is the same whichever of them makes it.
+
+    >>> renderer = CellRenderer(pipe, ["style"], GenerationSettings(steps=20))             # doctest: +SKIP
+    >>> image, timings, switched = renderer.render("a cat", 0, [0.5])                      # doctest: +SKIP
+    """
+
+    def __init__(self, pipe: Any, names: Sequence[str], settings: GenerationSettings) -> None:
+        self.pipe, self.names, self.settings = pipe, list(names), settings
+        self.mix: tuple[float, ...] | None = None
+        self.switches = 0
+
+    def render(self, prompt: str, seed: int, mix: Sequence[float]) -> tuple[Any, dict[str, float], bool]:
+        """The PIL image of one cell, its timings (``switch``, ``generate`` seconds) and whether it switched.
+        >>> renderer.render("a cat", 0, [1.0])[2]                                          # doctest: +SKIP
+        True
+        """
+        started = time.perf_counter()
+        mix = tuple(float(w) for w in mix)
+        switched = mix != self.mix
+        if switched and self.names:
+            self.pipe.set_adapters(self.names, adapter_weights=list(mix))
+            self.pipe._runtime.prepare()  # build the blended terms now, so 'switch' times them
+            self.switches += 1
+        self.mix = mix
+        ready = time.perf_counter()
+        generator = np.random.Generator(np.random.PCG64(int(seed)))
+        image = self.pipe(prompt, generator=generator, **self.settings.call_kwargs()).images[0]
+        timings = {"switch": round(ready - started, 6), "generate": round(time.perf_counter() - ready, 6)}
+        return image, timings, switched
+
+
 @dataclass
 class Grid:
     """A rendered grid and what each axis meant (for reports)."""
@@ -234,22 +269,25 @@ def weight_grid(
     if y_weights is not None and len(prompts) != 1:
         raise ValueError("a weights × weights grid takes one prompt")
     rows = list(y_weights) if y_weights is not None else list(prompts)
-    images: list[list[Any]] = []
     cells = []
-    bar = tqdm(total=len(rows) * len(x_weights), desc="grid", unit="image", disable=not progress, leave=False)
-    with bar:
-        for r, row in enumerate(rows):
-            line = []
-            for c, xw in enumerate(x_weights):
-                w = [float(v) for v in weights]
-                w[0] = float(xw)
-                prompt = prompts[0] if y_weights is not None else str(row)
-                if y_weights is not None:
-                    w[1] = float(row)
-                line.append(generate_image(pipe, names, w, prompt, settings))
-                cells.append({"row": r, "col": c, "prompt": prompt, "weights": dict(zip(names, w))})
-                bar.update(1)
-            images.append(line)
+    for r, row in enumerate(rows):
+        for c, xw in enumerate(x_weights):
+            w = [float(v) for v in weights]
+            w[0] = float(xw)
+            if y_weights is not None:
+                w[1] = float(row)
+            prompt = prompts[0] if y_weights is not None else str(row)
+            cells.append({"row": r, "col": c, "prompt": prompt, "weights": dict(zip(names, w))})
+    images: list[list[Any]] = [[None] * len(x_weights) for _ in rows]
+    renderer = CellRenderer(pipe, names, settings)
+    # made in mix order (one switch per mix, as a sweep's worker does), placed in grid order
+    order = sorted(range(len(cells)), key=lambda i: tuple(cells[i]["weights"].values()))
+    with tqdm(total=len(cells), desc="grid", unit="image", disable=not progress, leave=False) as bar:
+        for i in order:
+            cell = cells[i]
+            images[cell["row"]][cell["col"]] = renderer.render(cell["prompt"], settings.seed,
+                                                               list(cell["weights"].values()))[0]
+            bar.update(1)
     x_label = f"{names[0]} weight"
     y_label = f"{names[1]} weight" if y_weights is not None else "prompt"
     x_values = [f"{names[0]}={float(v):g}" for v in x_weights]
@@ -309,4 +347,4 @@ def save_png(
     return Path(output)
 
 
-__all__ = ["GenerationSettings", "Grid", "check_request", "generate_file", "generate_image", "load_pipeline", "read_loras", "render_grid", "save_png", "weight_grid"]
+__all__ = ["CellRenderer", "GenerationSettings", "Grid", "check_request", "generate_file", "generate_image", "load_pipeline", "read_loras", "render_grid", "save_png", "weight_grid"]

@@ -1,5 +1,6 @@
 """A sweep worker: one pipeline for the whole run, every LoRA of the sweep loaded once; it takes a group of cells
-(one mix), switches to that mix only when it differs from the one it holds, and returns each cell's PNG bytes.
+(one mix) and makes them with ``generate.CellRenderer`` (the mix switched only when it differs from the one it
+holds; ``generate --grid`` makes its cells the same way), returning each cell's PNG bytes.
 
 The same class runs in the sweep's own process (``--engine local``) and as a Ray actor (``--engine ray``,
 wrapped by ``ray.remote`` there): the image of a cell is ``pipe(prompt, generator=np.random.Generator(
@@ -17,8 +18,6 @@ import io
 import os
 import time
 from typing import Any, Sequence
-
-import numpy as np
 
 from .plan import SweepSpec
 
@@ -42,20 +41,16 @@ class SweepWorker:
     """
 
     def __init__(self, spec: dict[str, Any], device: str | None = None, dtype: str | None = None) -> None:
-        from ..generate import GenerationSettings, load_pipeline
+        from ..generate import CellRenderer, GenerationSettings, load_pipeline
 
         self.spec = SweepSpec(**{**spec, "loras": [tuple(x) for x in spec["loras"]]})
         loras = [(path, 0.0) for path, _ in self.spec.loras]
         started = time.perf_counter()
-        self.pipe, loaded = load_pipeline(self.spec.model, loras, device=device, dtype=_dtype(dtype))
+        pipe, names = load_pipeline(self.spec.model, loras, device=device, dtype=_dtype(dtype))
         self.load_seconds = time.perf_counter() - started
-        # load_pipeline names adapters after their files; the sweep's names come from the spec (same rule)
-        self.names = loaded
-        self.settings = GenerationSettings(steps=self.spec.steps, width=self.spec.width, height=self.spec.height,
-                                           guidance_scale=self.spec.guidance_scale,
-                                           negative_prompt=self.spec.negative_prompt)
-        self.mix: tuple[float, ...] | None = None
-        self.switches = 0
+        settings = GenerationSettings(steps=self.spec.steps, width=self.spec.width, height=self.spec.height,
+                                      guidance_scale=self.spec.guidance_scale, negative_prompt=self.spec.negative_prompt)
+        self.renderer = CellRenderer(pipe, names, settings)  # the cell maker generate --grid uses too
         self.pid = os.getpid()
 
     def info(self) -> dict[str, Any]:
@@ -70,24 +65,12 @@ class SweepWorker:
         return [self._one(cell) for cell in cells]
 
     def _one(self, cell: dict[str, Any]) -> dict[str, Any]:
-        started = time.perf_counter()
-        mix = tuple(float(w) for w in cell["mix"])
-        switched = mix != self.mix
-        if switched and self.names:
-            self.pipe.set_adapters(list(self.names), adapter_weights=list(mix))
-            self.pipe._runtime.prepare()  # build the blended terms now, so 'switch' times them
-            self.switches += 1
-        self.mix = mix
-        ready = time.perf_counter()
-        generator = np.random.Generator(np.random.PCG64(int(cell["seed"])))
-        image = self.pipe(cell["prompt"], generator=generator, **self.settings.call_kwargs()).images[0]
-        made = time.perf_counter()
+        image, timings, switched = self.renderer.render(cell["prompt"], cell["seed"], cell["mix"])
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         png = buffer.getvalue()
         return {"key": cell["key"], "png": png, "sha256": hashlib.sha256(png).hexdigest(), "pid": self.pid,
-                "switched": switched, "timings": {"switch": round(ready - started, 6),
-                                                  "generate": round(made - ready, 6)}}
+                "switched": switched, "timings": timings}
 
 
 __all__ = ["SweepWorker"]
