@@ -58,7 +58,8 @@ def checkpoint_family(header: SafetensorsHeader) -> str:
         if any(n.startswith(("unet.", "lora_", "down_blocks.")) or ".lora_" in n for n in list(names)[:50]):
             hint = " (it looks like a LoRA or a diffusers component; pass a pipeline folder or an SD checkpoint)"
         raise LoraFormatError(
-            f"{header.path}: not a single-file SD1.x/SDXL checkpoint: no 'model.diffusion_model.' tensors{hint}"
+            f"{header.path}: not a single-file SD1.x/SDXL checkpoint (no 'model.diffusion_model.' tensors) nor a Flux / "
+            f"SD3 transformer in BFL / SAI names (double_blocks.0.img_attn.qkv, joint_blocks.0.x_block.attn.qkv){hint}"
         )
     # The text encoder's layout names it (OpenCLIP-H is SD2.x's, CLIP-L in HF names SD1.x's), whatever the widths:
     # a tiny test checkpoint has the real layout with other widths.
