@@ -343,3 +343,18 @@ def test_compiled_flux_transformer_switches_with_one_graph_and_refuses_a_norm_de
         pipe.set_adapters(["a", "n"], [1.0, 1.0])
         static.sync()
     static.close()
+
+
+@pytest.mark.parametrize("prefix", ["lora_te3", "lora_te2"])  # sd-scripts / OneTrainer names for Flux's T5
+def test_t5_keys_in_either_trainers_prefix_map_to_text_encoder_2(tmp_path, flux, prefix):
+    pipe = lorablend.DiffusionPipeline(copy.deepcopy(flux))
+    keys = [k for k, info in pipe.model_view.index.modules.items() if info.component == "text_encoder_2"][:3]
+    g, sd = torch.Generator().manual_seed(2), {}
+    for key in keys:
+        m, name = pipe.model_view.module(key), f"{prefix}_" + key.split(".", 1)[1].replace(".", "_")
+        sd[f"{name}.lora_down.weight"] = torch.randn(2, m.in_features, generator=g)
+        sd[f"{name}.lora_up.weight"] = torch.randn(m.out_features, 2, generator=g)
+    save_file(sd, str(tmp_path / "t5.safetensors"))
+    report = pipe.load_lora_weights(str(tmp_path / "t5.safetensors"), adapter_name="t5")
+    assert "6 keys mapped, 0 unsupported, 0 unknown" in str(report)
+    assert pipe.get_list_adapters() == {"text_encoder_2": ["t5"]}

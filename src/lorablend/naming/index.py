@@ -117,7 +117,10 @@ class ModuleIndex:
             paths.append(info.ldm_path)
         if info.component in TEXT_COMPONENTS and info.path.startswith("text_model."):
             paths.append(info.path[len("text_model."):])
-        for prefix in _KOHYA_PREFIX[info.component]:
+        prefixes = list(_KOHYA_PREFIX[info.component])
+        if info.component == "text_encoder_2" and info.path.startswith("encoder."):
+            prefixes.append("lora_te3")  # Flux's T5: sd-scripts names it lora_te3_, OneTrainer lora_te2_
+        for prefix in prefixes:
             for p in paths:
                 yield f"{prefix}_{p.replace('.', '_')}"
 
