@@ -17,6 +17,10 @@ compute) / cells: loading, Ray's start-up and transfers, the driver writing file
 
     python benchmarks/bench_scale.py                         # tiny: 2 prompts × 2 seeds × 9 mixes; SD1.5: 1 × 2 × 9
     python benchmarks/bench_scale.py --skip-sd15 --seeds 4
+
+Serving (tiny model): the same random-mix requests to the one-process server and to Ray Serve with 1 and 2
+replicas: p50 latency with one client (Ray's per-request cost is the difference to local), images/s from
+`--clients` threads, errors (must be 0).
 """
 
 from __future__ import annotations
@@ -109,6 +113,63 @@ def bench_model(kind: str, args, out: Path) -> list[dict]:
     return rows
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure(system: str, replicas: int, url: str, bodies: list[dict], warm: list[dict], clients: int) -> dict:
+    """Sequential requests (one client: latency, Ray's per-request cost shows here), then all of them from
+    `clients` threads (throughput)."""
+    import bench_serve as S
+
+    S.drive(url, warm, clients)
+    one, _ = S.drive(url, bodies[:10], 1)
+    many, wall = S.drive(url, bodies, clients)
+    latencies = sorted(r["latency"] for r in one)
+    return {"serve": system, "replicas": replicas, "requests": len(bodies), "clients": clients,
+            "errors": sum(not r["ok"] for r in one + many), "p50_one_client_s": round(latencies[len(latencies) // 2], 3),
+            "images_per_s": round(len(bodies) / wall, 3)}
+
+
+def bench_serving(args, out: Path) -> list[dict]:
+    """The same requests (random mixes of 1-3 of 6 LoRAs) to the one-process server, then to Ray with 1 and 2
+    replicas (tiny model)."""
+    import bench_serve as S
+    from ray import serve
+
+    from lorablend import DiffusionPipeline
+    from lorablend.serve import ServeConfig, create_app
+    from lorablend.serve.ray_app import RayServeOptions, deploy
+
+    folder, _, _ = model_folder("tiny", out)
+    _, lora_dir = S.tiny_model(out, 6)
+    names = sorted(p.stem for p in lora_dir.glob("*.safetensors"))
+    settings = {"steps": 2, "guidance_scale": 7.5, "width": 32, "height": 32}
+    bodies, warm = S.make_requests(names, args.requests, 1, settings), S.warmup_requests(names, settings)
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    server, thread, url = S.start(create_app(pipe, ServeConfig(lora_dir=lora_dir)))
+    rows = [measure("local", 1, url, bodies, warm, args.clients)]
+    server.should_exit = True
+    thread.join()
+    for replicas in (1, 2):
+        port = free_port()
+        deploy(str(folder), ServeConfig(lora_dir=lora_dir), RayServeOptions(replicas=replicas, device="cpu"),
+               port=port, blocking=False)
+        try:
+            rows.append(measure("ray", replicas, f"http://127.0.0.1:{port}", bodies, warm, args.clients))
+        finally:
+            serve.shutdown()
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append({"serve": "ray overhead per request (one client, p50)",
+                 "seconds": round(rows[1]["p50_one_client_s"] - rows[0]["p50_one_client_s"], 3)})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench-output/scale", help="work folder (models, LoRAs, sweeps)")
@@ -116,6 +177,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2, help="tiny model: seeds (default 2)")
     p.add_argument("--sd15-seeds", type=int, default=2, help="SD1.5: seeds (default 2; one prompt)")
     p.add_argument("--skip-sd15", action="store_true", help="only the tiny model")
+    p.add_argument("--skip-serve", action="store_true", help="no serving measurements")
+    p.add_argument("--requests", type=int, default=40, help="serving: requests (default 40)")
+    p.add_argument("--clients", type=int, default=4, help="serving: client threads (default 4)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
     import ray
@@ -127,6 +191,8 @@ def main() -> None:
         rows = bench_model("tiny", args, out)
         if not args.skip_sd15:
             rows += bench_model("sd15", args, out)
+        if not args.skip_serve:
+            rows += bench_serving(args, out)
     finally:
         ray.shutdown()
     for row in rows:
