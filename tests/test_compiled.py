@@ -153,7 +153,8 @@ def test_dense_layers_take_every_kind_and_pair_layers_refuse_what_has_no_factors
     assert_same_computed(_image(pipe), _image(ref))
     static.close()
 
-    with pytest.raises(ValueError, match=r"adapter 'full' .*fuse_lora\(adapter_names=\['full'\]\)"):
+    # (the first of the mix by name is named: contributors are taken in name order)
+    with pytest.raises(ValueError, match=r"adapter 'dora' .*fuse_lora\(adapter_names=\['dora'\]\)"):
         pipe.compile_denoiser(max_rank=8, backend=None)  # a rank-8 pair: no room for a full diff
     assert not pipe._runtime.layers.static and "forward" not in pipe.unet.__dict__  # nothing changed
     for p in (pipe, ref):

@@ -349,3 +349,21 @@ def test_any_sequence_of_set_adapters_gives_the_bits_of_a_fresh_runtime(make_pip
         # a fresh pipeline's tensors sit at other addresses: equal within COMPUTED_TOL (a stale weight or term
         # changes the output by far more), and the weights we write are compared bit for bit by the tests above
         assert_same_computed(got, _unet_out(ref_pipe), f"step {i}: {names} {weights}")
+
+
+def test_a_mix_is_a_set_the_blended_term_does_not_depend_on_the_order_it_was_named_in(make_pipe, make_adapter):
+    """set_adapters(["b", "a"]) builds the same term as set_adapters(["a", "b"]) (factors concatenated by name):
+    float sums depend on order, and a strong mix turned that into visible image differences."""
+    rt = _runtime(make_pipe("sd1"))
+    for name, seed in (("b", 1), ("a", 2)):
+        _load(rt, make_adapter("sd1", name, seed=seed, targets="all"))
+    terms = []
+    for names, weights in ((["a", "b"], [0.7, -0.2]), (["b", "a"], [-0.2, 0.7])):
+        rt.set_adapters(names, weights)
+        rt.prepare()
+        terms.append({k: (l.up.clone(), l.down.clone(), l.svec.clone()) for k, l in rt._layers.by_key.items()
+                      if l.up is not None})
+    assert terms[0].keys() == terms[1].keys() and terms[0]
+    for key, (up, down, svec) in terms[0].items():
+        other = terms[1][key]
+        assert torch.equal(up, other[0]) and torch.equal(down, other[1]) and torch.equal(svec, other[2]), key

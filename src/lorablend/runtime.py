@@ -268,10 +268,12 @@ class LoraRuntime:
         self._refresh(self._layers.by_key)
 
     def _contributors(self, layer: LayerState) -> list[tuple[str, Delta]]:
-        """``(name, delta)`` of the active, unfused adapters with a non-zero weight on this layer."""
+        """``(name, delta)`` of the active, unfused adapters with a non-zero weight on this layer, by name: a mix
+        is a set, and its blend gets the same bits whatever order ``set_adapters`` named it in (float sums depend on
+        order, and a strong mix on a small model turned that into 0.85 of an 8-bit level)."""
         if not self.enabled:
             return []
-        return [(name, delta) for name in self.active
+        return [(name, delta) for name in sorted(self.active)
                 if (delta := layer.loaded.get(name)) is not None
                 and layer.component not in self._fused.get(name, {}) and self._weights[name][layer.key] != 0.0]
 
