@@ -35,7 +35,7 @@ test-portable: $(STAMP)
 # and crashes, saves each crashing input in fuzz-crashes/, exits 1 on any crash.
 MINUTES ?= 2
 fuzz: $(STAMP)
-	$(PY) tests/fuzz_readers.py --minutes $(MINUTES) --crashes fuzz-crashes
+	$(PY) tests/support/fuzz_readers.py --minutes $(MINUTES) --crashes fuzz-crashes
 
 demo: $(STAMP)
 	$(PY) -m lorablend demo --output demo-output

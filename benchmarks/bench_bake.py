@@ -101,22 +101,22 @@ from pathlib import Path
 mode, ckpt, lora, out = sys.argv[1:5]
 t = time.perf_counter()
 if mode == "bake":
-    from lorablend.bake import bake
+    from lorablend.offline.bake import bake
     r = bake(ckpt, [(lora, 0.8)], out, overwrite=True)
     info = {"touched": r.touched, "tensors": r.tensors}
 elif mode == "prepare":  # everything a bake does before streaming
-    from lorablend.checkpoint import checkpoint_layout
+    from lorablend.offline.checkpoint import checkpoint_layout
     from lorablend.io import load_adapter
-    from lorablend.resolve import bind_adapter
+    from lorablend.runtime.binding import bind_adapter
     layout = checkpoint_layout(ckpt)
     bind_adapter(load_adapter(lora, target=layout.view.components), layout.view)
     info = {}
 else:  # naive: the whole checkpoint in memory
     import torch
     from safetensors.torch import load_file, save_file
-    from lorablend.checkpoint import checkpoint_layout
+    from lorablend.offline.checkpoint import checkpoint_layout
     from lorablend.io import load_adapter
-    from lorablend.fusion import fused_weight
+    from lorablend.runtime.fusion import fused_weight
     layout = checkpoint_layout(ckpt)
     adapter = load_adapter(lora, target=layout.view.components)
     sd = load_file(ckpt)
@@ -152,7 +152,7 @@ def main() -> None:
     layers = write_lora(lora)
     print(f"checkpoint {ckpt.stat().st_size / 2**20:,.0f} MiB, LoRA {lora.stat().st_size / 2**20:,.1f} MiB "
           f"({layers} layers, rank 32), written in {time.perf_counter() - t:.0f} s")
-    from lorablend.checkpoint import read_header
+    from lorablend.offline.checkpoint import read_header
 
     largest = max(e.nbytes for e in read_header(ckpt).entries)
     prep = run_child("prepare", ckpt, lora, out)

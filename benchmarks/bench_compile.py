@@ -33,7 +33,7 @@ def build(model: str, device: str, dtype: torch.dtype):
     from lorablend import DiffusionPipeline
 
     if model.startswith("tiny-"):
-        from lorablend.demo import tiny_pipeline
+        from lorablend.fixtures.tiny_unets import tiny_pipeline
 
         pipe = tiny_pipeline(model.split("-", 1)[1], torch_dtype=dtype).to(device)
     else:
@@ -83,7 +83,7 @@ def interleaved(fns: dict, rounds: int, before: dict | None = None) -> dict:
 
 
 def run(args) -> dict:
-    from lorablend.demo import random_adapter
+    from lorablend.fixtures.tiny_unets import random_adapter
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def run(args) -> dict:
         pipe.set_adapters(mix, [rng.uniform(0.2, 1.2) for _ in mix])
         static.sync()
         switches.append(time.perf_counter() - t0)
-        with pipe._runtime.call_scale(rng.choice([1.0, 0.5])):
+        with pipe.runtime.call_scale(rng.choice([1.0, 0.5])):
             ours()
     after = dynamo_counts()
     rows.update({

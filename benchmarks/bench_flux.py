@@ -2,7 +2,7 @@
 
 The model is FLUX.1-dev's transformer (``FluxTransformer2DModel``, the real config numbers below: 3072 wide, 24
 heads × 128, mlp 12288) with deterministic random weights (``common.Pool``), inside a ``FluxPipeline`` whose text
-encoders and VAE are the tiny ones of ``lorablend.tiny_transformers`` (never run: the transformer is timed
+encoders and VAE are the tiny ones of ``lorablend.fixtures.tiny_transformers`` (never run: the transformer is timed
 directly with random text states and pooled projections, as ``bench_runtime`` times ``pipe.unet``).
 ``--model flux`` is the whole transformer (19 double + 38 single blocks: 11.9 B weights, for a GPU in bf16);
 ``--model flux-small`` keeps the real width with 2 double + 4 single blocks (1.31 B weights: 4.9 GiB in fp32,
@@ -148,7 +148,7 @@ def build_model(args, out: dict):
     """(transformer, its weight pool, the FluxPipeline around it, touched weights [(path, shape)], layout)."""
     from diffusers import FluxPipeline
 
-    from lorablend.tiny_transformers import tiny_flux_pipeline
+    from lorablend.fixtures.tiny_transformers import tiny_flux_pipeline
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -222,7 +222,7 @@ class Ours:
 
     def settle(self) -> None:
         """lorablend may defer rebuilding blended terms to the next forward: do it now, inside the clock."""
-        self.pipe._runtime.prepare()
+        self.pipe.prepare()
 
 
 def run_system(args) -> dict:

@@ -112,12 +112,12 @@ class Ours(_Pipeline):
 
     def settle(self) -> None:
         """lorablend may defer rebuilding blended terms to the next forward; do it now so it is timed."""
-        prepare = getattr(self.pipe._runtime, "prepare", None)
+        prepare = getattr(self.pipe.runtime, "prepare", None)
         if prepare is not None:
             prepare()
 
     def extra_memory(self) -> dict:
-        return {k: v / 2**30 for k, v in self.pipe._runtime.memory().items()}
+        return {k: v / 2**30 for k, v in self.pipe.runtime.memory().items()}
 
 
 # "ours-kept": lorablend with keep_fuse_buffers=True, timed on fuse / unfuse / switch only (its other rows are ours')

@@ -54,7 +54,7 @@ PROMPTS = ("a bowl of ramen", "a lighthouse at dusk", "a red fox in snow", "an i
 
 def tiny_model(out: Path, n_loras: int) -> tuple[object, Path]:
     """The tiny SD1.5 pipeline and `n_loras` LoRA files for it (every Linear/Conv or attention only)."""
-    from lorablend.demo import random_adapter, tiny_pipeline
+    from lorablend.fixtures.tiny_unets import random_adapter, tiny_pipeline
     from lorablend.io import save_adapter
 
     pipe = tiny_pipeline("sd1")
@@ -75,7 +75,7 @@ def sd15_model(out: Path, n_loras: int) -> tuple[object, Path]:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lorablend.demo import CLIP_TEXT, VAE, tiny_tokenizer
+    from lorablend.fixtures.tiny_unets import CLIP_TEXT, VAE, tiny_tokenizer
 
     unet, _ = C.build_unet("sd15", "cpu", torch.float32)
     torch.manual_seed(0)

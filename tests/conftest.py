@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from lorablend.demo import random_adapter, tiny_pipeline
+from lorablend.fixtures.tiny_unets import random_adapter, tiny_pipeline
+
+# the tests' shared helpers (realdata, hostile_corpus, serve_support, ...) import by their plain names
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 GEN_KW = dict(prompt="a bowl of ramen shaped like a bear", num_inference_steps=2, output_type="np", height=32, width=32)
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from lorablend.adapter import Adapter
 from lorablend.cli import main
-from lorablend.generate import save_png
+from lorablend.images.drawing import save_png
 from lorablend.io import load_adapter, save_adapter
 from lorablend.outputs import (
     InputOverwriteError, OutputExistsError, atomic_file, atomic_folder, atomic_write, check_output, same_file,
@@ -200,7 +200,7 @@ def test_convert_refuses_a_hard_link_of_its_input(tmp_path, capsys):
 
 
 def test_bake_refuses_a_symlink_to_its_checkpoint(tmp_path):
-    from lorablend.bake import bake
+    from lorablend.offline.bake import bake
 
     ckpt = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.x": torch.ones(2)}, str(ckpt))

@@ -217,7 +217,7 @@ def test_keep_fuse_buffers_switches_without_allocating_and_stays_exact(make_pipe
     first = to_q.weight.data_ptr()
     pipe.unfuse_lora()
     assert_params_equal(pipe, before)
-    assert pipe._runtime.memory()["fuse_buffers"] > 0  # one copy of the touched weights, kept while unfused
+    assert pipe.runtime.memory()["fuse_buffers"] > 0  # one copy of the touched weights, kept while unfused
     pipe.fuse_lora(adapter_names=["a", "b"])
     assert to_q.weight.data_ptr() == first  # written into the kept tensor
     assert_params_equal(pipe, fused)
@@ -343,7 +343,7 @@ def test_D4_block_weights_every_form(sd1):
     assert all(not close(outs[i], outs[j]) for i in range(len(outs)) for j in range(i + 1, len(outs)))
     # block weights reach resnets and samplers, not only attentions
     sd1.set_adapters(["c"], [{"unet": {"down": {"block_0": 0.0}}}])
-    rt = sd1._runtime
+    rt = sd1.runtime
     assert rt._contributors(rt._layers.by_key["unet.down_blocks.0.resnets.0.conv1"]) == []
     assert rt._contributors(rt._layers.by_key["unet.down_blocks.0.downsamplers.0.conv"]) == []
     assert rt._contributors(rt._layers.by_key["unet.down_blocks.1.resnets.0.conv1"]) != []
@@ -368,7 +368,7 @@ def test_D4_block_weights_every_form(sd1):
         (lambda p: p.add_weighted_adapter(["a", "zzz"], [1.0, 1.0], "m"), r"\['zzz'\] not in the list"),
         (lambda p: p.add_weighted_adapter(["a", "b"], [1.0], "m"), "1 weights for 2 adapters"),
         (lambda p: p.add_weighted_adapter(["a", "b"], [1.0, 1.0], "c"), "'c' already exists"),
-        (lambda p: p.load_lora_weights(p._runtime.adapters["a"].adapter), "already loaded"),
+        (lambda p: p.load_lora_weights(p.runtime.adapters["a"].adapter), "already loaded"),
         (lambda p: p.load_lora_weights("/no/such/file.safetensors"), "does not exist"),
         (lambda p: p(**GEN_KW, cross_attention_kwargs={"scale": float("nan")}), "finite"),
     ],
@@ -376,12 +376,12 @@ def test_D4_block_weights_every_form(sd1):
 def test_bad_input_raises_one_clear_error_and_changes_nothing(sd1, call, match):
     sd1.set_adapters(["a", "b"], [0.5, 0.7])
     before = params_of(sd1)
-    state = (sd1.get_active_adapters(), sd1.get_list_adapters(), dict(sd1._runtime._weight_specs))
+    state = (sd1.get_active_adapters(), sd1.get_list_adapters(), sd1.runtime.weight_specs)
     terms = _terms(sd1)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         call(sd1)
     assert_params_equal(sd1, before)
-    assert (sd1.get_active_adapters(), sd1.get_list_adapters(), dict(sd1._runtime._weight_specs)) == state
+    assert (sd1.get_active_adapters(), sd1.get_list_adapters(), sd1.runtime.weight_specs) == state
     after = _terms(sd1)
     assert after.keys() == terms.keys()
     assert all(all(torch.equal(x, y) if x is not None else y is None for x, y in zip(terms[k], after[k])) for k in terms)
@@ -389,8 +389,8 @@ def test_bad_input_raises_one_clear_error_and_changes_nothing(sd1, call, match):
 
 def _terms(pipe) -> dict:
     """The blended per-layer terms the forward hooks add (what a generation would use)."""
-    pipe._runtime.prepare()
-    return {k: (s.up, s.down, s.dense) for k, s in pipe._runtime._layers.by_key.items() if s.handle is not None}
+    pipe.runtime.prepare()
+    return {k: (s.up, s.down, s.dense) for k, s in pipe.runtime.layers.by_key.items() if s.handle is not None}
 
 
 def test_unfusing_what_is_not_fused_names_what_is(sd1):
@@ -491,5 +491,5 @@ def test_moving_the_pipeline_to_another_dtype_rebuilds_the_terms(make_pipe, make
     pipe.to(dtype=torch.bfloat16)
     y16 = pipe(**GEN_KW, generator=torch.manual_seed(0)).images
     assert np.isfinite(y16).all() and np.abs(y16 - y32).max() < 0.1
-    slot = next(s for s in pipe._runtime._layers.by_key.values() if s.up is not None)
+    slot = next(s for s in pipe.runtime.layers.by_key.values() if s.up is not None)
     assert slot.up.dtype == torch.bfloat16

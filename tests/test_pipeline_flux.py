@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorablend
-from lorablend.tiny_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
+from lorablend.fixtures.tiny_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 
 from conftest import assert_params_equal, params_of
 

@@ -63,8 +63,8 @@ def test_real_sd1_files_load_blend_fuse_and_unfuse_bit_exactly(sd15):
     lists = pipe.get_list_adapters()
     assert lists["unet"] == list(FILES) and "falcon" in lists["text_encoder"]
 
-    touched = {k for b in pipe._runtime.adapters.values() for k in b.layers}
-    modules = {k: pipe._runtime.view.module(k) for k in touched}
+    touched = {k for b in pipe.runtime.adapters.values() for k in b.layers}
+    modules = {k: pipe.runtime.view.module(k) for k in touched}
     pristine = {k: m.weight.detach().clone() for k, m in modules.items()}
 
     # The blend is checked on the two attention LoRAs: the LoKr touches every conv, and its dense per-layer
@@ -80,7 +80,7 @@ def test_real_sd1_files_load_blend_fuse_and_unfuse_bit_exactly(sd15):
     pipe.set_adapters(["falcon"], [-0.5])
     pipe.fuse_lora(components=["text_encoder"])
     assert pipe.fused_loras == {"pokemon", "timo", "falcon"}
-    assert pipe._runtime.fused_components("falcon") == ["text_encoder"]
+    assert pipe.runtime.fused_components("falcon") == ["text_encoder"]
 
     pipe.unfuse_lora(adapter_names=["timo"])  # one of several
     assert pipe.fused_loras == {"pokemon", "falcon"}

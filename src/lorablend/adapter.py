@@ -20,7 +20,7 @@ import torch
 from .kinds import Delta, DeltaKind, DoRADelta, FullDelta, InnerDelta, LoHaDelta, LoKrDelta, LowRankDelta, SetDelta
 from .naming import COMPONENTS  # the one component list, in its order
 from .report import LoadReport
-from .transfer import deltas_to, map_tensors  # (their old home: kept importable from here)
+from .runtime.transfer import deltas_to, map_tensors  # (their old home: kept importable from here)
 
 Family = Literal["sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large"]
 # the UNet families first: readers prefer them on a tie (an SD file never names a transformer module)

@@ -66,7 +66,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import inspect_file, render_text
+    from .offline.inspection import inspect_file, render_text
 
     if args.other is not None or args.plot is not None:
         return _cmd_inspect_plot(args)
@@ -79,8 +79,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect_plot(args: argparse.Namespace) -> int:
-    from .inspection import inspect_file, render_text
-    from .plot import plot_files
+    from .offline.inspection import inspect_file, render_text
+    from .images.plot import plot_files
 
     if args.plot is None:
         raise UsageError(f"a second file ({args.other}) is only for --plot OUT.png, which compares two LoRAs")
@@ -124,7 +124,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .offline import convert_file
+    from .offline.jobs import convert_file
 
     result = convert_file(args.input, args.output, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
                           progress=not args.json)
@@ -194,7 +194,7 @@ def _parse_weighted_input(spec: str) -> tuple[str, float]:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .offline import merge_files
+    from .offline.jobs import merge_files
 
     specs = [_parse_weighted_input(s) for s in args.inputs]
     block_weights = None
@@ -292,7 +292,7 @@ def _add_bake(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bake(args: argparse.Namespace) -> int:
-    from .bake import bake
+    from .offline.bake import bake
 
     specs = [_parse_weighted_input(s) for s in args.lora]
     progress = sys.stderr.isatty() and not args.json
@@ -351,7 +351,7 @@ def _weights_list(text: str, flag: str) -> list[float]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerationSettings, generate_file
+    from .images.generate import GenerationSettings, generate_file
 
     specs = [_parse_weighted_input(s) for s in args.lora]
     x_weights = _weights_list(args.grid_weights, "--grid-weights") if args.grid else None
@@ -396,7 +396,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .generate import hf_progress_bars
+    from .io.hub import hf_progress_bars
     from .sweep import run_sweep
     from .sweep.command import from_arguments
 

@@ -1,15 +1,7 @@
-"""Tiny SD1.5 / SDXL diffusers pipelines built offline from config numbers, with random weights.
+"""``lorablend demo``: the guide, step by step, on a tiny offline pipeline of one family, each step with the
+invariant it checks (images, bits after unfuse, a saved and reloaded folder), images and a report on disk.
 
-The numbers are those diffusers' own tests build in code (``tests/lora/test_lora_layers_sd{,xl}.py`` for the
-UNet, VAE and scheduler; ``tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py`` for the 32-wide CLIP
-text encoders), transcribed in ``shared/realdata/configs``. The tokenizer is generated: a byte-level CLIP BPE
-vocabulary with no merges (514 tokens), so any prompt tokenizes and every id is below the encoders' vocab size.
-
-These pipelines serve the ``demo`` command, the example script and the tests; they need no network and no files.
-
->>> pipe = tiny_pipeline("sd1")                                   # doctest: +SKIP
->>> pipe("a cat", num_inference_steps=2, output_type="np").images.shape   # doctest: +SKIP
-(1, 64, 64, 3)
+>>> steps = run_demo("demo-output")                                # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,204 +15,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .adapter import Adapter, LowRankDelta
+from .fixtures.tiny_unets import tiny_pipeline, random_adapter
 
-_UNET_COMMON = {
-    "block_out_channels": [32, 64],
-    "layers_per_block": 2,
-    "sample_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-}
-SD1_UNET = {**_UNET_COMMON, "cross_attention_dim": 32}
-SDXL_UNET = {
-    **_UNET_COMMON,
-    "attention_head_dim": [2, 4],
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "transformer_layers_per_block": [1, 2],
-    "projection_class_embeddings_input_dim": 80,  # 6 * 8 time ids + 32 pooled text embedding
-    "cross_attention_dim": 64,  # the two 32-wide text encoders concatenated
-}
-VAE = {
-    "block_out_channels": [32, 64],
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "latent_channels": 4,
-    "sample_size": 128,
-}
-CLIP_TEXT = {
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "layer_norm_eps": 1e-05,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 5,
-    "pad_token_id": 1,
-    "vocab_size": 1000,
-    "hidden_act": "gelu",
-    "projection_dim": 32,
-}
-SD1_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
 TINY_FAMILIES = {"sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3"}  # what `lorablend demo --family` builds
-SDXL_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-}
 
 
-def _bytes_to_unicode() -> list[str]:
-    # CLIP's byte-level alphabet: printable bytes map to themselves, the rest to code points above 255.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            codes.append(b)
-        else:
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def tiny_tokenizer():
-    """A CLIP tokenizer over the 256 byte symbols (with and without ``</w>``) and the two special tokens.
-
-    >>> tiny_tokenizer()("a cat").input_ids                           # doctest: +SKIP
-    [512, 64, 94, 66, 64, 83, 513]
-    """
-    from transformers import CLIPTokenizer
-
-    symbols = _bytes_to_unicode()
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    try:  # transformers >= 5 builds the tokenizer from in-memory vocab and merges
-        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    except TypeError:  # transformers 4 wants files
-        import json
-        import tempfile
-        from pathlib import Path
-
-        folder = Path(tempfile.mkdtemp(prefix="lorablend-tok-"))
-        (folder / "vocab.json").write_text(json.dumps(vocab))
-        (folder / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
-def tiny_pipeline(family: str = "sdxl", *, seed: int = 0, torch_dtype: torch.dtype = torch.float32):
-    """Build a tiny diffusers ``StableDiffusionPipeline`` (``"sd1"``) or ``StableDiffusionXLPipeline`` (``"sdxl"``).
-
-    Weights are random but reproducible: ``torch.manual_seed(seed)`` before each model, as diffusers' tests do.
-    Default image size is 64x64 (latents 4x32x32); pass ``height=32, width=32`` for even faster calls.
-
-    >>> pipe = tiny_pipeline("sdxl")                                  # doctest: +SKIP
-    >>> type(pipe).__name__                                           # doctest: +SKIP
-    'StableDiffusionXLPipeline'
-    """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    if family not in ("sd1", "sdxl"):
-        raise ValueError(f"tiny_pipeline builds 'sd1' or 'sdxl', got {family!r}")
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD1_UNET))
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT))
-    tokenizer = tiny_tokenizer()
-    if family == "sd1":
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler(**SD1_SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    else:
-        torch.manual_seed(seed + 1)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT))
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tiny_tokenizer(),
-            unet=unet,
-            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
-
-
-def random_adapter(
-    pipe: Any,
-    name: str,
-    *,
-    rank: int = 4,
-    alpha: float | None = None,
-    seed: int = 0,
-    components: Sequence[str] | None = None,
-    targets: str = "all",
-    strength: float = 0.5,
-) -> Adapter:
-    """A random LoRA (``LowRankDelta`` per layer) for a live pipeline, in canonical target keys.
-
-    ``targets="attn"`` touches the attention projections (UNet ``to_q/to_k/to_v/to_out.0``, CLIP
-    ``q/k/v/out_proj``), ``"all"`` every Linear / Conv2d (convs get LoCon factors ``(r, in, kh, kw)`` and
-    ``(out, r, 1, 1)``). ``strength`` sets ``‖ΔW‖`` relative to a unit-variance weight.
-
-    >>> a = random_adapter(tiny_pipeline("sd1"), "style", rank=4)       # doctest: +SKIP
-    """
-    from .naming import components_of, index_from_components
-
-    comps = components_of(pipe)
-    index = index_from_components(comps)
-    gen = torch.Generator().manual_seed(seed)
-    attn = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
-    deltas: dict[str, LowRankDelta] = {}
-    for key, info in index.modules.items():
-        if components is not None and info.component not in components:
-            continue
-        if (targets == "attn" and not key.endswith(attn)) or info.kind == "norm":  # (a norm scale is never low-rank)
-            continue
-        out_f, *rest = info.weight_shape
-        r = max(1, min(rank, out_f, math.prod(rest)))
-        fan_in = math.prod(rest)
-        down = torch.randn(r, *rest, generator=gen) / math.sqrt(fan_in)
-        up_shape = (out_f, r, 1, 1) if info.kind == "conv" else (out_f, r)
-        up = torch.randn(up_shape, generator=gen) * (strength / math.sqrt(r))
-        deltas[key] = LowRankDelta(down=down, up=up, alpha=alpha)
-    return Adapter(name, index.family or "sd1", deltas)
-
-
-# --------------------------------------------------------------------------------------------- the demo
 
 
 @dataclass
@@ -351,7 +150,7 @@ def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0, family: str =
 
 
 def _tiny(family: str, seed: int) -> Any:
-    from .tiny_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
+    from .fixtures.tiny_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 
     builders = {"sdxl": lambda: tiny_pipeline("sdxl", seed=seed), "flux": lambda: tiny_flux_pipeline(seed=seed),
                 "sd3": lambda: tiny_sd3_pipeline(seed=seed)}

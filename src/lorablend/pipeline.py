@@ -35,13 +35,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import hub
+from .io import hub
 from .adapter import Adapter
 from .errors import LoraFormatError
 from .report import LoadReport
-from .model_view import ModelView
-from .resolve import bind_adapter
-from .runtime import LoraRuntime
+from .runtime.model_view import ModelView
+from .runtime.binding import bind_adapter
+from .runtime.lora_runtime import LoraRuntime
+from .naming import components_of, denoiser_component
 
 logger = logging.getLogger(__name__)
 _OWN = ("pipe", "_runtime")
@@ -64,15 +65,6 @@ def _is_numpy_generator(generator: Any) -> bool:
     return isinstance(generator, (list, tuple)) and bool(generator) and all(
         isinstance(g, np.random.Generator) for g in generator
     )
-
-
-def _denoiser(pipe: Any) -> torch.nn.Module | None:
-    """The pipeline's denoiser: its ``unet`` (SD1.x / SDXL) or ``transformer`` (Flux.1, SD3), else None."""
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
 
 
 def _host_normal(generator: Any, batch: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -140,13 +132,11 @@ class DiffusionPipeline:
     ):
         if isinstance(pipe, DiffusionPipeline):
             pipe = pipe.pipe
-        if _denoiser(pipe) is None:
+        if denoiser_component(pipe) is None:
             raise TypeError(
                 "DiffusionPipeline wraps a diffusers SD1.x / SDXL (unet) or Flux.1 / SD3 (transformer) pipeline; "
                 f"got {type(pipe).__name__}, which has neither"
             )
-        from .naming import components_of
-
         object.__setattr__(self, "pipe", pipe)
         runtime = LoraRuntime(components_of(pipe), pristine_device=pristine_device, keep_fuse_buffers=keep_fuse_buffers)
         object.__setattr__(self, "_runtime", runtime)
@@ -186,6 +176,44 @@ class DiffusionPipeline:
         'sdxl'
         """
         return self._runtime.view
+
+    @property
+    def runtime(self) -> LoraRuntime:
+        """The LoRA runtime behind this pipeline: loaded adapters (``.adapters``), the per-layer table
+        (``.layers``), ``prepare()``, ``memory()``, ``call_scale(s)``. The pipeline's methods are the guide's API;
+        the runtime is for tools that time or inspect it (the server, sweeps, benchmarks).
+
+        >>> sorted(pipeline.runtime.adapters)                                # doctest: +SKIP
+        ['feng', 'ikea']
+        """
+        return self._runtime
+
+    @property
+    def denoiser_name(self) -> str:
+        """The component that denoises: ``"unet"`` (SD1.x / SDXL) or ``"transformer"`` (Flux.1, SD3).
+
+        >>> pipeline.denoiser_name                                           # doctest: +SKIP
+        'unet'
+        """
+        return denoiser_component(self.pipe)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The denoising module itself (``pipeline.unet`` or ``pipeline.transformer``).
+
+        >>> pipeline.denoiser.config.sample_size                             # doctest: +SKIP
+        128
+        """
+        return getattr(self.pipe, self.denoiser_name)
+
+    def prepare(self) -> None:
+        """Build the blended terms of the current mix now (each layer's ONE term), so that the next generation
+        starts computing at once: a server or a sweep calls this right after ``set_adapters`` to time the switch
+        apart from the generation. Never needed for correctness (a stale layer rebuilds on its next forward).
+
+        >>> pipeline.set_adapters(["ikea", "feng"], [0.7, 0.8]); pipeline.prepare()   # doctest: +SKIP
+        """
+        self._runtime.prepare()
 
     def __repr__(self) -> str:
         return f"lorablend.DiffusionPipeline({type(self.pipe).__name__}, adapters={list(self._runtime.adapters)})"
@@ -292,9 +320,9 @@ class DiffusionPipeline:
             view = self._runtime.view  # names resolved, shapes and values checked here, once: binding trusts them
             adapter = load_adapter(source, target=view.index, name=name, device=view.shared_accelerator())
         if adapter.needs_control:  # a Flux control LoRA: widen x_embedder on a control pipeline, else refuse
-            from .control import widen_for_control
+            from .runtime.control import widen_for_control
 
-            layers = self._runtime._layers.by_key
+            layers = self._runtime.layers.by_key
             busy = {k for k in adapter.widened_inputs
                     if k in layers and (layers[k].loaded or layers[k].pristine_weight is not None)}
             widen_for_control(self.pipe, adapter, self._runtime.view, busy=busy)
@@ -478,7 +506,7 @@ class DiffusionPipeline:
 
         >>> pipeline.compile_denoiser(max_rank=64)                           # doctest: +SKIP
         """
-        from .compiled import compile_denoiser
+        from .runtime.compiled import compile_denoiser
 
         return compile_denoiser(self._runtime, max_rank=max_rank, grow=grow, backend=backend, mode=mode,
                                 fullgraph=fullgraph, dynamic=dynamic, options=options)

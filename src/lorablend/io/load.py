@@ -38,7 +38,7 @@ import torch
 from ..adapter import FAMILIES, Adapter, Delta, deltas_to
 from ..errors import LoraFormatError
 from ..naming import FamilyEvidence, ModuleIndex, detect_family, module_index, standard_index
-from ..naming.configs import DENOISERS
+from ..naming.configs import DENOISER_ARCHITECTURES
 from ..naming.fused import WIDENED_INPUTS
 from ..report import LoadReport
 from .deltas import DeltaProblem, ModuleGroup, build_delta, delta_shape, shape_problem
@@ -161,7 +161,7 @@ class _Placed:
 
 
 def _widenable(idx: ModuleIndex) -> dict[str, str]:
-    return WIDENED_INPUTS.get(DENOISERS.get(idx.family or "", ""), {})
+    return WIDENED_INPUTS.get(DENOISER_ARCHITECTURES.get(idx.family or "", ""), {})
 
 
 def _widens(idx: ModuleIndex, key: str, delta: Delta, shape: tuple[int, ...]) -> bool:

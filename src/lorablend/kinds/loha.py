@@ -8,7 +8,17 @@ from typing import ClassVar, Iterator, Mapping
 import torch
 
 from .base import (
-    DeltaKind, DeltaProblem, RowSpans, Shape, alpha_tensor, check_spans, fit_to_shape, need, present, take, tucker,
+    DeltaKind,
+    DeltaProblem,
+    RowSpans,
+    Shape,
+    alpha_tensor,
+    check_spans,
+    fit_to_shape,
+    need,
+    present,
+    take,
+    tucker,
     written_alpha,
 )
 

@@ -8,7 +8,16 @@ from typing import ClassVar, Iterator, Mapping
 import torch
 
 from .base import (
-    DeltaKind, DeltaProblem, RowSpans, Shape, alpha_tensor, check_spans, fit_to_shape, present, take, tucker,
+    DeltaKind,
+    DeltaProblem,
+    RowSpans,
+    Shape,
+    alpha_tensor,
+    check_spans,
+    fit_to_shape,
+    present,
+    take,
+    tucker,
     written_alpha,
 )
 from .full import FullDelta

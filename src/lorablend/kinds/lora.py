@@ -8,8 +8,18 @@ from typing import ClassVar, Iterator, Mapping
 import torch
 
 from .base import (
-    DeltaKind, DeltaProblem, RowSpans, Shape, alpha_tensor, check_spans, fit_to_shape, module_shaped, need, present,
-    take, written_alpha,
+    DeltaKind,
+    DeltaProblem,
+    RowSpans,
+    Shape,
+    alpha_tensor,
+    check_spans,
+    fit_to_shape,
+    module_shaped,
+    need,
+    present,
+    take,
+    written_alpha,
 )
 
 

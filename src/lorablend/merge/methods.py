@@ -16,7 +16,14 @@ import torch
 
 from ..errors import LoraCompatibilityError
 from ..kinds import Delta
-from .linalg import choose_rank, clamp_pair, rel_error_against_svd, rel_error_lowrank, svd_from_factors, truncate_dense
+from .linalg import (
+    choose_rank,
+    clamp_pair,
+    rel_error_against_svd,
+    rel_error_lowrank,
+    svd_from_factors,
+    truncate_dense,
+)
 from .options import DENSE_TASK, FACTORWISE, MergeOptions
 from .task import COMBINATIONS
 

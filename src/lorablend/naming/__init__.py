@@ -12,10 +12,12 @@ from .blocks import LBW_ORDERS, expand_block_weights
 from .family import CROSS_ATTENTION_WIDTHS, FamilyEvidence, detect_family
 from .index import (
     COMPONENTS,
+    DENOISER_COMPONENTS,
     TEXT_COMPONENTS,
     ModuleIndex,
     ModuleInfo,
     components_of,
+    denoiser_component,
     family_of_target,
     index_from_components,
 )
@@ -25,6 +27,7 @@ from .standard import STANDARD_FAMILIES, build_standard_index, module_index, sta
 
 __all__ = [
     "COMPONENTS",
+    "DENOISER_COMPONENTS",
     "CROSS_ATTENTION_WIDTHS",
     "TEXT_COMPONENTS",
     "LBW_ORDERS",
@@ -36,6 +39,7 @@ __all__ = [
     "build_meta_components",
     "build_standard_index",
     "components_of",
+    "denoiser_component",
     "detect_family",
     "expand_block_weights",
     "family_of_target",

@@ -147,7 +147,7 @@ T5_XXL = {
 }
 
 # family -> (denoiser config, [(component, text config, encoder)]); encoder: False CLIPTextModel, True
-# CLIPTextModelWithProjection, "t5" T5EncoderModel. The denoiser's class is DENOISERS[family] ("unet" if absent).
+# CLIPTextModelWithProjection, "t5" T5EncoderModel. The denoiser's class is DENOISER_ARCHITECTURES[family] ("unet" if absent).
 STANDARD = {
     "sd1": (SD1_UNET, [("text_encoder", CLIP_L, False)]),
     "sd2": (SD2_UNET, [("text_encoder", OPENCLIP_H, False)]),
@@ -160,5 +160,5 @@ STANDARD = {
                                ("sd35-large", SD35_LARGE_TRANSFORMER))
     },
 }
-# the model class of each family's denoiser, by the name naming.meta builds it from
-DENOISERS = {"flux": "flux", "sd3": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3"}
+# the architecture of each family's denoiser, by the name naming.meta builds it from ("unet" where absent)
+DENOISER_ARCHITECTURES = {"flux": "flux", "sd3": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3"}

@@ -20,20 +20,35 @@ Flattened names are looked up, never un-flattened by guessing where underscores 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .blocks import transformer_block_label
-from .configs import DENOISERS
+from .configs import DENOISER_ARCHITECTURES
 from .family import FamilyEvidence, detect_family
 from .fused import RowSpans, source_names
 from .ldm import block_label, ldm_unet_path
 
 # Flux: text_encoder CLIP-L, text_encoder_2 T5-XXL. SD3 / SD3.5: CLIP-L, CLIP-G (OpenCLIP bigG), T5-XXL.
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-DENOISER_COMPONENTS = ("unet", "transformer")
+DENOISER_COMPONENTS = ("unet", "transformer")  # the component names a pipeline's denoiser goes by, in this order
+
+
+def denoiser_component(components: Any) -> str | None:
+    """Which of ``components`` (names, or a mapping / pipeline-like object with those attributes) denoises: the
+    first of ``DENOISER_COMPONENTS`` it holds, or None. The one place that answers "unet or transformer".
+
+    >>> denoiser_component(["text_encoder", "transformer"])
+    'transformer'
+    >>> denoiser_component({"text_encoder": 1}) is None
+    True
+    """
+    if isinstance(components, (list, tuple, set, frozenset, Mapping)):
+        names = set(components)
+        return next((name for name in DENOISER_COMPONENTS if name in names), None)
+    return next((name for name in DENOISER_COMPONENTS if isinstance(getattr(components, name, None), nn.Module)), None)
 COMPONENTS = (*DENOISER_COMPONENTS, *TEXT_COMPONENTS)
 _KOHYA_PREFIX = {
     "unet": ["lora_unet"],
@@ -88,7 +103,7 @@ class ModuleIndex:
     def _index_sources(self) -> None:
         """The transformer's original names (dotted and kohya-flat) -> the modules and rows they cover; a name
         whose modules this model lacks (Flux schnell has no guidance embedder) is left out."""
-        denoiser = DENOISERS.get(self.family or "")
+        denoiser = DENOISER_ARCHITECTURES.get(self.family or "")
         if denoiser is None or not any(i.component == "transformer" for i in self.modules.values()):
             return
         for name, pieces in source_names(denoiser, self.unet_config).items():
@@ -195,7 +210,7 @@ class ModuleIndex:
         if info.component in TEXT_COMPONENTS:
             return "BASE"
         if info.component == "transformer":
-            return transformer_block_label(info.path, DENOISERS.get(self.family or "", ""))
+            return transformer_block_label(info.path, DENOISER_ARCHITECTURES.get(self.family or "", ""))
         return block_label(info.ldm_path)
 
     def block_labels(self) -> list[str]:

@@ -3,7 +3,7 @@ tree and weight shapes, no storage.
 
 Used wherever names and shapes are needed without weights: the standard families' data
 (:func:`~lorablend.naming.standard.build_standard_index`) and a single-file checkpoint's layout
-(:mod:`lorablend.checkpoint`). Imports diffusers and transformers (seconds), so only when called.
+(:mod:`lorablend.offline.checkpoint`). Imports diffusers and transformers (seconds), so only when called.
 
 >>> comps = build_meta_components(unet_config, [("text_encoder", clip_config, False)])   # doctest: +SKIP
 >>> comps["unet"].conv_in.weight.device                                                   # doctest: +SKIP

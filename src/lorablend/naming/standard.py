@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .configs import DENOISERS, STANDARD
+from .configs import DENOISER_ARCHITECTURES, STANDARD
 from .family_data import index_from_data, read_family_data
 from .index import ModuleIndex, components_of, index_from_components
 from .meta import build_meta_components
@@ -50,7 +50,7 @@ def build_standard_index(family: str) -> ModuleIndex:
     """
     _check_family(family)
     unet_cfg, text_specs = STANDARD[family]
-    comps = build_meta_components(unet_cfg, text_specs, denoiser=DENOISERS.get(family, "unet"))
+    comps = build_meta_components(unet_cfg, text_specs, denoiser=DENOISER_ARCHITECTURES.get(family, "unet"))
     return index_from_components(comps, family=family)
 
 

@@ -112,7 +112,7 @@ class AdapterCache:
 
     def _parse(self, source: LoraSource) -> Any:
         from ..io import load_adapter
-        from ..resolve import bind_adapter
+        from ..runtime.binding import bind_adapter
 
         view = self.pipe.model_view
         adapter = load_adapter(str(source.path), target=view.index, name=source.name)

@@ -129,7 +129,7 @@ class Engine:
         self._closed = False  # stopped for good: a late request gets 503, never a new worker
         self.running: tuple[Job, ...] = ()  # the batch taken from the queue and not yet answered
         # diffusers' own default side: Flux / SD3 / SDXL pipelines name it default_sample_size, SD1.x reads the UNet
-        sample = getattr(pipe.pipe, "default_sample_size", None) or pipe.pipe.unet.config.sample_size
+        sample = getattr(pipe.pipe, "default_sample_size", None) or pipe.denoiser.config.sample_size
         size = int(sample) * int(pipe.vae_scale_factor)
         guidance = inspect.signature(pipe.pipe.__call__).parameters.get("guidance_scale")
         self.defaults = {"width": size, "height": size,
@@ -252,7 +252,7 @@ class Engine:
         self.cache.activate(job.entries)
         names = [e.name for e in job.entries]
         self.pipe.set_adapters(names, [float(job.generation.loras[n]) for n in names])
-        self.pipe._runtime.prepare()  # build the blended terms here, so 'switch' times them and 'generate' does not
+        self.pipe.prepare()  # build the blended terms here, so 'switch' times them and 'generate' does not
         if self.compiled is not None:
             self.compiled.sync()  # the compiled denoiser's fixed buffers, written in place: no recompile
 

@@ -45,7 +45,7 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
 
     >>> pipe, compiled = load_model("sd15/", device="cpu")                  # doctest: +SKIP
     """
-    from ..generate import load_pipeline
+    from ..images.generate import load_pipeline
 
     if compile:
         check_compile()  # before seconds of loading

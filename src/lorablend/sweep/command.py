@@ -65,9 +65,9 @@ def numbers(text: str, flag: str, kind: Any = float) -> list:
 
 def from_arguments(args: argparse.Namespace, progress: bool) -> tuple[SweepSpec, SweepRun]:
     """The sweep the flags describe, and how to run it. >>> spec, run = from_arguments(args, False)  # doctest: +SKIP"""
-    from ..generate import _adapter_names
+    from ..images.generate import adapter_names
 
-    names = _adapter_names([(path, 1.0) for path in args.lora])
+    names = adapter_names([(path, 1.0) for path in args.lora])
     spec = SweepSpec(args.model, list(zip(args.lora, names)), numbers(args.weights, "--weights"), args.prompt,
                      numbers(args.seeds, "--seeds", int), steps=args.steps, width=args.width, height=args.height,
                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)

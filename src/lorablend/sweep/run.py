@@ -201,7 +201,7 @@ def write_grid(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> Path:
     """
     from PIL import Image
 
-    from ..generate import render_grid, save_png
+    from ..images.drawing import render_grid, save_png
 
     mixes = spec.mixes()
     by = {(c.prompt_index, c.seed, c.mix): c for c in cells}

@@ -41,7 +41,8 @@ class SweepWorker:
     """
 
     def __init__(self, spec: dict[str, Any], device: str | None = None, dtype: str | None = None) -> None:
-        from ..generate import CellRenderer, GenerationSettings, load_pipeline
+        from ..images.grid import CellRenderer
+        from ..images.generate import GenerationSettings, load_pipeline
 
         self.spec = SweepSpec(**{**spec, "loras": [tuple(x) for x in spec["loras"]]})
         loras = [(path, 0.0) for path, _ in self.spec.loras]

@@ -1,0 +1,173 @@
+"""File-to-file jobs with no model: convert a LoRA file, merge LoRA files into one.
+
+What ``lorablend convert`` and ``lorablend merge`` run, as library calls: the cheap checks first (a typo fails
+before minutes of loading and merging), then the work, then a plain-data result the caller prints or stores.
+Nothing here imports diffusers or transformers (``tests/test_offline_imports.py``). Errors are ``ValueError``
+(``LoraFormatError`` among them) or ``OSError`` subclasses naming the bad input; nothing is written on error and
+no input is ever overwritten.
+
+>>> result = convert_file("style.safetensors", "style_kohya.safetensors", to="kohya")      # doctest: +SKIP
+>>> result["layers"], result["to_format"]                                                 # doctest: +SKIP
+(192, 'kohya')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+PathLike = str | os.PathLike
+
+
+def convert_file(
+    input: PathLike, output: PathLike, *, to: str, dtype: str | None = None, overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Read a LoRA file in any format we read and write it in ``to`` (``"diffusers"`` or ``"kohya"``) format.
+
+    Returns what was done: input, output, formats, family, layers, kinds, bytes, the output's sshs hash and the
+    input's key report counts.
+
+    >>> convert_file("a.safetensors", "a.safetensors", to="kohya")                  # doctest: +SKIP
+    Traceback (most recent call last):
+    ...
+    ValueError: a.safetensors: OUTPUT is the INPUT file; lorablend never overwrites an input
+    """
+    from ..io import load_adapter, save_adapter
+    from ..io.hashing import sshs_model_hash
+    from ..outputs import same_file
+
+    if same_file(input, output):
+        raise ValueError(f"{output}: OUTPUT is the INPUT file; lorablend never overwrites an input")
+    adapter = load_adapter(input)
+    out = save_adapter(adapter, output, format=to, overwrite=overwrite, dtype=dtype, progress=progress)
+    return {
+        "input": str(input),
+        "output": str(out),
+        "from_format": adapter.format,
+        "to_format": to,
+        "family": adapter.family,
+        "layers": len(adapter.deltas),
+        "kinds": adapter.kinds(),
+        "bytes": out.stat().st_size,
+        "sshs_model_hash": sshs_model_hash(out),
+        "report": adapter.report.counts(),
+    }
+
+
+@dataclass(frozen=True)
+class MergedFile:
+    """What :func:`merge_files` wrote: the result (plain data) and the per-layer report's summary.
+
+    >>> MergedFile({"output": "m.safetensors"}, "svd: 0 layers").data["output"]
+    'm.safetensors'
+    """
+
+    data: dict[str, Any]
+    summary: str
+
+
+def merge_files(
+    inputs: Sequence[tuple[PathLike, float]],
+    output: PathLike,
+    *,
+    method: str = "svd",
+    format: str = "diffusers",
+    dtype: str | None = None,
+    device: str = "cpu",
+    name: str | None = None,
+    report_path: PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> MergedFile:
+    """Merge LoRA files, ``(path, weight)`` pairs, into one LoRA file; ``options`` are ``merge``'s (``rank``,
+    ``energy``, ``clamp``, ``density``, ``majority_sign``, ``seed``, ``block_weights``). ``dtype`` defaults to
+    the inputs' common dtype (fp32 when they differ). ``report_path`` also writes the per-layer report (JSON).
+
+    >>> merge_files([("a.safetensors", 0.7), ("b.safetensors", 0.8)], "ab.safetensors", rank=16)  # doctest: +SKIP
+    """
+    from ..io import load_adapter, save_adapter
+    from ..merge import merge_with_report
+    from ..outputs import atomic_write
+
+    _check_merge_options(device, options)  # cheap checks first: a typo fails before minutes of loading
+    _check_merge_inputs(inputs, output, format=format, name=name, report_path=report_path, overwrite=overwrite)
+    adapters = [load_adapter(path) for path, _ in inputs]
+    merged, report = merge_with_report(adapters, [w for _, w in inputs], method, name=name, device=device,
+                                       progress=progress, **options)
+    dtype = dtype or _input_dtype(adapters)
+    out = save_adapter(merged, output, format=format, overwrite=overwrite, dtype=dtype, progress=progress)
+    listed = [{"path": str(p), "weight": w} for p, w in inputs]
+    if report_path is not None:
+        # Written after the LoRA file, through a temp file: an error leaves neither half-written.
+        text = json.dumps({"inputs": listed, "output": str(out), **report.to_dict()}, indent=2)
+        atomic_write(report_path, [text.encode()], overwrite=overwrite, inputs=[p for p, _ in inputs])
+    errors = [layer.rel_error for layer in report.layers]
+    data = {
+        "output": str(out),
+        "format": format,
+        "dtype": dtype,
+        "method": method,
+        "inputs": [{**item, "name": a.name, "format": a.format, "family": a.family, "layers": len(a.deltas)}
+                   for item, a in zip(listed, adapters)],
+        "family": merged.family,
+        "layers": len(merged.deltas),
+        "rank": merged.metadata.get("lorablend.merge.rank"),
+        "max_rel_error": report.max_rel_error,
+        "mean_rel_error": sum(errors) / len(errors) if errors else 0.0,
+        "dropped": report.dropped,
+        "bytes": out.stat().st_size,
+        "report": None if report_path is None else str(report_path),
+    }
+    return MergedFile(data, report.summary())
+
+
+def _check_merge_inputs(
+    inputs: Sequence[tuple[PathLike, float]], output: PathLike, *, format: str, name: str | None,
+    report_path: PathLike | None, overwrite: bool,
+) -> None:
+    """Every input exists; the output (and the report) is no input, and exists only with ``overwrite``."""
+    from ..io.write import output_path
+    from ..outputs import refuse_existing, same_file
+
+    for path, _ in inputs:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such file; pass existing LoRA files as FILE[:WEIGHT]")
+    out_target = output_path(output, format, name or "merged")
+    for path, _ in inputs:
+        if same_file(path, out_target) or same_file(path, output):
+            raise ValueError(f"{output}: OUTPUT is an INPUT file; lorablend never overwrites an input")
+    refuse_existing(out_target, overwrite)
+    if report_path is not None:
+        if any(same_file(report_path, p) for p, _ in inputs) or same_file(report_path, out_target):
+            raise ValueError(f"--report {report_path}: that is an input or the output; name a new .json file")
+        refuse_existing(report_path, overwrite)
+
+
+def _check_merge_options(device: str, options: dict[str, Any]) -> None:
+    """The options that can be checked before any file is read."""
+    rank = options.get("rank")
+    if rank is not None and rank <= 0:
+        raise ValueError(f"--rank {rank}: the rank must be a positive integer, e.g. --rank 64")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
+def _input_dtype(adapters: list) -> str:
+    """The inputs' common float dtype as a dtype name (``fp16``, ``bf16``, ``fp32``); fp32 when they differ."""
+    import torch
+
+    dtypes = {next(iter(d.tensors())).dtype for a in adapters for d in a.deltas.values()}
+    if len(dtypes) == 1:
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtypes.pop(), "fp32")
+    return "fp32"
+
+
+__all__ = ["MergedFile", "convert_file", "merge_files"]

@@ -1,0 +1,70 @@
+"""The adaptable part of one live pipeline, found once: its components, their module index and the live
+``Linear``/``Conv2d`` behind every target key. Binding (``resolve``), the runtime and the checkpoint layout
+(bake) all look modules up through it.
+
+>>> import torch
+>>> view = ModelView.of({"unet": torch.nn.Sequential(torch.nn.Linear(2, 2))})    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..naming import COMPONENTS, ModuleIndex, index_from_components
+
+COMPONENT_ORDER = COMPONENTS  # naming's one component list, under the name the runtime reads
+
+
+@dataclass
+class ModelView:
+    """The adaptable components of one live pipeline, their module index and their adaptable modules, found once
+    per pipeline (a load then binds each layer by a dict lookup, not by walking the module tree again)."""
+
+    components: dict[str, nn.Module]
+    index: ModuleIndex
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)  # target key -> live module
+
+    @classmethod
+    def of(cls, components: Mapping[str, nn.Module]) -> "ModelView":
+        comps = {c: m for c, m in components.items() if c in COMPONENT_ORDER and isinstance(m, nn.Module)}
+        index = index_from_components(comps)
+        return cls(comps, index, _live_modules(comps, index))
+
+    @property
+    def family(self) -> str | None:
+        return self.index.family
+
+    def shared_accelerator(self) -> torch.device | None:
+        """The one accelerator every adaptable layer's weight lives on (a LoRA for them can be read straight there,
+        since the runtime places each delta next to its module's weight), else None. Reads one weight per indexed
+        layer, not every parameter of every component: it runs on every load, and the layers are what matter."""
+        devices = {m.weight.device for m in self.modules.values()}
+        if len(devices) == 1 and (device := devices.pop()).type not in ("cpu", "meta"):
+            return device
+        return None
+
+    def module(self, target_key: str) -> nn.Module:
+        module = self.modules.get(target_key)
+        if module is None:  # an index given from outside, or a module the walk did not reach
+            info = self.index.modules[target_key]
+            module = self.modules[target_key] = self.components[info.component].get_submodule(info.live_path)
+        return module
+
+
+def _live_modules(components: Mapping[str, nn.Module], index: ModuleIndex) -> dict[str, nn.Module]:
+    """Target key -> live module for every layer of ``index``: one walk of each component's tree (about a
+    millisecond for SD1.5), against tens of microseconds per ``get_submodule`` of a nested path."""
+    by_path: dict[tuple[str, str], nn.Module] = {}
+    for comp, model in components.items():
+        for path, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                by_path[(comp, path)] = module
+    return {key: module for key, info in index.modules.items()
+            if (module := by_path.get((info.component, info.live_path))) is not None}
+
+
+__all__ = ["COMPONENT_ORDER", "ModelView"]

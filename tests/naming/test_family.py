@@ -1,0 +1,69 @@
+"""naming.family: the one family rule, and the three callers that feed it (live model, checkpoint, LoRA file)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from torch import nn
+
+from lorablend.naming import FamilyEvidence, detect_family, family_of_target
+
+
+@pytest.mark.parametrize(
+    "evidence, family",
+    [
+        (FamilyEvidence(cross_attention_width=768), "sd1"),
+        (FamilyEvidence(cross_attention_width=1024), "sd2"),
+        (FamilyEvidence(cross_attention_width=2048), "sdxl"),
+        (FamilyEvidence(second_text_encoder=True, cross_attention_width=768), "sdxl"),
+        (FamilyEvidence(text_time_embedding=True), "sdxl"),
+        (FamilyEvidence(text_encoder="openclip-h", cross_attention_width=32), "sd2"),  # a tiny SD2 layout
+        (FamilyEvidence(text_encoder="clip-l"), "sd1"),
+        (FamilyEvidence(cross_attention_width=32), None),
+        (FamilyEvidence(), None),
+    ],
+)
+def test_the_rule(evidence, family):
+    assert detect_family(evidence) == family
+
+
+class _Unet(nn.Module):
+    def __init__(self, **config):
+        super().__init__()
+        self.config = config
+
+
+def test_live_models_feed_the_rule():
+    assert family_of_target({"unet": _Unet(cross_attention_dim=768)}) == "sd1"
+    assert family_of_target({"unet": _Unet(cross_attention_dim=1024)}) == "sd2"
+    assert family_of_target({"unet": _Unet(cross_attention_dim=64, addition_embed_type="text_time")}) == "sdxl"
+    assert family_of_target({"unet": _Unet(cross_attention_dim=32), "text_encoder_2": nn.Linear(1, 1)}) == "sdxl"
+    te = nn.Linear(1, 1)
+    te.config = SimpleNamespace(hidden_size=1024)
+    assert family_of_target({"text_encoder": te}) == "sd2"  # no UNet: the text width stands for it
+    assert family_of_target({"unet": _Unet(cross_attention_dim=32)}) == "sd1"  # a tiny model: nothing known
+
+
+def test_checkpoints_feed_the_rule(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lorablend.offline.checkpoint import checkpoint_family, detect_family as old_name
+    from lorablend.errors import LoraFormatError
+    from lorablend.io.safetensors import read_header
+
+    def family_of(names):
+        path = tmp_path / "m.safetensors"
+        save_file({n: torch.zeros(1) for n in names}, str(path))
+        return checkpoint_family(read_header(path))
+
+    unet = "model.diffusion_model.input_blocks.0.0.weight"
+    assert family_of([unet, "cond_stage_model.transformer.text_model.x"]) == "sd1"
+    assert family_of([unet, "cond_stage_model.model.transformer.resblocks.0.x"]) == "sd2"
+    assert family_of([unet, "conditioner.embedders.1.model.x", "conditioner.embedders.0.transformer.x"]) == "sdxl"
+    assert old_name is checkpoint_family
+    with pytest.raises(LoraFormatError, match="no text encoder this tool knows"):
+        family_of([unet])
+    with pytest.raises(LoraFormatError, match="not a single-file"):
+        family_of(["lora_unet_x.lora_down.weight"])

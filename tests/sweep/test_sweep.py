@@ -1,0 +1,165 @@
+"""``lorablend sweep`` on the tiny SD1.5 pipeline (2 steps, 32×32): the files it writes and the library's images,
+one switch per mix, resume after an interrupted run, the command line; on a local Ray instance (2 CPUs, started
+once for this module): 2 Ray workers give the manifest and images of 1 local worker, and a worker killed
+mid-sweep has its cells redone by a new process, every cell once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorablend.cli import main
+from lorablend.sweep import SweepRun, SweepSpec, run_sweep
+
+pytest.importorskip("httpx")  # test_serve_support's client; the world and the library's images come from it
+from serve_support import Library, assert_same_image, decode_png, make_world  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("sweep"))
+
+
+@pytest.fixture(scope="module")
+def spec(world) -> SweepSpec:
+    """2 LoRAs × weights {0, 1} = 4 mixes, 1 prompt, 2 seeds: 8 cells."""
+    return SweepSpec(str(world.model), [(str(world.files["ink"]), "ink"), (str(world.files["paper"]), "paper")],
+                     [0.0, 1.0], ["a bowl of ramen"], [0, 7], steps=2, width=32, height=32)
+
+
+@pytest.fixture(scope="module")
+def local(spec, tmp_path_factory):
+    """The reference: the sweep on one local worker."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    return out, run_sweep(spec, out, SweepRun(device="cpu"))
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def _identity(line: dict) -> dict:
+    """A manifest line without what depends on the run (timings, the worker's process id) or on the machine: the
+    PNG's sha256 hashes pixels computed by another process with other thread counts and memory addresses, whose
+    last bits differ (seen on a fresh clone: 2 Ray workers vs 1 local worker); images are compared within one
+    8-bit level instead, and each sha256 is checked against its own file."""
+    return {k: v for k, v in line.items() if k not in ("timings", "worker", "sha256")}
+
+
+def _image(out: Path, line: dict) -> np.ndarray:
+    return decode_png((out / line["file"]).read_bytes())
+
+
+def test_local_sweep_writes_every_cell_once_with_the_library_images(local, world):
+    out, summary = local
+    lines = _lines(out)
+    assert summary["cells"] == summary["made"] == len(lines) == 8 and summary["skipped"] == 0
+    assert len({line["key"] for line in lines}) == 8 and (out / "grid.png").is_file()
+    assert {json.dumps(line["loras"], sort_keys=True) for line in lines} == {
+        json.dumps({"ink": a, "paper": b}, sort_keys=True) for a in (0.0, 1.0) for b in (0.0, 1.0)}
+    # grouped by mix: one switch per mix; the nested loop (mix innermost) switches at every cell
+    assert summary["switches"] == 4 and summary["switches_naive"] == 8
+    library = Library(world)
+    for line in lines[::3]:
+        mix = line["loras"]
+        expected = library.image(line["prompt"], mix, line["seed"])[0]
+        assert_same_image(_image(out, line), expected, f"cell {mix} seed {line['seed']}")
+        assert set(line["timings"]) == {"switch", "generate"} and len(line["sha256"]) == 64
+
+
+def test_resume_finishes_an_interrupted_sweep_without_redoing_done_cells(spec, local, tmp_path):
+    out = tmp_path / "out"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(line):
+        if len(_lines(out)) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(spec, out, SweepRun(device="cpu", on_cell=stop_after_three))
+    first = _lines(out)
+    assert len(first) == 3 and not (out / "grid.png").exists()
+    (out / first[2]["file"]).write_bytes(b"damaged")  # a done cell whose file changed is made again
+    summary = run_sweep(spec, out, SweepRun(device="cpu"))
+    assert summary["skipped"] == 2 and summary["made"] == 6
+    final = {line["key"]: line for line in _lines(out)}
+    assert len(final) == len(_lines(out)) == 8
+    for line in first[:2]:  # the same line (same timings): not redone
+        assert final[line["key"]] == line
+    reference = {line["key"]: line for line in _lines(local[0])}
+    assert {k: _identity(v) for k, v in final.items()} == {k: _identity(v) for k, v in reference.items()}
+    again = run_sweep(spec, out, SweepRun(device="cpu"))
+    assert again["made"] == 0 and again["skipped"] == 8
+
+
+def test_a_folder_of_another_sweep_is_refused(spec, local):
+    other = SweepSpec(**{**spec.to_dict(), "steps": 3})
+    with pytest.raises(ValueError, match="other settings"):
+        run_sweep(other, local[0], SweepRun(device="cpu"))
+
+
+def test_command_line_sweep_and_its_errors(world, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["sweep", "--model", str(world.model), "--lora", str(world.files["ink"]), "--weights", "0,1",
+            "--prompt", "a fox", "--seeds", "3", "--steps", "2", "--width", "32", "--height", "32", "-o", str(out)]
+    assert main(args + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["made"] == 2 and len(_lines(out)) == 2 and (out / "grid.png").is_file()
+    assert main(args + ["--workers", "2"]) == 2
+    assert "--engine ray" in capsys.readouterr().err
+    assert main(args[:-2] + ["-o", str(world.files["ink"])]) == 2
+    assert "input" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- on Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _same_sweep(out: Path, reference: Path) -> None:
+    got, want = _lines(out), _lines(reference)
+    assert [_identity(line) for line in got] == [_identity(line) for line in want]
+    for line in got:
+        assert hashlib.sha256((out / line["file"]).read_bytes()).hexdigest() == line["sha256"]
+    for a, b in zip(got, want):
+        assert_same_image(_image(out, a), _image(reference, b), f"cell {a['loras']} seed {a['seed']}")
+
+
+def test_two_ray_workers_give_the_manifest_and_images_of_one_local_worker(ray_local, spec, local, tmp_path):
+    out = tmp_path / "ray"
+    summary = run_sweep(spec, out, SweepRun(engine="ray", workers=2, device="cpu"))
+    assert summary["made"] == 8 and len(summary["workers"]) == 2 and summary["restarts"] == 0
+    _same_sweep(out, local[0])
+
+
+def test_a_killed_worker_has_its_cells_redone_by_a_new_process(ray_local, spec, local, tmp_path):
+    out = tmp_path / "killed"
+    killed: list[int] = []
+
+    def kill_first_worker(line):
+        # the worker that made this cell already holds its next group (it is fed before the driver writes)
+        if not killed:
+            killed.append(line["worker"])
+            os.kill(line["worker"], signal.SIGKILL)
+
+    summary = run_sweep(spec, out, SweepRun(engine="ray", workers=2, device="cpu", on_cell=kill_first_worker))
+    lines = _lines(out)
+    assert summary["made"] == 8 and len({line["key"] for line in lines}) == len(lines) == 8
+    workers = {line["worker"] for line in lines}
+    assert killed[0] in workers and len(workers) == 3 and summary["restarts"] == 1  # the restarted process
+    _same_sweep(out, local[0])
