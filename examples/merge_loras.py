@@ -47,7 +47,7 @@ def publish_to_local_hub(folder: Path, repo_id: str) -> None:
 
 def setup_offline_hub() -> None:
     """Not part of the guide: the tiny stand-ins for the guide's model and LoRA repos."""
-    from lorablend.demo import random_adapter, tiny_pipeline
+    from lorablend.fixtures.tiny_unets import random_adapter, tiny_pipeline
     from lorablend.io import save_adapter
 
     staging = WORK / "staging"
