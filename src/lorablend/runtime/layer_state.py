@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fusion import concat_factors, delta_weight_fp32
+from .fusion import concat_factors, delta_weight_fp32, fused_bias, fused_weight, has_bias_terms
 from ..kinds import Delta
 
 
@@ -230,6 +230,64 @@ class LayerState:
                 w.copy_(p)
             if self.pristine_bias is not None:
                 self.module.bias.copy_(self.pristine_bias)
+
+    # ------------------------------------------------------------------------------- the fused weight
+    def write_fused(
+        self,
+        entries: Sequence[tuple[float, Delta]],
+        *,
+        safe: bool = False,
+        pristine_device: str | torch.device | None = None,
+        spares: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """Make the weight ``pristine + Σ coef·ΔW`` (``fusion.fused_weight``), or the pristine weight when
+        ``entries`` is empty; returns the fused tensor a restore let go of (for the caller to keep for reuse).
+
+        The first fuse whose backup stays on the weight's device keeps the ORIGINAL weight tensor as the backup
+        and rebinds the parameter to a freshly computed fused tensor (written into ``spares[key]`` when the
+        caller kept one of the right layout): no backup copy, one pass over the weight; restoring rebinds the
+        backup (no copy at all). A backup elsewhere (``pristine_device``) is a copy, and restore copies it
+        back. Re-fusing a fused layer writes into its fused tensor. The pristine copy stays until
+        ``release_pristine`` (the runtime releases it only once every layer of a fuse is written).
+        """
+        module, weight = self.module, self.module.weight
+        if not entries:
+            if self.pristine_weight is None:
+                return None
+            fused = weight.data
+            self.restore_pristine()
+            return fused if fused.data_ptr() != weight.data_ptr() else None
+        if self.pristine_weight is None:  # the live weight IS the pristine one
+            target = torch.device(pristine_device) if pristine_device is not None else weight.device
+            copy = target != weight.device
+            self.pristine_weight = weight.detach().to(target, copy=True) if copy else weight.detach()
+        if getattr(module, "bias", None) is not None and self.pristine_bias is None and has_bias_terms(entries):
+            self.pristine_bias = module.bias.detach().to(self.pristine_weight.device, copy=True)
+        with torch.no_grad():
+            if self.weight_is_pristine():  # compute into another tensor and rebind: the backup stays untouched
+                spare = (spares or {}).pop(self.key, None)
+                if spare is not None and (spare.shape, spare.dtype, spare.device, spare.stride()) == (
+                        weight.shape, weight.dtype, weight.device, weight.stride()):
+                    weight.data = fused_weight(self.pristine_weight, entries, safe=safe, key=self.key, out=spare)
+                else:
+                    weight.data = fused_weight(self.pristine_weight, entries, safe=safe, key=self.key,
+                                               out_dtype=weight.dtype, device=weight.device)
+            else:
+                fused_weight(self.pristine_weight, entries, safe=safe, key=self.key, out=weight.data)
+            if self.pristine_bias is not None:
+                module.bias.copy_(fused_bias(self.pristine_bias, entries, out_dtype=module.bias.dtype,
+                                             device=module.bias.device))
+        return None
+
+    def release_pristine(self) -> None:
+        """Forget the pristine copy: the live weight equals it again (nothing fused here any more)."""
+        self.pristine_weight = self.pristine_bias = None
+
+    def undo_first_fuse(self) -> None:
+        """Roll back a fuse that began on this unfused layer: the pristine weight back, the copy forgotten."""
+        if self.pristine_weight is not None:
+            self.restore_pristine()
+            self.release_pristine()
 
 
 def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

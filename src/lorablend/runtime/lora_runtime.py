@@ -3,8 +3,9 @@ the call-time scale, and which adapters are fused where (add / delete / set_adap
 
 What each touched layer adds in its forward hook, and when that is current, lives in :mod:`lorablend.runtime.layer_state`;
 this module tells the layers which adapters contribute to them and bumps the one version number when anything
-they add may have changed. Fusing writes ``W0 + Σ c·ΔW`` from the pristine weight (``fusion.fused_weight``) and
-unfusing puts the pristine tensor back, bit for bit.
+they add may have changed. Fusing decides what each layer holds; the layer writes ``W0 + Σ c·ΔW`` from its
+pristine weight (``LayerState.write_fused`` → ``fusion.fused_weight``) and unfusing puts the pristine tensor back,
+bit for bit.
 
 >>> rt = LoraRuntime({"unet": pipe.unet})                              # doctest: +SKIP
 >>> rt.add(bind_adapter(adapter, rt.view)); rt.set_adapters(["style"], [0.7])   # doctest: +SKIP
@@ -23,7 +24,6 @@ import torch
 from torch import nn
 
 from ..adapter import Delta
-from .fusion import fused_bias, fused_weight, has_bias_terms
 from .layer_state import LayerState, LayerTable
 from .model_view import COMPONENT_ORDER, ModelView
 from .binding import BoundAdapter
@@ -444,54 +444,19 @@ class LoraRuntime:
             for layer, was_fused in reversed(written):
                 if was_fused:
                     self._write_fused(layer, entries_of(self._fused, layer), safe=False)
-                elif layer.pristine_weight is not None:
-                    layer.restore_pristine()
-                    layer.pristine_weight = layer.pristine_bias = None
+                else:
+                    layer.undo_first_fuse()
             raise
         self._fused = state
         still_fused = {k for comps in state.values() for f in comps.values() for k in f.deltas}
         for key in keys:
             if key not in still_fused:  # the weight already equals the pristine copy: release it
-                layer = self._layers.by_key[key]
-                layer.pristine_weight = layer.pristine_bias = None
+                self._layers.by_key[key].release_pristine()
         self._refresh(keys)
 
     def _write_fused(self, layer: LayerState, entries: list[tuple[float, Delta]], safe: bool) -> None:
-        """Make the layer's weight ``pristine + Σ coef·ΔW`` (``fusion.fused_weight``), or pristine when empty.
-
-        The first fuse of a layer whose backup stays on the weight's device keeps the ORIGINAL weight tensor as
-        the backup and rebinds the parameter to a freshly computed fused tensor: no backup copy, one pass over
-        the weight; restoring rebinds the backup (no copy at all). A backup elsewhere (``pristine_device``)
-        is a copy, and restore copies it back. Re-fusing a fused layer writes into its fused tensor.
-        """
-        module = layer.module
-        weight = module.weight
-        if not entries:
-            if layer.pristine_weight is not None:
-                fused = weight.data
-                layer.restore_pristine()
-                if fused.data_ptr() != weight.data_ptr():
-                    self._hold_spare(layer, fused)
-            return
-        if layer.pristine_weight is None:  # the live weight IS the pristine one
-            target = torch.device(self.pristine_device) if self.pristine_device is not None else weight.device
-            if target == weight.device:
-                layer.pristine_weight = weight.detach()
-            else:
-                layer.pristine_weight = weight.detach().to(target, copy=True)
-        if getattr(module, "bias", None) is not None and layer.pristine_bias is None and has_bias_terms(entries):
-            layer.pristine_bias = module.bias.detach().to(layer.pristine_weight.device, copy=True)
-        with torch.no_grad():
-            if layer.weight_is_pristine():  # compute into another tensor and rebind: the backup stays untouched
-                spare = self._spare.pop(layer.key, None)
-                if spare is not None and (spare.shape, spare.dtype, spare.device, spare.stride()) == (
-                        weight.shape, weight.dtype, weight.device, weight.stride()):
-                    weight.data = fused_weight(layer.pristine_weight, entries, safe=safe, key=layer.key, out=spare)
-                else:
-                    weight.data = fused_weight(layer.pristine_weight, entries, safe=safe, key=layer.key,
-                                               out_dtype=weight.dtype, device=weight.device)
-            else:
-                fused_weight(layer.pristine_weight, entries, safe=safe, key=layer.key, out=weight.data)
-            if layer.pristine_bias is not None:
-                module.bias.copy_(fused_bias(layer.pristine_bias, entries, out_dtype=module.bias.dtype,
-                                             device=module.bias.device))
+        """Have ``layer`` write its fused weight (``LayerState.write_fused``) with this runtime's backup place
+        and spare tensors; a fused tensor the layer lets go of is kept as a spare for the next fuse."""
+        freed = layer.write_fused(entries, safe=safe, pristine_device=self.pristine_device, spares=self._spare)
+        if freed is not None:
+            self._hold_spare(layer, freed)
