@@ -474,7 +474,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if (args.address, args.replicas, args.gpus_per_replica) != (None, 1, 0.0):
         raise UsageError("--address, --replicas and --gpus-per-replica are for --engine ray")
     if args.compile:
-        from .serve.run import CompileUnavailable, check_compile
+        from .serve.errors import CompileUnavailable
+        from .serve.run import check_compile
 
         try:
             check_compile()

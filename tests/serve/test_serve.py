@@ -98,7 +98,7 @@ def test_concurrent_clients_get_their_own_images(server, library):
 def test_requests_with_one_mix_run_as_one_batch_with_unbatched_images(server, library):
     mix = {"paper": 0.9, "clay": -0.4}
     seeds = [3, 4, 5]
-    engine = server.state.engine
+    engine = server.state.worker
     before = server.state.metrics.value("lorablend_requests_dropped_total")
     results: dict[int, dict] = {}
 
@@ -271,7 +271,7 @@ def _engine_batches(build, asks: list[tuple[str, int, str | None, int]], mix: di
 
     from lorablend.fixtures.tiny_unets import random_adapter
     from lorablend.serve.cache import AdapterCache, CachedAdapter
-    from lorablend.serve.engine import Engine, Generation
+    from lorablend.serve.worker import Worker, Generation
     from lorablend.serve.metrics import Metrics
 
     pipe, ref = DiffusionPipeline(build()), DiffusionPipeline(build())
@@ -282,7 +282,7 @@ def _engine_batches(build, asks: list[tuple[str, int, str | None, int]], mix: di
         ref.load_lora_weights(adapter, adapter_name=name)
         entries.append(CachedAdapter(name, i, adapter, 0, (0, 0), Path(name)))
     metrics = Metrics()
-    engine = Engine(pipe, AdapterCache(pipe, budget_bytes=2**30, metrics=metrics), metrics, max_batch=4)
+    engine = Worker(pipe, AdapterCache(pipe, budget_bytes=2**30, metrics=metrics), metrics, max_batch=4)
     with engine.lock:  # every request queues before the worker may run the first
         engine.start()
         jobs = [engine.submit(Generation(p, seed=s, steps=2, loras=mix, width=32, height=32, negative_prompt=neg,

@@ -213,7 +213,7 @@ def _raw_request(port: int, body: dict) -> socket.socket:
 
 
 def test_a_client_that_leaves_frees_its_place(server):
-    engine, metrics = server.state.engine, server.state.metrics
+    engine, metrics = server.state.worker, server.state.metrics
     before = metrics.value("lorablend_requests_dropped_total")
     answer = {}
 

@@ -1,7 +1,7 @@
 """``lorablend serve``: any LoRA mix per request over HTTP, on one pipeline, switched without reloading.
 
 One file, one job: ``app`` (``create_app``, the native routes), ``compat`` (the A1111 and OpenAI routes),
-``state`` (one server's objects and a request's way through them), ``engine`` (the pipeline's one worker:
+``state`` (one server's objects and a request's way through them), ``worker`` (the pipeline's one thread:
 batches and switches), ``cache`` (parsed adapters, LRU by bytes), ``catalog`` (names -> files in ``--lora-dir``),
 ``prompts`` (A1111 ``<lora:name:weight>`` tokens), ``schemas`` (request bodies), ``responses`` (answer shapes),
 ``security`` (token, paths, body size), ``metrics`` (Prometheus text), ``config`` (the settings), ``run`` (the
@@ -16,6 +16,6 @@ from __future__ import annotations
 
 from .app import create_app
 from .config import ServeConfig
-from .engine import Generation
+from .worker import Generation
 
 __all__ = ["Generation", "ServeConfig", "create_app"]

@@ -27,14 +27,14 @@ from pydantic import ValidationError
 
 from ..errors import LoraCompatibilityError, LoraFormatError
 from . import responses
-from .catalog import LoraSource, NameTaken, UnknownLora, check_name
+from .catalog import LoraSource, check_name
 from .compat import add_compat_routes
 from .config import ServeConfig
-from .engine import ServerStopping
+from .errors import STATUS, NameTaken, UnknownLora
 from .metrics import MetricsMiddleware
 from .schemas import ImageRequest, LoraRegistration, invalid
-from .security import LORA_SUFFIXES, BodyLimit, Forbidden, TokenCheck, resolve_inside
-from .state import ClientGone, ServerState, generate
+from .security import LORA_SUFFIXES, BodyLimit, TokenCheck, resolve_inside
+from .state import ServerState, generate
 
 
 def _plain(value: Any) -> Any:
@@ -57,8 +57,7 @@ def _error(status: int) -> Any:
 
 
 def _install_errors(app: FastAPI) -> None:
-    for exc_type, status in ((UnknownLora, 404), (NameTaken, 409), (Forbidden, 403), (LoraFormatError, 422),
-                             (LoraCompatibilityError, 422), (ServerStopping, 503), (ClientGone, 499)):
+    for exc_type, status in (*STATUS.items(), (LoraFormatError, 422), (LoraCompatibilityError, 422)):
         app.add_exception_handler(exc_type, _error(status))
 
     async def unprocessable(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -83,7 +82,7 @@ def create_app(pipe: Any, config: ServeConfig, *, compiled: Any = None, title: s
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.engine.start()
+        state.worker.start()
         try:
             yield
         finally:
@@ -144,7 +143,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         source = await run_in_threadpool(state.catalog.unregister, name)
 
         def unload() -> None:
-            with state.engine.lock:  # the pipeline changes only between batches
+            with state.worker.lock:  # the pipeline changes only between batches
                 state.cache.drop(name)
             if source.origin == "upload":
                 source.path.unlink(missing_ok=True)

@@ -124,7 +124,7 @@ class AdapterCache:
         """Make the pipeline hold exactly these versions of these names (loading what it lacks), then evict
         least recently used adapters other than these until the cache fits its budget. Worker only.
 
-        >>> with engine.lock: cache.activate([cache.get(catalog.lookup("ink"))])   # doctest: +SKIP
+        >>> with worker.lock: cache.activate([cache.get(catalog.lookup("ink"))])   # doctest: +SKIP
         """
         for entry in entries:
             loaded = self._loaded.get(entry.name)
@@ -145,7 +145,7 @@ class AdapterCache:
     def drop(self, name: str) -> None:
         """Forget ``name`` entirely (``DELETE /v1/loras``): unload it from the pipeline. Pipeline lock held.
 
-        >>> with engine.lock: cache.drop("ink")                                  # doctest: +SKIP
+        >>> with worker.lock: cache.drop("ink")                                  # doctest: +SKIP
         """
         with self._lock:
             self._entries.pop(name, None)

@@ -21,25 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from .security import LORA_SUFFIXES, inside
+from .errors import NameTaken, UnknownLora
 
 # Names a client may give: what an A1111 <lora:NAME:W> token and a URL path segment can carry unescaped.
 NAME_RULE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}$")
-
-
-class UnknownLora(LookupError):
-    """A LoRA name the server does not know (answered 404, with the names that come close).
-
-    >>> isinstance(UnknownLora("unknown LoRA 'x'"), LookupError)
-    True
-    """
-
-
-class NameTaken(ValueError):
-    """A registration under a name that already means a LoRA (answered 409).
-
-    >>> isinstance(NameTaken("LoRA name 'ink' is taken"), ValueError)
-    True
-    """
 
 
 @dataclass(frozen=True)
@@ -145,7 +130,7 @@ class Catalog:
 
         >>> Catalog("loras/").lookup("stlye")                               # doctest: +SKIP
         Traceback (most recent call last):
-        lorablend.serve.catalog.UnknownLora: unknown LoRA 'stlye'; did you mean 'style'? ...
+        lorablend.serve.errors.UnknownLora: unknown LoRA 'stlye'; did you mean 'style'? ...
         """
         with self._lock:
             known = self._registered.get(name) or self._files.get(name)
@@ -215,4 +200,4 @@ def header_info(path: Path) -> dict[str, Any]:
             "rank": max((e.shape[0] for e in downs if e.shape), default=None)}
 
 
-__all__ = ["Catalog", "LoraSource", "NameTaken", "UnknownLora", "check_name", "header_info"]
+__all__ = ["Catalog", "LoraSource", "check_name", "header_info"]

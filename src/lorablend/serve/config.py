@@ -1,4 +1,4 @@
-"""The server's settings, in one place: what the command line sets and what the app, the engine and the checks
+"""The server's settings, in one place: what the command line sets and what the app, the worker and the checks
 read. Plain data, checked once at start-up so a bad setting fails before the model is loaded.
 
 >>> ServeConfig(lora_dir=".", max_batch=4).max_batch

@@ -13,15 +13,9 @@ from __future__ import annotations
 import math
 import re
 
+from .errors import PromptTokenError
+
 _TOKEN = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
-
-
-class PromptTokenError(ValueError):
-    """A ``<lora:…>`` token that cannot be read (no name, a weight that is not a finite number): answered 422.
-
-    >>> isinstance(PromptTokenError("<lora::1>: no LoRA name"), ValueError)
-    True
-    """
 
 
 def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float]]:
@@ -33,7 +27,7 @@ def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float]]:
     >>> split_lora_tokens("<lora:ink:nan>")
     Traceback (most recent call last):
     ...
-    lorablend.serve.prompts.PromptTokenError: <lora:ink:nan>: the weight must be a finite number, e.g. <lora:ink:0.8>
+    lorablend.serve.errors.PromptTokenError: <lora:ink:nan>: the weight must be a finite number, e.g. <lora:ink:0.8>
     """
     mix: dict[str, float] = {}
     for match in _TOKEN.finditer(prompt):
@@ -57,4 +51,4 @@ def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float]]:
     return " ".join(_TOKEN.sub(" ", prompt).split()), mix
 
 
-__all__ = ["PromptTokenError", "split_lora_tokens"]
+__all__ = ["split_lora_tokens"]

@@ -82,7 +82,7 @@ class PipelineReplica:
         self.pid = os.getpid()
 
     async def hold(self, model_id: str) -> str:
-        """Ray Serve's multiplexed loader: parse this mix's LoRAs into the cache now (the engine loads them into
+        """Ray Serve's multiplexed loader: parse this mix's LoRAs into the cache now (the worker loads them into
         the pipeline at the switch). Wrapped by ``serve.multiplexed`` in :func:`deploy`."""
         from fastapi.concurrency import run_in_threadpool
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Generation, Result
+from .worker import Generation, Result
 
 
 def png_bytes(image: np.ndarray) -> bytes:

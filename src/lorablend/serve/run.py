@@ -12,17 +12,10 @@ from typing import Any
 import torch
 
 from .config import ServeConfig
+from .errors import CompileUnavailable
 
 logger = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-class CompileUnavailable(RuntimeError):
-    """``--compile`` on a build of lorablend without ``DiffusionPipeline.compile_denoiser`` (the command exits 2).
-
-    >>> isinstance(CompileUnavailable("--compile: not available"), RuntimeError)
-    True
-    """
 
 
 def check_compile() -> None:
@@ -73,4 +66,4 @@ def serve(model: str, config: ServeConfig, *, host: str = "127.0.0.1", port: int
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-__all__ = ["CompileUnavailable", "check_compile", "load_model", "serve"]
+__all__ = ["check_compile", "load_model", "serve"]

@@ -1,5 +1,5 @@
 """The request bodies of every endpoint, checked by pydantic (a bad field answers 422 naming it), and what
-each becomes: one :class:`~lorablend.serve.engine.Generation`.
+each becomes: one :class:`~lorablend.serve.worker.Generation`.
 
 Types are strict (``"steps": "20"`` is refused, not guessed), numbers must be finite, weights and sizes bounded.
 The native body refuses unknown fields (a typo is an error); the A1111 and OpenAI bodies ignore the fields of
@@ -20,8 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_WEIGHT, ServeConfig
-from .engine import Generation
-from .prompts import PromptTokenError, split_lora_tokens
+from .worker import Generation
+from .errors import PromptTokenError
+from .prompts import split_lora_tokens
 
 Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 Side = Annotated[int, Field(ge=8, le=MAX_SIDE, multiple_of=8)]

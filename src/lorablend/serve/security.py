@@ -4,7 +4,7 @@ body over the size limit (413). Each check is a small function or ASGI wrapper t
 >>> resolve_inside("/srv/loras", "../etc/passwd")
 Traceback (most recent call last):
 ...
-lorablend.serve.security.Forbidden: path '../etc/passwd': '..' is not allowed; name a file inside --lora-dir, e.g. style.safetensors
+lorablend.serve.errors.Forbidden: path '../etc/passwd': '..' is not allowed; name a file inside --lora-dir, e.g. style.safetensors
 """
 
 from __future__ import annotations
@@ -16,17 +16,10 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from starlette.exceptions import HTTPException
+
+from .errors import BodyTooLarge, Forbidden
 
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-class Forbidden(PermissionError):
-    """A path that resolves outside the LoRA folder (``..``, absolute, a symlink pointing out): answered 403.
-
-    >>> isinstance(Forbidden("path '../x': '..' is not allowed"), PermissionError)
-    True
-    """
 
 
 def resolve_inside(folder: str | os.PathLike, relative: str) -> Path:
@@ -36,7 +29,7 @@ def resolve_inside(folder: str | os.PathLike, relative: str) -> Path:
     >>> resolve_inside("/srv/loras", "/etc/passwd")
     Traceback (most recent call last):
     ...
-    lorablend.serve.security.Forbidden: path '/etc/passwd': absolute paths are not allowed; name a file inside --lora-dir, e.g. style.safetensors
+    lorablend.serve.errors.Forbidden: path '/etc/passwd': absolute paths are not allowed; name a file inside --lora-dir, e.g. style.safetensors
     """
     hint = "name a file inside --lora-dir, e.g. style.safetensors"
     if not isinstance(relative, str) or not relative or "\x00" in relative:
@@ -83,18 +76,6 @@ def token_ok(expected: str | None, authorization: str | None, api_key: str | Non
                 pass
     want = expected.encode()
     return any(hmac.compare_digest(o.encode(), want) for o in offered)
-
-
-class BodyTooLarge(HTTPException):
-    """A request body over its limit, raised from ``receive`` so that nothing reads past the limit. An
-    ``HTTPException`` (413) so that the framework's body parser passes it on instead of answering 400.
-
-    >>> BodyTooLarge("request body over the limit").status_code
-    413
-    """
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(status_code=413, detail=detail)
 
 
 def _json_reply(status: int, detail: str) -> tuple[dict, dict]:
@@ -176,4 +157,4 @@ class TokenCheck:
         await send(body)
 
 
-__all__ = ["BodyLimit", "TokenCheck", "BodyTooLarge", "Forbidden", "LORA_SUFFIXES", "inside", "resolve_inside", "token_ok"]
+__all__ = ["BodyLimit", "TokenCheck", "LORA_SUFFIXES", "inside", "resolve_inside", "token_ok"]

@@ -20,20 +20,13 @@ from fastapi.concurrency import run_in_threadpool
 from .cache import AdapterCache, CachedAdapter
 from .catalog import Catalog, LoraSource
 from .config import ServeConfig
-from .engine import Engine, Generation, Result
+from .worker import Worker, Generation, Result
 from .metrics import Metrics
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request waited: nobody is left to answer (logged as 499).
-
-    >>> ClientGone("the client disconnected").args[0]
-    'the client disconnected'
-    """
+from .errors import ClientGone
 
 
 class ServerState:
-    """Everything one server owns (no module-level state): settings, catalog, cache, engine, metrics, and the
+    """Everything one server owns (no module-level state): settings, catalog, cache, worker, metrics, and the
     private folder where uploads live until deleted or the server stops.
 
     >>> app.state.lorablend.cache.names_loaded()                            # doctest: +SKIP
@@ -46,7 +39,7 @@ class ServerState:
         self.metrics = Metrics()
         self.catalog = Catalog(config.lora_dir)
         self.cache = AdapterCache(pipe, budget_bytes=config.cache_bytes, metrics=self.metrics)
-        self.engine = Engine(pipe, self.cache, self.metrics, max_batch=config.max_batch, compiled=compiled)
+        self.worker = Worker(pipe, self.cache, self.metrics, max_batch=config.max_batch, compiled=compiled)
         self.upload_dir = Path(tempfile.mkdtemp(prefix="lorablend-uploads-"))
         inner = getattr(pipe, "pipe", pipe)
         self.model_name = str(getattr(inner, "name_or_path", "") or type(inner).__name__)
@@ -82,7 +75,7 @@ class ServerState:
 
     def close(self) -> None:
         """Stop the worker and remove the uploads (the app's shutdown). >>> state.close()  # doctest: +SKIP"""
-        self.engine.stop()
+        self.worker.stop()
         shutil.rmtree(self.upload_dir, ignore_errors=True)
 
 
@@ -100,8 +93,8 @@ async def generate(state: ServerState, gen: Generation, request: Request) -> tup
     >>> gen, result = await generate(state, body.generation(config), request)   # doctest: +SKIP
     """
     entries = await run_in_threadpool(state.adapters_for, sorted(gen.loras))
-    state.engine.start()  # idempotent: started here too, because a mounted sub-app gets no startup event
-    job = state.engine.submit(gen, entries)
+    state.worker.start()  # idempotent: started here too, because a mounted sub-app gets no startup event
+    job = state.worker.submit(gen, entries)
     result = asyncio.wrap_future(job.future)
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
@@ -109,9 +102,9 @@ async def generate(state: ServerState, gen: Generation, request: Request) -> tup
     finally:
         watcher.cancel()
     if not result.done():
-        state.engine.abandon(job)
+        state.worker.abandon(job)
         raise ClientGone("the client disconnected before its images were made")
     return job.generation, result.result()
 
 
-__all__ = ["ClientGone", "ServerState", "generate"]
+__all__ = ["ServerState", "generate"]

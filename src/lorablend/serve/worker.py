@@ -9,8 +9,8 @@ Switching between mixes goes through the unfused runtime: weights set, terms reb
 
 A request whose client went away while it was queued is dropped before it costs any pipeline time.
 
->>> engine = Engine(pipe, cache, Metrics(), max_batch=4); engine.start()        # doctest: +SKIP
->>> result = engine.submit(Generation("a cat", seed=1, steps=20), []).future.result()   # doctest: +SKIP
+>>> worker = Worker(pipe, cache, Metrics(), max_batch=4); worker.start()        # doctest: +SKIP
+>>> result = worker.submit(Generation("a cat", seed=1, steps=20), []).future.result()   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 
 from .cache import AdapterCache, CachedAdapter
 from .metrics import Metrics
+from .errors import ServerStopping
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Generation:
     """One validated request, in the library's terms (what every endpoint's body becomes).
 
     ``loras`` maps names to weights; ``scale`` is the call-time ``cross_attention_kwargs`` scale; ``None`` for
-    ``width`` / ``height`` / ``guidance_scale`` means the pipeline's default (filled in by :meth:`Engine.submit`).
+    ``width`` / ``height`` / ``guidance_scale`` means the pipeline's default (filled in by :meth:`Worker.submit`).
 
     >>> Generation("a cat", seed=3, steps=2, loras={"ink": 0.5}).num_images
     1
@@ -60,7 +61,7 @@ class Result:
     """A request's images (H×W×3 floats in [0, 1], as ``output_type="np"``), the batch size it ran in, and
     its timings in seconds: ``queue`` (waiting), ``switch`` (making its mix current), ``generate``.
 
-    >>> engine.submit(gen, entries).future.result().timings                 # doctest: +SKIP
+    >>> worker.submit(gen, entries).future.result().timings                 # doctest: +SKIP
     {'queue': 0.0002, 'switch': 0.003, 'generate': 0.21}
     """
 
@@ -74,7 +75,7 @@ class Job:
     """A queued request: its generation, the parsed adapters of its mix (in name order), its batch key and the
     future its handler waits on. ``gone`` is set by the handler when the client disconnects.
 
-    >>> job = engine.submit(gen, entries); job.key == engine.submit(gen, entries).key   # doctest: +SKIP
+    >>> job = worker.submit(gen, entries); job.key == worker.submit(gen, entries).key   # doctest: +SKIP
     True
     """
 
@@ -86,16 +87,6 @@ class Job:
     gone: bool = False
 
 
-class ServerStopping(RuntimeError):
-    """The server shut down before this request ran (answered 503).
-
-    >>> raise ServerStopping("the server shut down before this request ran; send it again")
-    Traceback (most recent call last):
-    ...
-    lorablend.serve.engine.ServerStopping: the server shut down before this request ran; send it again
-    """
-
-
 def _batch_key(gen: Generation, entries: Sequence[CachedAdapter]) -> tuple:
     """Requests with equal keys run as one batch: same adapter versions and weights, same call settings.
     (A missing negative prompt is its own key: SDXL encodes None as zeros, "" as the empty text.)"""
@@ -103,14 +94,14 @@ def _batch_key(gen: Generation, entries: Sequence[CachedAdapter]) -> tuple:
     return (mix, gen.scale, gen.steps, gen.guidance_scale, gen.width, gen.height, gen.negative_prompt is None)
 
 
-class Engine:
+class Worker:
     """The pipeline, its lock, the queue and the worker thread.
 
     ``lock`` is held while a batch switches and generates; anything else that changes the pipeline (deleting a
     LoRA) takes it too. ``compiled``: the handle ``DiffusionPipeline.compile_denoiser()`` returned, when the
     denoiser runs compiled (its buffers are then written during the switch, not in the first forward).
 
-    >>> Engine(pipe, cache, Metrics(), max_batch=4).defaults                    # doctest: +SKIP
+    >>> Worker(pipe, cache, Metrics(), max_batch=4).defaults                    # doctest: +SKIP
     {'width': 512, 'height': 512, 'guidance_scale': 7.5}
     """
 
@@ -138,7 +129,7 @@ class Engine:
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
-        """Start the worker thread (idempotent). >>> engine.start()  # doctest: +SKIP"""
+        """Start the worker thread (idempotent). >>> worker.start()  # doctest: +SKIP"""
         with self._cond:
             if self._thread is not None or self._closed:
                 return
@@ -146,7 +137,7 @@ class Engine:
             self._thread.start()
 
     def stop(self) -> None:
-        """Finish the running batch, fail the queued ones, stop the worker. >>> engine.stop()  # doctest: +SKIP"""
+        """Finish the running batch, fail the queued ones, stop the worker. >>> worker.stop()  # doctest: +SKIP"""
         with self._cond:
             self._stopping = self._closed = True
             pending = list(self._queue)
@@ -160,7 +151,7 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def resolve(self, gen: Generation) -> Generation:
-        """``gen`` with the pipeline's defaults filled in. >>> engine.resolve(gen).width  # doctest: +SKIP"""
+        """``gen`` with the pipeline's defaults filled in. >>> worker.resolve(gen).width  # doctest: +SKIP"""
         return replace(gen, width=gen.width or self.defaults["width"], height=gen.height or self.defaults["height"],
                        guidance_scale=self.defaults["guidance_scale"] if gen.guidance_scale is None
                        else gen.guidance_scale)
@@ -168,7 +159,7 @@ class Engine:
     def submit(self, gen: Generation, entries: Sequence[CachedAdapter]) -> Job:
         """Queue a request (``entries``: the parsed adapters of ``gen.loras``); returns its :class:`Job`.
 
-        >>> engine.submit(Generation("a cat", seed=1, steps=20), []).future.result().images[0].shape  # doctest: +SKIP
+        >>> worker.submit(Generation("a cat", seed=1, steps=20), []).future.result().images[0].shape  # doctest: +SKIP
         (512, 512, 3)
         """
         gen = self.resolve(gen)
@@ -184,7 +175,7 @@ class Engine:
     def abandon(self, job: Job) -> None:
         """The client of ``job`` went away: drop it if it has not started (frees its place at once).
 
-        >>> engine.abandon(job)                                                 # doctest: +SKIP
+        >>> worker.abandon(job)                                                 # doctest: +SKIP
         """
         with self._cond:
             job.gone = True
@@ -278,4 +269,4 @@ class Engine:
         return [np.asarray(img, dtype=np.float32) for img in out]
 
 
-__all__ = ["Engine", "Generation", "Job", "Result", "ServerStopping"]
+__all__ = ["Worker", "Generation", "Job", "Result"]
