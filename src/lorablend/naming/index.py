@@ -30,6 +30,7 @@ from .configs import DENOISER_ARCHITECTURES
 from .family import FamilyEvidence, detect_family
 from .fused import RowSpans, source_names
 from .ldm import block_label, ldm_unet_path
+from ..quant.formats import weight_shape
 
 # Flux: text_encoder CLIP-L, text_encoder_2 T5-XXL. SD3 / SD3.5: CLIP-L, CLIP-G (OpenCLIP bigG), T5-XXL.
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -266,7 +267,7 @@ def _index_component(component: str, model: nn.Module, unet_config: dict | None)
             target_key=key,
             component=component,
             live_path=live_path,
-            weight_shape=tuple(module.weight.shape),
+            weight_shape=weight_shape(module),  # (a quantized linear: its logical out × in)
             kind=kind,
             has_bias=getattr(module, "bias", None) is not None,
             ldm_path=ldm,

@@ -20,6 +20,7 @@ from ..errors import LoraCompatibilityError
 from ..io import all_finite
 from .model_view import COMPONENT_ORDER, ModelView  # (ModelView's old home: kept importable from here)
 from ..naming import TEXT_COMPONENTS, expand_block_weights
+from ..quant import weight_shape  # (a quantized linear: its logical out × in, not its packed bytes)
 from ..report import LoadReport
 
 
@@ -108,7 +109,7 @@ def bind_adapter(adapter: Adapter, view: ModelView, *, strict: bool = True, chec
             skipped[key] = ("unknown", f"no Linear/Conv2d named {path!r} in {component}")
             continue
         module = view.module(canonical)
-        reason = _module_problem(delta, module) or (None if checked else delta.fit_problem(tuple(module.weight.shape)))
+        reason = _module_problem(delta, module) or (None if checked else delta.fit_problem(weight_shape(module)))
         if reason:
             skipped[key] = ("unsupported", reason)
             continue

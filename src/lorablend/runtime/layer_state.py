@@ -24,6 +24,7 @@ holds every layer of one pipeline, the adapters' per-layer weights and ONE versi
 from __future__ import annotations
 
 import contextvars
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -33,6 +34,8 @@ from torch import nn
 
 from .fusion import concat_factors, delta_weight_fp32, fused_bias, fused_weight, has_bias_terms
 from ..kinds import Delta
+from ..quant import format_of
+from ..quant import fuse as quant_fuse
 
 
 @dataclass(eq=False)
@@ -71,6 +74,28 @@ class LayerState:
     handle: Any = None  # the forward hook, present exactly while there are contributors
     pristine_weight: torch.Tensor | None = None  # the weight before fusing (None: not fused)
     pristine_bias: torch.Tensor | None = None
+    quant: Any = None  # the weight's quantized format (lorablend.quant; found on creation), None for a float weight
+    quant_snapshot: Any = None  # a quantized weight's original stored state, while fused
+
+    def __post_init__(self) -> None:
+        self.quant = format_of(self.module)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The logical weight shape (a quantized weight's ``out, in``, not its packed storage)."""
+        return self.quant.shape(self.module) if self.quant is not None else tuple(self.module.weight.shape)
+
+    def term_place(self, out: torch.Tensor | None = None) -> tuple:
+        """``(device, dtype)`` the term is built for: the weight's; for a quantized weight the dtype its forward
+        returns (``out``'s; before a forward, the dtype last built for, else the format's compute dtype)."""
+        w = self.module.weight
+        if self.quant is None:
+            return w.device, w.dtype
+        if out is not None:
+            return w.device, out.dtype
+        if self.built_for is not None and self.built_for[0] == w.device:
+            return self.built_for
+        return w.device, self.quant.compute_dtype(self.module)
 
     @property
     def is_norm(self) -> bool:
@@ -118,8 +143,9 @@ class LayerState:
         if scale == 0.0:
             return out
         w = module.weight
-        if self.version != self.table.version or self.built_for != (w.device, w.dtype):
-            self.table.bring_current(self)
+        place = (w.device, w.dtype) if self.quant is None else self.term_place(out)
+        if self.version != self.table.version or self.built_for != place:
+            self.table.bring_current(self, place)
             if not self.has_term:
                 return out
         x = args[0]
@@ -169,7 +195,7 @@ class LayerState:
         return out.add_(torch.matmul(self.up, h).reshape(n, -1, hh, ww), alpha=scale)
 
     # ------------------------------------------------------------------------------- building the term
-    def build(self, version: int, weights: dict[str, dict[str, float]]) -> None:
+    def build(self, version: int, weights: dict[str, dict[str, float]], place: tuple | None = None) -> None:
         """(Re)build the term from the contributors, current at ``version``.
 
         Low-rank blends keep the weights out of the factors: ``up``/``down`` concatenate the contributors'
@@ -177,14 +203,14 @@ class LayerState:
         of weights only redoes ``svec``. Other blends, or a pair costlier than the matrix, give one dense ΔW.
         """
         weight = self.module.weight
-        device, dtype = weight.device, weight.dtype
+        device, dtype = place if place is not None else self.term_place()
         self.clear_term()
         self.built_for, self.version = (device, dtype), version
         terms = [(weights[name][self.key], d) for name, d in self.contributors]
         if not terms:
             return
-        shape = tuple(weight.shape)
-        out_f, in_flat = shape[0], weight[0].numel()
+        shape = self.weight_shape
+        out_f, in_flat = shape[0], math.prod(shape[1:])
         pairs = [d.low_rank_factors() for _, d in terms]
         rank = sum(int(p[0].shape[1]) for p in pairs) if all(p is not None for p in pairs) else 0
         if any(d.changes_bias for _, d in terms):
@@ -202,7 +228,10 @@ class LayerState:
                     torch.tensor(self.ranks))
                 self.svec = vec.to(device=device, dtype=dtype)
                 return
-            base = self.pristine_weight if self.pristine_weight is not None else weight
+            if self.quant is not None:  # (DoRA is relative to the weight the quantized bytes stand for)
+                base = quant_fuse.dequantized_weight(self)
+            else:
+                base = self.pristine_weight if self.pristine_weight is not None else weight
             dense = torch.zeros(shape, dtype=torch.float32, device=device)
             bias = None
             for w, d in terms:
@@ -221,7 +250,11 @@ class LayerState:
 
     def restore_pristine(self) -> None:
         """Put the pristine weight back: rebind the parameter to the backup tensor when it lives next to the
-        weight (no copy; the fused tensor is freed), else one copy (e.g. from a CPU backup)."""
+        weight (no copy; the fused tensor is freed), else one copy (e.g. from a CPU backup). A quantized weight
+        gets its original stored objects back (``quant.fuse.restore``)."""
+        if self.quant_snapshot is not None:
+            quant_fuse.restore(self)
+            return
         w, p = self.module.weight, self.pristine_weight
         with torch.no_grad():
             if p.device == w.device and p.dtype == w.dtype and p.shape == w.shape and p.stride() == w.stride():
@@ -250,6 +283,9 @@ class LayerState:
         back. Re-fusing a fused layer writes into its fused tensor. The pristine copy stays until
         ``release_pristine`` (the runtime releases it only once every layer of a fuse is written).
         """
+        if self.quant is not None:  # dequantize, fuse in fp32, requantize; unfuse rebinds the original bytes
+            quant_fuse.write_fused(self, entries, safe=safe)
+            return None
         module, weight = self.module, self.module.weight
         if not entries:
             if self.pristine_weight is None:
@@ -281,7 +317,7 @@ class LayerState:
 
     def release_pristine(self) -> None:
         """Forget the pristine copy: the live weight equals it again (nothing fused here any more)."""
-        self.pristine_weight = self.pristine_bias = None
+        self.pristine_weight = self.pristine_bias = self.quant_snapshot = None
 
     def undo_first_fuse(self) -> None:
         """Roll back a fuse that began on this unfused layer: the pristine weight back, the copy forgotten."""
@@ -318,6 +354,9 @@ class LayerTable:
         # component -> its static-mode owner (``compiled.StaticDenoiser``): its layers get no hook here, the owner
         # adds their terms from fixed buffers (a compiled graph must not see hooks come and go)
         self.static: dict[str, Any] = {}
+        # fp8 fuses round stochastically: each layer's generator is seeded from this and its name (reproducible;
+        # set another value to draw other roundings, e.g. to check they are unbiased)
+        self.rounding_seed = 0
 
     def set_static(self, component: str, owner: Any | None) -> None:
         """Hand ``component``'s layers to a static-mode ``owner`` (their hooks go), or back to hooks (``None``)."""
@@ -342,14 +381,15 @@ class LayerTable:
             layer = self.by_key[key] = LayerState(key, component, module, self)
         return layer
 
-    def bring_current(self, layer: LayerState) -> None:
-        """Make ``layer``'s term current: a low-rank term on the right device only needs new weight vectors
-        (every waiting layer's at once), anything else is rebuilt."""
-        w = layer.module.weight
-        if layer.up is not None and layer.built_for == (w.device, w.dtype):
+    def bring_current(self, layer: LayerState, place: tuple | None = None) -> None:
+        """Make ``layer``'s term current for ``place`` (``(device, dtype)``, default ``layer.term_place()``): a
+        low-rank term built there only needs new weight vectors (every waiting layer's at once), anything else
+        is rebuilt."""
+        place = place if place is not None else layer.term_place()
+        if layer.up is not None and layer.built_for == place:
             self.refresh_weight_vectors()
         else:
-            layer.build(self.version, self.weights)
+            layer.build(self.version, self.weights, place)
 
     def refresh_weight_vectors(self) -> None:
         """New ``svec`` for every stale low-rank term (its contributors unchanged), one flat tensor per
@@ -387,8 +427,9 @@ class LayerTable:
             if layer.handle is None:
                 continue
             weight = layer.module._parameters["weight"]  # (plain dict access: this loop runs on every set_adapters)
-            if layer.version != self.version or layer.built_for != (weight.device, weight.dtype):
-                layer.build(self.version, self.weights)
+            place = (weight.device, weight.dtype) if layer.quant is None else layer.term_place()
+            if layer.version != self.version or layer.built_for != place:
+                layer.build(self.version, self.weights, place)
 
 
 __all__ = ["LayerState", "LayerTable", "WeightVectors"]

@@ -1,0 +1,110 @@
+"""Quantize a model's ``Linear`` layers in place, each way the formats of this package read: the tiny test pipelines,
+``lorablend serve --quantize``, the benchmarks. (Real checkpoints come quantized through diffusers'
+``quantization_config`` or a single GGUF / fp8 file; this is the same layers made from a float model.)
+
+Methods: ``nf4`` / ``fp4`` (bitsandbytes ``Linear4bit``, double quant), ``int8`` (bitsandbytes ``Linear8bitLt``),
+``fp8`` / ``scaled-fp8`` (:class:`~lorablend.quant.fp8.ScaledFp8Linear`, scale 1 or ``max|W| / 448``),
+``gguf-Q8_0`` / ``gguf-Q4_0`` / … (diffusers' ``GGUFLinear``), ``torchao-int8`` (torchao int8 weight-only).
+A layer the method cannot hold (a GGUF row not a whole number of blocks; a 4-bit layer whose rows
+bitsandbytes' CPU kernel cannot pack, ``out % 32``) stays float: :func:`quantize_model` returns the names it
+quantized.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+>>> quantize_model(model, "scaled-fp8", compute_dtype=torch.float32)
+['0']
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+METHODS = ("nf4", "fp4", "int8", "fp8", "scaled-fp8", "torchao-int8", "gguf-Q8_0", "gguf-Q4_0", "gguf-Q5_0",
+           "gguf-Q4_1", "gguf-Q5_1", "gguf-BF16")
+
+
+def _bnb4(linear: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module | None:
+    import bitsandbytes as bnb
+
+    if linear.out_features % 32 or linear.in_features % 2 or (linear.in_features * linear.out_features) % 64:
+        return None
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type=method,
+                              device="cpu")
+    layer.load_state_dict({k: v.detach().to(compute_dtype) for k, v in linear.state_dict().items()})
+    return layer.to(linear.weight.device)  # (bitsandbytes quantizes on the move)
+
+
+def _bnb8(linear: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module | None:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
+                                has_fp16_weights=False, device="cpu")
+    layer.load_state_dict({k: v.detach().to(compute_dtype) for k, v in linear.state_dict().items()})
+    return layer.to(linear.weight.device)
+
+
+def _fp8(linear: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module | None:
+    from .fp8 import ScaledFp8Linear
+
+    return ScaledFp8Linear.from_linear(linear, compute_dtype=compute_dtype, scaled=method == "scaled-fp8")
+
+
+def _gguf(linear: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module | None:
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from .gguf import quantize_gguf
+
+    qtype = GGMLQuantizationType[method.split("-", 1)[1]]
+    if linear.in_features % GGML_QUANT_SIZES[qtype][0]:
+        return None
+    layer = GGUFLinear(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=compute_dtype,
+                       device="meta")
+    raw = quantize_gguf(linear.weight.detach().float().cpu().numpy(), qtype)
+    layer.weight = GGUFParameter(torch.from_numpy(raw).to(linear.weight.device), quant_type=qtype)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+    return layer
+
+
+def _torchao(linear: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module | None:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    layer = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                      dtype=compute_dtype)
+    layer.load_state_dict(linear.state_dict())
+    quantize_(layer, Int8WeightOnlyConfig())
+    return layer
+
+
+def _maker(method: str) -> Callable[[nn.Linear, str, torch.dtype], nn.Module | None]:
+    if method not in METHODS and not method.startswith("gguf-"):
+        raise ValueError(f"quantize: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return {"nf4": _bnb4, "fp4": _bnb4, "int8": _bnb8, "fp8": _fp8, "scaled-fp8": _fp8,
+            "torchao-int8": _torchao}.get(method, _gguf)
+
+
+def quantize_model(model: nn.Module, method: str, *, compute_dtype: torch.dtype = torch.float32,
+                   skip: Callable[[str], bool] | None = None) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` (but those ``skip(name)`` says) by its ``method`` layer, in place;
+    returns the names of the layers quantized (a layer the method cannot hold stays float). ``compute_dtype``
+    is what the quantized layers compute in."""
+    make = _maker(method)
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and not (skip is not None and skip(name))]
+    done = []
+    for name, linear in targets:
+        layer = make(linear, method, compute_dtype)
+        if layer is None:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        done.append(name)
+    return done
+
+
+__all__ = ["METHODS", "quantize_model"]
