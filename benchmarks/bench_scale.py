@@ -57,12 +57,12 @@ def model_folder(kind: str, out: Path) -> tuple[Path, list[Path], dict]:
 
 
 def one_run(spec, out: Path, engine: str, workers: int) -> dict:
-    from lorablend.sweep import SweepRun, run_sweep
+    from lorablend.sweep import SweepRunSettings, run_sweep
 
     shutil.rmtree(out, ignore_errors=True)
     stamps: list[float] = []
     started = time.perf_counter()
-    summary = run_sweep(spec, out, SweepRun(engine=engine, workers=workers, device="cpu",
+    summary = run_sweep(spec, out, SweepRunSettings(engine=engine, workers=workers, device="cpu",
                                             on_cell=lambda line: stamps.append(time.perf_counter())))
     wall = time.perf_counter() - started
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
@@ -91,12 +91,12 @@ def max_diff(a: Path, b: Path) -> float:
 
 
 def bench_model(kind: str, args, out: Path) -> list[dict]:
-    from lorablend.sweep import SweepSpec
+    from lorablend.sweep import SweepSettings
 
     folder, loras, settings = model_folder(kind, out)
     seeds = list(range(args.seeds if kind == "tiny" else args.sd15_seeds))
     prompts = list(PROMPTS[: args.prompts if kind == "tiny" else 1])
-    spec = SweepSpec(str(folder), [(str(p), p.stem) for p in loras], [0.0, 0.5, 1.0], prompts, seeds, **settings)
+    spec = SweepSettings(str(folder), [(str(p), p.stem) for p in loras], [0.0, 0.5, 1.0], prompts, seeds, **settings)
     rows = []
     for engine, workers in (("local", 1), ("ray", 1), ("ray", 2)):
         row = one_run(spec, out / f"{kind}-{engine}-{workers}", engine, workers)
@@ -142,8 +142,8 @@ def bench_serving(args, out: Path) -> list[dict]:
     from ray import serve
 
     from lorablend import DiffusionPipeline
-    from lorablend.serve import ServeConfig, create_app
-    from lorablend.serve.ray_app import RayServeOptions, deploy
+    from lorablend.serve import ServeSettings, create_app
+    from lorablend.serve.ray_app import RayServeSettings, deploy
 
     folder, _, _ = model_folder("tiny", out)
     _, lora_dir = S.tiny_model(out, 6)
@@ -152,13 +152,13 @@ def bench_serving(args, out: Path) -> list[dict]:
     bodies, warm = S.make_requests(names, args.requests, 1, settings), S.warmup_requests(names, settings)
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
-    server, thread, url = S.start(create_app(pipe, ServeConfig(lora_dir=lora_dir)))
+    server, thread, url = S.start(create_app(pipe, ServeSettings(lora_dir=lora_dir)))
     rows = [measure("local", 1, url, bodies, warm, args.clients)]
     server.should_exit = True
     thread.join()
     for replicas in (1, 2):
         port = free_port()
-        deploy(str(folder), ServeConfig(lora_dir=lora_dir), RayServeOptions(replicas=replicas, device="cpu"),
+        deploy(str(folder), ServeSettings(lora_dir=lora_dir), RayServeSettings(replicas=replicas, device="cpu"),
                port=port, blocking=False)
         try:
             rows.append(measure("ray", replicas, f"http://127.0.0.1:{port}", bodies, warm, args.clients))

@@ -226,9 +226,9 @@ def child(args) -> dict:
                  "height": args.latent * 2})  # the tiny VAE scales by 2: a 16×16 latent is a 32×32 image
     if args.system == "ours":
         from lorablend import DiffusionPipeline
-        from lorablend.serve import ServeConfig, create_app
+        from lorablend.serve import ServeSettings, create_app
 
-        app = create_app(DiffusionPipeline(pipe), ServeConfig(lora_dir=lora_dir, max_batch=args.max_batch,
+        app = create_app(DiffusionPipeline(pipe), ServeSettings(lora_dir=lora_dir, max_batch=args.max_batch,
                                                                 cache_bytes=args.cache_bytes))
     else:
         app = baseline_app(pipe, lora_dir)

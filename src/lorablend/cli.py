@@ -459,7 +459,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"lorablend serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'lorablend[serve]'") from None
-    from .serve.config import ServeConfig
+    from .serve.config import ServeSettings
     from .serve.run import serve
 
     dtype = None
@@ -467,7 +467,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .io.write import parse_dtype
 
         dtype = parse_dtype(args.dtype)
-    config = ServeConfig(lora_dir=args.lora_dir, token=args.token or os.environ.get("LORABLEND_TOKEN") or None,
+    config = ServeSettings(lora_dir=args.lora_dir, token=args.token or os.environ.get("LORABLEND_TOKEN") or None,
                          cache_bytes=args.cache_bytes, max_batch=args.max_batch).check()
     if args.engine == "ray":
         return _serve_on_ray(args, config, dtype)
@@ -492,9 +492,9 @@ def _serve_on_ray(args: argparse.Namespace, config: Any, dtype: Any) -> int:
         raise UsageError("--engine ray needs Ray Serve: pip install 'lorablend[ray]' (or use --engine local)") from None
     if args.compile:
         raise UsageError("--compile is not available with --engine ray yet; drop --compile or use --engine local")
-    from .serve.ray_app import RayServeOptions, deploy
+    from .serve.ray_app import RayServeSettings, deploy
 
-    options = RayServeOptions(replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, address=args.address,
+    options = RayServeSettings(replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, address=args.address,
                               device=args.device, dtype=args.dtype).check()
     print(f"lorablend serve: {args.model} on Ray, {args.replicas} replica(s), http://{args.host}:{args.port} "
           f"(LoRAs from {config.lora_dir})", file=sys.stderr)

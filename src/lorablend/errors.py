@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any, Callable
+
 
 class LoraFormatError(ValueError):
     """A file or state dict cannot be read as a LoRA: the message names the source and the problem.
@@ -15,3 +18,26 @@ class LoraFormatError(ValueError):
 
 class LoraCompatibilityError(ValueError):
     """An adapter does not fit a model (family, missing modules, shapes, NaN); nothing was changed."""
+
+
+def renamed_names(module: str, renames: dict[str, str], namespace: dict[str, Any]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that still gives each OLD name of ``renames`` (old -> new), as the new object,
+    with a ``DeprecationWarning`` saying it goes in 0.3 — how a public name is renamed without breaking callers.
+
+    >>> import warnings
+    >>> getter = renamed_names("m", {"OldSettings": "NewSettings"}, {"NewSettings": int})
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     getter("OldSettings"), str(caught[0].message)
+    (<class 'int'>, 'm.OldSettings is deprecated and will be removed in lorablend 0.3: use m.NewSettings')
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name in renames:
+            new = renames[name]
+            warnings.warn(f"{module}.{name} is deprecated and will be removed in lorablend 0.3: use {module}.{new}",
+                          DeprecationWarning, stacklevel=2)
+            return namespace[new]
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -27,13 +27,13 @@ def world(tmp_path_factory):
 def ray_server(world):
     from ray import serve
 
-    from lorablend.serve import ServeConfig
-    from lorablend.serve.ray_app import RayServeOptions, deploy
+    from lorablend.serve import ServeSettings
+    from lorablend.serve.ray_app import RayServeSettings, deploy
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
-        deploy(str(world.model), ServeConfig(lora_dir=world.loras, token=TOKEN), RayServeOptions(replicas=2,
+        deploy(str(world.model), ServeSettings(lora_dir=world.loras, token=TOKEN), RayServeSettings(replicas=2,
                device="cpu"), port=port, blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -69,11 +69,11 @@ class RunningServer:
     def __init__(self, world: World, *, compile_backend: str | None = None, **config: Any) -> None:
         import uvicorn
 
-        from lorablend.serve import ServeConfig, create_app
+        from lorablend.serve import ServeSettings, create_app
 
         self.pipe = DiffusionPipeline.from_pretrained(str(world.model))
         self.pipe.set_progress_bar_config(disable=True)
-        self.config = ServeConfig(lora_dir=world.loras, token=TOKEN, **config)
+        self.config = ServeSettings(lora_dir=world.loras, token=TOKEN, **config)
         compiled = self.pipe.compile_denoiser(backend=compile_backend) if compile_backend else None
         self.app = create_app(self.pipe, self.config, compiled=compiled)
         self.state = self.app.state.lorablend

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lorablend.cli import main
-from lorablend.sweep import SweepRun, SweepSpec, run_sweep
+from lorablend.sweep import SweepRunSettings, SweepSettings, run_sweep
 
 pytest.importorskip("httpx")  # test_serve_support's client; the world and the library's images come from it
 from serve_support import Library, assert_same_image, decode_png, make_world  # noqa: E402
@@ -28,9 +28,9 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def spec(world) -> SweepSpec:
+def spec(world) -> SweepSettings:
     """2 LoRAs × weights {0, 1} = 4 mixes, 1 prompt, 2 seeds: 8 cells."""
-    return SweepSpec(str(world.model), [(str(world.files["ink"]), "ink"), (str(world.files["paper"]), "paper")],
+    return SweepSettings(str(world.model), [(str(world.files["ink"]), "ink"), (str(world.files["paper"]), "paper")],
                      [0.0, 1.0], ["a bowl of ramen"], [0, 7], steps=2, width=32, height=32)
 
 
@@ -38,7 +38,7 @@ def spec(world) -> SweepSpec:
 def local(spec, tmp_path_factory):
     """The reference: the sweep on one local worker."""
     out = tmp_path_factory.mktemp("local") / "out"
-    return out, run_sweep(spec, out, SweepRun(device="cpu"))
+    return out, run_sweep(spec, out, SweepRunSettings(device="cpu"))
 
 
 def _lines(out: Path) -> list[dict]:
@@ -85,11 +85,11 @@ def test_resume_finishes_an_interrupted_sweep_without_redoing_done_cells(spec, l
             raise Stop
 
     with pytest.raises(Stop):
-        run_sweep(spec, out, SweepRun(device="cpu", on_cell=stop_after_three))
+        run_sweep(spec, out, SweepRunSettings(device="cpu", on_cell=stop_after_three))
     first = _lines(out)
     assert len(first) == 3 and not (out / "grid.png").exists()
     (out / first[2]["file"]).write_bytes(b"damaged")  # a done cell whose file changed is made again
-    summary = run_sweep(spec, out, SweepRun(device="cpu"))
+    summary = run_sweep(spec, out, SweepRunSettings(device="cpu"))
     assert summary["skipped"] == 2 and summary["made"] == 6
     final = {line["key"]: line for line in _lines(out)}
     assert len(final) == len(_lines(out)) == 8
@@ -97,14 +97,14 @@ def test_resume_finishes_an_interrupted_sweep_without_redoing_done_cells(spec, l
         assert final[line["key"]] == line
     reference = {line["key"]: line for line in _lines(local[0])}
     assert {k: _identity(v) for k, v in final.items()} == {k: _identity(v) for k, v in reference.items()}
-    again = run_sweep(spec, out, SweepRun(device="cpu"))
+    again = run_sweep(spec, out, SweepRunSettings(device="cpu"))
     assert again["made"] == 0 and again["skipped"] == 8
 
 
 def test_a_folder_of_another_sweep_is_refused(spec, local):
-    other = SweepSpec(**{**spec.to_dict(), "steps": 3})
+    other = SweepSettings(**{**spec.to_dict(), "steps": 3})
     with pytest.raises(ValueError, match="other settings"):
-        run_sweep(other, local[0], SweepRun(device="cpu"))
+        run_sweep(other, local[0], SweepRunSettings(device="cpu"))
 
 
 def test_command_line_sweep_and_its_errors(world, tmp_path, capsys):
@@ -142,7 +142,7 @@ def _same_sweep(out: Path, reference: Path) -> None:
 
 def test_two_ray_workers_give_the_manifest_and_images_of_one_local_worker(ray_local, spec, local, tmp_path):
     out = tmp_path / "ray"
-    summary = run_sweep(spec, out, SweepRun(engine="ray", workers=2, device="cpu"))
+    summary = run_sweep(spec, out, SweepRunSettings(engine="ray", workers=2, device="cpu"))
     assert summary["made"] == 8 and len(summary["workers"]) == 2 and summary["restarts"] == 0
     _same_sweep(out, local[0])
 
@@ -157,7 +157,7 @@ def test_a_killed_worker_has_its_cells_redone_by_a_new_process(ray_local, spec, 
             killed.append(line["worker"])
             os.kill(line["worker"], signal.SIGKILL)
 
-    summary = run_sweep(spec, out, SweepRun(engine="ray", workers=2, device="cpu", on_cell=kill_first_worker))
+    summary = run_sweep(spec, out, SweepRunSettings(engine="ray", workers=2, device="cpu", on_cell=kill_first_worker))
     lines = _lines(out)
     assert summary["made"] == 8 and len({line["key"] for line in lines}) == len(lines) == 8
     workers = {line["worker"] for line in lines}

@@ -40,7 +40,7 @@ on the base weight: they merge only when ``base_weights`` gives it (then through
 A full diff's bias difference cannot be carried by a LoRA: it is dropped and listed in the result's
 ``report`` as ``unsupported``.
 
-The package: :mod:`.options` (the frozen :class:`MergeOptions`, checked once), :mod:`.methods` (one function per
+The package: :mod:`.options` (the frozen :class:`MergeSettings`, checked once), :mod:`.methods` (one function per
 method and the ``{method: function}`` table), :mod:`.task` (PEFT's prune / elect sign / disjoint mean steps),
 :mod:`.linalg` (SVD from factors, truncation, exact errors), :mod:`.report` (:class:`MergeReport`).
 """
@@ -58,12 +58,12 @@ from ..errors import LoraCompatibilityError
 from ..kinds import LowRankDelta
 from ..report import LoadReport
 from .methods import METHOD_TABLE, Layer, LayerResult, LayerTerm, layer_seed
-from .options import METHODS, BaseWeights, BlockWeights, MergeOptions, block_tables, check_weights
+from .options import METHODS, BaseWeights, BlockWeights, MergeSettings, block_tables, check_weights
 from .report import LayerMerge, MergeReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "LayerMerge", "MergeOptions", "MergeReport", "layer_seed", "merge", "merge_with_report"]
+__all__ = ["METHODS", "LayerMerge", "MergeSettings", "MergeReport", "layer_seed", "merge", "merge_with_report"]
 
 
 def merge(
@@ -119,7 +119,7 @@ def merge_with_report(
     (8, 0.0)
     """
     adapters = _checked_adapters(adapters)
-    opts = MergeOptions(method=method, device=torch.device(device) if device is not None else None, **options)
+    opts = MergeSettings(method=method, device=torch.device(device) if device is not None else None, **options)
     weights = check_weights(weights, len(adapters))
     _require_one_family(adapters)
     tables = block_tables(opts.block_weights, adapters, lambda family: _standard_index(family).block_labels())
@@ -223,7 +223,7 @@ def _as_lowrank(result: LayerResult, device: torch.device) -> LowRankDelta:
 _CARRIED_METADATA = ("modelspec.architecture", "modelspec.implementation", "ss_base_model_version", "ss_v2", "ss_sd_model_name")
 
 
-def _provenance(adapters: list[Adapter], weights: list[float], options: MergeOptions, report: MergeReport) -> dict[str, str]:
+def _provenance(adapters: list[Adapter], weights: list[float], options: MergeSettings, report: MergeReport) -> dict[str, str]:
     meta = {k: adapters[0].metadata[k] for k in _CARRIED_METADATA if k in adapters[0].metadata}
     ranks = sorted({layer.rank for layer in report.layers})
     meta.update(
@@ -239,3 +239,9 @@ def _provenance(adapters: list[Adapter], weights: list[float], options: MergeOpt
     if recorded:
         meta["lorablend.merge.options"] = json.dumps(recorded, sort_keys=True)
     return meta
+
+
+# Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
+from ..errors import renamed_names  # noqa: E402  (only for the old names below)
+
+__getattr__ = renamed_names(__name__, {'MergeOptions': 'MergeSettings'}, globals())

@@ -1,7 +1,7 @@
 """One function per merge method, each a short composition of named steps, and the ``{method: function}`` table.
 
 A method gets one :class:`Layer` (the deltas of every adapter at one target key, with their coefficients) and
-the :class:`~.options.MergeOptions`, and returns a :class:`LayerResult`: the merged factors, the layer's
+the :class:`~.options.MergeSettings`, and returns a :class:`LayerResult`: the merged factors, the layer's
 weight shape and the relative error against the exact weighted sum ``M = Σ c_i ΔW_i``.
 """
 
@@ -24,7 +24,7 @@ from .linalg import (
     svd_from_factors,
     truncate_dense,
 )
-from .options import DENSE_TASK, FACTORWISE, MergeOptions
+from .options import DENSE_TASK, FACTORWISE, MergeSettings
 from .task import COMBINATIONS
 
 Shape = tuple[int, ...]
@@ -98,7 +98,7 @@ def agreed_shape(layer: Layer, shapes: list[tuple[str, Shape]]) -> Shape:
     return best
 
 
-def dense_delta(term: LayerTerm, key: str, options: MergeOptions) -> torch.Tensor:
+def dense_delta(term: LayerTerm, key: str, options: MergeSettings) -> torch.Tensor:
     """A term's exact dense ΔW; kinds that need the base weight get it from ``base_weights``."""
     if not term.delta.needs_base:
         return term.delta.delta_weight()
@@ -121,7 +121,7 @@ class _Exact:
     coeff: float
 
 
-def exact_terms(layer: Layer, options: MergeOptions) -> tuple[list[_Exact], Shape]:
+def exact_terms(layer: Layer, options: MergeSettings) -> tuple[list[_Exact], Shape]:
     """Every term as exact factors where its kind has them (scale folded in), else its dense ΔW; and the shape."""
     terms, shapes = [], []
     for term in layer.terms:
@@ -137,7 +137,7 @@ def exact_terms(layer: Layer, options: MergeOptions) -> tuple[list[_Exact], Shap
     return terms, agreed_shape(layer, shapes)
 
 
-def rank_cap(layer: Layer, options: MergeOptions) -> int | None:
+def rank_cap(layer: Layer, options: MergeSettings) -> int | None:
     """The rank cap: ``rank=``; else none when ``energy=`` decides alone; else the largest input rank here."""
     if options.rank is not None:
         return options.rank
@@ -162,7 +162,7 @@ def exact_sum(terms: list[_Exact], out: int, n: int, dev: torch.device) -> torch
 # ------------------------------------------------------------------------------------------------ the methods
 
 
-def merge_cat(layer: Layer, options: MergeOptions) -> LayerResult:
+def merge_cat(layer: Layer, options: MergeSettings) -> LayerResult:
     """Exact: the weighted factors stacked side by side (dense terms as exact ``(ΔW, I)`` factors)."""
     terms, shape = exact_terms(layer, options)
     out, n = flat2d(shape)
@@ -180,7 +180,7 @@ def merge_cat(layer: Layer, options: MergeOptions) -> LayerResult:
     return LayerResult(torch.cat(ups, dim=1), torch.cat(downs, dim=0), shape, 0.0, "factors")
 
 
-def merge_svd(layer: Layer, options: MergeOptions) -> LayerResult:
+def merge_svd(layer: Layer, options: MergeSettings) -> LayerResult:
     """The optimal rank-k approximation of ``M``: from the stacked factors (QR + a small SVD) when every term
     has factors and their total rank is below the layer's smaller side, else from the dense ``M``."""
     terms, shape = exact_terms(layer, options)
@@ -208,7 +208,7 @@ def merge_svd(layer: Layer, options: MergeOptions) -> LayerResult:
     return LayerResult(up, down, shape, err, "factors")
 
 
-def merge_factorwise(layer: Layer, options: MergeOptions) -> LayerResult:
+def merge_factorwise(layer: Layer, options: MergeSettings) -> LayerResult:
     """PEFT's ``add_weighted_adapter`` definitions on the factors separately: ``down' = Σ sign(c_i s_i)·√|c_i s_i|·D_i``
     and ``up' = Σ √|c_i s_i|·U_i`` (pruned and sign-elected per method). An approximation of ``M`` (cross terms
     ``U_i D_j``) that needs LoRA inputs of equal rank."""
@@ -248,7 +248,7 @@ def merge_factorwise(layer: Layer, options: MergeOptions) -> LayerResult:
     return LayerResult(up_m, down_m, shape, rel_error_lowrank(u_ref, d_ref, up_m, down_m), "factors")
 
 
-def merge_dense_task(layer: Layer, options: MergeOptions) -> LayerResult:
+def merge_dense_task(layer: Layer, options: MergeSettings) -> LayerResult:
     """``ties_svd`` and friends: PEFT's pruning and sign election on the dense per-adapter ``ΔW_i`` (any kinds,
     any ranks), then the truncated SVD; the error is against the exact ``M``."""
     dense = [dense_delta(t, layer.key, options) for t in layer.terms]
@@ -267,7 +267,7 @@ def merge_dense_task(layer: Layer, options: MergeOptions) -> LayerResult:
     return LayerResult(up, down, shape, err, "dense", note)
 
 
-MethodFn = Callable[[Layer, MergeOptions], LayerResult]
+MethodFn = Callable[[Layer, MergeSettings], LayerResult]
 METHOD_TABLE: dict[str, MethodFn] = {
     "cat": merge_cat,
     "svd": merge_svd,

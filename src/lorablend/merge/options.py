@@ -1,8 +1,8 @@
-"""The options of a merge, checked once: a frozen :class:`MergeOptions`.
+"""The options of a merge, checked once: a frozen :class:`MergeSettings`.
 
->>> MergeOptions(method="ties", density=0.5).needs_sign
+>>> MergeSettings(method="ties", density=0.5).needs_sign
 True
->>> MergeOptions(method="cat", rank=8)
+>>> MergeSettings(method="cat", rank=8)
 Traceback (most recent call last):
 ...
 ValueError: rank= does not apply to method='cat' (the rank is the sum of the input ranks): use method='svd' or a *_svd method
@@ -32,7 +32,7 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class MergeOptions:
+class MergeSettings:
     """Everything a merge method may use besides the adapters and their weights (see :func:`lorablend.merge`
     for each option's meaning). Refuses, when built, any option the method does not take or a value out of
     range, with the fix in the message."""
@@ -159,3 +159,8 @@ def block_tables(block_weights: BlockWeights, adapters: Sequence[Any], labels_of
                 raise ValueError(f"block_weights for {adapter.name!r} holds {value!r}: every weight must be a finite number")
         tables.append(expand_block_weights(spec, adapter.family, labels_of(adapter.family)))
     return tables
+
+# Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
+from ..errors import renamed_names  # noqa: E402  (only for the old names below)
+
+__getattr__ = renamed_names(__name__, {'MergeOptions': 'MergeSettings'}, globals())

@@ -8,14 +8,19 @@ batches and switches), ``cache`` (parsed adapters, LRU by bytes), ``catalog`` (n
 command's start-up).
 Needs the ``serve`` extra (``pip install lorablend[serve]``: fastapi, uvicorn, python-multipart).
 
->>> from lorablend.serve import ServeConfig, create_app
->>> app = create_app(pipeline, ServeConfig(lora_dir="loras/"))               # doctest: +SKIP
+>>> from lorablend.serve import ServeSettings, create_app
+>>> app = create_app(pipeline, ServeSettings(lora_dir="loras/"))               # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from .app import create_app
-from .config import ServeConfig
+from .config import ServeSettings
 from .worker import Generation
 
-__all__ = ["Generation", "ServeConfig", "create_app"]
+__all__ = ["Generation", "ServeSettings", "create_app"]
+
+# Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
+from ..errors import renamed_names  # noqa: E402  (only for the old names below)
+
+__getattr__ = renamed_names(__name__, {'ServeConfig': 'ServeSettings'}, globals())

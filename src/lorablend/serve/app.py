@@ -5,8 +5,8 @@ event: the worker then starts with the first request). Routes here: ``GET /healt
 ``GET|POST /v1/loras``, ``DELETE /v1/loras/{name}``, ``POST /v1/images``; A1111's and OpenAI's in ``compat``.
 Every route but ``/health`` wants the token when one is set.
 
->>> from lorablend.serve import ServeConfig, create_app
->>> app = create_app(pipeline, ServeConfig(lora_dir="loras/"))               # doctest: +SKIP
+>>> from lorablend.serve import ServeSettings, create_app
+>>> app = create_app(pipeline, ServeSettings(lora_dir="loras/"))               # doctest: +SKIP
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)                           # doctest: +SKIP
 """
 
@@ -29,7 +29,7 @@ from ..errors import LoraCompatibilityError, LoraFormatError
 from . import responses
 from .catalog import LoraSource, check_name
 from .compat import add_compat_routes
-from .config import ServeConfig
+from .config import ServeSettings
 from .errors import STATUS, NameTaken, UnknownLora
 from .metrics import MetricsMiddleware
 from .schemas import ImageRequest, LoraRegistration, invalid
@@ -72,11 +72,11 @@ def _install_errors(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal)
 
 
-def create_app(pipe: Any, config: ServeConfig, *, compiled: Any = None, title: str = "lorablend") -> FastAPI:
+def create_app(pipe: Any, config: ServeSettings, *, compiled: Any = None, title: str = "lorablend") -> FastAPI:
     """The server for ``pipe`` (a ``lorablend.DiffusionPipeline``) with these settings; an ASGI app.
     ``compiled``: the handle of ``pipe.compile_denoiser()`` when the denoiser was compiled.
 
-    >>> app = create_app(DiffusionPipeline.from_pretrained("sd15/"), ServeConfig(lora_dir="loras/"))  # doctest: +SKIP
+    >>> app = create_app(DiffusionPipeline.from_pretrained("sd15/"), ServeSettings(lora_dir="loras/"))  # doctest: +SKIP
     """
     state = ServerState(pipe, config, compiled)
 

@@ -1,7 +1,7 @@
 """The server's settings, in one place: what the command line sets and what the app, the worker and the checks
 read. Plain data, checked once at start-up so a bad setting fails before the model is loaded.
 
->>> ServeConfig(lora_dir=".", max_batch=4).max_batch
+>>> ServeSettings(lora_dir=".", max_batch=4).max_batch
 4
 """
 
@@ -20,7 +20,7 @@ MAX_SEED = 2**63 - 1
 
 
 @dataclass
-class ServeConfig:
+class ServeSettings:
     """Settings of one server.
 
     ``lora_dir``: the folder of LoRA files served by stem name (every path a client names is resolved inside it).
@@ -30,7 +30,7 @@ class ServeConfig:
     images one request may ask for. ``max_steps``: inference steps one request may ask for.
     ``max_upload_bytes``: a LoRA upload's size limit; ``max_body_bytes``: every other request body's.
 
-    >>> ServeConfig(lora_dir=".", cache_bytes=0).check()
+    >>> ServeSettings(lora_dir=".", cache_bytes=0).check()
     Traceback (most recent call last):
     ...
     ValueError: --cache-bytes 0: must be a positive number of bytes, e.g. 4000000000
@@ -46,10 +46,10 @@ class ServeConfig:
     max_body_bytes: int = 1 * 2**20
     default_steps: int = 30
 
-    def check(self) -> "ServeConfig":
+    def check(self) -> "ServeSettings":
         """Raise ``ValueError`` naming the setting and the fix; return self when every setting is usable.
 
-        >>> ServeConfig(lora_dir=".").check().max_batch
+        >>> ServeSettings(lora_dir=".").check().max_batch
         4
         """
         folder = Path(self.lora_dir)
@@ -67,4 +67,9 @@ class ServeConfig:
         return self
 
 
-__all__ = ["MAX_GUIDANCE", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_SIDE", "MAX_WEIGHT", "ServeConfig"]
+__all__ = ["MAX_GUIDANCE", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_SIDE", "MAX_WEIGHT", "ServeSettings"]
+
+# Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
+from ..errors import renamed_names  # noqa: E402  (only for the old names below)
+
+__getattr__ = renamed_names(__name__, {'ServeConfig': 'ServeSettings'}, globals())

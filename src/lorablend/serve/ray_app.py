@@ -13,7 +13,7 @@ What differs from one process: ``POST /v1/loras`` and ``DELETE /v1/loras/{name}`
 they are refused (501) here: put LoRA files in ``--lora-dir``, which every replica reads (on a cluster: a folder
 every node sees at the same path). ``/metrics`` is one replica's.
 
->>> deploy("sd15/", ServeConfig(lora_dir="loras/"), RayServeOptions(replicas=2))      # doctest: +SKIP
+>>> deploy("sd15/", ServeSettings(lora_dir="loras/"), RayServeSettings(replicas=2))      # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .config import ServeConfig
+from .config import ServeSettings
 
 GENERATION_ROUTES = {"/v1/images": "ImageRequest", "/sdapi/v1/txt2img": "Txt2ImgRequest",
                      "/v1/images/generations": "OpenAIImageRequest"}
@@ -40,13 +40,13 @@ def _ray_gone() -> tuple[type, ...]:
 
 
 
-def mix_id(path: str, body: bytes, config: ServeConfig) -> str:
+def mix_id(path: str, body: bytes, config: ServeSettings) -> str:
     """The multiplexed model id of a request: its sorted LoRA mix as JSON (``""`` for any other request, or a
     body the app will refuse anyway: that answer comes from any replica).
 
-    >>> mix_id("/v1/images", b'{"prompt": "a cat <lora:ink:0.5>", "loras": {"paper": 1}}', ServeConfig("."))
+    >>> mix_id("/v1/images", b'{"prompt": "a cat <lora:ink:0.5>", "loras": {"paper": 1}}', ServeSettings("."))
     '[["ink", 0.5], ["paper", 1.0]]'
-    >>> mix_id("/v1/images", b'{"prompt": "a cat"}', ServeConfig("."))
+    >>> mix_id("/v1/images", b'{"prompt": "a cat"}', ServeSettings("."))
     '[]'
     """
     from . import schemas
@@ -74,7 +74,7 @@ class PipelineReplica:
         from .app import create_app
         from .run import load_model
 
-        self.config = ServeConfig(**config).check()
+        self.config = ServeSettings(**config).check()
         self.pipe, compiled = load_model(model, device=device, dtype=parse_dtype(dtype) if dtype else None)
         self.app = create_app(self.pipe, self.config, compiled=compiled)
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://replica",
@@ -122,7 +122,7 @@ class Router:
 
     def __init__(self, pipeline: Any, config: dict[str, Any]) -> None:
         self.pipeline = pipeline
-        self.config = ServeConfig(**config)
+        self.config = ServeSettings(**config)
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, Response
@@ -149,13 +149,13 @@ class Router:
 
 
 @dataclass
-class RayServeOptions:
+class RayServeSettings:
     """How the server runs on Ray: ``replicas`` pipelines of ``gpus_per_replica`` GPUs (and ``cpus_per_replica``
     CPUs) each; ``address`` joins a running cluster (``None``: a local Ray instance started here);
     ``mixes_per_replica``: mixes a replica is known to hold (Ray Serve's multiplexing LRU; the adapter cache's
     own bound, ``--cache-bytes``, decides what stays parsed).
 
-    >>> RayServeOptions(replicas=2).mixes_per_replica
+    >>> RayServeSettings(replicas=2).mixes_per_replica
     16
     """
 
@@ -167,8 +167,8 @@ class RayServeOptions:
     device: str | None = None
     dtype: str | None = None
 
-    def check(self) -> "RayServeOptions":
-        """Raise ``ValueError`` naming the bad setting. >>> RayServeOptions(replicas=0).check()
+    def check(self) -> "RayServeSettings":
+        """Raise ``ValueError`` naming the bad setting. >>> RayServeSettings(replicas=0).check()
         Traceback (most recent call last):
         ...
         ValueError: --replicas 0: must be at least 1
@@ -180,10 +180,10 @@ class RayServeOptions:
         return self
 
 
-def build_app(model: str, config: ServeConfig, options: RayServeOptions) -> Any:
+def build_app(model: str, config: ServeSettings, options: RayServeSettings) -> Any:
     """The Ray Serve application (router + pipeline replicas), ready for ``serve.run``.
 
-    >>> serve.run(build_app("sd15/", ServeConfig(lora_dir="loras/"), RayServeOptions(replicas=2)))  # doctest: +SKIP
+    >>> serve.run(build_app("sd15/", ServeSettings(lora_dir="loras/"), RayServeSettings(replicas=2)))  # doctest: +SKIP
     """
     from ray import serve
 
@@ -200,12 +200,12 @@ def build_app(model: str, config: ServeConfig, options: RayServeOptions) -> Any:
     return router.bind(pipeline.bind(model, settings, options.device, options.dtype), settings)
 
 
-def deploy(model: str, config: ServeConfig, options: RayServeOptions, *, host: str = "127.0.0.1",
+def deploy(model: str, config: ServeSettings, options: RayServeSettings, *, host: str = "127.0.0.1",
            port: int = 8000, blocking: bool = True) -> Any:
     """Connect to Ray (``options.address``, or a local instance), start Ray Serve's HTTP proxy on ``host:port``
     and run the app; with ``blocking`` until interrupted, else return the router's handle.
 
-    >>> deploy("sd15/", ServeConfig(lora_dir="loras/"), RayServeOptions(replicas=2), port=8000)   # doctest: +SKIP
+    >>> deploy("sd15/", ServeSettings(lora_dir="loras/"), RayServeSettings(replicas=2), port=8000)   # doctest: +SKIP
     """
     import ray
     from ray import serve
@@ -221,4 +221,9 @@ def deploy(model: str, config: ServeConfig, options: RayServeOptions, *, host: s
     return serve.run(build_app(model, config, options), name="lorablend", route_prefix="/", blocking=blocking)
 
 
-__all__ = ["GENERATION_ROUTES", "PipelineReplica", "RayServeOptions", "Router", "build_app", "deploy", "mix_id"]
+__all__ = ["GENERATION_ROUTES", "PipelineReplica", "RayServeSettings", "Router", "build_app", "deploy", "mix_id"]
+
+# Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
+from ..errors import renamed_names  # noqa: E402  (only for the old names below)
+
+__getattr__ = renamed_names(__name__, {'RayServeOptions': 'RayServeSettings'}, globals())

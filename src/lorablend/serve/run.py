@@ -1,6 +1,6 @@
 """``lorablend serve``'s start-up: check the settings, load the model (compiled when asked), run uvicorn.
 
->>> serve("sd15/", ServeConfig(lora_dir="loras/"), host="127.0.0.1", port=8000)     # doctest: +SKIP
+>>> serve("sd15/", ServeSettings(lora_dir="loras/"), host="127.0.0.1", port=8000)     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import ServeConfig
+from .config import ServeSettings
 from .errors import CompileUnavailable
 
 logger = logging.getLogger(__name__)
@@ -46,11 +46,11 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
     return pipe, (pipe.compile_denoiser() if compile else None)
 
 
-def serve(model: str, config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+def serve(model: str, config: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           dtype: torch.dtype | None = None, compile: bool = False, log_level: str = "info") -> None:
     """Load ``model`` and serve it until interrupted (uvicorn, one process: the pipeline is not shared).
 
-    >>> serve("sd15/", ServeConfig(lora_dir="loras/"), port=8000)          # doctest: +SKIP
+    >>> serve("sd15/", ServeSettings(lora_dir="loras/"), port=8000)          # doctest: +SKIP
     """
     import uvicorn
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_WEIGHT, ServeConfig
+from .config import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_WEIGHT, ServeSettings
 from .worker import Generation
 from .errors import PromptTokenError
 from .prompts import split_lora_tokens
@@ -58,7 +58,7 @@ def _mix(prompt: str, loras: dict[str, float]) -> tuple[str, dict[str, float]]:
     return text, mix
 
 
-def _limits(config: ServeConfig, steps: int, images: int, images_field: str) -> None:
+def _limits(config: ServeSettings, steps: int, images: int, images_field: str) -> None:
     if steps > config.max_steps:
         raise invalid("steps", f"{steps} steps: this server allows at most {config.max_steps}", steps)
     if images > config.max_images:
@@ -94,10 +94,10 @@ class ImageRequest(BaseModel):
     num_images: Annotated[int, Field(ge=1)] = 1
     response_format: Literal["png", "json"] | None = None
 
-    def generation(self, config: ServeConfig) -> Generation:
+    def generation(self, config: ServeSettings) -> Generation:
         """The request in the library's terms (422 for what only the server's limits refuse).
 
-        >>> ImageRequest(prompt="a cat <lora:ink:0.5>", seed=2).generation(ServeConfig(".")).loras
+        >>> ImageRequest(prompt="a cat <lora:ink:0.5>", seed=2).generation(ServeSettings(".")).loras
         {'ink': 0.5}
         """
         steps = self.steps or config.default_steps
@@ -128,7 +128,7 @@ class Txt2ImgRequest(BaseModel):
     ``seed`` -1 (A1111's "random") picks one; images are ``batch_size × n_iter``, all from that one seed's noise
     (drawn in order, as ``num_images`` does on ``/v1/images``).
 
-    >>> Txt2ImgRequest(prompt="a cat <lora:ink:0.8>", seed=5, steps=2).generation(ServeConfig(".")).prompt
+    >>> Txt2ImgRequest(prompt="a cat <lora:ink:0.8>", seed=5, steps=2).generation(ServeSettings(".")).prompt
     'a cat'
     """
 
@@ -143,8 +143,8 @@ class Txt2ImgRequest(BaseModel):
     batch_size: Annotated[int, Field(ge=1)] = 1
     n_iter: Annotated[int, Field(ge=1)] = 1
 
-    def generation(self, config: ServeConfig) -> Generation:
-        """The request in the library's terms. >>> Txt2ImgRequest(prompt="x").generation(ServeConfig(".")).steps
+    def generation(self, config: ServeSettings) -> Generation:
+        """The request in the library's terms. >>> Txt2ImgRequest(prompt="x").generation(ServeSettings(".")).steps
         20
         """
         images = self.batch_size * self.n_iter
@@ -163,7 +163,7 @@ class OpenAIImageRequest(BaseModel):
     ``steps``, ``guidance_scale``, ``negative_prompt``, ``loras`` and ``scale`` may be sent (the ``openai``
     client's ``extra_body``).
 
-    >>> OpenAIImageRequest(prompt="a cat", size="64x32", seed=1, steps=2).generation(ServeConfig(".")).width
+    >>> OpenAIImageRequest(prompt="a cat", size="64x32", seed=1, steps=2).generation(ServeSettings(".")).width
     64
     """
 
@@ -180,10 +180,10 @@ class OpenAIImageRequest(BaseModel):
     loras: dict[LoraName, Weight] = Field(default_factory=dict, max_length=64)
     scale: Weight = 1.0
 
-    def generation(self, config: ServeConfig) -> Generation:
+    def generation(self, config: ServeSettings) -> Generation:
         """The request in the library's terms (422 for a size that is not ``WxH`` in multiples of 8).
 
-        >>> OpenAIImageRequest(prompt="x", size="auto").generation(ServeConfig(".")).width is None
+        >>> OpenAIImageRequest(prompt="x", size="auto").generation(ServeSettings(".")).width is None
         True
         """
         if self.response_format == "url":

@@ -2,7 +2,7 @@
 the answer, or nothing when the client left. Shared by the native routes (``app``) and the A1111 / OpenAI routes
 (``compat``).
 
->>> state = ServerState(pipeline, ServeConfig(lora_dir="loras/"))            # doctest: +SKIP
+>>> state = ServerState(pipeline, ServeSettings(lora_dir="loras/"))            # doctest: +SKIP
 >>> gen, result = await generate(state, Generation("a cat", seed=1, steps=20), request)   # doctest: +SKIP
 """
 
@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from .cache import AdapterCache, CachedAdapter
 from .catalog import Catalog, LoraSource
-from .config import ServeConfig
+from .config import ServeSettings
 from .worker import Worker, Generation, Result
 from .metrics import Metrics
 from .errors import ClientGone
@@ -33,7 +33,7 @@ class ServerState:
     ['ink']
     """
 
-    def __init__(self, pipe: Any, config: ServeConfig, compiled: Any = None) -> None:
+    def __init__(self, pipe: Any, config: ServeSettings, compiled: Any = None) -> None:
         self.pipe = pipe
         self.config = config.check()
         self.metrics = Metrics()

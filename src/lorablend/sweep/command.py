@@ -1,4 +1,4 @@
-"""``lorablend sweep``'s flags and how they become a :class:`SweepSpec` and a :class:`SweepRun` (``cli.py`` keeps
+"""``lorablend sweep``'s flags and how they become a :class:`SweepSettings` and a :class:`SweepRunSettings` (``cli.py`` keeps
 only the printing). Bad values raise ``ValueError`` naming the flag (the command exits 2).
 
 >>> numbers("0,0.5,1", "--weights")
@@ -11,8 +11,8 @@ import argparse
 import math
 from typing import Any
 
-from .plan import SweepSpec
-from .run import SweepRun
+from .plan import SweepSettings
+from .run import SweepRunSettings
 
 DESCRIPTION = (
     "Make one image per cell (each prompt x each seed x each combination of --weights for the LoRAs) into "
@@ -63,15 +63,15 @@ def numbers(text: str, flag: str, kind: Any = float) -> list:
     return values
 
 
-def from_arguments(args: argparse.Namespace, progress: bool) -> tuple[SweepSpec, SweepRun]:
+def from_arguments(args: argparse.Namespace, progress: bool) -> tuple[SweepSettings, SweepRunSettings]:
     """The sweep the flags describe, and how to run it. >>> spec, run = from_arguments(args, False)  # doctest: +SKIP"""
     from ..images.generate import adapter_names
 
     names = adapter_names([(path, 1.0) for path in args.lora])
-    spec = SweepSpec(args.model, list(zip(args.lora, names)), numbers(args.weights, "--weights"), args.prompt,
+    spec = SweepSettings(args.model, list(zip(args.lora, names)), numbers(args.weights, "--weights"), args.prompt,
                      numbers(args.seeds, "--seeds", int), steps=args.steps, width=args.width, height=args.height,
                      guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
-    run = SweepRun(engine=args.engine, workers=args.workers, address=args.address,
+    run = SweepRunSettings(engine=args.engine, workers=args.workers, address=args.address,
                    gpus_per_worker=args.gpus_per_worker, device=args.device, dtype=args.dtype, progress=progress)
     return spec, run
 

@@ -9,7 +9,7 @@ writes the last one's files. Faults are Ray's to handle: an actor whose process 
 Ray gives an actor up do its groups go back to the others.
 
 >>> run_local(spec, groups, deliver, device="cpu")                                    # doctest: +SKIP
->>> run_ray(spec, groups, deliver, RayOptions(workers=2))                             # doctest: +SKIP
+>>> run_ray(spec, groups, deliver, RaySweepSettings(workers=2))                             # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .plan import SweepSpec
+from .plan import SweepSettings
 from .worker import SweepWorker
 
 logger = logging.getLogger(__name__)
 Deliver = Callable[[list[dict[str, Any]]], None]
 
 
-def run_local(spec: SweepSpec, groups: Sequence[list[dict[str, Any]]], deliver: Deliver, *,
+def run_local(spec: SweepSettings, groups: Sequence[list[dict[str, Any]]], deliver: Deliver, *,
               device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """One worker in this process takes the groups in order; each cell is delivered as soon as it is made.
 
@@ -39,13 +39,13 @@ def run_local(spec: SweepSpec, groups: Sequence[list[dict[str, Any]]], deliver: 
 
 
 @dataclass
-class RayOptions:
+class RaySweepSettings:
     """How a sweep runs on Ray: ``workers`` actors of ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs each;
     ``address`` joins a running cluster (``None``: this process's Ray instance, started here with
     ``workers × cpus_per_worker`` CPUs when there is none); ``max_restarts``: how often Ray may restart a dead
     actor (its running call is retried each time).
 
-    >>> RayOptions(workers=2).max_restarts
+    >>> RaySweepSettings(workers=2).max_restarts
     2
     """
 
@@ -84,11 +84,11 @@ def _pick(pending: list[list[dict[str, Any]]], mix: Any) -> list[dict[str, Any]]
     return pending.pop(0)
 
 
-def run_ray(spec: SweepSpec, groups: Sequence[list[dict[str, Any]]], deliver: Deliver,
-            options: RayOptions) -> dict[str, Any]:
+def run_ray(spec: SweepSettings, groups: Sequence[list[dict[str, Any]]], deliver: Deliver,
+            options: RaySweepSettings) -> dict[str, Any]:
     """The groups over ``options.workers`` Ray actors; results delivered as each group comes back.
 
-    >>> run_ray(spec, groups, deliver, RayOptions(workers=2, address="auto"))               # doctest: +SKIP
+    >>> run_ray(spec, groups, deliver, RaySweepSettings(workers=2, address="auto"))               # doctest: +SKIP
     """
     import ray
 
@@ -149,4 +149,9 @@ def _drive(actors: list[Any], pending: list[list[dict[str, Any]]], deliver: Deli
             "restarts": max(0, len(pids) - len(actors)), "lost_workers": len(actors) - len(live)}
 
 
-__all__ = ["RayOptions", "connect", "run_local", "run_ray"]
+__all__ = ["RaySweepSettings", "connect", "run_local", "run_ray"]
+
+# Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
+from ..errors import renamed_names  # noqa: E402  (only for the old names below)
+
+__getattr__ = renamed_names(__name__, {'RayOptions': 'RaySweepSettings'}, globals())

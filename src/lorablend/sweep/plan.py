@@ -4,7 +4,7 @@ name, and the order in which workers take them (grouped by mix, so a worker swit
 A cell's key is a hash of everything that decides its image (model, settings, prompt, seed, mix), so a rerun
 recognises the cells it already made whatever the order or the number of workers.
 
->>> spec = SweepSpec("sd15/", [("ink.safetensors", "ink")], [0.0, 1.0], ["a cat"], [0, 1], steps=2)
+>>> spec = SweepSettings("sd15/", [("ink.safetensors", "ink")], [0.0, 1.0], ["a cat"], [0, 1], steps=2)
 >>> [c.label for c in plan_cells(spec)]
 ['ink=0', 'ink=0', 'ink=1', 'ink=1']
 >>> switches(plan_cells(spec)), switches(naive_order(spec))
@@ -23,11 +23,11 @@ from typing import Any, Sequence
 
 
 @dataclass
-class SweepSpec:
+class SweepSettings:
     """Everything a sweep's images depend on: the model, the LoRAs (path, adapter name), the weights each LoRA
     takes (every combination is a mix), the prompts, the seeds and the generation settings.
 
-    >>> SweepSpec("sd15/", [], [1.0], ["a cat"], [0]).mixes()
+    >>> SweepSettings("sd15/", [], [1.0], ["a cat"], [0]).mixes()
     [()]
     """
 
@@ -47,7 +47,7 @@ class SweepSpec:
         return list(itertools.product([float(w) for w in self.weights], repeat=len(self.loras)))
 
     def names(self) -> list[str]:
-        """The adapter names, in ``loras`` order. >>> SweepSpec("m", [("a.safetensors", "a")], [1], ["p"], [0]).names()
+        """The adapter names, in ``loras`` order. >>> SweepSettings("m", [("a.safetensors", "a")], [1], ["p"], [0]).names()
         ['a']
         """
         return [name for _, name in self.loras]
@@ -55,7 +55,7 @@ class SweepSpec:
     def settings(self) -> dict[str, Any]:
         """What every cell shares, as plain data (recorded in ``OUT/sweep.json``; a rerun must match it).
 
-        >>> SweepSpec("m", [], [1], ["p"], [0], steps=2).settings()["steps"]
+        >>> SweepSettings("m", [], [1], ["p"], [0], steps=2).settings()["steps"]
         2
         """
         return {"model": str(self.model), "loras": [[os.path.abspath(p), n] for p, n in self.loras],
@@ -63,7 +63,7 @@ class SweepSpec:
                 "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for a worker in another process. >>> SweepSpec("m", [], [1], ["p"], [0]).to_dict()["seeds"]
+        """Plain data for a worker in another process. >>> SweepSettings("m", [], [1], ["p"], [0]).to_dict()["seeds"]
         [0]
         """
         return asdict(self)
@@ -122,12 +122,12 @@ def cell_key(settings: dict[str, Any], prompt: str, seed: int, mix: Sequence[flo
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _cell(spec: SweepSpec, settings: dict[str, Any], p: int, seed: int, mix: tuple[float, ...]) -> Cell:
+def _cell(spec: SweepSettings, settings: dict[str, Any], p: int, seed: int, mix: tuple[float, ...]) -> Cell:
     prompt = spec.prompts[p]
     return Cell(p, prompt, int(seed), mix, tuple(spec.names()), cell_key(settings, prompt, seed, mix))
 
 
-def plan_cells(spec: SweepSpec) -> list[Cell]:
+def plan_cells(spec: SweepSettings) -> list[Cell]:
     """Every cell, mix-major (then prompt, then seed): consecutive cells share a mix, so a worker that takes
     them in this order switches once per mix. >>> see the module"""
     settings = spec.settings()
@@ -135,7 +135,7 @@ def plan_cells(spec: SweepSpec) -> list[Cell]:
             for s in spec.seeds]
 
 
-def naive_order(spec: SweepSpec) -> list[Cell]:
+def naive_order(spec: SweepSettings) -> list[Cell]:
     """The same cells in the order of the obvious nested loop (prompt, seed, then mix innermost): the baseline
     that switches at nearly every cell. >>> see the module"""
     settings = spec.settings()
@@ -157,7 +157,7 @@ def group_cells(cells: Sequence[Cell], workers: int, max_cells: int = 8) -> list
     worker gets work) or a mix has more than ``max_cells`` (so progress and retries come in small steps); a
     group is what a worker takes at once. Consecutive groups of one mix go to the worker that holds it.
 
-    >>> spec = SweepSpec("m", [("a", "a")], [0, 1], ["p"], [0, 1, 2, 3])
+    >>> spec = SweepSettings("m", [("a", "a")], [0, 1], ["p"], [0, 1, 2, 3])
     >>> [len(g) for g in group_cells(plan_cells(spec), 2)]
     [2, 2, 2, 2]
     """
@@ -174,4 +174,9 @@ def group_cells(cells: Sequence[Cell], workers: int, max_cells: int = 8) -> list
     return groups
 
 
-__all__ = ["Cell", "SweepSpec", "cell_key", "group_cells", "naive_order", "plan_cells", "switches"]
+__all__ = ["Cell", "SweepSettings", "cell_key", "group_cells", "naive_order", "plan_cells", "switches"]
+
+# Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
+from ..errors import renamed_names  # noqa: E402  (only for the old names below)
+
+__getattr__ = renamed_names(__name__, {'SweepSpec': 'SweepSettings'}, globals())

@@ -6,7 +6,7 @@ per prompt, one row per seed, one column per mix) and ``sweep.json`` (the settin
 folder with other settings is refused instead of mixing two sweeps). A rerun skips every cell whose line is in
 the manifest with its file present and intact, and makes the rest.
 
->>> spec = SweepSpec("sd15/", [("ink.safetensors", "ink")], [0, 0.5, 1], ["a cat"], [0, 1, 2], steps=20)
+>>> spec = SweepSettings("sd15/", [("ink.safetensors", "ink")], [0, 0.5, 1], ["a cat"], [0, 1, 2], steps=20)
 >>> summary = run_sweep(spec, "sweep-out", engine="ray", workers=2)                    # doctest: +SKIP
 >>> summary["cells"], summary["made"]                                                # doctest: +SKIP
 (9, 9)
@@ -23,18 +23,18 @@ from typing import Any, Callable, Sequence
 
 from ..outputs import atomic_write, refuse_input
 from .manifest import append_line, done_cells, read_manifest, rewrite_manifest
-from .plan import Cell, SweepSpec, group_cells, naive_order, plan_cells, switches
+from .plan import Cell, SweepSettings, group_cells, naive_order, plan_cells, switches
 
 ENGINES = ("local", "ray")
 
 
 @dataclass
-class SweepRun:
+class SweepRunSettings:
     """How to run a sweep (not what it makes): engine, workers, cluster address, devices, progress, and
     ``on_cell``, called in this process with each manifest line as it is written (tests stop or disturb a run
     there). ``max_restarts``: Ray restarts of one dead worker before its cells go to the others.
 
-    >>> SweepRun(engine="ray", workers=2).check().workers
+    >>> SweepRunSettings(engine="ray", workers=2).check().workers
     2
     """
 
@@ -48,8 +48,8 @@ class SweepRun:
     max_restarts: int = 2
     on_cell: Callable[[dict[str, Any]], None] | None = None
 
-    def check(self) -> "SweepRun":
-        """Raise ``ValueError`` naming the bad setting and the fix. >>> SweepRun(workers=0).check()
+    def check(self) -> "SweepRunSettings":
+        """Raise ``ValueError`` naming the bad setting and the fix. >>> SweepRunSettings(workers=0).check()
         Traceback (most recent call last):
         ...
         ValueError: --workers 0: must be at least 1
@@ -68,11 +68,11 @@ class SweepRun:
         return self
 
 
-def check_spec(spec: SweepSpec, out: str | os.PathLike) -> None:
+def check_spec(spec: SweepSettings, out: str | os.PathLike) -> None:
     """What can be checked before any model is loaded: files exist, lists are not empty, sizes are valid, and
     ``out`` is neither an input nor inside one. Raises ``ValueError`` / ``FileNotFoundError`` naming the input.
 
-    >>> check_spec(SweepSpec("org/model", [], [1.0], [], [0]), "out")
+    >>> check_spec(SweepSettings("org/model", [], [1.0], [], [0]), "out")
     Traceback (most recent call last):
     ...
     ValueError: --prompt: give at least one prompt
@@ -97,7 +97,7 @@ def check_spec(spec: SweepSpec, out: str | os.PathLike) -> None:
         raise NotADirectoryError(f"-o {out}: a file is there; the sweep writes a folder, name a new one")
 
 
-def _claim_folder(spec: SweepSpec, out: Path) -> None:
+def _claim_folder(spec: SweepSettings, out: Path) -> None:
     """Write ``sweep.json``, or check that the one there has these settings (a resume, not a different sweep)."""
     settings = spec.settings()
     marker = out / "sweep.json"
@@ -121,7 +121,7 @@ class _Writer:
     is only ever written for a file on disk), then a step of the progress bar."""
 
     def __init__(self, out: Path, cells: Sequence[Cell], done: dict[str, dict], inputs: list[str],
-                 run: SweepRun) -> None:
+                 run: SweepRunSettings) -> None:
         from tqdm.auto import tqdm
 
         self.out, self.inputs, self.run, self.done = out, inputs, run, done
@@ -144,13 +144,13 @@ class _Writer:
                 self.run.on_cell(line)
 
 
-def run_sweep(spec: SweepSpec, out: str | os.PathLike, run: SweepRun | None = None) -> dict[str, Any]:
+def run_sweep(spec: SweepSettings, out: str | os.PathLike, run: SweepRunSettings | None = None) -> dict[str, Any]:
     """Make every cell of ``spec`` not already in ``out`` (see the module), then the manifest in plan order and
     ``grid.png``; returns a summary (cells, made, skipped, switches vs the naive order, seconds, workers).
 
-    >>> run_sweep(spec, "sweep-out", SweepRun(engine="ray", workers=2, progress=True))      # doctest: +SKIP
+    >>> run_sweep(spec, "sweep-out", SweepRunSettings(engine="ray", workers=2, progress=True))      # doctest: +SKIP
     """
-    run = (run or SweepRun()).check()
+    run = (run or SweepRunSettings()).check()
     check_spec(spec, out)
     out = Path(out)
     _claim_folder(spec, out)
@@ -178,8 +178,8 @@ def _plain(cell: Cell) -> dict[str, Any]:
     return {"key": cell.key, "prompt": cell.prompt, "seed": cell.seed, "mix": list(cell.mix)}
 
 
-def _engine(spec: SweepSpec, groups: list, writer: _Writer, run: SweepRun) -> dict[str, Any]:
-    from .engines import RayOptions, run_local, run_ray
+def _engine(spec: SweepSettings, groups: list, writer: _Writer, run: SweepRunSettings) -> dict[str, Any]:
+    from .engines import RaySweepSettings, run_local, run_ray
 
     if run.engine == "local":
         return run_local(spec, groups, writer, device=run.device, dtype=run.dtype)
@@ -187,12 +187,12 @@ def _engine(spec: SweepSpec, groups: list, writer: _Writer, run: SweepRun) -> di
         import ray  # noqa: F401
     except ImportError:
         raise ValueError("--engine ray needs Ray: pip install 'lorablend[ray]' (or use --engine local)") from None
-    options = RayOptions(workers=run.workers, address=run.address, gpus_per_worker=run.gpus_per_worker,
+    options = RaySweepSettings(workers=run.workers, address=run.address, gpus_per_worker=run.gpus_per_worker,
                          max_restarts=run.max_restarts, device=run.device, dtype=run.dtype)
     return run_ray(spec, groups, writer, options)
 
 
-def write_grid(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> Path:
+def write_grid(spec: SweepSettings, cells: Sequence[Cell], out: Path) -> Path:
     """``OUT/grid.png``: one column per mix, a block of rows per prompt (one row per seed), every cell's image
     read back from its file (``generate.render_grid`` draws the sheet).
 
@@ -219,4 +219,9 @@ def write_grid(spec: SweepSpec, cells: Sequence[Cell], out: Path) -> Path:
     return save_png(render_grid(rows, columns, labels, title), out / "grid.png", overwrite=True)
 
 
-__all__ = ["ENGINES", "SweepRun", "check_spec", "run_sweep", "write_grid"]
+__all__ = ["ENGINES", "SweepRunSettings", "check_spec", "run_sweep", "write_grid"]
+
+# Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
+from ..errors import renamed_names  # noqa: E402  (only for the old names below)
+
+__getattr__ = renamed_names(__name__, {'SweepRun': 'SweepRunSettings'}, globals())

@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any, Sequence
 
-from .plan import SweepSpec
+from .plan import SweepSettings
 
 
 def _dtype(name: str | None) -> Any:
@@ -33,7 +33,7 @@ def _dtype(name: str | None) -> Any:
 class SweepWorker:
     """One pipeline (loaded in ``__init__``, kept for the run) and the mix it currently holds.
 
-    ``spec``: :meth:`SweepSpec.to_dict`; ``device``: ``None`` picks CUDA when this process sees a GPU (a Ray
+    ``spec``: :meth:`SweepSettings.to_dict`; ``device``: ``None`` picks CUDA when this process sees a GPU (a Ray
     actor sees the GPUs Ray gave it); ``dtype``: "fp32" / "fp16" / "bf16" or ``None`` for the default.
 
     >>> SweepWorker(spec.to_dict(), device="cpu").pid == os.getpid()          # doctest: +SKIP
@@ -44,7 +44,7 @@ class SweepWorker:
         from ..images.grid import CellRenderer
         from ..images.generate import GenerationSettings, load_pipeline
 
-        self.spec = SweepSpec(**{**spec, "loras": [tuple(x) for x in spec["loras"]]})
+        self.spec = SweepSettings(**{**spec, "loras": [tuple(x) for x in spec["loras"]]})
         loras = [(path, 0.0) for path, _ in self.spec.loras]
         started = time.perf_counter()
         pipe, names = load_pipeline(self.spec.model, loras, device=device, dtype=_dtype(dtype))

@@ -1,0 +1,140 @@
+"""The guide's properties, written once, run on every family of ``family_specs.FAMILIES`` (sd1, sdxl, flux, sd3,
+sd35-medium, …): a tiny pipeline of the family, LoRA files in diffusers / PEFT names over its real module names,
+and diffusers + PEFT beside it as the oracle where it reads the file.
+
+1. the load report is complete (every key mapped);
+2. a blend and a call-time scale give diffusers + PEFT's images (≤ 1e-3, images in [0, 1]);
+3. the call-time scale leaves no state behind;
+4. ``add_weighted_adapter(..., "cat")`` gives the blend's image;
+5. fusing gives the unfused blend's image, and unfusing puts every weight back bit for bit (fp32);
+6. the same in bf16 after fusing several adapters (``torch.equal``);
+7. a fused pipeline saved with ``save_pretrained`` reloads (diffusers' own loader) with the fused weights' bits.
+
+To add a family: add a ``FamilySpec`` row to tests/families/family_specs.py (its docstring says what a row needs).
+A property that only one family has (Flux's kohya fused rows, control LoRAs, per-block labels) does not belong
+here: it stays in that family's own tests.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lorablend import DiffusionPipeline
+
+from conftest import assert_params_equal, assert_same_computed, params_of
+from family_specs import FAMILIES
+
+pytest.importorskip("peft")
+
+IMAGE_TOL = 1e-3  # two systems computing one image in [0, 1] (diffusers' own parity bound)
+GEN = dict(prompt="a bowl of ramen", num_inference_steps=2, height=32, width=32, output_type="np")
+MIX = (["a", "b"], [0.7, -0.4])
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[spec.name for spec in FAMILIES])
+def family(request):
+    """(spec, its tiny fp32 pipeline): built once per family; tests take copies."""
+    return request.param, request.param.build()
+
+
+@pytest.fixture(scope="module")
+def files(family, tmp_path_factory):
+    """{name: path} of two LoRA files (a, b) for the family's pipeline."""
+    spec, base = family
+    folder = tmp_path_factory.mktemp(spec.name)
+    return {name: spec.lora_file(base, folder / f"{name}.safetensors", seed) for name, seed in (("a", 1), ("b", 2))}
+
+
+def _run(pipe, **kw):
+    return pipe(**GEN, **kw, generator=torch.manual_seed(0)).images
+
+
+def _ours(family, files, dtype=torch.float32):
+    spec, base = family
+    pipe = DiffusionPipeline(copy.deepcopy(base).to(dtype=dtype))
+    reports = {name: pipe.load_lora_weights(path, adapter_name=name) for name, path in files.items()}
+    return pipe, reports
+
+
+def test_the_load_report_accounts_for_every_key_as_mapped(family, files):
+    pipe, reports = _ours(family, files)
+    for name, report in reports.items():
+        assert report.complete, f"{name}: {report}"
+        assert "0 unsupported, 0 unknown" in str(report), str(report)
+    assert sorted(pipe.get_list_adapters()[pipe.denoiser_name]) == ["a", "b"]
+
+
+def test_a_blend_and_a_call_time_scale_give_diffusers_peft_images(family, files):
+    spec, base = family
+    if not spec.oracle_reads_file:
+        pytest.skip(f"diffusers + PEFT do not read {spec.name} LoRA files (FamilySpec.oracle_reads_file)")
+    ours, _ = _ours(family, files)
+    theirs = copy.deepcopy(base)
+    for name, path in files.items():
+        theirs.load_lora_weights(path, adapter_name=name)
+    ours.set_adapters(*MIX)
+    theirs.set_adapters(*MIX)
+    got = _run(ours)
+    np.testing.assert_allclose(got, _run(theirs), atol=IMAGE_TOL, rtol=0)
+    scale = {spec.scale_kwarg: {"scale": 0.5}}
+    np.testing.assert_allclose(_run(ours, **scale), _run(theirs, **scale), atol=IMAGE_TOL, rtol=0)
+    ours.disable_lora()
+    assert np.abs(got - _run(ours)).max() > 20 * IMAGE_TOL  # the LoRAs move the image far beyond the tolerance
+
+
+def test_the_call_time_scale_leaves_no_state(family, files):
+    spec, _ = family
+    pipe, _ = _ours(family, files)
+    pipe.set_adapters(*MIX)
+    before = _run(pipe)
+    scaled = _run(pipe, **{spec.scale_kwarg: {"scale": 0.3}})
+    assert np.abs(scaled - before).max() > 10 * IMAGE_TOL
+    assert_same_computed(_run(pipe), before)
+
+
+def test_a_cat_merge_gives_the_blend(family, files):
+    pipe, _ = _ours(family, files)
+    pipe.set_adapters(*MIX)
+    blend = _run(pipe)
+    pipe.add_weighted_adapter(*MIX, "ab", combination_type="cat")
+    pipe.set_adapters("ab")
+    np.testing.assert_allclose(_run(pipe), blend, atol=IMAGE_TOL, rtol=0)
+
+
+def test_fusing_gives_the_unfused_blend_and_unfusing_every_bit_back(family, files):
+    pipe, _ = _ours(family, files)
+    pristine = params_of(pipe)
+    pipe.set_adapters(*MIX)
+    unfused = _run(pipe)
+    pipe.fuse_lora(adapter_names=MIX[0])
+    assert pipe.num_fused_loras == 2
+    np.testing.assert_allclose(_run(pipe), unfused, atol=IMAGE_TOL, rtol=0)
+    pipe.unfuse_lora()
+    assert_params_equal(pipe, pristine)
+
+
+def test_bf16_unfuse_after_fusing_several_is_bit_exact(family, files, tmp_path):
+    spec, base = family
+    pipe, _ = _ours(family, files, dtype=torch.bfloat16)
+    pipe.load_lora_weights(spec.lora_file(base, tmp_path / "c.safetensors", seed=3, rank=2), adapter_name="c")
+    pristine = params_of(pipe)
+    pipe.set_adapters(["a", "b", "c"], [0.7, -0.4, 0.9])
+    pipe.fuse_lora(adapter_names=["a", "b", "c"], lora_scale=0.8)
+    assert sum(not torch.equal(v, pristine[k]) for k, v in params_of(pipe).items()) >= len(files)
+    pipe.unfuse_lora()
+    assert_params_equal(pipe, pristine)
+
+
+def test_a_fused_pipeline_saves_and_reloads_with_its_fused_bits(family, files, tmp_path):
+    pipe, _ = _ours(family, files)
+    pipe.set_adapters(*MIX)
+    pipe.fuse_lora(adapter_names=MIX[0])
+    pipe.unload_lora_weights()  # keeps what is fused
+    fused = params_of(pipe)
+    pipe.save_pretrained(str(tmp_path / "fused"))
+    again = type(family[1]).from_pretrained(str(tmp_path / "fused"))
+    assert_params_equal(again, fused)
