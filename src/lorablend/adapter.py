@@ -22,9 +22,15 @@ from .naming import COMPONENTS  # the one component list, in its order
 from .report import LoadReport
 from .runtime.transfer import deltas_to, map_tensors  # (their old home: kept importable from here)
 
-Family = Literal["sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large"]
-# the UNet families first: readers prefer them on a tie (an SD file never names a transformer module)
-FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large")
+Family = Literal["sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "wan-14b", "wan-i2v-14b",
+                 "wan-1.3b", "wan-5b", "qwen-image", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b", "z-image",
+                 "chroma"]
+# the UNet families first: readers prefer them on a tie (an SD file never names a transformer module); then the
+# older transformers before the 2025-26 ones (a Flux.1 LoRA on attention only also fits Chroma's and Qwen-Image's
+# layers: Flux.1 keeps it), Wan 14B before the I2V tree that only adds the image keys
+FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "wan-14b",
+                             "wan-i2v-14b", "wan-1.3b", "wan-5b", "qwen-image", "flux2-dev", "flux2-klein-4b",
+                             "flux2-klein-9b", "z-image", "chroma")
 
 
 @dataclass(eq=False)
@@ -52,6 +58,9 @@ class Adapter:
     # a Flux control LoRA's x_embedder (img_in) also reads the control image's latents. A control pipeline widens
     # that module (zero columns for the new inputs) before applying; a plain pipeline must refuse the adapter.
     widened_inputs: dict[str, int] = field(default_factory=dict)
+    # other families every layer of the file fits as well as ``family`` (by names and shapes): the file alone
+    # cannot tell them apart (an excerpt on attention only), so ``family`` is the tie order's pick; pass target=
+    also_fits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -131,16 +131,17 @@ def test_keys_of_no_lora_format():
 
 
 def test_lora_of_another_architecture():
-    # Qwen-Image's names (a transformer lorablend does not know yet; Flux and SD3 it reads)
-    sd = {"transformer.transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight": torch.zeros(4, 3072),
-          "transformer.transformer_blocks.0.img_mlp.net.0.proj.lora_B.weight": torch.zeros(3072, 4)}
+    # Krea 2's names (a transformer lorablend does not know; Qwen-Image, Wan, Flux.2 … it reads)
+    sd = {"lora_unet_blocks_0_attn_wq.lora_down.weight": torch.zeros(4, 6144),
+          "lora_unet_blocks_0_attn_wq.lora_up.weight": torch.zeros(6144, 4)}
     _refused(sd, "<state dict>", "none of its 2 keys names a layer", "a transformer lorablend does not know")
 
 
 def test_shapes_that_fit_no_family():
     sd = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 7),
           "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(7, 4)}
-    _refused(sd, "<state dict>", "fit no SD1.x / SD2.x / SDXL / Flux.1 / SD3 / SD3.5 model", "proj_in")
+    _refused(sd, "<state dict>", "fit no SD1.x / SD2.x / SDXL / Flux.1 / SD3 / SD3.5 / Qwen-Image / Wan / Flux.2 / "
+             "Z-Image / Chroma model", "proj_in")
 
 
 def test_only_algorithms_we_do_not_apply():

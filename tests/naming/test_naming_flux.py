@@ -198,4 +198,4 @@ def test_a_transformer_pipeline_folder_is_built_from_its_configs(tmp_path):
     assert type(comps["text_encoder_2"]).__name__ == "T5EncoderModel"
     assert module_index(comps).family == "flux"
     with pytest.raises(ValueError, match="unknown denoiser"):
-        build_meta_components({}, [], denoiser="wan")
+        build_meta_components({}, [], denoiser="hidream")

@@ -22,7 +22,7 @@ from typing import Iterable
 from .legacy import is_cloneofsimo
 from .read_diffusers import is_diffusers_key
 from .read_kohya import is_kohya_key
-from .read_original import is_original_key
+from .read_original import is_original_key, module_of
 
 READ_FORMATS = ("diffusers", "kohya", "original")  # the formats load_adapter reads (format= may force one)
 FORMATS = READ_FORMATS  # the old name, kept for callers that import it
@@ -56,7 +56,21 @@ def sort_keys(keys: Iterable[str]) -> dict[str, list[str]]:
             out["diffusers"].append(key)
         else:
             out["other"].append(key)
+    _alphas_with_their_module(out)
     return out
+
+
+def _alphas_with_their_module(out: dict[str, list[str]]) -> None:
+    """An ``alpha`` goes to the reader of its module's other keys: a dotted path with kohya tensor names
+    (``transformer_blocks.0.attn.to_k.lora_down.weight`` + ``.alpha``, OneTrainer's ``transformer.…``) is
+    read_original's, while ``unet.….alpha`` beside ``lora_A`` stays with read_diffusers, and so does a bare
+    ``layers.0.attention.qkv.alpha`` beside ``….lora.down.weight``."""
+    for reader, source in (("original", "diffusers"), ("original", "other"), ("diffusers", "other")):
+        modules = {module_of(k) for k in out[reader]}
+        moved = {k for k in out[source] if k.endswith(".alpha") and k[: -len(".alpha")] in modules}
+        if moved:
+            out[reader] += [k for k in out[source] if k in moved]
+            out[source] = [k for k in out[source] if k not in moved]
 
 
 def split_keys(keys: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
@@ -84,7 +98,8 @@ def diagnose(keys: list[str]) -> str:
                 "or convert that one again with a real converter.")
     if keys and all(k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")) for k in keys):
         return " These are the keys of a full Stable Diffusion checkpoint, not of a LoRA."
-    if any(k.startswith(("lora_transformer_", "transformer.", "lora_unet_double_blocks", "diffusion_model.")) for k in keys):
+    if any(k.startswith(("lora_transformer_", "transformer.", "lora_unet_", "lycoris_", "diffusion_model."))
+           for k in keys):
         return (" The names look like a LoRA for a transformer lorablend does not know (it reads SD1.x, SD2.x, SDXL, "
-                "Flux.1, SD3 and SD3.5).")
+                "Flux.1, SD3 / SD3.5, Qwen-Image, Wan 2.1 / 2.2, Flux.2, Z-Image and Chroma).")
     return ""

@@ -38,6 +38,7 @@ import torch
 from ..adapter import FAMILIES, Adapter, Delta, deltas_to
 from ..errors import LoraFormatError
 from ..naming import FamilyEvidence, ModuleIndex, detect_family, module_index, standard_index
+from ..naming.family import uncovered_family
 from ..naming.configs import DENOISER_ARCHITECTURES
 from ..naming.fused import WIDENED_INPUTS
 from ..report import LoadReport
@@ -50,8 +51,12 @@ from .read_kohya import parse_kohya
 from .read_original import parse_original
 
 _FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3 medium",
-                 "sd35-medium": "SD3.5 medium", "sd35-large": "SD3.5 large"}
-_KNOWN = "SD1.x / SD2.x / SDXL / Flux.1 / SD3 / SD3.5"
+                 "sd35-medium": "SD3.5 medium", "sd35-large": "SD3.5 large", "qwen-image": "Qwen-Image",
+                 "wan-1.3b": "Wan 2.1 T2V 1.3B", "wan-14b": "Wan 14B (2.1 T2V, 2.2 A14B expert)",
+                 "wan-i2v-14b": "Wan 2.1 I2V 14B", "wan-5b": "Wan 2.2 TI2V 5B", "flux2-dev": "Flux.2 dev",
+                 "flux2-klein-4b": "Flux.2 klein 4B", "flux2-klein-9b": "Flux.2 klein 9B", "z-image": "Z-Image",
+                 "chroma": "Chroma"}
+_KNOWN = "SD1.x / SD2.x / SDXL / Flux.1 / SD3 / SD3.5 / Qwen-Image / Wan / Flux.2 / Z-Image / Chroma"
 Targets = tuple[tuple[str, Any], ...]  # ((target key, source row spans or None), ...)
 
 
@@ -83,15 +88,17 @@ def load_adapter(
     if is_cloneofsimo(keys):
         refuse_cloneofsimo(keys, raw.label)
     check_finite(raw.tensors, raw.label)
+    _refuse_uncovered(raw)
     fmt, groups, leftovers = _parse(raw, format)
     built = [_build(g, raw.tensors) for g in groups]
 
+    also_fits: tuple[str, ...] = ()
     if target is not None:
         idx = module_index(target)
         family = idx.family if idx.family in FAMILIES else "sd1"
         _require_some_name(raw, groups, idx)
     else:
-        family = _choose_family(raw, groups, built)
+        family, also_fits = _choose_family(raw, groups, built)
         idx = standard_index(family)
 
     report = LoadReport(source=raw.label, format=fmt)
@@ -122,6 +129,7 @@ def load_adapter(
         report=report,
         format=fmt,
         widened_inputs=placed.widened,
+        also_fits=also_fits,
     )
 
 
@@ -251,6 +259,10 @@ def _targets(idx: ModuleIndex, group: ModuleGroup) -> Targets | None:
         key = idx.lookup(component, path)
         if key is not None:
             return ((key, None),)
+    for component, path in candidates:  # a bare original name (DiffSynth's Wan, OneTrainer's Chroma approximator)
+        rows = idx.lookup_rows(path) if component == "transformer" else None
+        if rows is not None:
+            return rows
     return None
 
 
@@ -318,8 +330,22 @@ def _fits(idx: ModuleIndex, delta: Delta, targets: Targets) -> bool:
         tuple(idx.modules[key].weight_shape[1:]) == tuple(delta.shape[1:]) for key, _ in targets)
 
 
-def _choose_family(raw: RawSource, groups: list[ModuleGroup], built: list[tuple[Delta | None, str | None]]) -> str:
-    """The standard family whose modules the most layers fit (by name and shape); ties go to the hints."""
+def _refuse_uncovered(raw: RawSource) -> None:
+    """A LoRA of a model family lorablend knows of but does not cover (HiDream, HunyuanVideo) is refused by name,
+    never read as the covered family that shares some of its layer names (naming.family.UNCOVERED_FAMILIES)."""
+    found = uncovered_family(raw.tensors)
+    if found is not None:
+        name, key = found
+        raise LoraFormatError(
+            f"{raw.label}: a {name} LoRA (its key {key!r} names a layer only {name} has); lorablend does not cover "
+            f"{name} (it reads {_KNOWN}), so nothing is loaded rather than part of it applied to another model"
+        )
+
+
+def _choose_family(raw: RawSource, groups: list[ModuleGroup],
+                   built: list[tuple[Delta | None, str | None]]) -> tuple[str, tuple[str, ...]]:
+    """The standard family whose modules the most layers fit (by name and shape), ties to the hints; and the other
+    families that every layer fits just as well (the file alone cannot tell them apart)."""
     scores: dict[str, tuple[int, int]] = {}
     for fam in _family_order(groups, built):
         idx = standard_index(fam)
@@ -335,7 +361,7 @@ def _choose_family(raw: RawSource, groups: list[ModuleGroup], built: list[tuple[
     best = max(scores, key=lambda f: scores[f])  # max keeps the first of equals: the hint order
     fit, named = scores[best]
     if fit:
-        return best
+        return best, tuple(f for f in scores if f != best and scores[f] == scores[best])
     if not named:
         _no_layer_error(raw)
     problems = sorted({p for _, p in built if p})

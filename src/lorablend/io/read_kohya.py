@@ -14,6 +14,8 @@ Suffixes and their roles:
 A transformer's kohya names may be its original ones (``lora_unet_double_blocks_0_img_attn_qkv``: fused rows that
 the ModuleIndex splits, :meth:`~lorablend.naming.ModuleIndex.lookup_rows`) or OneTrainer's flattened diffusers
 paths (``lora_transformer_transformer_blocks_0_attn_to_q``); both are looked up whole, like every flat name.
+musubi-tuner writes Wan / Flux.2 LoRAs in their own names (``lora_unet_blocks_0_self_attn_q``), Qwen-Image and
+Z-Image ones in diffusers paths (``lora_unet_transformer_blocks_0_img_mod_1``); the index knows both.
 
 Recognised but not applied (reported unsupported, with the reason): OFT / BOFT (``oft_blocks``, ``oft_diag``,
 ``rescale``), IA3 (``weight`` + ``on_input``), GLoRA (``a1.weight`` …), LyCORIS norms (``w_norm``, ``b_norm``).
@@ -72,6 +74,13 @@ _WHY = {
 }
 
 
+# tensors a file may carry that are no delta of a Linear / norm weight: suffix -> why they are reported, not applied
+NOT_APPLIED = {
+    "diff_m": ("a modulation-table delta (lightx2v / Kijai distillation LoRAs: a Wan block's scale_shift_table "
+               "parameter, no Linear or norm weight); lorablend does not apply it"),
+}
+
+
 def suffix_role(suffix: str) -> str | None:
     """The role of a LyCORIS / kohya tensor suffix (``lora_down.weight`` -> ``down``), or None.
 
@@ -107,7 +116,10 @@ def parse_kohya(tensors: Mapping[str, torch.Tensor]) -> tuple[list[ModuleGroup],
         if not dot or not is_kohya_key(flat):
             leftovers.append((key, "unknown", "not a kohya key (expected lora_unet_…/lora_te…_<module>.<suffix>)"))
             continue
-        lookup_name = "lora_unet_" + flat[len("lycoris_"):] if flat.startswith("lycoris_") else flat
+        if suffix in NOT_APPLIED:
+            leftovers.append((key, "unsupported", NOT_APPLIED[suffix]))
+            continue
+        lookup_name = _lookup_name(flat)
         group = groups.setdefault(flat, ModuleGroup(name=flat, parts={}, lookup=("kohya", lookup_name)))
         group.keys.append(key)
         if suffix in _ROLES:
@@ -126,6 +138,20 @@ def parse_kohya(tensors: Mapping[str, torch.Tensor]) -> tuple[list[ModuleGroup],
         if group.keys:
             out.append(group)
     return out, leftovers
+
+
+def _lookup_name(flat: str) -> str:
+    """The name to look up: SimpleTuner's ``lycoris_<path>`` and the ``lora_unet__<path>`` some converters write
+    (a double underscore: an empty prefix joined with ``_``) are read as ``lora_unet_<path>``.
+
+    >>> _lookup_name("lycoris_layers_0_attention_to_q"), _lookup_name("lora_unet__blocks_0_ffn_0")
+    ('lora_unet_layers_0_attention_to_q', 'lora_unet_blocks_0_ffn_0')
+    """
+    if flat.startswith("lycoris_"):
+        return "lora_unet_" + flat[len("lycoris_"):]
+    if flat.startswith("lora_unet__"):
+        return "lora_unet_" + flat[len("lora_unet__"):]
+    return flat
 
 
 def _bad_suffix(name: str, suffix: str) -> str:

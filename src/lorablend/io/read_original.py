@@ -10,7 +10,11 @@ The layouts that keep BFL's Flux names (``double_blocks.3.img_attn.qkv``) or SAI
   norms' new values as ``….norm.query_norm.scale`` (a replacement: the ``set_weight`` role);
 * XLabs: ``double_blocks.0.processor.qkv_lora1.down.weight`` (``lora1`` the image stream, ``lora2`` the text stream);
 * fal's Kontext files: ``base_model.model.double_blocks…``;
-* ComfyUI's text encoders: ``text_encoders.clip_l.transformer.…``, ``clip_g``, ``t5xxl``.
+* ComfyUI's text encoders: ``text_encoders.clip_l.transformer.…``, ``clip_g``, ``t5xxl``;
+* the 2025-26 transformers: ComfyUI / ai-toolkit / diffusion-pipe ``diffusion_model.`` + Wan's own names
+  (``blocks.0.self_attn.q``), BFL Flux.2 names, Z-Image's (``layers.0.attention.qkv``), or diffusers paths
+  (Qwen-Image, Z-Image); dotted paths with kohya / LyCORIS tensor names and no prefix, or behind OneTrainer's
+  ``transformer.`` (``transformer.distilled_guidance_layer.layers.0.in_layer.lora_down.weight`` + ``dora_scale``).
 
 A ``diffusion_model.`` name may also be a diffusers path (some ComfyUI exports): the group then also carries that
 path as a dotted candidate. Which modules (and rows of a fused layer) a name means is the ModuleIndex's table
@@ -29,7 +33,7 @@ from typing import Mapping
 import torch
 
 from .deltas import ModuleGroup
-from .read_kohya import refused_reason, suffix_role
+from .read_kohya import NOT_APPLIED, refused_reason, suffix_role
 
 # prefix -> the components a name after it may belong to (None: the transformer, by original name or path)
 _PREFIXES: dict[str, tuple[str, ...] | None] = {
@@ -38,7 +42,15 @@ _PREFIXES: dict[str, tuple[str, ...] | None] = {
     "text_encoders.clip_l.transformer.": ("text_encoder",),
     "text_encoders.clip_g.transformer.": ("text_encoder_2",),
     "text_encoders.t5xxl.transformer.": ("text_encoder_2", "text_encoder_3"),  # Flux: 2nd encoder; SD3: 3rd
+    # OneTrainer (Chroma, HiDream, Flux.2): diffusers paths behind ``transformer.`` with kohya tensor names; only
+    # keys with those names come here (``transformer.…lora_A.weight`` is PEFT's: read_diffusers)
+    "transformer.": ("transformer",),
 }
+# prefixes whose keys come here only with kohya / LyCORIS tensor names (see _kohya_named)
+_KOHYA_NAMED_ONLY = ("transformer.",)
+# PEFT / diffusers tensor names: a dotted key with one of these and no original head or prefix is read_diffusers'
+_PEFT_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora.down.weight", "lora.up.weight", "down.weight",
+                  "up.weight", "scale")
 # module names that only the original (BFL / SAI) layouts use, so no prefix is needed to know them
 ORIGINAL_HEADS = (
     "double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
@@ -75,7 +87,32 @@ def is_original_key(key: str) -> bool:
     rest, comps, prefixed = _strip(key)
     if key.startswith("base_model.model."):
         return rest.startswith(ORIGINAL_HEADS)
-    return prefixed or rest.startswith(ORIGINAL_HEADS)
+    if key.startswith(_KOHYA_NAMED_ONLY):
+        return _kohya_named(rest)
+    return prefixed or rest.startswith(ORIGINAL_HEADS) or _kohya_named(rest)
+
+
+def _kohya_named(rest: str) -> bool:
+    """A dotted module path with kohya / LyCORIS tensor names (``lora_down.weight``, ``lokr_w1``, ``dora_scale``,
+    ``diff``, ``diff_b`` …; ``alpha`` is decided by its module's other keys, :func:`~lorablend.io.detect.sort_keys`):
+    OneTrainer, InvokeAI's and DiffSynth's bare paths, LyCORIS files whose ``diffusion_model.`` was stripped.
+
+    >>> _kohya_named("layers.0.attention.to_k.lokr_w1"), _kohya_named("unet.a.to_q.lora_A.weight")
+    (True, False)
+    """
+    module, suffix, role = _split_suffix(rest)
+    if not module or suffix in _PEFT_SUFFIXES or role == "alpha":
+        return False
+    return role is not None or refused_reason(suffix) is not None or suffix in NOT_APPLIED
+
+
+def module_of(key: str) -> str:
+    """The module part of a key in this reader's spellings (prefix kept), for grouping an ``alpha`` with it.
+
+    >>> module_of("transformer_blocks.0.attn.to_k.lora_down.weight")
+    'transformer_blocks.0.attn.to_k'
+    """
+    return _split_suffix(key)[0]
 
 
 def _split_suffix(rest: str) -> tuple[str, str, str | None]:
@@ -96,6 +133,9 @@ def parse_original(tensors: Mapping[str, torch.Tensor]) -> tuple[list[ModuleGrou
     for key in tensors:
         rest, comps, _ = _strip(key)
         module, suffix, role = _split_suffix(rest)
+        if suffix in NOT_APPLIED:
+            leftovers.append((key, "unsupported", NOT_APPLIED[suffix]))
+            continue
         refused = refused_reason(suffix)
         if not module or (role is None and refused is None):
             leftovers.append((key, "unknown", f"unknown suffix '.{suffix}' (expected .lora_A.weight, .lora_B.weight, "

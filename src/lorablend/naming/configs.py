@@ -1,4 +1,5 @@
-"""Architecture numbers of the standard models (no weights): SD1.x, SD2.x, SDXL, Flux.1, SD3 and SD3.5.
+"""Architecture numbers of the standard models (no weights): SD1.x, SD2.x, SDXL, Flux.1, SD3 and SD3.5, and the
+2025-26 transformers: Qwen-Image, Wan 2.1 / 2.2, Flux.2 (dev, klein 4B / 9B), Z-Image and Chroma.
 
 The SD1.5 and SDXL values are those of the published ``config.json`` files (runwayml/stable-diffusion-v1-5,
 stabilityai/stable-diffusion-xl-base-1.0); SD2.1 those of stabilityai/stable-diffusion-2-1; FLUX.1-dev those of
@@ -146,6 +147,59 @@ T5_XXL = {
     "relative_attention_num_buckets": 32,
 }
 
+# --- the 2025-26 transformers (issue 19): their denoisers only. No LoRA layout in the material touches their text
+# encoders (Qwen2.5-VL, UMT5, Mistral / Qwen3, T5), so none is built: a text-encoder key of these families is
+# reported as a layer the model data lacks, never mapped by guess. Numbers: the real config.json files in
+# ../shared/realdata/newfamily_loras/2026/configs/<model>/ (each with its SOURCE.md); fields that do not shape a
+# module (rope, eps, theta) are left at diffusers' defaults.
+QWEN_IMAGE_TRANSFORMER = {  # Qwen/Qwen-Image (also Qwen-Image-Edit / Edit-2509: the same tree)
+    "attention_head_dim": 128, "guidance_embeds": False, "in_channels": 64, "joint_attention_dim": 3584,
+    "num_attention_heads": 24, "num_layers": 60, "out_channels": 16, "patch_size": 2,
+}
+_WAN_COMMON = {"attention_head_dim": 128, "cross_attn_norm": True, "freq_dim": 256, "out_channels": 16,
+               "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "text_dim": 4096}
+WAN_1_3B_TRANSFORMER = {**_WAN_COMMON, "added_kv_proj_dim": None, "ffn_dim": 8960, "in_channels": 16,
+                        "num_attention_heads": 12, "num_layers": 30}  # Wan 2.1 T2V 1.3B
+# Wan 2.1 T2V 14B; Wan 2.2 T2V A14B and I2V A14B (each expert: the same Linear tree, the I2V patch embedding
+# reads 36 channels, a Conv3d no LoRA layout adapts)
+WAN_14B_TRANSFORMER = {**_WAN_COMMON, "added_kv_proj_dim": None, "ffn_dim": 13824, "in_channels": 16,
+                       "num_attention_heads": 40, "num_layers": 40}
+# Wan 2.1 I2V 14B (480p / 720p) and FLF2V 14B: the CLIP image branch (k_img / v_img / norm_k_img, img_emb)
+WAN_I2V_14B_TRANSFORMER = {**WAN_14B_TRANSFORMER, "added_kv_proj_dim": 5120, "image_dim": 1280, "in_channels": 36}
+WAN_5B_TRANSFORMER = {**_WAN_COMMON, "added_kv_proj_dim": None, "ffn_dim": 14336, "in_channels": 48,
+                      "num_attention_heads": 24, "num_layers": 30, "out_channels": 48}  # Wan 2.2 TI2V 5B
+_FLUX2_COMMON = {"attention_head_dim": 128, "in_channels": 128, "mlp_ratio": 3.0, "patch_size": 1,
+                 "timestep_guidance_channels": 256}
+FLUX2_DEV_TRANSFORMER = {**_FLUX2_COMMON, "joint_attention_dim": 15360, "num_attention_heads": 48, "num_layers": 8,
+                         "num_single_layers": 48, "guidance_embeds": True}
+FLUX2_KLEIN_4B_TRANSFORMER = {**_FLUX2_COMMON, "joint_attention_dim": 7680, "num_attention_heads": 24,
+                              "num_layers": 5, "num_single_layers": 20, "guidance_embeds": False}
+FLUX2_KLEIN_9B_TRANSFORMER = {**_FLUX2_COMMON, "joint_attention_dim": 12288, "num_attention_heads": 32,
+                              "num_layers": 8, "num_single_layers": 24, "guidance_embeds": False}
+Z_IMAGE_TRANSFORMER = {  # Tongyi-MAI/Z-Image(-Turbo)
+    "all_f_patch_size": [1], "all_patch_size": [2], "cap_feat_dim": 2560, "dim": 3840, "in_channels": 16,
+    "n_heads": 30, "n_kv_heads": 30, "n_layers": 30, "n_refiner_layers": 2, "qk_norm": True,
+}
+# lodestones/Chroma: no config in the material; diffusers' ChromaTransformer2DModel defaults are Chroma's numbers
+# (FLUX.1-schnell's tree without the modulation Linears, plus the 5-layer distilled guidance approximator)
+CHROMA_TRANSFORMER = {
+    "approximator_hidden_dim": 5120, "approximator_layers": 5, "approximator_num_channels": 64,
+    "attention_head_dim": 128, "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24,
+    "num_layers": 19, "num_single_layers": 38, "patch_size": 1,
+}
+NEW_TRANSFORMERS = {  # family -> (config, architecture: naming.meta builds it, naming.fused names it)
+    "qwen-image": (QWEN_IMAGE_TRANSFORMER, "qwen"),
+    "wan-1.3b": (WAN_1_3B_TRANSFORMER, "wan"),
+    "wan-14b": (WAN_14B_TRANSFORMER, "wan"),
+    "wan-i2v-14b": (WAN_I2V_14B_TRANSFORMER, "wan"),
+    "wan-5b": (WAN_5B_TRANSFORMER, "wan"),
+    "flux2-dev": (FLUX2_DEV_TRANSFORMER, "flux2"),
+    "flux2-klein-4b": (FLUX2_KLEIN_4B_TRANSFORMER, "flux2"),
+    "flux2-klein-9b": (FLUX2_KLEIN_9B_TRANSFORMER, "flux2"),
+    "z-image": (Z_IMAGE_TRANSFORMER, "zimage"),
+    "chroma": (CHROMA_TRANSFORMER, "chroma"),
+}
+
 # family -> (denoiser config, [(component, text config, encoder)]); encoder: False CLIPTextModel, True
 # CLIPTextModelWithProjection, "t5" T5EncoderModel. The denoiser's class is DENOISER_ARCHITECTURES[family] ("unet" if absent).
 STANDARD = {
@@ -160,5 +214,7 @@ STANDARD = {
                                ("sd35-large", SD35_LARGE_TRANSFORMER))
     },
 }
+STANDARD.update({family: (config, []) for family, (config, _) in NEW_TRANSFORMERS.items()})
 # the architecture of each family's denoiser, by the name naming.meta builds it from ("unet" where absent)
-DENOISER_ARCHITECTURES = {"flux": "flux", "sd3": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3"}
+DENOISER_ARCHITECTURES = {"flux": "flux", "sd3": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3",
+                          **{family: arch for family, (_, arch) in NEW_TRANSFORMERS.items()}}

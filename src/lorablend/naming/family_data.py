@@ -63,6 +63,10 @@ TRANSFORMER_CONFIG_FIELDS = (
     "pooled_projection_dim",
     "pos_embed_max_size",
     "qk_norm",
+    # the 2025-26 transformers (Qwen-Image, Wan, Flux.2, Z-Image, Chroma)
+    "added_kv_proj_dim", "all_f_patch_size", "all_patch_size", "approximator_hidden_dim", "approximator_layers",
+    "approximator_num_channels", "cap_feat_dim", "cross_attn_norm", "dim", "ffn_dim", "freq_dim", "image_dim",
+    "mlp_ratio", "n_heads", "n_kv_heads", "n_layers", "n_refiner_layers", "text_dim", "timestep_guidance_channels",
 )
 
 

@@ -172,13 +172,162 @@ def sd3_source_names(config: dict[str, Any]) -> SourceTable:
     return table
 
 
+def wan_source_names(config: dict[str, Any]) -> SourceTable:
+    """Wan 2.1 / 2.2's own names (Wan-Video, musubi-tuner, DiffSynth-Studio, ComfyUI / lightx2v / Kijai files) ->
+    diffusers' ``WanTransformer3DModel``. Nothing is fused; the names differ: ``self_attn`` / ``cross_attn`` are
+    ``attn1`` / ``attn2``, the I2V image keys ``k_img`` / ``v_img`` / ``norm_k_img`` are ``add_k_proj`` /
+    ``add_v_proj`` / ``norm_added_k``, ``norm3`` (the affine norm before cross-attention) is diffusers' ``norm2``,
+    ``head.head`` is ``proj_out`` (diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` and its model converter).
+
+    >>> t = wan_source_names({"num_layers": 1})
+    >>> t["blocks.0.cross_attn.k_img"][0].path, t["head.head"][0].path
+    ('blocks.0.attn2.add_k_proj', 'proj_out')
+    """
+    table: SourceTable = {}
+    for i in range(int(config["num_layers"])):
+        s = f"blocks.{i}."
+        for attn, diffusers_attn in (("self_attn", "attn1"), ("cross_attn", "attn2")):
+            for o, c in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"),
+                         ("norm_q", "norm_q"), ("norm_k", "norm_k")):
+                table[f"{s}{attn}.{o}"] = _whole(f"{s}{diffusers_attn}.{c}")
+        table.update({
+            s + "cross_attn.k_img": _whole(s + "attn2.add_k_proj"), s + "cross_attn.v_img": _whole(s + "attn2.add_v_proj"),
+            s + "cross_attn.norm_k_img": _whole(s + "attn2.norm_added_k"),
+            s + "ffn.0": _whole(s + "ffn.net.0.proj"), s + "ffn.2": _whole(s + "ffn.net.2"),
+            s + "norm3": _whole(s + "norm2"),
+        })
+    embed = "condition_embedder."
+    table.update({
+        "text_embedding.0": _whole(embed + "text_embedder.linear_1"),
+        "text_embedding.2": _whole(embed + "text_embedder.linear_2"),
+        "time_embedding.0": _whole(embed + "time_embedder.linear_1"),
+        "time_embedding.2": _whole(embed + "time_embedder.linear_2"),
+        "time_projection.1": _whole(embed + "time_proj"),
+        "img_emb.proj.0": _whole(embed + "image_embedder.norm1"),
+        "img_emb.proj.1": _whole(embed + "image_embedder.ff.net.0.proj"),
+        "img_emb.proj.3": _whole(embed + "image_embedder.ff.net.2"),
+        "img_emb.proj.4": _whole(embed + "image_embedder.norm2"),
+        "head.head": _whole("proj_out"),
+    })
+    return table
+
+
+def flux2_source_names(config: dict[str, Any]) -> SourceTable:
+    """BFL names of a Flux.2 transformer (dev, klein) -> diffusers' ``Flux2Transformer2DModel``. The double
+    blocks' ``img_attn.qkv`` / ``txt_attn.qkv`` split by rows into q / k / v; a single block's ``linear1`` stays
+    whole (diffusers keeps it fused: ``attn.to_qkv_mlp_proj``). musubi's ComfyUI converter writes HunyuanVideo's
+    spellings ``img_attn_qkv`` / ``img_attn_proj`` for these layers: read as the same layers.
+
+    >>> t = flux2_source_names({"num_attention_heads": 2, "attention_head_dim": 4, "num_layers": 1,
+    ...                         "num_single_layers": 1, "guidance_embeds": False})
+    >>> [(p.path, p.spans) for p in t["double_blocks.0.txt_attn_qkv"]][2]
+    ('transformer_blocks.0.attn.add_v_proj', ((16, 24),))
+    >>> t["single_blocks.0.linear1"][0].path
+    'single_transformer_blocks.0.attn.to_qkv_mlp_proj'
+    """
+    h = _width(config)
+    table: SourceTable = {}
+    for i in range(int(config["num_layers"])):
+        s, t = f"double_blocks.{i}.", f"transformer_blocks.{i}.attn."
+        img_qkv = _split([t + "to_q", t + "to_k", t + "to_v"], [h, h, h])
+        txt_qkv = _split([t + "add_q_proj", t + "add_k_proj", t + "add_v_proj"], [h, h, h])
+        for sep in (".", "_"):  # BFL img_attn.qkv; musubi's ComfyUI output img_attn_qkv
+            table.update({
+                f"{s}img_attn{sep}qkv": img_qkv, f"{s}txt_attn{sep}qkv": txt_qkv,
+                f"{s}img_attn{sep}proj": _whole(t + "to_out.0"), f"{s}txt_attn{sep}proj": _whole(t + "to_add_out"),
+            })
+        b = f"transformer_blocks.{i}."
+        table.update({
+            s + "img_mlp.0": _whole(b + "ff.linear_in"), s + "img_mlp.2": _whole(b + "ff.linear_out"),
+            s + "txt_mlp.0": _whole(b + "ff_context.linear_in"), s + "txt_mlp.2": _whole(b + "ff_context.linear_out"),
+            s + "img_attn.norm.query_norm": _whole(t + "norm_q"), s + "img_attn.norm.key_norm": _whole(t + "norm_k"),
+            s + "txt_attn.norm.query_norm": _whole(t + "norm_added_q"),
+            s + "txt_attn.norm.key_norm": _whole(t + "norm_added_k"),
+        })
+    for i in range(int(config["num_single_layers"])):
+        s, t = f"single_blocks.{i}.", f"single_transformer_blocks.{i}.attn."
+        table.update({
+            s + "linear1": _whole(t + "to_qkv_mlp_proj"), s + "linear2": _whole(t + "to_out"),
+            s + "norm.query_norm": _whole(t + "norm_q"), s + "norm.key_norm": _whole(t + "norm_k"),
+        })
+    embed = "time_guidance_embed."
+    table.update({
+        "img_in": _whole("x_embedder"), "txt_in": _whole("context_embedder"),
+        "time_in.in_layer": _whole(embed + "timestep_embedder.linear_1"),
+        "time_in.out_layer": _whole(embed + "timestep_embedder.linear_2"),
+        "guidance_in.in_layer": _whole(embed + "guidance_embedder.linear_1"),
+        "guidance_in.out_layer": _whole(embed + "guidance_embedder.linear_2"),
+        "double_stream_modulation_img.lin": _whole("double_stream_modulation_img.linear"),
+        "double_stream_modulation_txt.lin": _whole("double_stream_modulation_txt.linear"),
+        "single_stream_modulation.lin": _whole("single_stream_modulation.linear"),
+        "final_layer.linear": _whole("proj_out"),
+        # BFL's final layer is (shift, scale); diffusers' AdaLayerNormContinuous reads (scale, shift), as for Flux.1
+        "final_layer.adaLN_modulation.1": _swapped("norm_out.linear", h),
+    })
+    return table
+
+
+def chroma_source_names(config: dict[str, Any]) -> SourceTable:
+    """Chroma's names: Flux.1's BFL names (a name whose module Chroma lacks, such as a modulation Linear, is left
+    out by the index) and its distilled guidance approximator, whose ``layers.N.in_layer`` / ``out_layer``
+    diffusers calls ``linear_1`` / ``linear_2`` (OneTrainer writes the former).
+
+    >>> chroma_source_names({"num_attention_heads": 1, "attention_head_dim": 4, "num_layers": 0,
+    ...                      "num_single_layers": 0, "approximator_layers": 1})[
+    ...     "distilled_guidance_layer.layers.0.in_layer"][0].path
+    'distilled_guidance_layer.layers.0.linear_1'
+    """
+    table = flux_source_names({**config, "guidance_embeds": False})
+    g = "distilled_guidance_layer."
+    table.update({g + "in_proj": _whole(g + "in_proj"), g + "out_proj": _whole(g + "out_proj")})
+    for i in range(int(config.get("approximator_layers", 5))):
+        table.update({
+            f"{g}layers.{i}.in_layer": _whole(f"{g}layers.{i}.linear_1"),
+            f"{g}layers.{i}.out_layer": _whole(f"{g}layers.{i}.linear_2"),
+            f"{g}norms.{i}": _whole(f"{g}norms.{i}"),
+        })
+    return table
+
+
+def zimage_source_names(config: dict[str, Any]) -> SourceTable:
+    """Z-Image's own (ComfyUI-native) names -> diffusers' ``ZImageTransformer2DModel``: ``attention.qkv`` is fused
+    (q / k / v rows, ``dim`` each: ComfyUI's fused LoRA has a block-sparse up whose rows split exactly),
+    ``attention.out`` is ``attention.to_out.0``, ``q_norm`` / ``k_norm`` are ``norm_q`` / ``norm_k``; the one
+    patch size's embedder and final layer are ``all_x_embedder.2-1`` / ``all_final_layer.2-1``.
+
+    >>> t = zimage_source_names({"dim": 8, "n_layers": 1, "n_refiner_layers": 1})
+    >>> [(p.path, p.spans) for p in t["layers.0.attention.qkv"]][1]
+    ('layers.0.attention.to_k', ((8, 16),))
+    """
+    h = int(config["dim"])
+    refiners = int(config.get("n_refiner_layers", 2))
+    table: SourceTable = {}
+    stacks = (("layers", int(config["n_layers"])), ("noise_refiner", refiners), ("context_refiner", refiners))
+    for stack, count in stacks:
+        for i in range(count):
+            a = f"{stack}.{i}.attention."
+            table.update({
+                a + "qkv": _split([a + "to_q", a + "to_k", a + "to_v"], [h, h, h]),
+                a + "out": _whole(a + "to_out.0"),
+                a + "q_norm": _whole(a + "norm_q"), a + "k_norm": _whole(a + "norm_k"),
+            })
+    patch = f"{(config.get('all_patch_size') or [2])[0]}-{(config.get('all_f_patch_size') or [1])[0]}"
+    table.update({
+        "x_embedder": _whole(f"all_x_embedder.{patch}"),
+        "final_layer.linear": _whole(f"all_final_layer.{patch}.linear"),
+        "final_layer.adaLN_modulation.1": _whole(f"all_final_layer.{patch}.adaLN_modulation.1"),
+    })
+    return table
+
+
 # Inputs a LoRA may widen, per denoiser: module path -> why. BFL's control LoRAs (FLUX.1 Depth / Canny) give
 # img_in (x_embedder) more input features than the plain model has (64 latent channels + 64 for the control
 # image's latents); diffusers widens the module with zero columns when a control pipeline loads one.
 WIDENED_INPUTS = {"flux": {"x_embedder": "the control image's latents (a Flux control LoRA: FLUX.1 Depth / Canny)"}}
 
 # which table a family's transformer uses
-SOURCE_TABLES = {"flux": flux_source_names, "sd3": sd3_source_names}
+SOURCE_TABLES = {"flux": flux_source_names, "sd3": sd3_source_names, "wan": wan_source_names,
+                 "flux2": flux2_source_names, "chroma": chroma_source_names, "zimage": zimage_source_names}
 
 
 def source_names(denoiser: str | None, config: dict[str, Any]) -> SourceTable:
@@ -191,5 +340,6 @@ def source_names(denoiser: str | None, config: dict[str, Any]) -> SourceTable:
     return build(config) if build is not None else {}
 
 
-__all__ = ["RowPiece", "RowSpans", "SOURCE_TABLES", "WIDENED_INPUTS", "SourceTable", "flux_source_names", "sd3_source_names",
-           "source_names"]
+__all__ = ["RowPiece", "RowSpans", "SOURCE_TABLES", "WIDENED_INPUTS", "SourceTable", "chroma_source_names",
+           "flux2_source_names", "flux_source_names", "sd3_source_names", "source_names", "wan_source_names",
+           "zimage_source_names"]

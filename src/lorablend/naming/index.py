@@ -113,7 +113,8 @@ class ModuleIndex:
                 self._sources[name] = targets
                 self._sources.setdefault("lora_unet_" + name.replace(".", "_"), targets)
                 if ".processor." not in name:  # XLabs' spellings: their layers have BFL names too
-                    self._originals.update({key: (name, spans) for key, spans in targets})
+                    for key, spans in targets:  # the table's first name of a layer is the one writers use
+                        self._originals.setdefault(key, (name, spans))
 
     def _index_aliases(self) -> None:
         for key, info in self.modules.items():
@@ -217,9 +218,10 @@ class ModuleIndex:
     def block_labels(self) -> list[str]:
         """All block labels of this model in UNet order: BASE, TIME, IN00…, M00, OUT00…, FINAL."""
         labels = {self.block(k) for k in self.modules}
-        rank = {"BASE": 0, "TIME": 1, "EMBED": 2, "IN": 3, "D": 3, "J": 3, "M": 4, "S": 4, "OUT": 5, "FINAL": 6}
+        rank = {"BASE": 0, "TIME": 1, "EMBED": 2, "IN": 3, "D": 3, "J": 3, "B": 3, "NR": 3, "CR": 3.5, "L": 4,
+                "M": 4, "S": 4, "OUT": 5, "FINAL": 6}
 
-        def order(label: str) -> tuple[int, int]:
+        def order(label: str) -> tuple[float, int]:
             head = label.rstrip("0123456789")
             tail = label[len(head):]
             return rank.get(head, 7), int(tail) if tail else 0
@@ -281,13 +283,19 @@ def _unet_config(unet: nn.Module) -> dict:
 
 
 def _transformer_evidence(transformer: nn.Module) -> FamilyEvidence:
+    from .meta import DENOISER_CLASSES  # here: naming.meta imports this module
+
     cfg = _unet_config(transformer)
     heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
+    width = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else cfg.get("dim")
     name = type(transformer).__name__
+    by_class = {cls: arch for arch, (_, cls) in DENOISER_CLASSES.items()}
+    architecture = by_class.get(name) or ("flux" if "Flux" in name else "sd3" if "SD3" in name else None)
     return FamilyEvidence(
-        transformer="flux" if "Flux" in name else "sd3" if "SD3" in name else None,
-        transformer_width=heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None,
+        transformer=architecture,
+        transformer_width=width if isinstance(width, int) else None,
         dual_attention=bool(cfg.get("dual_attention_layers")),
+        image_branch=bool(cfg.get("added_kv_proj_dim")) and architecture == "wan",
     )
 
 
@@ -324,7 +332,7 @@ def components_of(target: Any) -> dict[str, nn.Module]:
         name = type(target).__name__
         if "UNet" in name:
             return {"unet": target}
-        if "Transformer2DModel" in name:  # FluxTransformer2DModel, SD3Transformer2DModel
+        if "Transformer2DModel" in name or "Transformer3DModel" in name:  # Flux, SD3, Qwen-Image, Wan …
             return {"transformer": target}
         if "CLIPText" in name:
             return {"text_encoder": target}

@@ -27,7 +27,12 @@ from .index import TEXT_COMPONENTS
 TextEncoderSpec = tuple[str, dict[str, Any], Any]
 # denoiser name -> (component, diffusers class name)
 DENOISER_CLASSES = {"unet": ("unet", "UNet2DConditionModel"), "flux": ("transformer", "FluxTransformer2DModel"),
-                    "sd3": ("transformer", "SD3Transformer2DModel")}
+                    "sd3": ("transformer", "SD3Transformer2DModel"),
+                    "qwen": ("transformer", "QwenImageTransformer2DModel"),
+                    "wan": ("transformer", "WanTransformer3DModel"),
+                    "flux2": ("transformer", "Flux2Transformer2DModel"),
+                    "zimage": ("transformer", "ZImageTransformer2DModel"),
+                    "chroma": ("transformer", "ChromaTransformer2DModel")}
 
 
 def _text_encoder(cfg: dict[str, Any], encoder: Any) -> nn.Module:
