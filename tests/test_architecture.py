@@ -383,14 +383,12 @@ def _holds_tests(path: Path) -> bool:
 NOT_YET_MIRRORED = frozenset("""
 __init__.py adapter.py cli.py fixtures/tiny_transformers.py fixtures/tiny_unets.py images/drawing.py
 images/grid.py io/deltas.py io/detect.py io/legacy.py io/load.py io/read_diffusers.py io/read_kohya.py
-io/read_original.py io/write_kohya.py kinds/base.py kinds/dora.py kinds/full.py kinds/loha.py kinds/lokr.py
-kinds/lora.py kinds/replace.py merge/linalg.py merge/methods.py merge/options.py merge/report.py merge/task.py
-naming/configs.py naming/fused.py naming/index.py naming/meta.py naming/standard.py quant/bnb.py
-quant/convert.py quant/formats.py quant/fp8.py quant/fuse.py quant/gguf.py quant/torchao.py report.py
-runtime/control.py runtime/model_view.py runtime/weight_specs.py serve/app.py serve/cache.py serve/catalog.py
-serve/compat.py serve/config.py serve/errors.py serve/metrics.py serve/prompts.py serve/ray_app.py
-serve/responses.py serve/run.py serve/schemas.py serve/security.py serve/state.py serve/worker.py
-sweep/command.py sweep/engines.py sweep/manifest.py sweep/plan.py sweep/run.py sweep/worker.py
+io/read_original.py io/write_kohya.py naming/configs.py naming/fused.py naming/index.py naming/meta.py
+naming/standard.py quant/bnb.py quant/convert.py quant/fp8.py quant/fuse.py quant/gguf.py quant/torchao.py
+report.py runtime/control.py runtime/model_view.py runtime/weight_specs.py serve/app.py serve/cache.py
+serve/catalog.py serve/compat.py serve/config.py serve/errors.py serve/metrics.py serve/prompts.py
+serve/ray_app.py serve/responses.py serve/run.py serve/schemas.py serve/security.py serve/state.py
+serve/worker.py sweep/command.py sweep/engines.py sweep/manifest.py sweep/plan.py sweep/run.py sweep/worker.py
 """.split())
 
 
