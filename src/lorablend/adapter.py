@@ -58,7 +58,11 @@ class Adapter:
     # a Flux control LoRA's x_embedder (img_in) also reads the control image's latents. A control pipeline widens
     # that module (zero columns for the new inputs) before applying; a plain pipeline must refuse the adapter.
     widened_inputs: dict[str, int] = field(default_factory=dict)
+    # target key -> a whole new weight for that norm (diffusers-format Flux ``…norm_q.weight`` keys, as control LoRAs
+    # carry them): not a delta — the pipeline replaces the norm's weight at load and puts the original back on unload
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     # other families every layer of the file fits as well as ``family`` (by names and shapes): the file alone
+    # cannot tell them apart (an excerpt on attention only), so ``family`` is the tie order's pick; pass target=    # other families every layer of the file fits as well as ``family`` (by names and shapes): the file alone
     # cannot tell them apart (an excerpt on attention only), so ``family`` is the tie order's pick; pass target=
     also_fits: tuple[str, ...] = ()
 

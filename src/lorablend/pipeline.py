@@ -30,6 +30,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,10 +43,11 @@ from .report import LoadReport
 from .runtime.model_view import ModelView
 from .runtime.binding import bind_adapter
 from .runtime.lora_runtime import LoraRuntime
+from .runtime.registry import UNSET, follow_pipeline, runtime_for
 from .naming import components_of, denoiser_component
 
 logger = logging.getLogger(__name__)
-_OWN = ("pipe", "_runtime")
+_OWN = ("pipe", "_runtime", "_rt", "_seen")
 
 
 def _fetch(source: Any, weight_name: str | None, hub_kwargs: dict) -> Any:
@@ -127,9 +129,7 @@ class DiffusionPipeline:
     >>> pipeline = DiffusionPipeline(StableDiffusionXLPipeline.from_pretrained(path))   # doctest: +SKIP
     """
 
-    def __init__(
-        self, pipe: Any, *, pristine_device: str | torch.device | None = None, keep_fuse_buffers: bool = False
-    ):
+    def __init__(self, pipe: Any, *, pristine_device: str | torch.device | None = UNSET, keep_fuse_buffers: bool = UNSET):
         if isinstance(pipe, DiffusionPipeline):
             pipe = pipe.pipe
         if denoiser_component(pipe) is None:
@@ -138,8 +138,25 @@ class DiffusionPipeline:
                 f"got {type(pipe).__name__}, which has neither"
             )
         object.__setattr__(self, "pipe", pipe)
-        runtime = LoraRuntime(components_of(pipe), pristine_device=pristine_device, keep_fuse_buffers=keep_fuse_buffers)
-        object.__setattr__(self, "_runtime", runtime)
+        components = components_of(pipe)
+        runtime = runtime_for(components, pristine_device=pristine_device, keep_fuse_buffers=keep_fuse_buffers)
+        object.__setattr__(self, "_rt", runtime)
+        object.__setattr__(self, "_seen", weakref.ref(components[denoiser_component(components)]))
+
+    @property
+    def _runtime(self) -> LoraRuntime:
+        """The runtime of the pipeline as it is NOW: every public call comes through here, so a component replaced
+        after wrapping (``pipeline.unet = new_unet``) is seen at the next call, never a stale module (a few
+        attribute reads when nothing changed). A replaced text encoder: the runtime follows it (adapters on the old
+        module dropped from it, as diffusers' stay on the module). A replaced denoiser: the runtime already serving
+        the new one if any (another pipeline shares it), else this runtime moves to it the same way."""
+        runtime, components = self._rt, components_of(self.pipe)
+        held = runtime.view.components
+        if any(held.get(c) is not components.get(c) for c in held.keys() | components.keys()):
+            runtime, denoiser = follow_pipeline(runtime, components, self._seen())
+            object.__setattr__(self, "_rt", runtime)
+            object.__setattr__(self, "_seen", weakref.ref(denoiser))
+        return runtime
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> "DiffusionPipeline":
@@ -325,10 +342,22 @@ class DiffusionPipeline:
             layers = self._runtime.layers.by_key
             busy = {k for k in adapter.widened_inputs
                     if k in layers and (layers[k].loaded or layers[k].pristine_weight is not None)}
-            widen_for_control(self.pipe, adapter, self._runtime.view, busy=busy)
-        bound = bind_adapter(adapter, self._runtime.view, strict=strict, checked=not isinstance(source, Adapter))
-        self._runtime.add(bound, replace_existing=hotswap)
-        return bound.report
+            if widen_for_control(self.pipe, adapter, self._runtime.view, busy=busy):
+                self._runtime.follow(components_of(self.pipe), reindex=True)  # the index reads the new width
+        layers = self._runtime.layers.by_key
+        fused_norms = [k for k in adapter.replacements if k in layers and layers[k].pristine_weight is not None]
+        if fused_norms:
+            raise ValueError(f"adapter {adapter.name!r} replaces the weights of {fused_norms}, which have adapters "
+                             f"fused into them: unfuse_lora() first (nothing was changed)")
+        bound = None
+        if adapter.deltas or not adapter.replacements:  # (norms alone: nothing to add, as in diffusers)
+            bound = bind_adapter(adapter, self._runtime.view, strict=strict, checked=not isinstance(source, Adapter))
+            self._runtime.add(bound, replace_existing=hotswap)
+        if adapter.replacements:  # whole norm weights (diffusers' Flux norm keys): in place now, back on unload
+            from .runtime.control import replace_norms
+
+            replace_norms(self._runtime.view.components, adapter.replacements)
+        return adapter.report if bound is None else bound.report
 
     def _default_adapter_name(self) -> str:
         n = len(self._runtime.adapters)
@@ -471,13 +500,30 @@ class DiffusionPipeline:
         """
         self._runtime.unfuse(adapter_names, components)
 
-    def unload_lora_weights(self) -> None:
+    def unload_lora_weights(self, reset_to_overwritten_params: bool = False) -> None:
         """Drop every adapter. What is fused stays fused (the guide's fuse → unload → save recipe), and can
-        still be unfused.
+        still be unfused. Norm weights a file replaced get their originals back (bit for bit).
+        ``reset_to_overwritten_params=True`` also puts back what a Flux control LoRA widened: ``x_embedder``'s
+        original weight and width and the transformer's ``config.in_channels`` (so ``FluxPipeline.from_pipe`` works
+        again), as diffusers does; a widened layer with fused adapters is refused first (unfuse it).
 
-        >>> pipeline.unload_lora_weights()                                   # doctest: +SKIP
+        >>> pipeline.unload_lora_weights(reset_to_overwritten_params=True)   # doctest: +SKIP
         """
-        self._runtime.unload()
+        from .runtime.control import overwritten, restore_overwritten
+
+        runtime = self._runtime
+        components = runtime.view.components
+        if reset_to_overwritten_params:
+            widened = [f"{c}.{path}" for c, m in components.items() for path in overwritten(m)["widened"]]
+            layers = runtime.layers.by_key
+            fused = [k for k in widened if k in layers and layers[k].pristine_weight is not None]
+            if fused:
+                raise ValueError(f"unload_lora_weights(reset_to_overwritten_params=True): {fused} have adapters fused "
+                                 f"into their widened weights; unfuse_lora() first (nothing was changed)")
+        runtime.unload()
+        restored = [restore_overwritten(m, widened=bool(reset_to_overwritten_params)) for m in components.values()]
+        if any(restored):
+            runtime.follow(components_of(self.pipe), reindex=True)  # the index reads the widths as they are again
 
     @property
     def num_fused_loras(self) -> int:
@@ -513,19 +559,30 @@ class DiffusionPipeline:
 
     # ------------------------------------------------------------------------------ save / push
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """diffusers' ``save_pretrained``: the weights as they are (fused adapters included; unfused ones are
-        not part of the weights and are not saved).
+        """diffusers' ``save_pretrained``: the weights as they are, fused adapters included. Loaded adapters that
+        are not fused are not part of the weights, so a pipeline holding any is refused before anything is written
+        (never saved without them in silence): ``fuse_lora()`` to bake them in, or ``unload_lora_weights()`` to
+        save the base weights (what is fused stays).
 
         >>> pipeline.save_pretrained("path/to/fused-pipeline")               # doctest: +SKIP
         """
-        unfused = [n for n in self._runtime.active if n not in self._runtime.fused_names]
-        if unfused and self._runtime.enabled:
-            logger.warning("save_pretrained: active unfused adapters %s are not saved; fuse_lora() first to keep them", unfused)
+        self._refuse_unfused("save_pretrained")
         self.pipe.save_pretrained(save_directory, **kwargs)
+
+    def _refuse_unfused(self, what: str) -> None:
+        runtime = self._runtime
+        unfused = [n for n, bound in runtime.adapters.items()
+                   if set(runtime.fused_components(n)) != set(bound.components())]
+        if unfused:
+            raise ValueError(
+                f"{what}: loaded adapters {unfused} are unfused, so they are not in the weights it writes and a reload "
+                f"would not reproduce your images. fuse_lora() then unload_lora_weights() to bake them in, or "
+                f"unload_lora_weights() to write the base weights without them (nothing was written)")
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """diffusers' ``push_to_hub`` (uploads the weights as ``save_pretrained`` writes them).
 
         >>> pipeline.push_to_hub("fused-ikea-feng")                          # doctest: +SKIP
         """
+        self._refuse_unfused("push_to_hub")
         return self.pipe.push_to_hub(repo_id, **kwargs)

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import LoraFormatError
+from ..errors import LoraFormatError, WeightFileError
 from .legacy import refuse_tensor_list
 from .safetensors import DTYPES, looks_like_safetensors, read_header
 
@@ -79,18 +79,6 @@ def read_source(source: Any, *, weight_name: str | None = None, mapped: bool = F
         raise LoraFormatError(f"{path}: no such file or folder; pass the path of a LoRA .safetensors file")
     tensors, metadata = _read_file(path, mapped)
     return RawSource(tensors=tensors, metadata=metadata, label=str(path), name=name)
-
-
-class WeightFileError(LoraFormatError, FileNotFoundError):
-    """A folder (or a downloaded repo) has no one weight file to load: none, several, or not the one named.
-
-    A :class:`~lorablend.errors.LoraFormatError` (a ``ValueError``, as every LoRA we cannot read) and a
-    ``FileNotFoundError`` (what diffusers raises when the weight file it looks for is missing), so callers of
-    either library catch it.
-
-    >>> issubclass(WeightFileError, ValueError) and issubclass(WeightFileError, FileNotFoundError)
-    True
-    """
 
 
 # Files a LoRA folder or repo may hold beside the LoRA (a trainer's resume state); diffusers skips them too.
@@ -248,7 +236,11 @@ def _check_tensor_dict(tensors: dict, label: str) -> dict[str, torch.Tensor]:
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise LoraFormatError(f"{label}: key {key!r} is a {type(key).__name__}; LoRA keys are strings")
-        if not isinstance(value, torch.Tensor):
+        if key.endswith(".alpha") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # an alpha given as a Python number (some Flux trainers' ``…lora_A.weight.alpha`` in a dict): one 0-d
+            # tensor, fp64 so the number stays exactly as written
+            tensors[key] = torch.tensor(float(value), dtype=torch.float64)
+        elif not isinstance(value, torch.Tensor):
             raise LoraFormatError(
                 f"{label}: value of {key!r} is a {type(value).__name__}, not a tensor; a LoRA file holds only tensors"
             )

@@ -108,6 +108,8 @@ def load_adapter(
         targets = _targets(idx, group)
         if targets is None:
             record = _unresolved(group, idx, family, target is not None)
+        elif "replace" in group.parts:
+            record = placed.replace(group, raw.tensors[group.parts["replace"]], targets, idx)
         elif problem is not None:
             record = ("unsupported", None, problem)
         else:
@@ -129,6 +131,7 @@ def load_adapter(
         report=report,
         format=fmt,
         widened_inputs=placed.widened,
+        replacements=placed.replacements,
         also_fits=also_fits,
     )
 
@@ -140,10 +143,25 @@ class _Placed:
         self.deltas: dict[str, Delta] = {}
         self.claimed: dict[str, str] = {}
         self.widened: dict[str, int] = {}
+        self.replacements: dict[str, torch.Tensor] = {}
+
+    def replace(self, group: ModuleGroup, value: torch.Tensor, targets: Targets,
+                idx: ModuleIndex) -> tuple[str, str | None, str]:
+        """A norm's whole new weight (diffusers' Flux norm keys): kept apart from the deltas, for the pipeline to
+        put in place at load and take back on unload."""
+        key = targets[0][0]
+        info = idx.modules[key]
+        if len(targets) > 1 or targets[0][1] is not None or info.kind != "norm":
+            return ("unsupported", None, f"a whole weight for {key}, which is no norm: only a norm's weight is replaced")
+        if tuple(value.shape) != tuple(info.weight_shape):
+            return ("unsupported", None, f"a weight of shape {tuple(value.shape)} for {key}, which is "
+                                         f"{tuple(info.weight_shape)}: made for another model")
+        self.replacements[key] = value
+        return ("mapped", key, "replaces the norm's weight (restored on unload_lora_weights), as diffusers does")
 
     def place(self, group: ModuleGroup, delta: Delta, targets: Targets, idx: ModuleIndex) -> tuple[str, str | None, str]:
         """Place one module's delta on its target(s) (all or none), and say what became of its keys."""
-        pieces, widened = {}, {}
+        pieces, widened, padded = {}, {}, {}
         rows = max((stop for _, spans in targets if spans for _, stop in spans), default=0)
         if rows and delta.out_features != rows:
             return ("unsupported", None, f"its ΔW has {delta.out_features} rows but {group.name} has {rows} "
@@ -159,13 +177,29 @@ class _Placed:
             why = shape_problem(piece, shape)
             if why is not None and _widens(idx, key, piece, shape):
                 why, widened[key] = None, int(piece.shape[1])
+            elif why is not None and _widens(idx, key, _Wider(shape), piece.shape):
+                try:  # a plain LoRA on an input widened for a control image: zero columns, as diffusers pads it
+                    piece, why, padded[key] = piece.pad_inputs(shape[1]), None, int(piece.shape[1])
+                except DeltaProblem as e:
+                    why = str(e)
             if why is not None:
                 return ("unsupported", None, f"does not fit {key}: {why}")
             pieces[key] = piece
         self.deltas.update(pieces)
         self.claimed.update(dict.fromkeys(pieces, group.name))
         self.widened.update(widened)
-        return ("mapped", targets[0][0], _mapped_reason(targets, widened, idx))
+        reason = "; ".join([n for n in [_mapped_reason(targets, widened, idx)] if n] + [
+            f"zero-padded from {w} to {idx.modules[k].weight_shape[1]} input features ({k} is widened: the new "
+            f"inputs carry {_widenable(idx).get(k.split('.', 1)[1], '')})" for k, w in padded.items()])
+        return ("mapped", targets[0][0], reason)
+
+
+class _Wider:
+    """A stand-in with a module's weight shape, so that ``_widens`` answers the reverse question: does the module
+    read MORE inputs than the delta (a narrow LoRA on an input a control LoRA or a control model widened)?"""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(shape)
 
 
 def _widenable(idx: ModuleIndex) -> dict[str, str]:

@@ -10,7 +10,10 @@ Spellings read (``C`` is a component: ``unet.``, ``transformer.``, ``text_encode
 * attention processors: ``C<attn>.processor.to_q_lora.down.weight`` (``to_k``, ``to_v``, ``to_out``; also without
   ``.processor``), on text encoders meaning ``q_proj`` … ``out_proj``;
 * text encoders: ``C<module>.lora_linear_layer.down.weight`` / ``.up.weight``;
-* ``C<module>.alpha`` (kohya-converted files; PEFT's ``network_alphas``).
+* ``C<attn>.norm_q.weight`` (``norm_k``, ``norm_added_q``, ``norm_added_k``): a whole new weight for that norm
+  (diffusers' Flux loader reads these beside or without LoRA keys, as control LoRAs carry them), role ``replace``;
+* ``C<module>.alpha`` (kohya-converted files; PEFT's ``network_alphas``), ``C<module>.lora_A.weight.alpha`` (some Flux
+  trainers; a 0-d tensor, or a number in a dict);
 
 Alpha when a module has no ``.alpha`` key: the ``lora_adapter_metadata`` JSON in the safetensors header
 (diffusers writes it flattened per component, ``{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {…}}``;
@@ -47,7 +50,9 @@ _PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^(?P<mod>.+)\.lora_linear_layer\.(?P<ud>down|up)\.weight$"), "ud"),
     (re.compile(r"^(?P<parent>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<ud>down|up)\.weight$"), "proc"),
     (re.compile(rf"^(?P<mod>.+)\.lora_magnitude_vector{_ADAPTER}(?:\.weight)?$"), "magnitude"),
+    (re.compile(rf"^(?P<mod>.+)\.lora_A{_ADAPTER}\.weight\.alpha$"), "alpha"),  # some Flux trainers' spelling
     (re.compile(r"^(?P<mod>.+)\.alpha$"), "alpha"),
+    (re.compile(r"^(?P<mod>.+\.(?:norm_q|norm_k|norm_added_q|norm_added_k))\.weight$"), "replace"),
 ]
 _TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}

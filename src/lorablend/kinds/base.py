@@ -220,6 +220,18 @@ class DeltaKind:
         """
         return self.take_rows(((start, stop),))
 
+    def pad_inputs(self, width: int) -> "DeltaKind":
+        """The same delta reading ``width`` input features, the new ones (on the right) with zero columns: a LoRA
+        made for a plain Flux ``x_embedder`` on one widened for a control image (diffusers zero-pads it the same
+        way). ``DeltaProblem`` where the kind cannot be widened exactly (those that can say so).
+
+        >>> from lorablend.kinds import LowRankDelta
+        >>> LowRankDelta(torch.ones(2, 3), torch.ones(4, 2)).pad_inputs(5).shape
+        (4, 5)
+        """
+        raise DeltaProblem(f"a {self.kind} delta cannot be widened to {width} input features; only LoRA and full "
+                           f"diffs can (zero columns for the new inputs)")
+
     def take_rows(self, spans: RowSpans) -> "DeltaKind":
         """The exact delta whose output rows are these ``(start, stop)`` spans of this one's, in order (one span:
         :meth:`rows`; two swapped halves: a modulation whose (shift, scale) diffusers reads as (scale, shift)).

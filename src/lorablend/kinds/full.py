@@ -54,6 +54,16 @@ class FullDelta(DeltaKind):
             return f"its bias difference has {self.diff_b.numel()} values but the module has {weight_shape[0]} outputs"
         return problem
 
+    def pad_inputs(self, width: int) -> "FullDelta":
+        """Zero columns on the right of a 2-D ``diff`` (a bias difference alone reads no input: itself)."""
+        if self.diff is None:
+            return self
+        if self.diff.dim() != 2 or width < self.diff.shape[1]:
+            return super().pad_inputs(width)
+        diff = self.diff.new_zeros(self.diff.shape[0], width)
+        diff[:, : self.diff.shape[1]] = self.diff
+        return FullDelta(diff=diff, diff_b=self.diff_b)
+
     def take_rows(self, spans: RowSpans) -> "FullDelta":
         """Those rows of the weight and bias differences."""
         spans = check_spans(spans, self.out_features, "full diff")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Mapping
 
@@ -114,6 +115,14 @@ class LowRankDelta(DeltaKind):
             if problem is None and t is not None and t.numel() != int(weight_shape[0]):
                 problem = f"its bias ({name}) has {t.numel()} values but the module has {weight_shape[0]} outputs"
         return problem
+
+    def pad_inputs(self, width: int) -> "LowRankDelta":
+        """Zero columns on the right of ``down`` (a linear LoRA without a Tucker core): the rest kept as it is."""
+        if self.down.dim() != 2 or self.mid is not None or width < self.down.shape[1]:
+            return super().pad_inputs(width)
+        down = self.down.new_zeros(self.down.shape[0], width)
+        down[:, : self.down.shape[1]] = self.down
+        return dataclasses.replace(self, down=down)
 
     def take_rows(self, spans: RowSpans) -> "LowRankDelta":
         """Those rows of ``up`` (and of the biases); ``down``, ``mid`` and alpha shared: the scale is unchanged."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -160,8 +161,9 @@ class LoraRuntime:
         if self.keep_fuse_buffers or layer.component in self._release_hooks:
             return
         module = self.view.components[layer.component]
+        runtime = weakref.ref(self)  # (the module must not keep a runtime whose wrappers are gone alive)
         self._release_hooks[layer.component] = module.register_forward_pre_hook(
-            lambda *_: self.release_fuse_buffers())
+            lambda *_: (rt := runtime()) is not None and rt.release_fuse_buffers())
 
     def pristine_weight(self, key: str) -> torch.Tensor:
         """The pristine weight of a target key (the backup when the layer is fused, else the live weight)."""
@@ -239,6 +241,41 @@ class LoraRuntime:
     def unload(self) -> None:
         """Drop every adapter; fused weights stay fused (and can still be unfused: their records remain)."""
         self.delete(list(self.adapters))
+
+    def follow(self, components: Mapping[str, nn.Module], *, reindex: bool = False) -> list[str]:
+        """Serve these components from now on (a pipeline's component replaced after wrapping): the layers on a
+        replaced module are handed back as they were loaded (unfused from it, hooks removed) and dropped from
+        their adapters, as diffusers' adapters stay on the module they were loaded into; an adapter left with no
+        layer is gone. ``reindex`` re-reads the module index (a module widened in place). Returns what changed.
+
+        >>> rt.follow({"unet": new_unet, "text_encoder": pipe.text_encoder})     # doctest: +SKIP
+        ['unet']
+        """
+        comps = {c: m for c, m in components.items() if c in COMPONENT_ORDER and isinstance(m, nn.Module)}
+        old = self.view.components
+        changed = [c for c in COMPONENT_ORDER if old.get(c) is not comps.get(c)]
+        if changed:
+            gone = {k for cs in self._fused.values() for c, f in cs.items() if c in changed for k in f.deltas}
+            if gone:  # (restored first, from the pristine copies the runtime holds: nothing left it cannot undo)
+                kept = {n: {c: f for c, f in cs.items() if c not in changed} for n, cs in self._fused.items()}
+                self._apply_fused({n: cs for n, cs in kept.items() if cs}, gone, safe=False)
+            self.release_fuse_buffers()
+            for name, bound in list(self.adapters.items()):
+                keep = {k: layer for k, layer in bound.layers.items() if layer.component not in changed}
+                if len(keep) < len(bound.layers):
+                    self.adapters[name] = BoundAdapter(bound.adapter, keep, bound.report)
+                    self._weights[name] = {k: w for k, w in self._weights[name].items() if k in keep}
+                if not keep:
+                    del self.adapters[name], self._weights[name], self._weight_specs[name]
+            self.active = [n for n in self.active if n in self.adapters]
+            for key, layer in list(self._layers.by_key.items()):
+                if layer.component in changed:
+                    layer.set_contributors(())
+                    del self._layers.by_key[key]
+        if changed or reindex:
+            self.view = ModelView.of(comps)
+            self._refresh(self._layers.by_key)
+        return changed
 
     def move_adapters(self, names: Sequence[str], device: torch.device | str) -> None:
         """Move the stored tensors of ``names`` to ``device`` (blended terms stay on each module's device)."""
