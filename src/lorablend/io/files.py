@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import LoraFormatError, WeightFileError
+from ..errors import LoraFormatError
 from .legacy import refuse_tensor_list
 from .safetensors import DTYPES, looks_like_safetensors, read_header
 
@@ -79,6 +79,18 @@ def read_source(source: Any, *, weight_name: str | None = None, mapped: bool = F
         raise LoraFormatError(f"{path}: no such file or folder; pass the path of a LoRA .safetensors file")
     tensors, metadata = _read_file(path, mapped)
     return RawSource(tensors=tensors, metadata=metadata, label=str(path), name=name)
+
+
+class WeightFileError(LoraFormatError, FileNotFoundError):
+    """A folder (or a downloaded repo) has no one weight file to load: none, several, or not the one named.
+
+    A :class:`~lorablend.errors.LoraFormatError` (a ``ValueError``, as every LoRA we cannot read) and a
+    ``FileNotFoundError`` (what diffusers raises when the weight file it looks for is missing), so callers of
+    either library catch it.
+
+    >>> issubclass(WeightFileError, ValueError) and issubclass(WeightFileError, FileNotFoundError)
+    True
+    """
 
 
 # Files a LoRA folder or repo may hold beside the LoRA (a trainer's resume state); diffusers skips them too.
