@@ -1,4 +1,11 @@
-"""The exceptions lorablend raises on bad input. Both are ``ValueError`` so callers can catch either."""
+"""Every exception the library raises on bad input, in one place (each is a ``ValueError``, so one ``except
+ValueError`` catches them all); the server's own HTTP errors are in ``serve/errors.py``, a kind's ``DeltaProblem``
+in ``kinds/base.py`` (kinds/ imports nothing else). Also ``renamed_names``: how an old public name keeps working.
+
+>>> from lorablend.errors import LoraFormatError
+>>> issubclass(LoraFormatError, ValueError)
+True
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,29 @@ class LoraFormatError(ValueError):
 
 class LoraCompatibilityError(ValueError):
     """An adapter does not fit a model (family, missing modules, shapes, NaN); nothing was changed."""
+
+
+class WeightFileError(LoraFormatError, FileNotFoundError):
+    """A folder (or a downloaded repo) has no one weight file to load: none, several, or not the one named.
+
+    A :class:`LoraFormatError` (a ``ValueError``, as every LoRA we cannot read) and a ``FileNotFoundError`` (what
+    diffusers raises when the weight file it looks for is missing), so callers of either library catch it.
+
+    >>> issubclass(WeightFileError, ValueError) and issubclass(WeightFileError, FileNotFoundError)
+    True
+    """
+
+
+class OutputExistsError(FileExistsError, ValueError):
+    """The output exists and ``overwrite`` was not given (a ``ValueError`` and a ``FileExistsError``)."""
+
+
+class InputOverwriteError(ValueError):
+    """The output is one of the inputs (same file, hard link, symlink, or a folder holding an input)."""
+
+
+class CapacityError(ValueError):
+    """A mix needs more rank on a layer than the compiled denoiser's buffers hold (and growing is off)."""
 
 
 def renamed_names(module: str, renames: dict[str, str], namespace: dict[str, Any]) -> Callable[[str], Any]:

@@ -32,13 +32,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterable, Iterator
 
-
-class OutputExistsError(FileExistsError, ValueError):
-    """The output exists and ``overwrite`` was not given (a ``ValueError`` and a ``FileExistsError``)."""
-
-
-class InputOverwriteError(ValueError):
-    """The output is one of the inputs (same file, hard link, symlink, or a folder holding an input)."""
+from .errors import InputOverwriteError, OutputExistsError
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -75,7 +69,7 @@ def refuse_input(
     >>> refuse_input("style.safetensors", ["./style.safetensors"])                 # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    lorablend.outputs.InputOverwriteError: style.safetensors: that is an input (./style.safetensors); lorablend never...
+    lorablend.errors.InputOverwriteError: style.safetensors: that is an input (./style.safetensors); lorablend never...
     """
     out = Path(output)
     for src in inputs:
@@ -100,7 +94,7 @@ def refuse_existing(output: str | os.PathLike, overwrite: bool) -> None:
     >>> refuse_existing(".", overwrite=False)
     Traceback (most recent call last):
     ...
-    lorablend.outputs.OutputExistsError: . exists; pass --overwrite (overwrite=True) to replace it
+    lorablend.errors.OutputExistsError: . exists; pass --overwrite (overwrite=True) to replace it
     """
     if not overwrite and os.path.lexists(output):
         raise OutputExistsError(f"{output} exists; pass --overwrite (overwrite=True) to replace it")

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import LoraFormatError
+from ..errors import LoraFormatError, WeightFileError
 from .legacy import refuse_tensor_list
 from .safetensors import DTYPES, looks_like_safetensors, read_header
 
@@ -81,18 +81,6 @@ def read_source(source: Any, *, weight_name: str | None = None, mapped: bool = F
     return RawSource(tensors=tensors, metadata=metadata, label=str(path), name=name)
 
 
-class WeightFileError(LoraFormatError, FileNotFoundError):
-    """A folder (or a downloaded repo) has no one weight file to load: none, several, or not the one named.
-
-    A :class:`~lorablend.errors.LoraFormatError` (a ``ValueError``, as every LoRA we cannot read) and a
-    ``FileNotFoundError`` (what diffusers raises when the weight file it looks for is missing), so callers of
-    either library catch it.
-
-    >>> issubclass(WeightFileError, ValueError) and issubclass(WeightFileError, FileNotFoundError)
-    True
-    """
-
-
 # Files a LoRA folder or repo may hold beside the LoRA (a trainer's resume state); diffusers skips them too.
 TRAINING_STATE_WORDS = ("scheduler", "optimizer", "checkpoint")
 DEFAULT_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # what diffusers writes
@@ -113,7 +101,7 @@ def pick_weight_file(
     >>> pick_weight_file("/nonexistent-folder")
     Traceback (most recent call last):
     ...
-    lorablend.io.files.WeightFileError: /nonexistent-folder: no such folder; pass a LoRA file or a folder holding one
+    lorablend.errors.WeightFileError: /nonexistent-folder: no such folder; pass a LoRA file or a folder holding one
     """
     folder = Path(folder)
     where = where or str(folder)
@@ -248,11 +236,7 @@ def _check_tensor_dict(tensors: dict, label: str) -> dict[str, torch.Tensor]:
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise LoraFormatError(f"{label}: key {key!r} is a {type(key).__name__}; LoRA keys are strings")
-        if key.endswith(".alpha") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            # an alpha given as a Python number (some Flux trainers' ``…lora_A.weight.alpha`` in a dict): one 0-d
-            # tensor, fp64 so the number stays exactly as written
-            tensors[key] = torch.tensor(float(value), dtype=torch.float64)
-        elif not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
             raise LoraFormatError(
                 f"{label}: value of {key!r} is a {type(value).__name__}, not a tensor; a LoRA file holds only tensors"
             )

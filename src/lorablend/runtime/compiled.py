@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fusion import concat_factors, delta_weight_fp32, low_rank_factors
+from ..errors import CapacityError
 from ..kinds import Delta
 from ..naming import DENOISER_COMPONENTS, denoiser_component
 
@@ -141,10 +142,6 @@ def _factors_of(delta: Delta) -> tuple[torch.Tensor, torch.Tensor] | None:
     if delta.needs_base or delta.changes_bias:
         return None
     return delta.low_rank_factors() or delta.exact_factors()
-
-
-class CapacityError(ValueError):
-    """A mix needs more rank on a layer than the compiled denoiser's buffers hold (and growing is off)."""
 
 
 def _same(a: tuple, b: tuple) -> bool:
