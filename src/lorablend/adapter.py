@@ -20,7 +20,6 @@ import torch
 from .kinds import Delta, DeltaKind, DoRADelta, FullDelta, InnerDelta, LoHaDelta, LoKrDelta, LowRankDelta, SetDelta
 from .naming import COMPONENTS  # the one component list, in its order
 from .report import LoadReport
-from .runtime.transfer import deltas_to, map_tensors  # (their old home: kept importable from here)
 
 Family = Literal["sd1", "sd2", "sdxl", "flux", "sd3", "sd35-medium", "sd35-large", "wan-14b", "wan-i2v-14b",
                  "wan-1.3b", "wan-5b", "qwen-image", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b", "z-image",

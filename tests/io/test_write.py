@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from lorablend.adapter import Adapter, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
 from lorablend.io import load_adapter, save_adapter
 from lorablend.io import write as write_mod
-from lorablend.io.hashing import sshs_model_hash
+from lorablend.io.safetensors import sshs_model_hash
 from lorablend.io.write import OutputExistsError, adapter_state_dict
 
 from conftest import assert_same_computed

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from lorablend.adapter import Adapter, LoKrDelta, LowRankDelta
 from lorablend.cli import main
 from lorablend.io import load_adapter, save_adapter
-from lorablend.io.hashing import sshs_model_hash
+from lorablend.io.safetensors import sshs_model_hash
 
 G = torch.Generator().manual_seed(1)
 U = "unet.down_blocks.0.attentions.0.transformer_blocks.0."

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lorablend.adapter import DoRADelta, FullDelta, LoHaDelta, LowRankDelta, deltas_to, map_tensors
+from lorablend.adapter import DoRADelta, FullDelta, LoHaDelta, LowRankDelta
+from lorablend.runtime.transfer import deltas_to, map_tensors
 from lorablend.runtime.binding import bind_adapter
 from lorablend.runtime.lora_runtime import LoraRuntime
 

@@ -22,9 +22,9 @@ Decisions:
 
 * Every input key ends up in ``adapter.report`` as mapped (with its target key), unsupported (with why:
   an algorithm we do not apply, an embedding, a shape that does not fit, a layer the target lacks) or
-  unknown (a name that is no layer of any SD model we know).
+  unknown (a name that is no layer of any model we know).
 * With a target, layers that do not fit are reported, not raised: the runtime's ``strict`` decides.
-  A file none of whose keys name a layer of any SD1.x / SD2.x / SDXL model is not a LoRA we can read:
+  A file none of whose keys name a layer of any family we cover (``adapter.FAMILIES``) is not a LoRA we can read:
   :class:`~lorablend.errors.LoraFormatError`, with or without a target.
 * Without a target, a file none of whose layers fits any standard family also raises.
 """
@@ -35,13 +35,14 @@ from typing import Any
 
 import torch
 
-from ..adapter import FAMILIES, Adapter, Delta, deltas_to
+from ..adapter import FAMILIES, Adapter, Delta
 from ..errors import LoraFormatError
 from ..naming import FamilyEvidence, ModuleIndex, detect_family, module_index, standard_index
 from ..naming.family import uncovered_family
 from ..naming.configs import DENOISER_ARCHITECTURES
 from ..naming.fused import WIDENED_INPUTS
 from ..report import LoadReport
+from ..runtime.transfer import deltas_to
 from .deltas import DeltaProblem, ModuleGroup, build_delta, delta_shape, shape_problem
 from .detect import READ_FORMATS, detect_format, diagnose, embedding_reason, sort_keys
 from .files import RawSource, check_finite, read_source

@@ -93,7 +93,7 @@ def metadata_summary(metadata: dict[str, str], file: str | os.PathLike | None = 
         out["diffusers_adapter_config"] = True
     stored = metadata.get("sshs_model_hash")
     if stored and file is not None and Path(file).is_file() and Path(file).suffix == ".safetensors":
-        from ..io.hashing import sshs_model_hash
+        from ..io.safetensors import sshs_model_hash
 
         try:
             out["sshs_model_hash_matches"] = sshs_model_hash(file) == stored.lower().removeprefix("0x")

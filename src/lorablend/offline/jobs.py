@@ -37,7 +37,7 @@ def convert_file(
     ValueError: a.safetensors: OUTPUT is the INPUT file; lorablend never overwrites an input
     """
     from ..io import load_adapter, save_adapter
-    from ..io.hashing import sshs_model_hash
+    from ..io.safetensors import sshs_model_hash
     from ..outputs import same_file
 
     if same_file(input, output):

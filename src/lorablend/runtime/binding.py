@@ -18,7 +18,7 @@ from torch import nn
 from ..adapter import Adapter, Delta
 from ..errors import LoraCompatibilityError
 from ..io import all_finite
-from .model_view import COMPONENT_ORDER, ModelView  # (ModelView's old home: kept importable from here)
+from .model_view import COMPONENT_ORDER, ModelView
 from ..naming import TEXT_COMPONENTS, expand_block_weights
 from ..quant import weight_shape  # (a quantized linear: its logical out × in, not its packed bytes)
 from ..report import LoadReport
