@@ -28,15 +28,12 @@ def test_a_conv_lora_is_a_kxk_down_then_a_1x1_up():
     assert_same_computed(d.delta_weight(), want)
 
 
-def test_rows_and_padded_inputs_are_the_dense_delta_cut_and_widened():
+def test_rows_are_the_dense_delta_cut_with_the_down_shared():
     d = LowRankDelta(DOWN, UP, alpha=8.0)
     dense = d.delta_weight()
     rows = d.take_rows(((6, 10), (0, 2)))
     assert isinstance(rows, LowRankDelta) and torch.equal(rows.down, d.down)  # one down shared by the split ups
     assert_same_computed(rows.delta_weight(), torch.cat([dense[6:10], dense[0:2]]))
-    wide = d.pad_inputs(15).delta_weight()
-    assert_same_computed(wide[:, :12], dense)
-    assert torch.equal(wide[:, 12:], torch.zeros(10, 3))
 
 
 def test_low_rank_factors_give_the_delta_and_a_wrong_shape_is_named():
