@@ -61,7 +61,6 @@ class Adapter:
     # carry them): not a delta — the pipeline replaces the norm's weight at load and puts the original back on unload
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     # other families every layer of the file fits as well as ``family`` (by names and shapes): the file alone
-    # cannot tell them apart (an excerpt on attention only), so ``family`` is the tie order's pick; pass target=    # other families every layer of the file fits as well as ``family`` (by names and shapes): the file alone
     # cannot tell them apart (an excerpt on attention only), so ``family`` is the tie order's pick; pass target=
     also_fits: tuple[str, ...] = ()
 
