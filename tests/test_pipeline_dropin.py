@@ -84,6 +84,41 @@ def test_wrapping_twice_is_harmless_and_a_dropped_wrapper_leaves_only_what_was_f
     assert_same_computed(_sd1_image(raw), with_a)  # what the user fused stays fused
 
 
+def _transformer_lora(transformer, seed: int) -> dict[str, torch.Tensor]:
+    g, sd = torch.Generator().manual_seed(seed), {}
+    for name, m in transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_v")):
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.3
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.3
+    return sd
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux", "sd3"])
+def test_from_pipe_shares_the_adapters_on_every_family(family, make_pipe, make_adapter):
+    from lorablend.fixtures.tiny_transformers import tiny_sd3_pipeline
+
+    if family == "sdxl":
+        raw, gen = make_pipe("sdxl"), dict(GEN_KW)
+        sd_a, sd_b = (peft_state_dict(make_adapter("sdxl", n, seed=s, rank=4, alpha=None)) for n, s in (("a", 1), ("b", 2)))
+    else:
+        raw, gen = (tiny_flux_pipeline() if family == "flux" else tiny_sd3_pipeline()), dict(prompt="a cat", **FLUX_GEN)
+        sd_a, sd_b = _transformer_lora(raw.transformer, 1), _transformer_lora(raw.transformer, 2)
+    theirs = copy.deepcopy(raw)
+    p1 = lorablend.DiffusionPipeline(raw)
+    p1.load_lora_weights(dict(sd_a), adapter_name="a")
+    with_a = p1(**gen, generator=_seed()).images
+    p2 = lorablend.DiffusionPipeline(type(raw).from_pipe(raw))
+    assert p2.get_list_adapters() == p1.get_list_adapters()
+    assert_same_computed(p2(**gen, generator=_seed()).images, with_a)  # applied once, not once per wrapper
+    p2.load_lora_weights(dict(sd_b), adapter_name="b")
+    p1.set_adapters("a")  # one active set: what p1 sets, p2 generates
+    assert p2.get_active_adapters() == ["a"]
+    assert_same_computed(p2(**gen, generator=_seed()).images, with_a)
+    # diffusers + PEFT: the second pipeline from from_pipe sees the first's adapter
+    theirs.load_lora_weights(dict(sd_a), adapter_name="a")
+    assert type(theirs).from_pipe(theirs).get_list_adapters() == {k: ["a"] for k in p1.get_list_adapters()}
+
+
 # ------------------------------------------------------------------------------------------- 2. replaced components
 def test_a_component_replaced_after_wrapping_is_seen_at_the_next_call(make_pipe, make_adapter):
     raw = make_pipe("sd1")
