@@ -4,6 +4,8 @@ reads back as the same kind with the same tensors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -194,3 +196,22 @@ def test_a_bias_difference_alone_changes_the_bias_only():
     assert torch.equal(d.delta_weight((6, 5)), torch.zeros(6, 5)) and torch.equal(d.delta_bias(), d.diff_b)
     assert torch.equal(d.rows(2, 4).delta_bias(), d.diff_b[2:4])
     assert dict(d.kohya_tensors((6, 5))).keys() == {"diff_b"}
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_the_old_weight_shape_keyword_still_works_with_a_deprecation_warning(name):
+    """delta_weight(weight_shape=...) became delta_weight(shape=...): the old keyword gives the same bits, warned."""
+    d = SAMPLES[name]()
+    base = weight_for(d) if d.needs_base else None
+    flat = (d.shape[0], math.prod(d.shape[1:]))
+    with pytest.warns(DeprecationWarning, match=r"weight_shape=.*removed in lorablend 0\.3.*shape="):
+        old = d.delta_weight(weight_shape=flat, base=base)
+    assert torch.equal(old, d.delta_weight(shape=flat, base=base))
+    with pytest.raises(TypeError, match="pass shape= only"):
+        d.delta_weight(flat, weight_shape=flat)
+
+
+def test_natural_shape_is_the_shape_with_a_deprecation_warning():
+    d = SAMPLES["lora conv"]()
+    with pytest.warns(DeprecationWarning, match="natural_shape.*removed in lorablend 0.3"):
+        assert d.natural_shape() == d.shape

@@ -73,12 +73,6 @@ def _alphas_with_their_module(out: dict[str, list[str]]) -> None:
             out[source] = [k for k in out[source] if k not in moved]
 
 
-def split_keys(keys: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
-    """``(kohya_keys, diffusers_keys, other_keys)``, original-name keys counted with the dotted (diffusers) ones."""
-    sorted_keys = sort_keys(keys)
-    return sorted_keys["kohya"], sorted_keys["original"] + sorted_keys["diffusers"], sorted_keys["other"]
-
-
 def detect_format(keys: Iterable[str]) -> str:
     """The on-disk LoRA format of these keys."""
     keys = list(keys)

@@ -17,8 +17,10 @@ carries that scale.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+import warnings
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -139,6 +141,31 @@ def take(tensor: torch.Tensor, spans: RowSpans, dim: int = 0) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+def takes_old_shape_keyword(method: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``delta_weight`` that still takes its pre-0.2 keyword ``weight_shape=`` (now ``shape=``), with a
+    ``DeprecationWarning`` (removed in 0.3). ``DeltaKind`` wraps every kind's ``delta_weight`` with it, once.
+
+    >>> from lorablend.kinds import FullDelta
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     FullDelta(torch.ones(2, 2)).delta_weight(weight_shape=(4,)).shape, caught[0].category.__name__
+    (torch.Size([4]), 'DeprecationWarning')
+    """
+
+    @functools.wraps(method)
+    def delta_weight(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if "weight_shape" in kwargs:
+            if args or "shape" in kwargs:
+                raise TypeError("delta_weight() got both shape and its old name weight_shape: pass shape= only")
+            warnings.warn("delta_weight(weight_shape=...) is deprecated and will be removed in lorablend 0.3: "
+                          "use delta_weight(shape=...)", DeprecationWarning, stacklevel=2)
+            kwargs["shape"] = kwargs.pop("weight_shape")
+        return method(self, *args, **kwargs)
+
+    delta_weight.takes_old_shape_keyword = True
+    return delta_weight
+
+
 def present(pairs: Iterable[tuple[str, torch.Tensor | None]]) -> Iterator[tuple[str, torch.Tensor]]:
     """The ``(name, tensor)`` pairs whose tensor exists (optional factors are None)."""
     return ((n, t) for n, t in pairs if t is not None)
@@ -164,6 +191,13 @@ class DeltaKind:
 
     rank: Any
     alpha: Any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every kind's delta_weight keeps the old keyword for one release (callers outside broke on the rename)
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("delta_weight")
+        if own is not None and not getattr(own, "takes_old_shape_keyword", False):
+            cls.delta_weight = takes_old_shape_keyword(own)
 
     @property
     def scale(self) -> float:

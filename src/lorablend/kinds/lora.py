@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Mapping
 
@@ -68,7 +69,16 @@ class LowRankDelta(DeltaKind):
         return (out, int(self.down.shape[1]))
 
     def natural_shape(self) -> Shape:
-        """The ΔW shape (``shape``; kept for callers of the older name)."""
+        """The ΔW shape: the old name of ``shape``, deprecated (removed in lorablend 0.3).
+
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     LowRankDelta(down=torch.ones(1, 3), up=torch.ones(4, 1)).natural_shape()
+        (4, 3)
+        """
+        warnings.warn("LowRankDelta.natural_shape() is deprecated and will be removed in lorablend 0.3: use the "
+                      "shape property", DeprecationWarning, stacklevel=2)
         return self.shape
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
