@@ -434,12 +434,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--token", default=None,
                    help="require 'Authorization: Bearer TOKEN' on every route but /health (default: $LORABLEND_TOKEN)")
+    from .serve.config import add_limit_flags
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when present)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--cache-bytes", type=int, default=4 * 2**30, metavar="N",
                    help="bytes of parsed LoRAs kept in memory, least recently used out first (default 4 GiB)")
     p.add_argument("--max-batch", type=int, default=4, metavar="N",
-                   help="images generated together for requests with the same mix and settings (default 4)")
+                   help="images generated together for requests with the same settings, any mixes (default 4)")
+    add_limit_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="run the denoiser under torch.compile (DiffusionPipeline.compile_denoiser), when this build has it")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
@@ -459,7 +461,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"lorablend serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'lorablend[serve]'") from None
-    from .serve.config import ServeSettings
+    from .serve.config import ServeSettings, limits_given
     from .serve.run import serve
 
     dtype = None
@@ -468,7 +470,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         dtype = parse_dtype(args.dtype)
     config = ServeSettings(lora_dir=args.lora_dir, token=args.token or os.environ.get("LORABLEND_TOKEN") or None,
-                         cache_bytes=args.cache_bytes, max_batch=args.max_batch).check()
+                         cache_bytes=args.cache_bytes, max_batch=args.max_batch,
+                         **limits_given(args)).check()
     if args.engine == "ray":
         return _serve_on_ray(args, config, dtype)
     if (args.address, args.replicas, args.gpus_per_replica) != (None, 1, 0.0):

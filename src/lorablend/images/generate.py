@@ -70,7 +70,7 @@ def load_pipeline(
     adapters = read_loras(model, loras, names)  # a broken LoRA fails here, before seconds of model loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     for (path, _), adapter, name in zip(loras, adapters, names):
         pipe.load_lora_weights(adapter if adapter is not None else str(path), adapter_name=name, strict=strict)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..adapter import Delta
-from .layer_state import LayerState, LayerTable
+from .layer_state import LayerState, LayerTable, SampleWeights
 from .model_view import COMPONENT_ORDER, ModelView
 from .binding import BoundAdapter
 from .weight_specs import layer_weights
@@ -371,6 +371,49 @@ class LoraRuntime:
     def fuse(
         self,
         names: Sequence[str] | None = None,
+    def sample_weight_blockers(self, names: Iterable[str]) -> list[str]:
+        """The adapters among ``names`` that cannot take per-sample weights: a layer that is not one low-rank pair
+        (LoHa, LoKr, full, a norm) or that changes a bias.
+
+        >>> pipeline.runtime.sample_weight_blockers(["ink"])                  # doctest: +SKIP
+        []
+        """
+        return [n for n in names if any(b.delta.low_rank_factors() is None or b.delta.changes_bias
+                                        for b in self.adapters[n].layers.values())]
+
+    @contextmanager
+    def call_sample_weights(self, rows: Sequence[Mapping[str, float]]) -> Iterator[SampleWeights]:
+        """Give each image of the calls inside the block its own mix: row ``b`` maps active adapters to a factor on
+        their ``set_adapters`` weight for image ``b`` (absent: 0), so one batch holds different mixes (classifier-free
+        guidance's doubled batch included); each image gets the terms of its own row, as its own call would.
+        Yields the :class:`SampleWeights` (rewrite ``matrix`` and bump ``generation`` between steps for a schedule).
+        Needs the active adapters unfused, low-rank (:meth:`sample_weight_blockers`) and the hooks (no compiled
+        denoiser): else ``ValueError`` naming the cause, nothing changed.
+
+        >>> pipeline.set_adapters(["ink", "paper"], [1.0, 1.0])                # doctest: +SKIP
+        >>> with pipeline.runtime.call_sample_weights([{"ink": 0.8}, {"paper": 0.5}]):   # doctest: +SKIP
+        ...     images = pipeline(["a cat", "a dog"]).images
+        """
+        names = list(self.active)
+        unknown = sorted({n for row in rows for n in row} - set(names))
+        if unknown or not rows:
+            raise ValueError(f"per-sample weights: {unknown or 'no rows'}; name only active adapters "
+                             f"({names}: set_adapters first), one row per image")
+        blockers = self.sample_weight_blockers(names)
+        if blockers or self._fused or self._layers.static:
+            raise ValueError(f"per-sample weights need unfused low-rank adapters on hooked layers: "
+                             f"{blockers or self.fused_names or 'a compiled denoiser'} cannot; run those mixes apart")
+        if not self._layers.low_rank_only:  # a pair costlier than its ΔW is kept low-rank from now on
+            self._layers.low_rank_only = True
+            self._layers.version += 1
+        matrix = torch.tensor([[float(row.get(n, 0.0)) for n in names] for row in rows], dtype=torch.float32)
+        samples = SampleWeights({n: i for i, n in enumerate(names)}, matrix)
+        token = self._layers.sample_var.set(samples)
+        try:
+            yield samples
+        finally:
+            self._layers.sample_var.reset(token)
+
         components: Sequence[str] | None = None,
         lora_scale: float = 1.0,
         safe_fusing: bool = False,

@@ -14,13 +14,24 @@ Needs the ``serve`` extra (``pip install lorablend[serve]``: fastapi, uvicorn, p
 
 from __future__ import annotations
 
-from .app import create_app
+from typing import Any
+
+from ..errors import renamed_names
 from .config import ServeSettings
-from .worker import Generation
 
 __all__ = ["Generation", "ServeSettings", "create_app"]
 
 # Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
-from ..errors import renamed_names  # noqa: E402  (only for the old names below)
+_renamed = renamed_names(__name__, {'ServeConfig': 'ServeSettings'}, globals())
 
-__getattr__ = renamed_names(__name__, {'ServeConfig': 'ServeSettings'}, globals())
+
+def __getattr__(name: str) -> Any:
+    """``create_app`` and ``Generation`` are imported on first use: ``lorablend.serve.config`` (the command line's
+    flags) must import without the serve extra (fastapi)."""
+    if name == "create_app":
+        from .app import create_app
+        return create_app
+    if name == "Generation":
+        from .batch import Generation
+        return Generation
+    return _renamed(name)

@@ -33,26 +33,53 @@ from .config import ServeSettings
 from .errors import STATUS, NameTaken, UnknownLora
 from .metrics import MetricsMiddleware
 from .schemas import ImageRequest, LoraRegistration, invalid
+from ..ui.page import add_page_routes, is_public_path
 from .security import LORA_SUFFIXES, BodyLimit, TokenCheck, resolve_inside
 from .state import ServerState, generate
 
 
-def _plain(value: Any) -> Any:
-    """A validation error's input as JSON can carry it (non-finite numbers and odd types as text)."""
+QUOTE_CHARS = 120  # an error quotes at most this much of any input text
+QUOTE_ITEMS = 8  # ... and this many items of a list or object, this deep
+QUOTE_DEPTH = 3
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A bounded excerpt of a validation error's input that JSON can carry: long text cut (its length said), long
+    lists and objects cut to their first items, non-finite numbers and odd types as text. Never the whole input:
+    a 50 MB body must not come back in its 422.
+
+    >>> _plain("x" * 1000).endswith("… (1000 characters in all)")
+    True
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, (str, bytes)):
+        text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}… ({len(text)} characters in all)"
+    if isinstance(value, (dict, list, tuple)) and depth >= QUOTE_DEPTH:
+        return f"({type(value).__name__} of {len(value)} items)"
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        items = list(value.items())
+        out = {_plain(str(k), depth + 1): _plain(v, depth + 1) for k, v in items[:QUOTE_ITEMS]}
+        if len(items) > QUOTE_ITEMS:
+            out["…"] = f"{len(items) - QUOTE_ITEMS} more keys"
+        return out
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
+        out = [_plain(v, depth + 1) for v in list(value)[:QUOTE_ITEMS]]
+        return out + [f"… {len(value) - QUOTE_ITEMS} more items"] if len(value) > QUOTE_ITEMS else out
+    if value is None or isinstance(value, (int, float, bool)):
         return value
-    return repr(value)[:200]
+    return _plain(repr(value), depth)
+
+
+RETRY_AFTER_S = "5"  # what a 503 tells a client to wait before sending the request again
 
 
 def _error(status: int) -> Any:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+        return JSONResponse({"detail": _plain(str(exc)) if len(str(exc)) > 4000 else str(exc)}, status_code=status,
+                            headers=headers)
     return handler
 
 
@@ -93,12 +120,14 @@ def create_app(pipe: Any, config: ServeSettings, *, compiled: Any = None, title:
     _install_errors(app)
     _routes(app, state)
     add_compat_routes(app, state)
+    add_page_routes(app)  # the playground at /: its files need no token, everything it does needs one
     # the last added wraps the others: metrics see every answer (401 and 413 too); the token is checked
     # before any body byte is read; the body limit cuts an upload off as it arrives
-    app.add_middleware(BodyLimit, limit_for=lambda path: config.max_upload_bytes if path.rstrip("/").endswith(
-        "/v1/loras") else config.max_body_bytes)
-    app.add_middleware(TokenCheck, token=config.token)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(BodyLimit, limit_for=lambda path, content_type: config.max_upload_bytes if (
+        path.rstrip("/").endswith("/v1/loras") and content_type.startswith("multipart/")) else config.max_body_bytes,
+                       upload_limit=config.max_upload_bytes)
+    app.add_middleware(TokenCheck, token=config.token, public=is_public_path)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=lambda: app.routes)
     return app
 
 
@@ -163,16 +192,29 @@ def _by_name(source: LoraSource) -> str:
     return source.name
 
 
-def _register(state: ServerState, name: str, path: Path, origin: str) -> dict:
-    """Parse (refusing damage with the reader's message), then serve under ``name``; the 201 answer."""
+def _check_free(state: ServerState, name: str) -> None:
+    """422 for a name a client may not give, 409 for one in use."""
     try:
         check_name(name)
     except ValueError as exc:
         raise invalid("name", str(exc), name) from None
     if name in state.catalog.scan():
         raise NameTaken(f"LoRA name {name!r} is taken; pick another name, or DELETE /v1/loras/{name} first")
-    entry = state.cache.get(LoraSource(name, path, origin))
-    state.catalog.register(name, path, origin)
+
+
+def _register(state: ServerState, name: str, path: Path, origin: str, shown: str | None = None) -> dict:
+    """Parse (refusing damage with the reader's message, naming the file as the client named it: ``shown``), then
+    serve under ``name``; the 201 answer. (An upload's name was checked before its file was written.)"""
+    if origin != "upload":
+        _check_free(state, name)
+    try:
+        entry = state.cache.get(LoraSource(name, path, origin))
+    except (LoraFormatError, LoraCompatibilityError) as exc:
+        if shown is None:
+            raise
+        raise type(exc)(str(exc).replace(str(path), shown)) from None
+    if origin != "upload":  # an upload is a file of the upload folder: the catalog reads it from there
+        state.catalog.register(name, path, origin)
     adapter = entry.adapter
     report = adapter.report
     ranks = [d.rank for d in adapter.deltas.values() if d.rank is not None]
@@ -184,7 +226,8 @@ def _register(state: ServerState, name: str, path: Path, origin: str) -> dict:
 
 
 async def _upload(state: ServerState, request: Request) -> dict:
-    """A multipart upload (``file``, optional ``name``): kept in the server's private folder, parsed, served."""
+    """A multipart upload (``file``, optional ``name``): written to the upload folder as ``<name><suffix>`` (a
+    partial file first, renamed once whole), parsed, served; removed again when refused."""
     form = await request.form()
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
@@ -194,13 +237,21 @@ async def _upload(state: ServerState, request: Request) -> dict:
     if not isinstance(name, str):
         raise invalid("name", "'name' must be a text field")
     suffix = filename.suffix.lower() if filename.suffix.lower() in LORA_SUFFIXES else ".safetensors"
-    path = state.upload_dir / f"{uuid.uuid4().hex}{suffix}"
+    partial = state.upload_dir / f".{uuid.uuid4().hex}.partial"
 
     def save_and_register() -> dict:
-        with open(path, "wb") as out:
-            shutil.copyfileobj(upload.file, out, 1 << 20)
+        _check_free(state, name)  # before a byte is written: an upload never replaces another
+        path = state.upload_dir / f"{name}{suffix}"
         try:
-            return _register(state, name, path, "upload")
+            with open(partial, "wb") as out:
+                shutil.copyfileobj(upload.file, out, 1 << 20)
+            if path.exists():
+                raise NameTaken(f"LoRA name {name!r} is taken (an upload of that name arrived first); pick another")
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+        try:
+            return _register(state, name, path, "upload", shown=upload.filename or filename.name)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

@@ -41,6 +41,13 @@ class CachedAdapter:
     nbytes: int
     stamp: tuple[int, int]
     path: Path
+    low_rank: bool = False  # every layer one low-rank pair, no bias delta: it can share a batch with other mixes
+
+
+def takes_sample_weights(adapter: Any) -> bool:
+    """Whether every delta of ``adapter`` is one low-rank pair without a bias delta (what per-sample weights need:
+    ``LoraRuntime.sample_weight_blockers`` asks the same of loaded adapters). >>> takes_sample_weights(adapter)  # doctest: +SKIP"""
+    return all(d.low_rank_factors() is not None and not d.changes_bias for d in adapter.deltas.values())
 
 
 def adapter_bytes(adapter: Any) -> int:
@@ -94,7 +101,7 @@ class AdapterCache:
             self.metrics.count("lorablend_adapter_cache_misses_total")
             adapter = self._parse(source)
             entry = CachedAdapter(source.name, next(self._versions), adapter, adapter_bytes(adapter), stamp,
-                                  source.path)
+                                  source.path, low_rank=takes_sample_weights(adapter))
             with self._lock:
                 self._entries[source.name] = entry
                 self._entries.move_to_end(source.name)
@@ -192,4 +199,4 @@ class AdapterCache:
             self.metrics.count("lorablend_adapter_cache_evictions_total")
 
 
-__all__ = ["AdapterCache", "CachedAdapter", "adapter_bytes"]
+__all__ = ["AdapterCache", "CachedAdapter", "adapter_bytes", "takes_sample_weights"]

@@ -23,8 +23,9 @@ from typing import Any
 from .security import LORA_SUFFIXES, inside
 from .errors import NameTaken, UnknownLora
 
-# Names a client may give: what an A1111 <lora:NAME:W> token and a URL path segment can carry unescaped.
-NAME_RULE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,127}$")
+# Names a client may give: what a file stem in --lora-dir can be (unicode letters too), less what an A1111
+# <lora:NAME:W> token or a URL path segment cannot carry: ':' '<' '>' '/' '\\', control characters, a leading dot.
+NAME_RULE = re.compile(r"^[^\x00-\x1f\x7f:<>/\\.\s][^\x00-\x1f\x7f:<>/\\]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,16 @@ class LoraSource:
 def check_name(name: str) -> str:
     """``name`` if a client may register it, else ``ValueError`` saying what is allowed.
 
-    >>> check_name("ink v2")
-    'ink v2'
+    >>> check_name("ink v2"), check_name("水墨画")
+    ('ink v2', '水墨画')
     >>> check_name("a:b")
     Traceback (most recent call last):
     ...
-    ValueError: LoRA name 'a:b': use 1-128 letters, digits, '_', '-', '.', or spaces (no ':' '<' '>' '/'), e.g. ink_v2
+    ValueError: LoRA name 'a:b': use 1-128 characters, not starting with '.' or a space, without ':' '<' '>' '/' '\\' or control characters, e.g. ink_v2
     """
     if not isinstance(name, str) or not NAME_RULE.match(name) or name.strip() != name:
-        raise ValueError(f"LoRA name {name!r}: use 1-128 letters, digits, '_', '-', '.', or spaces "
-                         "(no ':' '<' '>' '/'), e.g. ink_v2")
+        raise ValueError(f"LoRA name {name!r}: use 1-128 characters, not starting with '.' or a space, without "
+                         "':' '<' '>' '/' '\\' or control characters, e.g. ink_v2")
     return name
 
 
@@ -72,8 +73,9 @@ class Catalog:
     ['ink', 'paper']
     """
 
-    def __init__(self, lora_dir: str | os.PathLike) -> None:
+    def __init__(self, lora_dir: str | os.PathLike, uploads: str | os.PathLike | None = None) -> None:
         self.root = Path(lora_dir).resolve()
+        self.uploads = Path(uploads).resolve() if uploads is not None else None  # kept uploads: <name><suffix>
         self._lock = threading.Lock()
         self._registered: dict[str, LoraSource] = {}
         self._files: dict[str, LoraSource] = {}
@@ -118,8 +120,15 @@ class Catalog:
             name = path.stem if stems[path.stem] == 1 else rel.with_suffix("").as_posix()
             files[name] = LoraSource(name, path, "dir")
         with self._lock:
-            self._files = files
-            return {**files, **self._registered}
+            self._files = {**files, **self._uploaded()}
+            return {**self._files, **self._registered}
+
+    def _uploaded(self) -> dict[str, LoraSource]:
+        """The uploads kept in the upload folder (one file per name; a partial upload starts with '.')."""
+        if self.uploads is None or not self.uploads.is_dir():
+            return {}
+        return {p.stem: LoraSource(p.stem, p, "upload") for p in sorted(self.uploads.iterdir())
+                if p.is_file() and p.suffix.lower() in LORA_SUFFIXES and not p.name.startswith(".")}
 
     def names(self) -> list[str]:
         """Every servable name, sorted. >>> Catalog("loras/").names()  # doctest: +SKIP"""
@@ -168,7 +177,10 @@ class Catalog:
             source = self._registered.pop(name, None)
         if source is not None:
             return source
-        if name in self.scan():
+        every = self.scan()
+        if name in every and every[name].origin == "upload":  # an upload kept from before a restart
+            return every[name]
+        if name in every:
             raise NameTaken(f"LoRA {name!r} is a file in --lora-dir: it is served while the file exists; "
                             "remove the file to stop serving it")
         raise UnknownLora(f"unknown LoRA {name!r}; GET /v1/loras lists the LoRAs served")

@@ -1,6 +1,6 @@
 """The APIs front-ends already speak, on the same runtime, queue and isolation as ``/v1/images``:
 AUTOMATIC1111's web API (``POST /sdapi/v1/txt2img``, ``GET /sdapi/v1/loras``, and the listings front-ends read at
-start-up: ``sd-models``, ``samplers``, ``options``) and OpenAI's images API (``POST /v1/images/generations``,
+start-up: ``sd-models``, ``samplers``; the others in ``a1111``) and OpenAI's images API (``POST /v1/images/generations``,
 ``GET /v1/models``). For the same seed and mix they give the image ``/v1/images`` gives.
 
 >>> add_compat_routes(app, state)                                            # doctest: +SKIP
@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
 from . import responses
+from .a1111 import add_a1111_routes
 from .catalog import LoraSource
 from .schemas import OpenAIImageRequest, Txt2ImgRequest
 from .state import ServerState, generate
@@ -27,6 +28,8 @@ def add_compat_routes(app: FastAPI, state: ServerState) -> None:
 
     >>> add_compat_routes(app, app.state.lorablend)                         # doctest: +SKIP
     """
+    add_a1111_routes(app, state)
+
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
         """AUTOMATIC1111's txt2img (LoRAs as ``<lora:name:weight>`` in the prompt)."""
@@ -57,11 +60,6 @@ def add_compat_routes(app: FastAPI, state: ServerState) -> None:
     async def a1111_samplers() -> list:
         """AUTOMATIC1111's sampler list: the pipeline's own scheduler (a sampler_name in txt2img is ignored)."""
         return [{"name": SAMPLER, "aliases": [], "options": {}}]
-
-    @app.get("/sdapi/v1/options")
-    async def a1111_options() -> dict:
-        """AUTOMATIC1111's settings, as far as they apply: the model in use."""
-        return {"sd_model_checkpoint": state.model_name}
 
     @app.get("/v1/models")
     async def openai_models() -> dict:

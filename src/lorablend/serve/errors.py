@@ -53,10 +53,11 @@ class QueueFull(RuntimeError):
     """
 
 
-class Interrupted(RuntimeError):
-    """A generation stopped between steps by ``POST /sdapi/v1/interrupt`` (answered 409: no image was made).
+class BatchStopped(Exception):
+    """Raised from the step callback to end a running batch between steps (the server halts, or every client of
+    the batch left); never reaches a client: the worker answers each request of the batch for its own reason.
 
-    >>> isinstance(Interrupted("interrupted"), RuntimeError)
+    >>> isinstance(BatchStopped("stopped after step 3"), Exception)
     True
     """
 
@@ -99,7 +100,7 @@ class BodyTooLarge(HTTPException):
 
 # the answer of each error raised in a handler (the app adds the 422s of the library's readers)
 STATUS: dict[type, int] = {UnknownLora: 404, NameTaken: 409, Forbidden: 403, ServerStopping: 503, QueueFull: 503,
-                           Interrupted: 409, ClientGone: 499}
+                           ClientGone: 499}
 
-__all__ = ["BodyTooLarge", "ClientGone", "CompileUnavailable", "Forbidden", "Interrupted", "NameTaken",
+__all__ = ["BatchStopped", "BodyTooLarge", "ClientGone", "CompileUnavailable", "Forbidden", "NameTaken",
            "PromptTokenError", "QueueFull", "STATUS", "ServerStopping", "UnknownLora"]

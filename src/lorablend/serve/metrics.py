@@ -30,8 +30,11 @@ HELP = {
     "lorablend_adapters_loaded": ("gauge", "LoRAs loaded into the pipeline"),
     "lorablend_queue_depth": ("gauge", "generation requests waiting for the pipeline"),
     "lorablend_requests_dropped_total": ("counter", "queued requests dropped because their client went away"),
+    "lorablend_batches_cancelled_total": ("counter", "running batches stopped between steps: all their clients left"),
+    "lorablend_batch_mixes": ("histogram", "different LoRA mixes generated together in one batch"),
 }
-_BUCKETS = {"lorablend_switch_seconds": SWITCH_BUCKETS, "lorablend_batch_images": (1, 2, 4, 8, 16, 32)}
+_BUCKETS = {"lorablend_switch_seconds": SWITCH_BUCKETS, "lorablend_batch_images": (1, 2, 4, 8, 16, 32),
+            "lorablend_batch_mixes": (1, 2, 4, 8, 16, 32)}
 
 
 def _labels(labels: tuple[tuple[str, str], ...], extra: str = "") -> str:
@@ -150,9 +153,19 @@ class MetricsMiddleware:
     >>> app = MetricsMiddleware(inner_app, metrics=Metrics())              # doctest: +SKIP
     """
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: Any, metrics: Metrics, routes: Callable[[], list] | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's routes: names a request answered before routing (a 401, a 413)
+
+    def _route(self, scope: dict) -> str:
+        """The route template a request was (or would have been) answered by; "other" when none matches."""
+        route = getattr(scope.get("route"), "path", None)
+        if route is None and self.routes is not None:
+            from starlette.routing import Match
+
+            route = next((r.path for r in self.routes() if r.matches(scope)[0] != Match.NONE), None)
+        return route or "other"
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -168,7 +181,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, tracked_send)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "other"
+            route = self._route(scope)
             self.metrics.count("lorablend_requests_total", route=route, method=scope.get("method", ""),
                                status=str(status["code"]))
             self.metrics.observe("lorablend_request_seconds", time.perf_counter() - started, route=route)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .worker import Generation, Result
+from .batch import Generation, Result
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -66,7 +66,7 @@ def a1111(gen: Generation, result: Result, body: dict[str, Any]) -> dict[str, An
     ['images', 'info', 'parameters']
     """
     info = {"prompt": gen.prompt, "negative_prompt": gen.negative_prompt or "", "seed": gen.seed,
-            "all_seeds": [gen.seed] * len(result.images), "steps": gen.steps, "cfg_scale": gen.guidance_scale,
+            "all_seeds": gen.seeds(len(result.images)), "steps": gen.steps, "cfg_scale": gen.guidance_scale,
             "width": gen.width, "height": gen.height, "loras": gen.loras, "timings": result.timings}
     return {"images": [b64_png(i) for i in result.images], "parameters": body, "info": json.dumps(info)}
 

@@ -63,7 +63,39 @@ def serve(model: str, config: ServeSettings, *, host: str = "127.0.0.1", port: i
     pipe, compiled = load_model(model, device=device, dtype=dtype, compile=compile)
     app = create_app(pipe, config, compiled=compiled)
     print(f"lorablend serve: {model} on http://{host}:{port} (LoRAs from {config.lora_dir})", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = draining_server(uvicorn.Config(app, host=host, port=port, log_level=log_level),
+                             app.state.lorablend.worker, config.drain_seconds)
+    server.run()
 
 
-__all__ = ["check_compile", "load_model", "serve"]
+def draining_server(config: Any, worker: Any, drain_seconds: float) -> Any:
+    """A ``uvicorn.Server`` that stops in three steps, each answering every client (never a 500):
+
+    1st Ctrl-C / SIGTERM: stop accepting, refuse new requests (503), let the queued and running ones finish for
+    up to ``drain_seconds``, then answer the rest 503 + Retry-After; 2nd: answer them all 503 now (the running
+    batch ends after its current step) and exit as soon as the answers are out; 3rd: exit at once (uvicorn's).
+
+    >>> draining_server(uvicorn.Config(app), app.state.lorablend.worker, 10.0).run()   # doctest: +SKIP
+    """
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        signals = 0
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            self.signals += 1
+            if self.signals == 1:
+                logger.warning("stopping: new requests get 503; queued and running ones have %gs to finish (Ctrl-C "
+                               "again: answer them 503 now)", drain_seconds)
+                worker.drain(drain_seconds)
+                self.should_exit = True
+            elif self.signals == 2:
+                logger.warning("stopping now: every waiting request answered 503 (Ctrl-C again: exit at once)")
+                worker.halt()
+            else:
+                self.force_exit = True
+
+    return DrainingServer(config)
+
+
+__all__ = ["check_compile", "draining_server", "load_model", "serve"]

@@ -1,5 +1,5 @@
 """The request bodies of every endpoint, checked by pydantic (a bad field answers 422 naming it), and what
-each becomes: one :class:`~lorablend.serve.worker.Generation`.
+each becomes: one :class:`~lorablend.serve.batch.Generation`.
 
 Types are strict (``"steps": "20"`` is refused, not guessed), numbers must be finite, weights and sizes bounded.
 The native body refuses unknown fields (a typo is an error); the A1111 and OpenAI bodies ignore the fields of
@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_WEIGHT, ServeSettings
-from .worker import Generation
+from .batch import Generation
 from .errors import PromptTokenError
 from .prompts import split_lora_tokens
 
@@ -125,8 +125,8 @@ class LoraRegistration(BaseModel):
 class Txt2ImgRequest(BaseModel):
     """``POST /sdapi/v1/txt2img``: AUTOMATIC1111's body (the fields that apply; the others are ignored).
 
-    ``seed`` -1 (A1111's "random") picks one; images are ``batch_size × n_iter``, all from that one seed's noise
-    (drawn in order, as ``num_images`` does on ``/v1/images``).
+    ``seed`` -1 (A1111's "random") picks one; images are ``batch_size × n_iter``, image ``i`` from ``seed + i``
+    (A1111's ``all_seeds``: each image is the one a request for that seed alone gives).
 
     >>> Txt2ImgRequest(prompt="a cat <lora:ink:0.8>", seed=5, steps=2).generation(ServeSettings(".")).prompt
     'a cat'
@@ -151,7 +151,7 @@ class Txt2ImgRequest(BaseModel):
         _limits(config, self.steps, images, "batch_size")
         prompt, mix = _mix(self.prompt, {})
         return Generation(prompt, _seed(self.seed), self.steps, mix, self.negative_prompt or None, self.cfg_scale,
-                          self.width, self.height, images)
+                          self.width, self.height, images, seed_per_image=True)
 
 
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")

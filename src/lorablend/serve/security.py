@@ -89,19 +89,23 @@ class BodyLimit:
     """ASGI wrapper: refuse a body over ``limit_for(path)`` bytes with 413, by its Content-Length when it says so,
     else as soon as the bytes received pass the limit (a chunked upload is cut off there, never buffered whole).
 
-    >>> app = BodyLimit(inner_app, lambda path: 2**20)                     # doctest: +SKIP
+    >>> app = BodyLimit(inner_app, lambda path, content_type: 2**20, upload_limit=2**30)   # doctest: +SKIP
     """
 
-    def __init__(self, app: Any, limit_for: Callable[[str], int]) -> None:
+    def __init__(self, app: Any, limit_for: Callable[[str, str], int], upload_limit: int | None = None) -> None:
         self.app = app
-        self.limit_for = limit_for
+        self.limit_for = limit_for  # (path, content type) -> bytes
+        self.upload_limit = upload_limit  # which limit is the upload's (to name its flag)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit_for(scope.get("path", ""))
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = f"request body over the limit of {limit:,} bytes; send a smaller file (or raise the server's limit)"
+        headers = dict(scope.get("headers") or [])
+        limit = self.limit_for(scope.get("path", ""), headers.get(b"content-type", b"").decode("latin-1").lower())
+        declared = headers.get(b"content-length")
+        flag = "--max-upload-bytes" if limit == self.upload_limit else "--max-body-bytes"
+        too_big = (f"request body over the limit of {limit:,} bytes; send a smaller one (the server's {flag} sets "
+                   "the limit)")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             for message in _json_reply(413, too_big):
                 await send(message)
@@ -139,12 +143,14 @@ class TokenCheck:
     >>> app = TokenCheck(inner_app, token="s3cret")                         # doctest: +SKIP
     """
 
-    def __init__(self, app: Any, token: str | None) -> None:
+    def __init__(self, app: Any, token: str | None, public: Callable[[str], bool] | None = None) -> None:
         self.app = app
         self.token = token
+        self.public = public or (lambda path: False)  # paths served to anyone (the page's own static files)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or self.token is None or scope.get("path", "").rstrip("/").endswith("/health"):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or self.token is None or path.rstrip("/").endswith("/health") or self.public(path):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         auth, key = headers.get(b"authorization"), headers.get(b"x-api-key")

@@ -20,14 +20,16 @@ from fastapi.concurrency import run_in_threadpool
 from .cache import AdapterCache, CachedAdapter
 from .catalog import Catalog, LoraSource
 from .config import ServeSettings
-from .worker import Worker, Generation, Result
+from .batch import Generation, Result
+from .worker import Worker
 from .metrics import Metrics
 from .errors import ClientGone
+from .schemas import invalid
 
 
 class ServerState:
     """Everything one server owns (no module-level state): settings, catalog, cache, worker, metrics, and the
-    private folder where uploads live until deleted or the server stops.
+    folder where uploads live (``--upload-dir``, or a private one removed when the server stops).
 
     >>> app.state.lorablend.cache.names_loaded()                            # doctest: +SKIP
     ['ink']
@@ -37,10 +39,16 @@ class ServerState:
         self.pipe = pipe
         self.config = config.check()
         self.metrics = Metrics()
-        self.catalog = Catalog(config.lora_dir)
+        # uploads live in --upload-dir (kept: they are served again after a restart) or a private temporary folder
+        self.keep_uploads = config.upload_dir is not None
+        self.upload_dir = Path(config.upload_dir) if self.keep_uploads else Path(tempfile.mkdtemp(
+            prefix="lorablend-uploads-"))
+        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(config.lora_dir, uploads=self.upload_dir)
         self.cache = AdapterCache(pipe, budget_bytes=config.cache_bytes, metrics=self.metrics)
-        self.worker = Worker(pipe, self.cache, self.metrics, max_batch=config.max_batch, compiled=compiled)
-        self.upload_dir = Path(tempfile.mkdtemp(prefix="lorablend-uploads-"))
+        self.worker = Worker(pipe, self.cache, self.metrics, max_batch=config.max_batch, max_queue=config.max_queue,
+                             compiled=compiled, mixed=config.mixed_batches)
+        self.options: dict[str, Any] = {}  # A1111 options a client set (POST /sdapi/v1/options)
         inner = getattr(pipe, "pipe", pipe)
         self.model_name = str(getattr(inner, "name_or_path", "") or type(inner).__name__)
 
@@ -74,9 +82,25 @@ class ServerState:
         return row
 
     def close(self) -> None:
-        """Stop the worker and remove the uploads (the app's shutdown). >>> state.close()  # doctest: +SKIP"""
+        """Stop the worker; remove the uploads unless they live in --upload-dir (the app's shutdown).
+        >>> state.close()  # doctest: +SKIP"""
         self.worker.stop()
-        shutil.rmtree(self.upload_dir, ignore_errors=True)
+        if not self.keep_uploads:
+            shutil.rmtree(self.upload_dir, ignore_errors=True)
+
+    def check_size(self, gen: Generation) -> Generation:
+        """``gen`` with the pipeline's defaults filled in; 422 past ``--max-pixels``.
+
+        >>> state.check_size(Generation("x", 1, 2, width=4096, height=4096))       # doctest: +SKIP
+        Traceback (most recent call last):
+        fastapi.exceptions.RequestValidationError: ...
+        """
+        gen = self.worker.resolve(gen)
+        if gen.width * gen.height > self.config.max_pixels:
+            raise invalid("width", f"{gen.width}x{gen.height} is {gen.width * gen.height:,} pixels: this server "
+                                   f"allows at most {self.config.max_pixels:,} (--max-pixels); ask for a smaller "
+                                   "size", f"{gen.width}x{gen.height}")
+        return gen
 
 
 async def _client_gone(request: Request) -> None:
@@ -92,7 +116,8 @@ async def generate(state: ServerState, gen: Generation, request: Request) -> tup
 
     >>> gen, result = await generate(state, body.generation(config), request)   # doctest: +SKIP
     """
-    entries = await run_in_threadpool(state.adapters_for, sorted(gen.loras))
+    gen = state.check_size(gen)
+    entries = await run_in_threadpool(state.adapters_for, list(gen.loras))
     state.worker.start()  # idempotent: started here too, because a mounted sub-app gets no startup event
     job = state.worker.submit(gen, entries)
     result = asyncio.wrap_future(job.future)

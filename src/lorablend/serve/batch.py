@@ -1,0 +1,216 @@
+"""One batch on the pipeline: what a request becomes (:class:`Generation`, :class:`Job`), which requests may share a
+batch (:func:`batch_key`), and running one batch (:class:`BatchRun`): make its LoRAs current, generate, report
+progress and stop between steps when asked.
+
+Any mix in one batch: requests with the same settings (size, steps, guidance, scale) but different LoRA mixes run
+as ONE pipeline call. The batch's adapters are set with weight 1 and each image gets its own weights between the
+down and up products of every layer (``LoraRuntime.call_sample_weights``, Punica / S-LoRA's idea), so each image
+is the one its own call gives, within float tolerance. A mix with an adapter that is not one low-rank pair per
+layer (LoHa, LoKr, a bias delta), or a compiled denoiser, batches only with its own mix.
+
+>>> batch_key(Generation("a cat", seed=1, steps=2, width=64, height=64, guidance_scale=7.0), [], mixed=True)
+(None, 1.0, 2, 7.0, 64, 64, True)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .cache import AdapterCache, CachedAdapter
+from .errors import BatchStopped
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One validated request, in the library's terms (what every endpoint's body becomes).
+
+    ``loras`` maps names to weights; ``scale`` is the call-time ``cross_attention_kwargs`` scale; ``None`` for
+    ``width`` / ``height`` / ``guidance_scale`` means the pipeline's default (filled in by :meth:`Worker.resolve`).
+    ``seed_per_image``: image ``i`` is drawn from ``seed + i`` alone (A1111: each image reproducible by its own
+    seed); else all of a request's images come from one generator drawn in order (the library's
+    ``num_images_per_prompt``).
+
+    >>> Generation("a cat", seed=3, steps=2, loras={"ink": 0.5}).seeds(2)
+    [3, 3]
+    """
+
+    prompt: str
+    seed: int
+    steps: int
+    loras: dict[str, float] = field(default_factory=dict)
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    scale: float = 1.0
+    seed_per_image: bool = False
+
+    def seeds(self, count: int | None = None) -> list[int]:
+        """The seed each image is drawn from. >>> Generation("x", 5, 2, seed_per_image=True).seeds(3)
+        [5, 6, 7]
+        """
+        n = self.num_images if count is None else count
+        return [self.seed + i for i in range(n)] if self.seed_per_image else [self.seed] * n
+
+
+@dataclass
+class Result:
+    """A request's images (H×W×3 floats in [0, 1], as ``output_type="np"``), the batch size it ran in, and
+    its timings in seconds: ``queue`` (waiting), ``switch`` (making its mix current), ``generate``.
+
+    >>> worker.submit(gen, entries).future.result().timings                 # doctest: +SKIP
+    {'queue': 0.0002, 'switch': 0.003, 'generate': 0.21}
+    """
+
+    images: list[np.ndarray]
+    timings: dict[str, float]
+    batch_images: int
+
+
+@dataclass(eq=False)
+class Job:
+    """A queued request: its generation, the parsed adapters of its mix, its batch key and the future its handler
+    waits on. ``gone`` is set by the handler when the client disconnects.
+
+    >>> job = worker.submit(gen, entries); job.key == worker.submit(gen, entries).key   # doctest: +SKIP
+    True
+    """
+
+    generation: Generation
+    entries: list[CachedAdapter]
+    key: tuple
+    future: concurrent.futures.Future
+    submitted: float
+    gone: bool = False
+
+    @property
+    def mix(self) -> frozenset:
+        """The mix as a set of (name, version, weight): equal mixes are equal sets, whatever their order."""
+        return frozenset((e.name, e.version, float(self.generation.loras[e.name])) for e in self.entries)
+
+
+def batch_key(gen: Generation, entries: Sequence[CachedAdapter], *, mixed: bool) -> tuple:
+    """Requests with equal keys run as one batch: the same call settings, and — unless ``mixed`` and every adapter
+    takes per-sample weights — the same mix. (A missing negative prompt is its own key: SDXL encodes None as
+    zeros, "" as the empty text.)
+
+    >>> batch_key(Generation("x", 1, 2), [], mixed=False)[0]
+    frozenset()
+    """
+    per_sample = mixed and all(e.low_rank for e in entries)
+    mix = None if per_sample else frozenset((e.name, e.version, float(gen.loras[e.name])) for e in entries)
+    return (mix, gen.scale, gen.steps, gen.guidance_scale, gen.width, gen.height, gen.negative_prompt is None)
+
+
+@dataclass
+class Progress:
+    """Where the running batch is: steps done of ``steps``, when it started, its latest latents (for a preview).
+
+    >>> Progress(steps=20, done=5, started=0.0).eta(now=10.0)
+    30.0
+    """
+
+    steps: int = 0
+    done: int = 0
+    started: float = 0.0
+    images: int = 0
+    latents: Any = None
+
+    def eta(self, now: float | None = None) -> float:
+        """Seconds left, from the pace so far (0 before the first step ends)."""
+        if self.done <= 0 or self.steps <= 0:
+            return 0.0
+        elapsed = (time.perf_counter() if now is None else now) - self.started
+        return round(elapsed / self.done * (self.steps - self.done), 3)
+
+
+class BatchRun:
+    """Run one batch: switch (load, set weights, build terms), generate with a step callback, split the images.
+
+    ``should_stop()`` is asked after every step (True: :class:`BatchStopped` ends the call); ``interrupt()`` True
+    makes the pipeline skip its remaining steps and decode what it has (A1111's interrupt).
+
+    >>> images, switch_s, generate_s = BatchRun(pipe, cache, None, progress).run(batch, stop, interrupt)  # doctest: +SKIP
+    """
+
+    def __init__(self, pipe: Any, cache: AdapterCache, compiled: Any, progress: Progress) -> None:
+        self.pipe, self.cache, self.compiled, self.progress = pipe, cache, compiled, progress
+
+    def run(self, batch: list[Job], should_stop: Any, interrupt: Any) -> tuple[list[np.ndarray], float, float]:
+        """The batch's images in job order, the switch and the generate seconds."""
+        t0 = time.perf_counter()
+        samples = self._switch(batch)
+        t1 = time.perf_counter()
+        images = self._generate(batch, samples, should_stop, interrupt)
+        return images, t1 - t0, time.perf_counter() - t1
+
+    def _switch(self, batch: list[Job]) -> list[dict[str, float]] | None:
+        """Make the batch's LoRAs current. One mix: exactly that mix (None returned). Several: every adapter of
+        any mix at weight 1, and each image's own weights returned (one row per image)."""
+        mixes = {job.mix for job in batch}
+        entries = {e.name: e for job in batch for e in job.entries}
+        self.cache.activate(list(entries.values()))
+        if len(mixes) == 1:
+            names = [e.name for e in batch[0].entries]
+            self.pipe.set_adapters(names, [float(batch[0].generation.loras[n]) for n in names])
+            rows = None
+        else:
+            self.pipe.set_adapters(list(entries), [1.0] * len(entries))
+            rows = [dict(job.generation.loras) for job in batch for _ in range(job.generation.num_images)]
+        self.pipe.prepare()  # build the blended terms here, so 'switch' times them and 'generate' does not
+        if self.compiled is not None:
+            self.compiled.sync()  # the compiled denoiser's fixed buffers, written in place: no recompile
+        return rows
+
+    def _generate(self, batch: list[Job], rows: list[dict[str, float]] | None, should_stop: Any,
+                  interrupt: Any) -> list[np.ndarray]:
+        """One pipeline call for the batch; each image's noise from its request's seed, as its own call draws it."""
+        g = batch[0].generation
+        prompts: list[str] = []
+        negatives: list[str] = []
+        generators: list[np.random.Generator] = []
+        for job in batch:
+            gen, n = job.generation, job.generation.num_images
+            prompts += [gen.prompt] * n
+            negatives += [gen.negative_prompt or ""] * n
+            # one generator per request, drawn once per image in order: the same numbers as that request's own
+            # call (one (n, …) draw); with seed_per_image one per image (seed + i)
+            if gen.seed_per_image:
+                generators += [np.random.Generator(np.random.PCG64(s)) for s in gen.seeds()]
+            else:
+                generators += [np.random.Generator(np.random.PCG64(gen.seed))] * n
+        kwargs = dict(prompt=prompts, negative_prompt=None if g.negative_prompt is None else negatives,
+                      generator=generators, num_inference_steps=g.steps, guidance_scale=g.guidance_scale,
+                      height=g.height, width=g.width, output_type="np",
+                      callback_on_step_end=self._callback(should_stop, interrupt))
+        if g.scale != 1.0:
+            kwargs["cross_attention_kwargs"] = {"scale": g.scale}
+        self.progress.steps, self.progress.done, self.progress.images = g.steps, 0, len(prompts)
+        self.progress.started, self.progress.latents = time.perf_counter(), None
+        per_sample = contextlib.nullcontext() if rows is None else self.pipe.runtime.call_sample_weights(rows)
+        with per_sample:
+            out = self.pipe(**kwargs).images  # (diffusers' __call__ runs under no_grad)
+        return [np.asarray(img, dtype=np.float32) for img in out]
+
+    def _callback(self, should_stop: Any, interrupt: Any) -> Any:
+        progress = self.progress
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            progress.done = step + 1
+            progress.latents = tensors.get("latents")
+            if should_stop():
+                raise BatchStopped(f"stopped after step {step + 1}")
+            if interrupt():
+                pipe._interrupt = True  # diffusers skips the remaining steps and decodes these latents
+            return tensors
+        return on_step_end
+
+
+__all__ = ["BatchRun", "Generation", "Job", "Progress", "Result", "batch_key"]
