@@ -1,8 +1,10 @@
-"""lorablend: load, blend, merge, fuse and unfuse LoRA adapters on SD1.x and SDXL pipelines.
+"""lorablend: load, blend, merge, fuse and unfuse LoRA adapters on diffusers pipelines — SD1.x, SD2.x, SDXL,
+Flux.1 and SD3 / SD3.5 (``adapter.FAMILIES`` lists every family we cover).
 
 >>> import lorablend
 >>> adapter = lorablend.load_adapter("style.safetensors")            # doctest: +SKIP
 >>> print(adapter.report.summary())                                  # doctest: +SKIP
+>>> merged = lorablend.merge([adapter, adapter], [0.5, 0.5])         # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 
 from .adapter import Adapter, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
 from .errors import LoraCompatibilityError, LoraFormatError
-from .merge import merge, merge_with_report  # eager: a lazy name would be shadowed by the submodule
+from . import merge  # the package, callable as merge.merge (lorablend.merge(adapters, weights))
+from .merge import merge_with_report
 from .report import KeyRecord, LoadReport
 
 # Loaded on first use so that `import lorablend` costs little more than `import torch`: DiffusionPipeline imports

@@ -270,7 +270,8 @@ def _add_bake(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bake",
         aliases=["fuse"],  # its first name; fuse_lora stays the in-memory pipeline operation
-        help="bake LoRAs into a model: a diffusers pipeline folder or a single-file SD1.x/SDXL checkpoint",
+        help="bake LoRAs into a model: a diffusers pipeline folder or a single-file checkpoint (SD1.x, SD2.x, SDXL, "
+             "Flux.1, SD3 / SD3.5)",
         description=(
             "Write MODEL with the LoRAs fused in (W0 + lora_scale * sum of weight_i * dW_i, in fp32 from the original "
             "weights, cast once: the same weights as fuse_lora + save_pretrained). A single-file .safetensors "
@@ -523,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser: ``lorablend --help`` lists every subcommand."""
     parser = _Parser(
         prog=PROG,
-        description="Load, blend, merge, fuse and unfuse LoRA adapters for Stable Diffusion 1.x and SDXL.",
+        description="Load, blend, merge, fuse and unfuse LoRA adapters on diffusers pipelines: SD1.x, SD2.x, SDXL, "
+                    "Flux.1, SD3 / SD3.5.",
     )
     try:
         from importlib.metadata import version

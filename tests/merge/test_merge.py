@@ -73,6 +73,19 @@ def pair():
     return a, b
 
 
+def test_lorablend_merge_is_the_package_and_callable_as_the_function(pair):
+    """`import lorablend.merge` is the package; `lorablend.merge(adapters, weights)` merges; neither shadows."""
+    import lorablend
+    import lorablend.merge as package
+
+    assert package is merge_mod is lorablend.merge and package.MergeReport is MergeReport and package.merge is merge
+    called = lorablend.merge(list(pair), [0.7, -0.4], method="cat")
+    direct = merge(list(pair), [0.7, -0.4], method="cat")
+    assert called.deltas.keys() == direct.deltas.keys()
+    assert all(torch.equal(called.deltas[k].up, direct.deltas[k].up) and
+               torch.equal(called.deltas[k].down, direct.deltas[k].down) for k in direct.deltas)
+
+
 # ------------------------------------------------------------------------------------------------ cat
 
 

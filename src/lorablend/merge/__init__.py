@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import types
 from typing import Any, Sequence
 
 import torch
@@ -245,3 +247,20 @@ def _provenance(adapters: list[Adapter], weights: list[float], options: MergeSet
 from ..errors import renamed_names  # noqa: E402  (only for the old names below)
 
 __getattr__ = renamed_names(__name__, {'MergeOptions': 'MergeSettings'}, globals())
+
+
+class _MergePackage(types.ModuleType):
+    """``lorablend.merge`` is this package AND callable as :func:`merge`: ``import lorablend.merge`` gives the
+    package (``lorablend.merge.MergeReport``, ``from lorablend.merge import merge``), and
+    ``lorablend.merge(adapters, weights)`` merges — neither shadows the other."""
+
+    def __call__(self, adapters: Sequence[Adapter], weights: Sequence[float] | None, *args: Any,
+                 **kwargs: Any) -> Adapter:
+        """``merge(adapters, weights, ...)``.
+
+        >>> lorablend.merge([a, b], [0.7, 0.3], method="cat")                # doctest: +SKIP
+        """
+        return merge(adapters, weights, *args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _MergePackage
