@@ -35,6 +35,19 @@ def test_demo_runs_the_guide_on_a_transformer_family(tmp_path, capsys, family):
     assert "every transformer weight bit-exact" in report and "LoRAs: kohya + diffusers" in report
 
 
+def test_demo_on_a_video_family_writes_frame_strips(tmp_path, capsys):
+    """Wan 2.2 A14B (two experts): the same guide; each image is the clip's frames side by side."""
+    from PIL import Image
+
+    from lorablend.fixtures.tiny_2026 import CALL_KW
+
+    assert main(["demo", "--family", "wan22-a14b", "--output", str(tmp_path / "out"), "--json"]) == 0
+    assert [s["ok"] for s in json.loads(capsys.readouterr().out)["steps"]] == [True] * 7
+    kw = CALL_KW["wan22-a14b"]
+    assert Image.open(tmp_path / "out" / "set_adapters.png").size == (kw["width"] * kw["num_frames"], kw["height"])
+    assert "tiny Wan 2.2 A14B" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_example_script_runs_the_guide_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("LORABLEND_EXAMPLE_PUSH", None)

@@ -233,8 +233,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--steps", type=int, default=2, help="inference steps per image (default 2)")
-    p.add_argument("--family", default="sdxl", choices=["sdxl", "flux", "sd3"],
-                   help="the tiny pipeline's family (default sdxl; flux and sd3 run the same guide on a transformer)")
+    p.add_argument("--family", default="sdxl", choices=["sdxl", "flux", "sd3", "qwen", "wan", "wan22-a14b", "flux2", "zimage",
+                   "chroma"], help="the tiny pipeline's family (default sdxl; wan / wan22-a14b: videos, as frame strips)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.set_defaults(func=_cmd_demo)
 
@@ -435,14 +435,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--token", default=None,
                    help="require 'Authorization: Bearer TOKEN' on every route but /health (default: $LORABLEND_TOKEN)")
-    from .serve.config import add_limit_flags
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when present)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--cache-bytes", type=int, default=4 * 2**30, metavar="N",
                    help="bytes of parsed LoRAs kept in memory, least recently used out first (default 4 GiB)")
     p.add_argument("--max-batch", type=int, default=4, metavar="N",
-                   help="images generated together for requests with the same settings, any mixes (default 4)")
-    add_limit_flags(p)
+                   help="images generated together for requests with the same mix and settings (default 4)")
     p.add_argument("--compile", action="store_true",
                    help="run the denoiser under torch.compile (DiffusionPipeline.compile_denoiser), when this build has it")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
@@ -462,7 +460,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"lorablend serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'lorablend[serve]'") from None
-    from .serve.config import ServeSettings, limits_given
+    from .serve.config import ServeSettings
     from .serve.run import serve
 
     dtype = None
@@ -471,8 +469,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         dtype = parse_dtype(args.dtype)
     config = ServeSettings(lora_dir=args.lora_dir, token=args.token or os.environ.get("LORABLEND_TOKEN") or None,
-                         cache_bytes=args.cache_bytes, max_batch=args.max_batch,
-                         **limits_given(args)).check()
+                         cache_bytes=args.cache_bytes, max_batch=args.max_batch).check()
     if args.engine == "ray":
         return _serve_on_ray(args, config, dtype)
     if (args.address, args.replicas, args.gpus_per_replica) != (None, 1, 0.0):

@@ -17,7 +17,9 @@ import torch
 
 from .fixtures.tiny_unets import tiny_pipeline, random_adapter
 
-TINY_FAMILIES = {"sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3"}  # what `lorablend demo --family` builds
+TINY_FAMILIES = {"sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3",  # what `lorablend demo --family` builds
+                 "qwen": "Qwen-Image", "wan": "Wan 2.1 (video)", "wan22-a14b": "Wan 2.2 A14B (video, two experts)",
+                 "flux2": "Flux.2", "zimage": "Z-Image", "chroma": "Chroma"}
 
 
 
@@ -102,9 +104,13 @@ class _DemoRun:
         """One image from the same seed's noise; kept under ``key`` (written as ``key.png``) unless None."""
         import numpy as np
 
-        size = {} if self.family == "sdxl" else {"height": 32, "width": 32}  # (Flux / SD3 default to 1024²)
-        image = pipe(prompt=self.prompt, generator=np.random.Generator(np.random.PCG64(self.seed)),
-                     num_inference_steps=self.steps, output_type="np", **size, **kw).images[0]
+        from .fixtures.tiny_2026 import CALL_KW
+
+        size = {} if self.family == "sdxl" else CALL_KW.get(self.family, {"height": 32, "width": 32})  # (not 1024²)
+        out = pipe(prompt=self.prompt, generator=np.random.Generator(np.random.PCG64(self.seed)),
+                   num_inference_steps=self.steps, output_type="np", **size, **kw)
+        # a video (Wan): its frames side by side, one strip image (frame 0 on the left)
+        image = np.concatenate(list(out.frames[0]), axis=1) if hasattr(out, "frames") else out.images[0]
         if key is not None:
             self.images[key] = image
         return image
@@ -152,9 +158,11 @@ def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0, family: str =
 def _tiny(family: str, seed: int) -> Any:
     from .fixtures.tiny_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 
+    from .fixtures.tiny_2026 import tiny_2026_pipeline
+
     builders = {"sdxl": lambda: tiny_pipeline("sdxl", seed=seed), "flux": lambda: tiny_flux_pipeline(seed=seed),
                 "sd3": lambda: tiny_sd3_pipeline(seed=seed)}
-    return builders[family]()
+    return builders[family]() if family in builders else tiny_2026_pipeline(family, seed=seed)
 
 
 def _build(run: _DemoRun) -> tuple[bool, str]:
@@ -165,8 +173,9 @@ def _build(run: _DemoRun) -> tuple[bool, str]:
     ikea = random_adapter(pipe, "ikea", rank=4, alpha=2.0, seed=run.seed + 1)
     feng = random_adapter(pipe, "feng", rank=8, alpha=8.0, seed=run.seed + 2, targets="attn")
     run.lora_dir.mkdir(exist_ok=True)
-    # kohya (SGM names for SDXL; BFL / SAI names with fused q/k/v for Flux / SD3) + diffusers
-    first = "kohya"
+    # kohya (SGM names for SDXL; BFL / SAI names with fused q/k/v for Flux / SD3) + diffusers; the 2025-26
+    # families: both in diffusers names (their kohya / ComfyUI writers are the read side's: lorablend convert)
+    first = "kohya" if run.family in ("sdxl", "flux", "sd3") else "diffusers"
     save_adapter(ikea, run.lora_dir / run.files[0], format=first, target=pipe, overwrite=True)
     save_adapter(feng, run.lora_dir / run.files[1], format="diffusers", target=pipe, overwrite=True)
     return True, f"tiny {TINY_FAMILIES[run.family]} saved to {run.base_dir.name}/; LoRAs: {first} + diffusers"

@@ -45,6 +45,9 @@ from .runtime.binding import bind_adapter
 from .runtime.lora_runtime import LoraRuntime
 from .runtime.registry import UNSET, follow_pipeline, runtime_for
 from .naming import components_of, denoiser_component
+from .images.noise import host_normal as _host_normal, is_numpy_generator as _is_numpy_generator
+from .images.noise import host_noise_in_prepare_latents as _host_noise_in_prepare_latents
+from .images.noise import seeded_for_the_rest as _seeded_for_the_rest
 
 logger = logging.getLogger(__name__)
 _OWN = ("pipe", "_runtime", "_rt", "_seen")
@@ -61,58 +64,8 @@ def _fetch(source: Any, weight_name: str | None, hub_kwargs: dict) -> Any:
         raise LoraFormatError(str(e)) from None
 
 
-def _is_numpy_generator(generator: Any) -> bool:
-    if isinstance(generator, np.random.Generator):
-        return True
-    return isinstance(generator, (list, tuple)) and bool(generator) and all(
-        isinstance(g, np.random.Generator) for g in generator
-    )
-
-
-def _host_normal(generator: Any, batch: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal noise ``(batch, *shape)`` from one numpy generator or one per image."""
-    if isinstance(generator, np.random.Generator):
-        return generator.standard_normal((batch, *shape))
-    if len(generator) != batch:
-        raise ValueError(f"got {len(generator)} numpy generators for {batch} images; pass one per image")
-    return np.stack([g.standard_normal(shape) for g in generator])
-
-
-def _seeded_for_the_rest(generator: Any, device: torch.device) -> torch.Generator:
-    """A torch generator for what else a transformer pipeline draws (a control image's VAE sample), seeded from a
-    child of the (first) numpy generator: the latents' stream stays the one the seed alone gives."""
-    first = generator if isinstance(generator, np.random.Generator) else generator[0]
-    return torch.Generator(device=device).manual_seed(int(first.spawn(1)[0].integers(2**63)))
-
-
-@contextlib.contextmanager
-def _host_noise_in_prepare_latents(pipe: Any, generator: Any):
-    """For one call, the pipeline's ``prepare_latents`` gets latents drawn on the host from ``generator``, shaped
-    from the batch / channels / size it is called with (so a Kontext image's auto-resize is respected) and packed
-    into 2×2 patches when the pipeline packs its latents (Flux)."""
-    original = pipe.prepare_latents
-    signature = inspect.signature(original)
-    packs = callable(getattr(pipe, "_pack_latents", None))
-
-    def prepare_latents(*args: Any, **kwargs: Any):
-        bound = signature.bind(*args, **kwargs)
-        params = bound.arguments
-        if params.get("latents") is None:
-            batch, channels = int(params["batch_size"]), int(params["num_channels_latents"])
-            factor = pipe.vae_scale_factor * (2 if packs else 1)
-            height, width = (int(params[k]) // factor * (2 if packs else 1) for k in ("height", "width"))
-            noise = torch.from_numpy(_host_normal(generator, batch, (channels, height, width)))
-            latents = noise.to(device=params["device"], dtype=params["dtype"])
-            if packs:
-                latents = pipe._pack_latents(latents, batch, channels, height, width)
-            params["latents"] = latents
-        return original(*bound.args, **bound.kwargs)
-
-    pipe.__dict__["prepare_latents"] = prepare_latents  # (an instance attribute: the class's method stays)
-    try:
-        yield
-    finally:
-        pipe.__dict__.pop("prepare_latents", None)
+# diffusers' names for the attention kwargs (the call-time LoRA scale rides in them), by pipeline
+_ATTENTION_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
 class DiffusionPipeline:
@@ -254,18 +207,26 @@ class DiffusionPipeline:
         ``generator`` may be a ``torch.Generator`` (passed to diffusers) or a ``np.random.Generator`` / a list
         of them, one per image: the initial latents are then drawn on the host with
         ``generator.standard_normal(shape)`` (packed as the pipeline packs them, for Flux), so a seed gives the
-        same latents on every device. ``cross_attention_kwargs={"scale": s}`` (SD1.x / SDXL) or
-        ``joint_attention_kwargs={"scale": s}`` (Flux, SD3: diffusers' name there; either spelling is accepted)
-        scales the unfused adapters in the denoiser and the text encoders for this call only.
+        same latents on every device (a video's frames too). ``cross_attention_kwargs={"scale": s}`` (SD1.x /
+        SDXL), ``joint_attention_kwargs={"scale": s}`` (Flux, SD3, Z-Image, Chroma) or ``attention_kwargs={"scale":
+        s}`` (Qwen-Image, Wan, Flux.2: diffusers' names there; every spelling is accepted on every pipeline) scales
+        the unfused adapters in the denoisers and the text encoders for this call only.
 
         >>> image = pipeline("a bowl of ramen", generator=np.random.Generator(np.random.PCG64(0)))[0][0]  # doctest: +SKIP
         """
-        if cross_attention_kwargs is not None and joint_attention_kwargs is not None:
-            raise ValueError("pass cross_attention_kwargs (SD1.x / SDXL) or joint_attention_kwargs (Flux, SD3), not both")
-        attention_kwargs = dict(cross_attention_kwargs or joint_attention_kwargs or {})
+        given = [k for k in (cross_attention_kwargs, joint_attention_kwargs, kwargs.pop("attention_kwargs", None))
+                 if k is not None]
+        if len(given) > 1:
+            raise ValueError("pass one of cross_attention_kwargs (SD1.x / SDXL), joint_attention_kwargs (Flux, SD3, "
+                             "Z-Image, Chroma) or attention_kwargs (Qwen-Image, Wan, Flux.2), not several")
+        attention_kwargs = dict(given[0]) if given else {}
         scale = attention_kwargs.pop("scale", 1.0)
-        joint = "joint_attention_kwargs" in inspect.signature(self.pipe.__call__).parameters
-        kwargs["joint_attention_kwargs" if joint else "cross_attention_kwargs"] = attention_kwargs or None
+        parameters = inspect.signature(self.pipe.__call__).parameters
+        spelling = next((k for k in _ATTENTION_KWARGS if k in parameters), None)
+        if spelling is not None:  # (the pipeline's own name for them; the scale is ours, never passed on)
+            kwargs[spelling] = attention_kwargs or None
+        elif attention_kwargs:
+            raise TypeError(f"{type(self.pipe).__name__} takes no attention kwargs; got {sorted(attention_kwargs)}")
         host_noise = contextlib.nullcontext()
         if _is_numpy_generator(generator):
             if kwargs.get("latents") is not None:
@@ -305,12 +266,14 @@ class DiffusionPipeline:
     # ------------------------------------------------------------------------------ loading
     def load_lora_weights(
         self,
-        pretrained_model_name_or_path_or_dict: Any,
+        pretrained_model_name_or_path_or_dict: Any = None,
         adapter_name: str | None = None,
         *,
         weight_name: str | None = None,
         strict: bool = True,
         hotswap: bool = False,
+        high: Any = None,
+        low: Any = None,
         **kwargs: Any,
     ) -> LoadReport:
         """Load a LoRA (file, folder, repo id, state dict or ``Adapter``) into the UNet and text encoders.
@@ -319,23 +282,24 @@ class DiffusionPipeline:
         ``LoraCompatibilityError`` names the first offending keys. ``strict=False`` applies the layers that
         fit. The new adapter becomes the active one with weight 1 (as in diffusers). ``hotswap=True``
         replaces the tensors of the loaded adapter ``adapter_name``, keeping its activation and weights.
-        Returns the per-key ``LoadReport``.
+        Returns the per-key ``LoadReport``. Wan 2.2 A14B (two experts): ``high=`` / ``low=`` load a pair of files
+        as ONE adapter, each on its expert (``transformer`` / ``transformer_2``); either alone targets that expert
+        only, as diffusers' ``load_into_transformer_2=True`` does for the low one (``runtime/experts.py``).
 
         >>> report = pipeline.load_lora_weights("ostris/ikea-instructions-lora-sdxl",
         ...     weight_name="ikea_instructions_xl_v1_5.safetensors", adapter_name="ikea")   # doctest: +SKIP
         """
         kwargs.pop("low_cpu_mem_usage", None)  # always "low": nothing is randomly initialised
-        source = _fetch(pretrained_model_name_or_path_or_dict, weight_name, kwargs)
-        if adapter_name is None and isinstance(source, Adapter):
-            adapter_name = source.name
-        name = adapter_name or self._default_adapter_name()
-        if isinstance(source, Adapter):
-            adapter = dataclasses.replace(source, name=name)
-        else:
-            from .io import load_adapter
+        if kwargs.pop("load_into_transformer_2", False):
+            low, pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict, None
+        if high is not None or low is not None:
+            from .runtime.experts import pair_of
 
-            view = self._runtime.view  # names resolved, shapes and values checked here, once: binding trusts them
-            adapter = load_adapter(source, target=view.index, name=name, device=view.shared_accelerator())
+            name = adapter_name or self._default_adapter_name()
+            adapter, checked = pair_of(self.pipe, pretrained_model_name_or_path_or_dict, high, low, name,
+                                       lambda source: self._read(source, name, weight_name, kwargs)[0]), False
+        else:
+            adapter, checked = self._read(pretrained_model_name_or_path_or_dict, adapter_name, weight_name, kwargs)
         if adapter.needs_control:  # a Flux control LoRA: widen x_embedder on a control pipeline, else refuse
             from .runtime.control import widen_for_control
 
@@ -351,13 +315,24 @@ class DiffusionPipeline:
                              f"fused into them: unfuse_lora() first (nothing was changed)")
         bound = None
         if adapter.deltas or not adapter.replacements:  # (norms alone: nothing to add, as in diffusers)
-            bound = bind_adapter(adapter, self._runtime.view, strict=strict, checked=not isinstance(source, Adapter))
+            bound = bind_adapter(adapter, self._runtime.view, strict=strict, checked=checked)
             self._runtime.add(bound, replace_existing=hotswap)
         if adapter.replacements:  # whole norm weights (diffusers' Flux norm keys): in place now, back on unload
             from .runtime.control import replace_norms
 
             replace_norms(self._runtime.view.components, adapter.replacements)
         return adapter.report if bound is None else bound.report
+
+    def _read(self, source: Any, adapter_name: str | None, weight_name: str | None, hub_kwargs: dict):
+        """(the adapter of one LoRA source, named; whether its names and shapes were checked against this pipeline)"""
+        source = _fetch(source, weight_name, hub_kwargs)
+        if isinstance(source, Adapter):
+            return dataclasses.replace(source, name=adapter_name or source.name), False
+        from .io import load_adapter
+
+        view = self._runtime.view  # names resolved, shapes and values checked here, once: binding trusts them
+        name = adapter_name or self._default_adapter_name()
+        return load_adapter(source, target=view.index, name=name, device=view.shared_accelerator()), True
 
     def _default_adapter_name(self) -> str:
         n = len(self._runtime.adapters)

@@ -22,7 +22,7 @@ TRANSFORMER_FAMILIES = ("flux", "sd3", "sd35-medium", "sd35-large")
 
 
 def test_components_and_text_encoders():
-    assert COMPONENTS == ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+    assert COMPONENTS == ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
     assert TEXT_COMPONENTS == ("text_encoder", "text_encoder_2", "text_encoder_3")
     flux = module_index(family="flux")
     assert flux.components == ["transformer", "text_encoder", "text_encoder_2"]  # CLIP-L, T5-XXL

@@ -34,7 +34,9 @@ from ..quant.formats import weight_shape
 
 # Flux: text_encoder CLIP-L, text_encoder_2 T5-XXL. SD3 / SD3.5: CLIP-L, CLIP-G (OpenCLIP bigG), T5-XXL.
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-DENOISER_COMPONENTS = ("unet", "transformer")  # the component names a pipeline's denoiser goes by, in this order
+# the component names a pipeline's denoisers go by, in this order: Wan 2.2 A14B has two experts, the high-noise
+# `transformer` and the low-noise `transformer_2` (a LoRA pair: one file each); the first one held is "the" denoiser
+DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
 
 
 def denoiser_component(components: Any) -> str | None:
@@ -54,6 +56,7 @@ COMPONENTS = (*DENOISER_COMPONENTS, *TEXT_COMPONENTS)
 _KOHYA_PREFIX = {
     "unet": ["lora_unet"],
     "transformer": ["lora_unet", "lora_transformer"],  # lora_transformer_: OneTrainer's Flux names
+    "transformer_2": [],  # a file names no expert: one for the low-noise expert is loaded onto it as a whole
     "text_encoder": ["lora_te", "lora_te1"],
     "text_encoder_2": ["lora_te2"],
     "text_encoder_3": ["lora_te3"],
@@ -211,7 +214,7 @@ class ModuleIndex:
             return "OTHER"
         if info.component in TEXT_COMPONENTS:
             return "BASE"
-        if info.component == "transformer":
+        if info.component in ("transformer", "transformer_2"):  # (both experts: one vocabulary)
             return transformer_block_label(info.path, DENOISER_ARCHITECTURES.get(self.family or "", ""))
         return block_label(info.ldm_path)
 
@@ -248,16 +251,20 @@ def _module_kind(component: str, module: nn.Module) -> str | None:
         return "conv"
     if isinstance(module, nn.Linear):
         return "linear"
-    if component == "transformer" and _norm_weight(module):
+    if component.startswith("transformer") and _norm_weight(module):
         return "norm"
     return None
 
 
 def _index_component(component: str, model: nn.Module, unet_config: dict | None) -> dict[str, ModuleInfo]:
     out: dict[str, ModuleInfo] = {}
+    # A weight tied to another module's (a language model's lm_head is its token embedding): a delta there would act
+    # on one module unfused and on both fused; and no pipeline runs an LM head (Mistral / Qwen text encoders). Skipped.
+    seen = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
+    tied = {i for i in seen if seen.count(i) > 1} if len(seen) != len(set(seen)) else set()
     for live_path, module in model.named_modules():
         kind = _module_kind(component, module)
-        if kind is None:
+        if kind is None or id(module.weight) in tied:
             continue
         if component in DENOISER_COMPONENTS:
             path = live_path

@@ -7,12 +7,13 @@ A1111 / DiT block labels) into a float for each layer of a bound adapter. Nothin
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from torch import nn
 
 from ..errors import LoraCompatibilityError
-from ..naming import TEXT_COMPONENTS, denoiser_component, expand_block_weights
+from ..naming import DENOISER_COMPONENTS, TEXT_COMPONENTS, denoiser_component, expand_block_weights
 from .binding import BoundAdapter
 from .model_view import COMPONENT_ORDER, ModelView
 
@@ -116,43 +117,58 @@ def layer_weights(spec: Any, bound: BoundAdapter, view: ModelView) -> dict[str, 
                 f"unknown weight key {key!r} for adapter {bound.name!r}; use components {sorted(components)} "
                 f"or block labels {labels_known}"
             )
-    denoiser = denoiser_component(components) or "unet"
-    unet_spec = comp_spec.get(denoiser)
-    diffusers_blocks: Mapping[str, Any] | None = None
-    if isinstance(unet_spec, Mapping):
-        if denoiser == "unet" and any(k in _DIFFUSERS_SECTIONS for k in unet_spec):
-            _validate_diffusers_blocks(unet_spec, view.components["unet"])
-            diffusers_blocks = unet_spec
-        else:
-            label_spec.update(unet_spec)
-        unet_spec = None
     for comp in TEXT_COMPONENTS:
         if comp in comp_spec:
             comp_spec[comp] = _check_number(comp_spec[comp], f"weight of {comp}")
-    unet_default = 1.0 if unet_spec is None else _check_number(unet_spec, f"weight of {denoiser}")
-    labels = (
-        expand_block_weights({k: _check_number(v, f"block {k}") for k, v in label_spec.items()},
-                             view.family or "sd1", labels_known)
-        if label_spec
-        else {}
-    )
+    main = denoiser_component(components) or "unet"
+    denoisers = {d: _DenoiserWeights.of(d, comp_spec.get(d), label_spec, view)
+                 for d in DENOISER_COMPONENTS if d in components}
+    # text encoders: their BASE label, given at the top level or (as ever) in the main denoiser's label dict
+    base = {**label_spec, **(denoisers[main].labels if main in denoisers else {})}.get("BASE")
 
     out: dict[str, float] = {}
     for key, layer in bound.layers.items():
-        label = view.index.block(key)
-        if layer.component == denoiser:
-            w = unet_default
-            if diffusers_blocks is not None:
-                b = _diffusers_block_weight(diffusers_blocks, key.split(".", 1)[1], view.components["unet"])
-                w = w if b is None else b
-            if label in label_spec:
-                w = labels[label]
+        if layer.component in denoisers:
+            out[key] = denoisers[layer.component].weight(key, view)
+        elif layer.component in comp_spec:
+            out[key] = comp_spec[layer.component]
         else:
-            if layer.component in comp_spec:
-                w = comp_spec[layer.component]
-            elif "BASE" in label_spec:
-                w = labels["BASE"]
-            else:
-                w = 1.0
-        out[key] = w
+            out[key] = 1.0 if base is None else _check_number(base, "block BASE")
     return out
+
+
+@dataclass(frozen=True)
+class _DenoiserWeights:
+    """One denoiser's weights (a pipeline can have two: Wan 2.2 A14B's experts ``transformer`` /
+    ``transformer_2``): its default, its block labels (the top-level ones, then those given under its name), and
+    diffusers' per-block dict for a UNet."""
+
+    component: str
+    default: float
+    labels: dict[str, Any]
+    expanded: dict[str, float]
+    diffusers_blocks: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, component: str, spec: Any, top_labels: Mapping[str, Any], view: ModelView) -> "_DenoiserWeights":
+        labels, blocks = dict(top_labels), None
+        if isinstance(spec, Mapping):
+            if component == "unet" and any(k in _DIFFUSERS_SECTIONS for k in spec):
+                _validate_diffusers_blocks(spec, view.components["unet"])
+                blocks = spec
+            else:
+                labels.update(spec)
+            spec = None
+        default = 1.0 if spec is None else _check_number(spec, f"weight of {component}")
+        expanded = (expand_block_weights({k: _check_number(v, f"block {k}") for k, v in labels.items()},
+                                         view.family or "sd1", view.index.block_labels()) if labels else {})
+        return cls(component, default, labels, expanded, blocks)
+
+    def weight(self, key: str, view: ModelView) -> float:
+        label = view.index.block(key)
+        if label in self.labels:
+            return self.expanded[label]
+        if self.diffusers_blocks is not None:
+            b = _diffusers_block_weight(self.diffusers_blocks, key.split(".", 1)[1], view.components["unet"])
+            return self.default if b is None else b
+        return self.default
