@@ -145,6 +145,23 @@ def test_a_component_replaced_after_wrapping_is_seen_at_the_next_call(make_pipe,
     assert_same_computed(pipe(**GEN_KW, generator=_seed()).images, reference(**GEN_KW, generator=_seed()).images)
 
 
+def test_a_denoiser_replaced_in_static_mode_is_handed_back_and_the_new_one_takes_loras(make_pipe, make_adapter):
+    raw = make_pipe("sd1")
+    fresh = copy.deepcopy(raw.unet)
+    sd_a = peft_state_dict(make_adapter("sd1", "a", seed=1, rank=4, alpha=None))
+    pipe = lorablend.DiffusionPipeline(raw)
+    pipe.load_lora_weights(sd_a, adapter_name="a")
+    old = pipe.unet
+    pipe.compile_denoiser(max_rank=4, backend=None)  # static mode: the old UNet's layers take fixed forwards
+    pipe.unet = fresh
+    pipe.load_lora_weights({k: v for k, v in sd_a.items() if k.startswith("unet.")}, adapter_name="b")
+    assert "unet" not in pipe.runtime.layers.static and "forward" not in old.__dict__  # the old one's forwards back
+    reference = lorablend.DiffusionPipeline(make_pipe("sd1"))
+    reference.load_lora_weights(sd_a, adapter_name="a")
+    pipe.set_adapters(["a", "b"])
+    assert_same_computed(pipe(**GEN_KW, generator=_seed()).images, reference(**GEN_KW, generator=_seed()).images)
+
+
 def test_flux_control_transformer_replaced_after_a_control_lora_takes_it_again(tmp_path, flux):
     from diffusers import FluxControlPipeline
     from PIL import Image

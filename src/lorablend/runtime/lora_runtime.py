@@ -255,6 +255,10 @@ class LoraRuntime:
         old = self.view.components
         changed = [c for c in COMPONENT_ORDER if old.get(c) is not comps.get(c)]
         if changed:
+            for component in changed:  # a static-mode (compiled) owner of the old module gives it its forwards back
+                owner = self._layers.static.get(component)
+                if owner is not None:
+                    owner.close()
             gone = {k for cs in self._fused.values() for c, f in cs.items() if c in changed for k in f.deltas}
             if gone:  # (restored first, from the pristine copies the runtime holds: nothing left it cannot undo)
                 kept = {n: {c: f for c, f in cs.items() if c not in changed} for n, cs in self._fused.items()}
