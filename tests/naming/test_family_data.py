@@ -70,3 +70,29 @@ def test_configs_hold_the_published_numbers(ours, model, component):
     assert {k: real[k] for k in ours if k in real} == {k: v for k, v in ours.items() if k in real}
     # a field we set that the published file leaves to its default would be a number of our own making
     assert set(ours) <= set(real), sorted(set(ours) - set(real))
+
+
+# family -> the real configs of ../shared/realdata/newfamily_loras/2026/configs it stands for
+_CONFIGS_2026 = CONFIGS.parent / "newfamily_loras" / "2026" / "configs"
+_REAL_2026 = {
+    "qwen-image": ["qwen-image"], "wan-1.3b": ["wan2.1-t2v-1.3b"],
+    "wan-14b": ["wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"],
+    "wan-i2v-14b": ["wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b-720p"],
+    "wan-5b": ["wan2.2-ti2v-5b"], "flux2-dev": ["flux2-dev"], "flux2-klein-4b": ["flux2-klein-4b"],
+    "flux2-klein-9b": ["flux2-klein-9b"], "z-image": ["z-image"],
+}
+
+
+@pytest.mark.skipif(not _CONFIGS_2026.is_dir(), reason="2026 configs not in ../shared")
+@pytest.mark.parametrize("family", sorted(_REAL_2026))
+def test_2026_configs_are_the_real_ones(family):
+    from lorablend.naming.configs import NEW_TRANSFORMERS
+
+    ours, _ = NEW_TRANSFORMERS[family]
+    for name in _REAL_2026[family]:
+        real = json.loads((_CONFIGS_2026 / name / "config.json").read_text())
+        # Wan 2.2 I2V A14B's patch embedding reads 36 channels: a Conv3d, no LoRA layout's layer, same Linear tree
+        skip = {"in_channels"} if name == "wan2.2-i2v-a14b" else set()
+        differ = {k: (v, real.get(k)) for k, v in ours.items() if k not in skip and real.get(k, v) != v}
+        assert not differ, (name, differ)
+        assert all(k in real or k in ("guidance_embeds", "cross_attn_norm", "freq_dim") for k in ours), name
