@@ -107,4 +107,32 @@ def quantize_model(model: nn.Module, method: str, *, compute_dtype: torch.dtype 
     return done
 
 
-__all__ = ["METHODS", "quantize_model"]
+def dequantize_model(model: nn.Module) -> list[str]:
+    """Replace every quantized linear of ``model`` by a float ``nn.Linear`` holding its dequantized weight (fp32),
+    in place: the float model a quantized one stands for (the reference of the parity tests; a debugging aid).
+    Returns the names replaced.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    >>> _ = quantize_model(model, "scaled-fp8"); dequantize_model(model), type(model[0]).__name__
+    (['0'], 'Linear')
+    """
+    from .formats import format_of
+
+    done = []
+    for name, module in list(model.named_modules()):
+        fmt = format_of(module) if isinstance(module, nn.Linear) else None
+        if fmt is None:
+            continue
+        out_f, in_f = fmt.shape(module)
+        layer = nn.Linear(in_f, out_f, module.bias is not None, device=module.weight.device)
+        with torch.no_grad():
+            layer.weight.copy_(fmt.dequantize(module, fmt.snapshot(module)))
+            if module.bias is not None:
+                layer.bias.copy_(module.bias.float())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        done.append(name)
+    return done
+
+
+__all__ = ["METHODS", "dequantize_model", "quantize_model"]
