@@ -27,6 +27,8 @@ from .linalg import (
 from .options import DENSE_TASK, FACTORWISE, MergeSettings
 from .task import COMBINATIONS
 
+RANDOM_MASKS = ("dare", "della")  # methods whose masks are drawn: one seeded generator per layer
+
 Shape = tuple[int, ...]
 
 
@@ -238,7 +240,7 @@ def merge_factorwise(layer: Layer, options: MergeSettings) -> LayerResult:
         ups.append(up.to(dev))
         downs.append(down.to(dev))
     combine = COMBINATIONS[method]
-    gen = torch.Generator(device=dev).manual_seed(layer_seed(options.layer_seed_base, layer.key)) if method.startswith("dare") else None
+    gen = torch.Generator(device=dev).manual_seed(layer_seed(options.layer_seed_base, layer.key)) if method.startswith(RANDOM_MASKS) else None
     # PEFT draws the down (lora_A) masks first, then the up (lora_B) masks; same order here.
     down_m = combine(downs, w_down, density=options.density, majority_sign=options.majority_sign, gen=gen)
     up_m = combine(ups, w_up, density=options.density, majority_sign=options.majority_sign, gen=gen)
@@ -258,7 +260,7 @@ def merge_dense_task(layer: Layer, options: MergeSettings) -> LayerResult:
     mats = [d.reshape(out, n).to(dev) for d in dense]
     coeffs = [t.coeff for t in layer.terms]
     method = options.method
-    gen = torch.Generator(device=dev).manual_seed(layer_seed(options.layer_seed_base, layer.key)) if method.startswith("dare") else None
+    gen = torch.Generator(device=dev).manual_seed(layer_seed(options.layer_seed_base, layer.key)) if method.startswith(RANDOM_MASKS) else None
     m = COMBINATIONS[method[: -len("_svd")]](mats, coeffs, density=options.density, majority_sign=options.majority_sign, gen=gen)
     reference = torch.zeros(out, n, device=dev)
     for mat, c in zip(mats, coeffs):

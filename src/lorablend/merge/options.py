@@ -19,12 +19,12 @@ import torch
 BlockWeights = Union[Mapping[str, float], Sequence[Union[Mapping[str, float], None]], None]
 BaseWeights = Union[Mapping[str, torch.Tensor], Callable[[str], torch.Tensor], None]
 
-FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-DENSE_TASK = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "breadcrumbs")
+DENSE_TASK = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd", "della_svd", "breadcrumbs_svd")
 METHODS: tuple[str, ...] = ("cat", "svd", *FACTORWISE, *DENSE_TASK)
 _TRUNCATING = ("svd", *DENSE_TASK)
-_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune", *DENSE_TASK)
-_NEEDS_SIGN = ("ties", "dare_ties", "ties_svd", "dare_ties_svd")
+_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "della", "breadcrumbs", *DENSE_TASK)
+_NEEDS_SIGN = ("ties", "dare_ties", "ties_svd", "dare_ties_svd", "della", "della_svd")
 
 
 def _is_number(value: Any) -> bool:
@@ -99,7 +99,7 @@ class MergeSettings:
             "clamp": self.clamp,
             "density": self.density,
             "majority_sign": self.majority_sign if self.needs_sign else None,
-            "seed": self.seed if self.method.startswith("dare") else None,
+            "seed": self.seed if self.method.startswith(("dare", "della")) else None,
             "block_weights": self.block_weights,
         }
         return {k: v for k, v in options.items() if v is not None}

@@ -35,6 +35,44 @@ def random_prune_and_rescale(t: torch.Tensor, density: float, gen: torch.Generat
     return t * mask / density
 
 
+def magnitude_outliers(t: torch.Tensor, density: float, gamma: float = 0.01) -> torch.Tensor:
+    """Model Breadcrumbs (mergekit's ``magnitude_outliers``): drop the ``gamma`` fraction largest in magnitude
+    (outliers) and then the smallest, so that ``density`` of the entries stay.
+
+    >>> magnitude_outliers(torch.tensor([1.0, -4.0, 2.0, 3.0]), 0.5, gamma=0.25)
+    tensor([0., -0., 2., 3.])
+    """
+    if density >= 1:
+        return t
+    n = t.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = n - keep - top
+    if bottom < 0:  # as mergekit: remove fewer outliers to reach the density
+        top, bottom = top + bottom, 0
+    order = torch.sort(t.abs().reshape(-1), stable=True).indices
+    mask = torch.zeros(n, dtype=t.dtype, device=t.device)
+    mask[order[bottom:n - top]] = 1
+    return t * mask.reshape(t.shape)
+
+
+def della_magprune(t: torch.Tensor, density: float, gen: torch.Generator | None, epsilon: float = 0.15) -> torch.Tensor:
+    """DELLA's MagPrune (mergekit's ``della_magprune``): per row, keep each entry with a probability from
+    ``density - epsilon`` (smallest magnitude) to ``density + epsilon`` (largest) by rank, then rescale the kept
+    entries so the row set keeps the tensor's L1 norm (mergekit's ``rescale``)."""
+    if density >= 1:
+        return t
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"della needs density ± {epsilon} inside (0, 1), got density={density}: use 0.2 <= density <= 0.8")
+    rows = t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)
+    span = (ranks.max(dim=1, keepdim=True).values - ranks.min(dim=1, keepdim=True).values).clamp(min=1)
+    probs = (density - epsilon) + (ranks / span) * 2 * epsilon
+    kept = rows * torch.bernoulli(probs, generator=gen)
+    before, after = rows.abs().sum(), kept.abs().sum()
+    scale = before / after if after > 1e-7 and before > 1e-7 else 1.0
+    return (kept * scale).reshape(t.shape)
+
+
 def elect_sign(stacked: torch.Tensor, majority_sign: str) -> torch.Tensor:
     """TIES: a mask of the entries whose sign agrees with the majority (by total value, or by count)."""
     signs = stacked.sign()
@@ -86,6 +124,17 @@ def dare_ties(tensors, weights, *, density, majority_sign, gen) -> torch.Tensor:
     return disjoint_mean(stacked, w, elect_sign(stacked, majority_sign))
 
 
+def della(tensors, weights, *, density, majority_sign, gen) -> torch.Tensor:
+    """mergekit ``della``: MagPrune each, elect the sign, disjoint mean (as ``dare_ties`` with MagPrune's mask)."""
+    stacked, w = _stack([della_magprune(t, density, gen) for t in tensors], weights)
+    return disjoint_mean(stacked, w, elect_sign(stacked, majority_sign))
+
+
+def breadcrumbs(tensors, weights, *, density, majority_sign, gen) -> torch.Tensor:
+    """mergekit ``breadcrumbs``: drop each one's outliers and smallest entries, then the weighted sum."""
+    return weighted_sum(*_stack([magnitude_outliers(t, density) for t in tensors], weights))
+
+
 Combination = Callable[..., torch.Tensor]
 COMBINATIONS: dict[str, Combination] = {
     "linear": linear,
@@ -93,4 +142,6 @@ COMBINATIONS: dict[str, Combination] = {
     "ties": ties,
     "dare_linear": dare_linear,
     "dare_ties": dare_ties,
+    "della": della,
+    "breadcrumbs": breadcrumbs,
 }
