@@ -414,6 +414,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- eval
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from .evaluate.command import DESCRIPTION, add_arguments, run
+
+    p = sub.add_parser("eval", description=DESCRIPTION, help="eval merges: which LoRA merge keeps a subject and a style "
+                       "(the drawing model and its judge)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 # ---------------------------------------------------------------- serve
 
 
@@ -514,6 +526,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_generate,
     _add_sweep,
     _add_serve,
+    _add_eval,
 )
 
 
