@@ -66,6 +66,7 @@ from ..adapter import Adapter
 from ..errors import LoraCompatibilityError
 from ..kinds import LowRankDelta
 from ..report import LoadReport
+from .fused import fused_groups, merge_fused_svd
 from .methods import METHOD_TABLE, Layer, LayerResult, LayerTerm, layer_seed
 from .options import METHODS, BaseWeights, BlockWeights, MergeSettings, block_tables, check_weights
 from .report import LayerMerge, MergeReport
@@ -145,6 +146,7 @@ def merge_with_report(
 
         keys = tqdm(keys, desc=f"merge ({method})", unit="layer")
     deltas: dict[str, LowRankDelta] = {}
+    layers: dict[str, tuple[Layer, torch.device]] = {}
     for key in keys:
         terms = tuple(
             LayerTerm(a.name, a.deltas[key], weights[i] * _block_multiplier(tables, i, key, a.family))
@@ -154,14 +156,37 @@ def merge_with_report(
         out_device = next(iter(terms[0].delta.tensors())).device
         layer = Layer(key, terms, opts.device or out_device, _model_shape(adapters[0].family, key), fallback_rank)
         result = METHOD_TABLE[method](layer, opts)
+        layers[key] = (layer, out_device)
         k = int(result.down.shape[0])
         deltas[key] = _as_lowrank(result, out_device)
         report.layers.append(LayerMerge(key, k, result.rel_error, tuple(t.name for t in terms), result.path, result.note))
         note = f", {result.note}" if result.note else ""
         load_report.add(key, "mapped", target=key, reason=f"rank {k}, rel_err {result.rel_error:.1e}{note}")
+    if method == "svd":
+        _one_rank_per_fused_layer(layers, deltas, report, load_report, opts, adapters[0].family)
     metadata = _provenance(adapters, weights, opts, report)
     merged = Adapter(name or "+".join(names), adapters[0].family, deltas, metadata=metadata, report=load_report)
     return merged, report
+
+
+def _one_rank_per_fused_layer(layers: dict[str, tuple[Layer, torch.device]], deltas: dict[str, LowRankDelta],
+                              report: MergeReport, load_report: LoadReport, opts: MergeSettings, family: str) -> None:
+    """``svd``: the modules of one fused original layer (Flux qkv / linear1 …) merged again as one, so that a file
+    in original names gets ``rank`` over the fused rows, not one rank per module stacked (merge/fused.py)."""
+    try:
+        index = _standard_index(family)
+    except Exception:  # noqa: BLE001 - a family without shipped data has no fused layers to know of
+        return
+    for group in fused_groups(layers, index):
+        results = merge_fused_svd([layers[key][0] for key in group], opts)
+        for key, result in (results or {}).items():
+            k = int(result.down.shape[0])
+            deltas[key] = _as_lowrank(result, layers[key][1])
+            at = next(i for i, m in enumerate(report.layers) if m.key == key)
+            report.layers[at] = LayerMerge(key, k, result.rel_error, report.layers[at].sources, result.path, result.note)
+            at = next(i for i, r in enumerate(load_report.records) if r.key == key)
+            load_report.records[at] = KeyRecord(key, "mapped", key, f"rank {k}, rel_err {result.rel_error:.1e}, "
+                                                                     f"{result.note}")
 
 
 def _checked_adapters(adapters: Sequence[Adapter]) -> list[Adapter]:

@@ -116,6 +116,15 @@ def _claim_folder(spec: SweepSettings, out: Path) -> None:
     atomic_write(marker, [json.dumps({"settings": settings}, indent=2).encode()], overwrite=True)
 
 
+def _record_plan(out: Path, spec: SweepSettings, cells: Sequence[Cell]) -> None:
+    """``sweep.json`` gains this run's planned cells, so a viewer of a running sweep knows what is still to come
+    (a resume may plan other prompts or seeds: the plan is the last run's; the settings stay the check)."""
+    plan = {"prompts": list(spec.prompts), "seeds": list(spec.seeds), "weights": list(spec.weights),
+            "cells": [c.record() for c in cells]}
+    marker = {"settings": spec.settings(), "plan": plan}
+    atomic_write(out / "sweep.json", [json.dumps(marker, indent=2).encode()], overwrite=True)
+
+
 class _Writer:
     """The driver's side of a run: each result becomes a PNG file, then a manifest line (in that order: a line
     is only ever written for a file on disk), then a step of the progress bar."""
@@ -156,6 +165,7 @@ def run_sweep(spec: SweepSettings, out: str | os.PathLike, run: SweepRunSettings
     _claim_folder(spec, out)
     started = time.perf_counter()
     cells = plan_cells(spec)
+    _record_plan(out, spec, cells)
     keys = {c.key for c in cells}
     done = {k: r for k, r in done_cells(out, read_manifest(out / "manifest.jsonl")).items() if k in keys}
     skipped, skipped_keys = len(done), set(done)
