@@ -107,10 +107,11 @@ class _DemoRun:
         from .fixtures.tiny_2026 import CALL_KW
 
         size = {} if self.family == "sdxl" else CALL_KW.get(self.family, {"height": 32, "width": 32})  # (not 1024²)
+        from .images.drawing import first_picture
+
         out = pipe(prompt=self.prompt, generator=np.random.Generator(np.random.PCG64(self.seed)),
                    num_inference_steps=self.steps, output_type="np", **size, **kw)
-        # a video (Wan): its frames side by side, one strip image (frame 0 on the left)
-        image = np.concatenate(list(out.frames[0]), axis=1) if hasattr(out, "frames") else out.images[0]
+        image = first_picture(out)  # (a video, Wan: its frames side by side, one strip)
         if key is not None:
             self.images[key] = image
         return image

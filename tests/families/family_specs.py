@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from lorablend.fixtures.tiny_2026 import tiny_2026_pipeline
 from lorablend.fixtures.tiny_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 from lorablend.fixtures.tiny_unets import tiny_pipeline
 from lorablend.naming import denoiser_component
@@ -29,6 +30,17 @@ FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.ad
 SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "to_add_out", "ff.net.2", "ff_context.net.0.proj",
                "norm1.linear", "norm1_context.linear")
 TEXT_TARGETS = ("q_proj", "v_proj")
+# the 2025-26 transformers (issue 19): attention, feed-forward and modulation Linears of every block; their LoRAs
+# adapt the transformer only (diffusers' loaders of these families read no text-encoder keys)
+QWEN_TARGETS = ("attn.to_q", "attn.to_k", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.2",
+                "txt_mlp.net.0.proj", "img_mod.1")
+WAN_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+               "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out")
+FLUX2_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_v_proj", "attn.to_out.0",
+                 "attn.to_add_out", "attn.to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+                 "ff_context.linear_out", "attn.to_out", "proj_out")
+ZIMAGE_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
+                  "feed_forward.w2", "adaLN_modulation.0")
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,7 @@ class FamilySpec:
     def lora_file(self, pipe: Any, path: Path, seed: int, rank: int = 4) -> str:
         """A diffusers / PEFT-named LoRA file over the targets of ``pipe`` (random, seeded), written to ``path``."""
         g, sd = torch.Generator().manual_seed(seed), {}
-        covered = [(denoiser_component(pipe), self.targets), ("text_encoder", self.text_targets)]
+        covered = [(denoiser_component(pipe), self.targets), ("text_encoder", self.text_targets)][:2 if self.text_targets else 1]
         for component, suffixes in covered:
             for name, m in getattr(pipe, component).named_modules():
                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(suffixes):
@@ -64,4 +76,11 @@ FAMILIES = [
     FamilySpec("sd3", tiny_sd3_pipeline, SD3_TARGETS, "joint_attention_kwargs"),
     FamilySpec("sd35-medium", lambda: tiny_sd3_pipeline(variant="sd35-medium"), SD3_TARGETS,
                "joint_attention_kwargs"),
+    FamilySpec("qwen-image", lambda: tiny_2026_pipeline("qwen"), QWEN_TARGETS, "attention_kwargs", ()),
+    FamilySpec("wan", lambda: tiny_2026_pipeline("wan"), WAN_TARGETS, "attention_kwargs", ()),
+    FamilySpec("wan22-a14b", lambda: tiny_2026_pipeline("wan22-a14b"), WAN_TARGETS, "attention_kwargs", ()),
+    FamilySpec("flux2", lambda: tiny_2026_pipeline("flux2"), FLUX2_TARGETS, "attention_kwargs", ()),
+    FamilySpec("flux2-klein", lambda: tiny_2026_pipeline("flux2-klein"), FLUX2_TARGETS, "attention_kwargs", ()),
+    FamilySpec("z-image", lambda: tiny_2026_pipeline("zimage"), ZIMAGE_TARGETS, "joint_attention_kwargs", ()),
+    FamilySpec("chroma", lambda: tiny_2026_pipeline("chroma"), FLUX_TARGETS, "joint_attention_kwargs", ()),
 ]

@@ -1,5 +1,5 @@
 """The guide's properties, written once, run on every family of ``family_specs.FAMILIES`` (sd1, sdxl, flux, sd3,
-sd35-medium, …): a tiny pipeline of the family, LoRA files in diffusers / PEFT names over its real module names,
+sd35-medium, Qwen-Image, Wan 2.1 / 2.2 A14B (videos: 5 frames), Flux.2 dev / klein, Z-Image, Chroma): a tiny pipeline of the family, LoRA files in diffusers / PEFT names over its real module names,
 and diffusers + PEFT beside it as the oracle where it reads the file.
 
 1. the load report is complete (every key mapped);
@@ -18,6 +18,7 @@ here: it stays in that family's own tests.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -50,7 +51,9 @@ def files(family, tmp_path_factory):
 
 
 def _run(pipe, **kw):
-    return pipe(**GEN, **kw, generator=torch.manual_seed(0)).images
+    video = "num_frames" in inspect.signature(type(getattr(pipe, "pipe", pipe)).__call__).parameters
+    out = pipe(**GEN, **kw, **({"num_frames": 5} if video else {}), generator=torch.manual_seed(0))
+    return out.frames if video else out.images  # (a video: its frames, as many images)
 
 
 def _ours(family, files, dtype=torch.float32):

@@ -47,6 +47,30 @@ def wrap(text: str, width: int, f: Any) -> list[str]:
     return (lines + [line]) if line else (lines or [""])
 
 
+def first_picture(output: Any) -> Any:
+    """The first picture of a diffusers pipeline's output: its first image, or for a video (``output.frames``,
+    Wan) its first clip's frames side by side — one strip, frame 0 on the left — PIL or numpy as the output holds.
+
+    >>> from types import SimpleNamespace
+    >>> import numpy as np
+    >>> first_picture(SimpleNamespace(frames=np.zeros((1, 5, 16, 8, 3)))).shape
+    (16, 40, 3)
+    """
+    if not hasattr(output, "frames"):
+        return output.images[0]
+    frames = list(output.frames[0])
+    if not hasattr(frames[0], "paste"):  # numpy / torch frames (H, W, C)
+        import numpy as np
+
+        return np.concatenate([np.asarray(f) for f in frames], axis=1)
+    from PIL import Image
+
+    strip = Image.new(frames[0].mode, (sum(f.width for f in frames), frames[0].height))
+    for i, frame in enumerate(frames):
+        strip.paste(frame, (sum(f.width for f in frames[:i]), 0))
+    return strip
+
+
 def render_grid(images: Sequence[Sequence[Any]], col_labels: Sequence[str], row_labels: Sequence[str], title: str = ""):
     """Paste equally sized PIL images into one labelled sheet (column labels on top, row labels at the left).
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..io.hub import hf_progress_bars
-from .drawing import save_png
+from .drawing import first_picture, save_png
 from .grid import weight_grid
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def generate_image(pipe: Any, names: Sequence[str], weights: Sequence[float], pr
     if names:
         pipe.set_adapters(list(names), adapter_weights=[float(w) for w in weights])
     generator = np.random.Generator(np.random.PCG64(settings.seed))
-    return pipe(prompt, generator=generator, **settings.call_kwargs()).images[0]
+    return first_picture(pipe(prompt, generator=generator, **settings.call_kwargs()))  # (a video: its frame strip)
 
 
 __all__ = ["GenerationSettings", "adapter_names", "check_request", "generate_file", "generate_image", "load_pipeline", "read_loras"]

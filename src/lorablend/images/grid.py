@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .drawing import render_grid
+from .drawing import first_picture, render_grid
 
 if TYPE_CHECKING:  # (generate imports this module: the settings are only a type here)
     from .generate import GenerationSettings
@@ -49,7 +49,7 @@ class CellRenderer:
         self.mix = mix
         ready = time.perf_counter()
         generator = np.random.Generator(np.random.PCG64(int(seed)))
-        image = self.pipe(prompt, generator=generator, **self.settings.call_kwargs()).images[0]
+        image = first_picture(self.pipe(prompt, generator=generator, **self.settings.call_kwargs()))  # (a video: a strip)
         timings = {"switch": round(ready - started, 6), "generate": round(time.perf_counter() - ready, 6)}
         return image, timings, switched
 
