@@ -65,7 +65,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import LoraCompatibilityError
 from ..kinds import LowRankDelta
-from ..report import LoadReport
+from ..report import KeyRecord, LoadReport
 from .fused import fused_groups, merge_fused_svd
 from .methods import METHOD_TABLE, Layer, LayerResult, LayerTerm, layer_seed
 from .options import METHODS, BaseWeights, BlockWeights, MergeSettings, block_tables, check_weights

@@ -1,0 +1,43 @@
+"""svd merges over a fused original layer keep ``rank`` over its rows (issue 19): Flux.1 kohya output was 3-4x the
+rank (q / k / v, and linear1's four modules, each merged at rank k with their own downs, then stacked)."""
+
+from __future__ import annotations
+
+import torch
+
+from lorablend import Adapter, LowRankDelta, merge
+from lorablend.io.write import adapter_state_dict
+
+T = "transformer.single_transformer_blocks.0."
+MODULES = {T + "attn.to_q": 3072, T + "attn.to_k": 3072, T + "attn.to_v": 3072, T + "proj_mlp": 12288}
+
+
+def _adapter(name: str, seed: int, rank: int = 4) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    return Adapter(name, "flux", {k: LowRankDelta(down=torch.randn(rank, 3072, generator=g) / 50,
+                                                  up=torch.randn(rows, rank, generator=g) / 50, alpha=float(rank))
+                                  for k, rows in MODULES.items()})
+
+
+def test_svd_merge_written_as_kohya_flux_keeps_the_rank_over_linear1():
+    a, b = _adapter("a", 0), _adapter("b", 1)
+    merged = merge([a, b], [0.7, 0.8], method="svd", rank=4)
+    tensors, _ = adapter_state_dict(merged, "kohya")
+    down = tensors["lora_unet_single_blocks_0_linear1.lora_down.weight"]
+    up = tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert down.shape == (4, 3072) and up.shape == (21504, 4)
+    # and it is the optimal rank-4 approximation of the fused layer's exact ΔW (q, k, v, mlp rows stacked): its
+    # error is the singular tail of that ΔW (both through QR of factors: no 21504 x 3072 matrix is formed)
+    left = torch.block_diag(*[torch.cat([0.7 * a.deltas[k].up, 0.8 * b.deltas[k].up], 1) for k in MODULES])
+    right = torch.cat([torch.cat([a.deltas[k].down, b.deltas[k].down]) for k in MODULES])
+    s = _singular_values(left.double(), right.double())
+    alpha = float(tensors["lora_unet_single_blocks_0_linear1.alpha"])
+    diff = _singular_values(torch.cat([left.double(), -(alpha / 4) * up.double()], 1),
+                            torch.cat([right.double(), down.double()]))
+    best, got = float(s[4:].square().sum().sqrt()), float(diff.square().sum().sqrt())
+    assert abs(got - best) <= 1e-6 * float(s.square().sum().sqrt())
+
+
+def _singular_values(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``u @ d`` from the QRs of its factors."""
+    return torch.linalg.svdvals(torch.linalg.qr(u)[1] @ torch.linalg.qr(d.T)[1].T)
