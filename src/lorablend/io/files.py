@@ -236,7 +236,11 @@ def _check_tensor_dict(tensors: dict, label: str) -> dict[str, torch.Tensor]:
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise LoraFormatError(f"{label}: key {key!r} is a {type(key).__name__}; LoRA keys are strings")
-        if not isinstance(value, torch.Tensor):
+        if key.endswith(".alpha") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # an alpha given as a Python number (some Flux trainers' ``…lora_A.weight.alpha`` in a dict): one 0-d
+            # tensor, fp64 so the number stays exactly as written
+            tensors[key] = torch.tensor(float(value), dtype=torch.float64)
+        elif not isinstance(value, torch.Tensor):
             raise LoraFormatError(
                 f"{label}: value of {key!r} is a {type(value).__name__}, not a tensor; a LoRA file holds only tensors"
             )
