@@ -452,7 +452,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-bytes", type=int, default=4 * 2**30, metavar="N",
                    help="bytes of parsed LoRAs kept in memory, least recently used out first (default 4 GiB)")
     p.add_argument("--max-batch", type=int, default=4, metavar="N",
-                   help="images generated together for requests with the same mix and settings (default 4)")
+                   help="images generated together for requests with the same settings, any mixes (default 4)")
+    from .serve.config import add_limit_flags  # (no fastapi: the serve extra is read only when serving)
+
+    add_limit_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="run the denoiser under torch.compile (DiffusionPipeline.compile_denoiser), when this build has it")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
