@@ -5,7 +5,8 @@ Each subcommand is one ``_add_<name>(subparsers)`` function that builds its pars
 write those two functions and append the adder to ``SUBCOMMANDS``.
 
 Conventions: every command takes ``--json`` (one JSON document on stdout); exit 0 only on success; an error
-prints ONE line ``lorablend: error: …`` on stderr and exits 2 (bad input or usage) or 1 (anything else);
+prints ONE line ``lorablend: error: …`` on stderr (with ``--json`` also ``{"error": …, "exit_code": …}`` on
+stdout) and exits 2 (bad input or usage) or 1 (anything else);
 progress bars go to stderr and only on a terminal.
 
 >>> main(["inspect", "style.safetensors", "--json"])                 # doctest: +SKIP
@@ -36,6 +37,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def _failed(text: str, code: int, as_json: bool) -> int:
+    """Report a failed command (one line on stderr; with ``--json`` also JSON on stdout) and return its code."""
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    if as_json:
+        _print_json({"error": text, "exit_code": code})
+    return code
 
 
 def _one_line(exc: BaseException) -> str:
@@ -137,6 +146,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             f"from {args.input} ({result['from_format']}, {result['family']}); "
             f"source keys: {c['mapped']} mapped, {c['unsupported']} unsupported, {c['unknown']} unknown"
         )
+        u = result["unplaced"]
+        if u["kept"] or u["dropped"]:
+            print(f"keys no layer took: {u['kept']} kept, {u['dropped']} dropped ({u['why']}), e.g. {u['keys'][:3]}")
     return 0
 
 
@@ -564,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser()
+    as_json = "--json" in (sys.argv[1:] if argv is None else argv)  # (known even when parsing fails)
     try:
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
@@ -573,17 +586,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version exit through argparse
         return int(exc.code or 0) if isinstance(exc.code, int) else 0
     except UsageError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _failed(_one_line(exc), 2, as_json)
     except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted", file=sys.stderr)
-        return 130
+        return _failed("interrupted", 130, as_json)
     except (ValueError, OSError) as exc:  # LoraFormatError / LoraCompatibilityError are ValueErrors
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _failed(_one_line(exc), 2, as_json)
     except Exception as exc:  # a bug: still one line, but say what kind so it can be reported
-        print(f"{PROG}: error: internal error ({type(exc).__name__}): {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return _failed(f"internal error ({type(exc).__name__}): {_one_line(exc)}", 1, as_json)
 
 
 if __name__ == "__main__":

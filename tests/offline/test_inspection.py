@@ -146,9 +146,50 @@ def test_bad_input_is_one_line(capsys, tmp_path, content):
     for argv in (["inspect", str(path)], ["inspect", str(path), "--json"],
                  ["convert", str(path), str(tmp_path / "o.safetensors"), "--to", "kohya"]):
         code, out, err = run(capsys, *argv)
-        assert code == 2 and out == ""
-        assert str(path) in one_error_line(err)
+        assert code == 2 and str(path) in one_error_line(err)
+        if "--json" in argv:  # the error as JSON on stdout too, same exit code
+            assert json.loads(out) == {"error": one_error_line(err).removeprefix("lorablend: error: "), "exit_code": 2}
+        else:
+            assert out == ""
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_inspect_describes_a_lora_no_family_places(capsys, tmp_path):
+    """A LoRA with SDXL names but shapes of no real model (the demo's tiny ones): described, family unknown, exit 0."""
+    tiny = Adapter("tiny", "sdxl", {
+        U + "attn2.to_k": LowRankDelta(rnd(4, 32), rnd(16, 4), alpha=2.0),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj": LowRankDelta(rnd(8, 32), rnd(32, 8)),
+    })
+    path = save_adapter(tiny, tmp_path / "tiny.safetensors", "kohya")
+    code, out, err = run(capsys, "inspect", str(path), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["family"] == "unknown" and info["format"] == "kohya" and info["kinds"] == {"lora": 2}
+    assert info["layers"] == 2 and info["rank"] == {"min": 4, "max": 8, "counts": {"4": 1, "8": 1}}
+    assert sorted(m["shape"] for m in info["modules"]) == [[16, 32], [32, 32]]
+    assert "fit no" in info["why_unknown"] and "sdxl" in info["needed"] and info["names_known"]["sdxl"] == 2
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert code == 0 and "kohya, unknown, 2 layers" in out and "needed:" in out and "rank 8, ΔW (32, 32)" in out
+
+
+@pytest.mark.parametrize("to, kept", [("kohya", 2), ("diffusers", 0)])
+def test_convert_keeps_what_it_cannot_place_when_the_format_can_name_it(capsys, tmp_path, lora_file, to, kept):
+    from safetensors.torch import save_file
+
+    with safe_open(str(lora_file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    extra = {"lora_unet_not_a_layer.lora_down.weight": rnd(4, 8), "lora_unet_not_a_layer.lora_up.weight": rnd(8, 4)}
+    save_file({**tensors, **extra}, tmp_path / "extra.safetensors")
+    out_path = tmp_path / f"out_{to}.safetensors"
+    code, out, err = run(capsys, "convert", str(tmp_path / "extra.safetensors"), str(out_path), "--to", to, "--json")
+    assert code == 0, err
+    unplaced = json.loads(out)["unplaced"]
+    assert (unplaced["kept"], unplaced["dropped"]) == (kept, 2 - kept) and sorted(unplaced["keys"]) == sorted(extra)
+    with safe_open(str(out_path), "pt") as f:
+        written = {k: f.get_tensor(k) for k in extra if k in f.keys()}
+    assert len(written) == kept and all(torch.equal(t, extra[k]) for k, t in written.items())  # bit for bit
+    code, out, _ = run(capsys, "convert", str(tmp_path / "extra.safetensors"), str(out_path), "--to", to, "--overwrite")
+    assert code == 0 and f"{kept} kept, {2 - kept} dropped" in out
 
 
 def test_unknown_command_and_no_command(capsys):
@@ -195,4 +236,5 @@ def test_inspect_and_convert_real_files(capsys, tmp_path, name):
                                   "sd2x/sd2_cloneofsimo_lora_disney_unet.pt"])
 def test_unreadable_real_files(capsys, tmp_path, name):
     code, out, err = run(capsys, "inspect", str(LORAS / name), "--json")
-    assert code == 2 and out == "" and name.split("/")[-1] in one_error_line(err)
+    assert code == 2 and name.split("/")[-1] in one_error_line(err)
+    assert json.loads(out)["error"] == one_error_line(err).removeprefix("lorablend: error: ")

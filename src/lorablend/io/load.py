@@ -31,6 +31,7 @@ Decisions:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -413,4 +414,45 @@ def _choose_family(raw: RawSource, groups: list[ModuleGroup],
     raise LoraFormatError(
         f"{raw.label}: its layers name modules we know but their shapes fit no {_KNOWN} model "
         f"(e.g. {example}); it was made for another model"
+    )
+
+
+@dataclass
+class UnplacedLayers:
+    """A LoRA file read as far as it can be without knowing its model: its format, one Delta per module of the
+    file (keyed by the file's own module name), why some modules make no Delta, the keys no reader took, and how
+    many of its module names each known family has (its names may be known while its shapes are not)."""
+
+    label: str
+    format: str
+    metadata: dict[str, str]
+    deltas: dict[str, Delta]
+    problems: dict[str, str]
+    leftovers: list[tuple[str, str, str]]
+    names_known: dict[str, int]
+
+
+def read_layers(source: Any, *, format: str | None = None, weight_name: str | None = None) -> UnplacedLayers:
+    """Read a LoRA file's layers without placing them on any model: what ``lorablend inspect`` shows for a file
+    whose family is not known. Raises ``LoraFormatError`` for what is no LoRA at all (unreadable bytes, NaN /
+    Inf, keys of no LoRA format), exactly as :func:`load_adapter` does.
+
+    >>> layers = read_layers("tiny_sdxl_lora.safetensors")                  # doctest: +SKIP
+    >>> layers.format, len(layers.deltas), layers.names_known               # doctest: +SKIP
+    ('diffusers', 140, {'sdxl': 140, 'sd1': 96})
+    """
+    raw = read_source(source, weight_name=weight_name)
+    keys = list(raw.tensors)
+    if is_cloneofsimo(keys):
+        refuse_cloneofsimo(keys, raw.label)
+    check_finite(raw.tensors, raw.label)
+    fmt, groups, leftovers = _parse(raw, format)
+    built = [_build(g, raw.tensors) for g in groups]
+    named = {fam: sum(_targets(standard_index(fam), g) is not None for g in groups) for fam in FAMILIES}
+    return UnplacedLayers(
+        label=raw.label, format=fmt, metadata=dict(raw.metadata),
+        deltas={g.name: d for g, (d, _) in zip(groups, built) if d is not None},
+        problems={g.name: p for g, (_, p) in zip(groups, built) if p is not None},
+        leftovers=leftovers,
+        names_known={fam: n for fam, n in sorted(named.items(), key=lambda kv: -kv[1]) if n},
     )

@@ -251,13 +251,16 @@ def save_adapter(
     metadata: Mapping[str, Any] | None = None,
     target: Any = None,
     progress: bool = False,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``adapter`` to a ``.safetensors`` file (or ``pytorch_lora_weights.safetensors`` in a folder).
 
     ``format="diffusers"`` is what ``pipe.load_lora_weights`` reads (low-rank layers only; alpha in the
     ``lora_adapter_metadata`` header); ``format="kohya"`` is what A1111 / ComfyUI read and holds every Delta kind.
     ``dtype`` casts the weights (alpha keeps full precision); ``metadata`` adds or overrides header entries;
-    ``target`` (a pipeline or model) names layers of a non-standard model. Returns the path written.
+    ``target`` (a pipeline or model) names layers of a non-standard model. ``extra_tensors`` are written beside
+    the adapter's, as they are (``convert`` keeps the keys it could not place this way); a key the adapter also
+    writes is refused. Returns the path written.
 
     >>> import lorablend
     >>> adapter = lorablend.load_adapter("style.safetensors")                         # doctest: +SKIP
@@ -272,6 +275,10 @@ def save_adapter(
     tensors, meta = adapter_state_dict(
         adapter, format, dtype=dtype, metadata=metadata, target=target, progress=progress
     )
+    clash = sorted(set(tensors) & set(extra_tensors or {}))
+    if clash:
+        raise ValueError(f"{out}: extra_tensors {clash[:3]} are keys the adapter writes too; drop them or rename them")
+    tensors.update(extra_tensors or {})
     header, chunks = serialize_with_hash(tensors, meta)
     atomic_write(out, [header, *chunks], overwrite=overwrite, inputs=_sources(adapter))
     size = len(header) + sum(c.nbytes for c in chunks)

@@ -120,6 +120,21 @@ def _block_summary(adapter: Adapter) -> dict[str, int]:
     return {label: labels[label] for label in sorted(labels, key=lambda lb: (order.get(lb, len(order)), lb))}
 
 
+def _delta_stats(deltas: dict[str, Any]) -> dict[str, Any]:
+    """Kinds, dtypes, rank / alpha / scale of a set of deltas (placed on a model or not)."""
+    ranks = [d.rank for d in deltas.values() if d.rank is not None]
+    scales = [float(d.scale) for d in deltas.values()]
+    return {
+        "layers": len(deltas),
+        "parameters": sum(t.numel() for d in deltas.values() for t in d.tensors()),
+        "kinds": _counts([d.kind for d in deltas.values()]),
+        "dtypes": _counts([str(t.dtype).removeprefix("torch.") for d in deltas.values() for t in d.tensors()]),
+        "rank": {"min": min(ranks) if ranks else None, "max": max(ranks) if ranks else None, "counts": _counts(ranks)},
+        "alpha": {"counts": _counts(["none" if d.alpha is None else float(d.alpha) for d in deltas.values()])},
+        "scale": {"min": min(scales) if scales else None, "max": max(scales) if scales else None},
+    }
+
+
 def inspect_adapter(adapter: Adapter, *, file: str | os.PathLike | None = None, max_keys: int = 10) -> dict[str, Any]:
     """The summary of an Adapter already in memory (what ``inspect_file`` returns after reading).
 
@@ -138,10 +153,7 @@ def inspect_adapter(adapter: Adapter, *, file: str | os.PathLike | None = None, 
             "kinds": _counts([deltas[k].kind for k in keys]),
             "parameters": sum(t.numel() for k in keys for t in deltas[k].tensors()),
         }
-    ranks = [d.rank for d in deltas.values() if d.rank is not None]
-    alphas = [d.alpha for d in deltas.values()]
-    scales = [float(d.scale) for d in deltas.values()]
-    dtypes = _counts([str(t.dtype).removeprefix("torch.") for d in deltas.values() for t in d.tensors()])
+    stats = _delta_stats(deltas)
     report = adapter.report
     not_mapped = (report.unsupported + report.unknown) if report is not None else []
     info: dict[str, Any] = {
@@ -149,18 +161,10 @@ def inspect_adapter(adapter: Adapter, *, file: str | os.PathLike | None = None, 
         "name": adapter.name,
         "format": adapter.format,
         "family": adapter.family,
-        "layers": len(deltas),
+        **stats,
         "parameters": adapter.num_parameters(),
         "kinds": adapter.kinds(),
         "components": components,
-        "dtypes": dtypes,
-        "rank": {
-            "min": min(ranks) if ranks else None,
-            "max": max(ranks) if ranks else None,
-            "counts": _counts(ranks),
-        },
-        "alpha": {"counts": _counts(["none" if a is None else float(a) for a in alphas])},
-        "scale": {"min": min(scales) if scales else None, "max": max(scales) if scales else None},
         "blocks": _block_summary(adapter),
         "metadata": metadata_summary(adapter.metadata, file),
         "report": {
@@ -185,11 +189,67 @@ def inspect_file(path: str | os.PathLike, *, max_keys: int = 10) -> dict[str, An
     >>> inspect_file("style.safetensors")["format"]                        # doctest: +SKIP
     'kohya'
     """
+    from ..errors import LoraFormatError
     from ..io import load_adapter
+    from ..io.load import read_layers
 
-    adapter = load_adapter(path)
+    try:
+        adapter = load_adapter(path)
+    except LoraFormatError as err:  # no family places it: describe its layers (none that make a delta: raise)
+        try:
+            layers = read_layers(path)
+        except LoraFormatError:
+            raise err from None
+        if not layers.deltas:
+            raise
+        return inspect_unplaced(layers, why=str(err), max_keys=max_keys)
     source = adapter.report.source if adapter.report is not None and adapter.report.source else path
     return inspect_adapter(adapter, file=source if Path(str(source)).is_file() else path, max_keys=max_keys)
+
+
+def inspect_unplaced(layers: Any, *, why: str, max_keys: int = 10) -> dict[str, Any]:
+    """The summary of a LoRA file no family we cover places (``io.load.read_layers``): family ``unknown``, its
+    format, kinds, ranks, the file's own module names, which families know those names, and what it would need.
+
+    >>> import torch
+    >>> from lorablend.io.load import UnplacedLayers
+    >>> from lorablend.kinds import LowRankDelta
+    >>> layers = UnplacedLayers("x.safetensors", "kohya", {}, {"lora_unet_x": LowRankDelta(torch.ones(2, 3),
+    ...     torch.ones(4, 2))}, {}, [], {})
+    >>> info = inspect_unplaced(layers, why="fits no model")
+    >>> info["family"], info["rank"]["max"], info["modules"][0]["shape"]
+    ('unknown', 2, [4, 3])
+    """
+    deltas, total = layers.deltas, len(layers.deltas) + len(layers.problems)
+    best = next(iter(layers.names_known.items()), None)
+    if best is not None and best[1] == total:
+        needed = (f"every module name is a layer of {best[0]}, but not every shape fits its standard model: load it "
+                  f"against the model it was made for (load_adapter(file, target=pipeline), or "
+                  f"pipeline.load_lora_weights(file)), whose layers have the shapes listed here")
+    else:
+        known = f" ({best[0]} knows {best[1]} of its {total} module names)" if best else ""
+        needed = (f"a model with layers of these names and shapes{known}: lorablend places a LoRA on the families it "
+                  f"covers (lorablend.adapter.FAMILIES) or on a pipeline passed as target=")
+    not_placed = [{"key": k, "status": s, "reason": r} for k, s, r in layers.leftovers]
+    not_placed += [{"key": name, "status": "unsupported", "reason": p} for name, p in layers.problems.items()]
+    info: dict[str, Any] = {
+        "file": layers.label,
+        "format": layers.format,
+        "family": "unknown",
+        **_delta_stats(deltas),
+        "why_unknown": why,
+        "needed": needed,
+        "names_known": layers.names_known,
+        "modules": [{"name": name, "kind": d.kind, "rank": d.rank, "shape": list(d.shape)}
+                    for name, d in list(deltas.items())[: max(0, max_keys)]],
+        "metadata": metadata_summary(layers.metadata, layers.label),
+        "report": {"counts": {"mapped": 0, "unsupported": sum(r["status"] == "unsupported" for r in not_placed),
+                              "unknown": sum(r["status"] == "unknown" for r in not_placed)},
+                   "complete": False, "not_mapped": not_placed[: max(0, max_keys)]},
+    }
+    if Path(str(layers.label)).is_file():
+        info["size_bytes"] = Path(str(layers.label)).stat().st_size
+    return info
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:
@@ -207,6 +267,13 @@ def render_text(info: dict[str, Any]) -> str:
              + (f", {info['size_bytes']:,} bytes" if "size_bytes" in info else "")]
     for comp, c in info.get("components", {}).items():
         lines.append(f"  {comp}: {c['layers']} layers ({_fmt_counts(c['kinds'])})")
+    if info.get("family") == "unknown":
+        lines.append(f"  family unknown: {info['why_unknown']}")
+        lines.append(f"  needed: {info['needed']}")
+        lines.append(f"  kinds: {_fmt_counts(info['kinds'])}; modules as the file names them:")
+        lines += [f"    {m['name']}: {m['kind']}, rank {m['rank']}, ΔW {tuple(m['shape'])}" for m in info["modules"]]
+        if info["layers"] > len(info["modules"]):
+            lines.append(f"    … and {info['layers'] - len(info['modules'])} more modules (--keys N lists more)")
     if "rank" in info:
         r = info["rank"]
         lo, hi = info["scale"]["min"], info["scale"]["max"]
@@ -228,7 +295,9 @@ def render_text(info: dict[str, Any]) -> str:
         if meta.get("top_tags"):
             lines.append("    top tags: " + ", ".join(f"{t} ({n})" for t, n in meta["top_tags"]))
     rep = info.get("report")
-    if rep and rep.get("counts"):
+    if rep and info.get("family") == "unknown":  # nothing is placed: only the keys no module took
+        lines += [f"  not read: {r['key']} ({r['reason']})" for r in rep["not_mapped"]]
+    elif rep and rep.get("counts"):
         c = rep["counts"]
         lines.append(f"  keys: {c['mapped']} mapped, {c['unsupported']} unsupported, {c['unknown']} unknown")
         for r in rep["not_mapped"]:
@@ -239,4 +308,4 @@ def render_text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["inspect_file", "inspect_adapter", "metadata_summary", "render_text"]
+__all__ = ["inspect_file", "inspect_adapter", "inspect_unplaced", "metadata_summary", "render_text"]

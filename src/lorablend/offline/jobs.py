@@ -28,8 +28,10 @@ def convert_file(
 ) -> dict[str, Any]:
     """Read a LoRA file in any format we read and write it in ``to`` (``"diffusers"`` or ``"kohya"``) format.
 
-    Returns what was done: input, output, formats, family, layers, kinds, bytes, the output's sshs hash and the
-    input's key report counts.
+    Keys the reader could not place on the family's layers (report ``unknown`` / ``unsupported``) are copied as
+    they are when ``to`` spells keys as the input does (kohya -> kohya, diffusers -> diffusers), else dropped:
+    ``unplaced`` in the result says which, how many and why. Returns what was done: input, output, formats,
+    family, layers, kinds, bytes, the output's sshs hash, the input's key report counts and ``unplaced``.
 
     >>> convert_file("a.safetensors", "a.safetensors", to="kohya")                  # doctest: +SKIP
     Traceback (most recent call last):
@@ -43,7 +45,10 @@ def convert_file(
     if same_file(input, output):
         raise ValueError(f"{output}: OUTPUT is the INPUT file; lorablend never overwrites an input")
     adapter = load_adapter(input)
-    out = save_adapter(adapter, output, format=to, overwrite=overwrite, dtype=dtype, progress=progress)
+    unplaced = [r.key for r in adapter.report.records if r.status != "mapped"]
+    kept = _unplaced_tensors(input, unplaced) if unplaced and _SAME_SPELLING.get(adapter.format) == to else {}
+    out = save_adapter(adapter, output, format=to, overwrite=overwrite, dtype=dtype, progress=progress,
+                       extra_tensors=kept)
     return {
         "input": str(input),
         "output": str(out),
@@ -55,7 +60,24 @@ def convert_file(
         "bytes": out.stat().st_size,
         "sshs_model_hash": sshs_model_hash(out),
         "report": adapter.report.counts(),
+        "unplaced": {
+            "kept": len(kept), "dropped": len(unplaced) - len(kept), "keys": unplaced[:10],
+            "why": ("copied as they are: the output format spells keys as the input does" if kept else
+                    f"the {to} format cannot name keys read as {adapter.format} that no layer took") if unplaced else "",
+        },
     }
+
+
+# a read format -> the write format that spells its keys the same way (unplaced keys can be copied as they are)
+_SAME_SPELLING = {"kohya": "kohya", "diffusers": "diffusers"}
+
+
+def _unplaced_tensors(input: PathLike, keys: list[str]) -> dict[str, Any]:
+    """The input file's own tensors of ``keys`` (what no layer took), to be written again unchanged."""
+    from ..io.files import read_source
+
+    tensors = read_source(input).tensors
+    return {k: tensors[k] for k in keys if k in tensors}
 
 
 @dataclass(frozen=True)
