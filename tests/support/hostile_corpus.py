@@ -804,6 +804,44 @@ def kinds_of(cases: list[Case]) -> dict[str, int]:
     return dict(sorted(collections.Counter(c.kind for c in cases if c.expect != "ok").items()))
 
 
+def gguf_hostile_files(good: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Damaged variants of a good GGUF file (issue 18's bake refuses each before writing): cut short, a tensor's
+    data offset pointing past the end (a lying offset), an unknown GGML type, two tensors over the same bytes, a
+    bad magic. Positions come from gguf-py's reader of the good file (each tensor-info field's own offset)."""
+    import struct
+
+    import gguf
+
+    raw = Path(good).read_bytes()
+    infos = gguf.GGUFReader(good).tensors
+    first, second = infos[0].field, infos[1].field
+
+    def type_at(field) -> int:  # name (u64 length + bytes), n_dims u32, dims u64 each, then the u32 type
+        name_len = struct.unpack_from("<Q", raw, field.offset)[0]
+        n_dims = struct.unpack_from("<I", raw, field.offset + 8 + name_len)[0]
+        return field.offset + 8 + name_len + 4 + 8 * n_dims
+
+    def patched(at: int, fmt: str, value: int) -> bytes:
+        out = bytearray(raw)
+        struct.pack_into(fmt, out, at, value)
+        return bytes(out)
+
+    second_offset = struct.unpack_from("<Q", raw, type_at(second) + 4)[0]
+    variants = {
+        "truncated": raw[: len(raw) - 100],
+        "lying_offset": patched(type_at(first) + 4, "<Q", len(raw) * 4),
+        "unknown_type": patched(type_at(first), "<I", 99),
+        "overlap": patched(type_at(first) + 4, "<Q", second_offset),
+        "bad_magic": b"GGUX" + raw[4:],
+    }
+    paths = {}
+    for name, data in variants.items():
+        path = Path(out_dir) / f"hostile-{name}.gguf"
+        path.write_bytes(data)
+        paths[name] = path
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

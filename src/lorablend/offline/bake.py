@@ -128,7 +128,12 @@ def bake(
         safe=safe,
         progress=progress,
     )
-    report = _bake_pipeline(job) if model_path.is_dir() else _bake_single_file(job)
+    if model_path.suffix == ".gguf":  # a quantized single file: offline/quantized_files.py
+        from .quantized_files import bake_gguf
+
+        report = bake_gguf(job)
+    else:
+        report = _bake_pipeline(job) if model_path.is_dir() else _bake_single_file(job)
     report.seconds = time.perf_counter() - started
     logger.info("%s", report.summary())
     return report
@@ -179,9 +184,10 @@ def _check_paths(model: Any, loras: Sequence, output: Any, overwrite: bool) -> t
         raise FileNotFoundError(f"{model}: no such checkpoint file or pipeline folder")
     if model_path.is_dir() and not (model_path / "model_index.json").is_file():
         raise LoraFormatError(f"{model}: a folder without model_index.json is not a diffusers pipeline folder")
-    if model_path.is_file() and model_path.suffix != ".safetensors":
+    if model_path.is_file() and model_path.suffix not in (".safetensors", ".gguf"):
         raise LoraFormatError(
-            f"{model}: single-file checkpoints must be .safetensors (a .ckpt pickle can run code on load; convert it first)"
+            f"{model}: single-file checkpoints must be .safetensors or .gguf (a .ckpt pickle can run code on load; "
+            "convert it first)"
         )
     if not loras:
         raise ValueError("no LoRA to bake: pass at least one (file, weight) pair")

@@ -1,0 +1,116 @@
+"""Baking LoRAs into a GGUF Flux transformer (offline/quantized_files.py): a tiny Flux transformer in BFL names written
+as GGUF (Q8_0 / Q4_0 / Q5_1 weights, F32 the rest) with gguf-py's writer; the bake keeps names, order, types and
+metadata, copies untouched tensors byte for byte, and each fused layer's bytes equal what fusing that layer live
+(``LayerState.write_fused`` on a diffusers GGUF linear holding the same rows) writes; gguf-py's own reader and numpy
+dequantizer read it back as the fused weights. Hostile GGUF files are refused before anything is written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from hostile_corpus import gguf_hostile_files  # noqa: E402
+from test_bake_flux import bfl_state_dict  # noqa: E402
+
+from lorablend.errors import LoraFormatError  # noqa: E402
+from lorablend.fixtures.tiny_transformers import tiny_flux_pipeline  # noqa: E402
+from lorablend.fixtures.tiny_unets import random_adapter  # noqa: E402
+from lorablend.offline.bake import bake  # noqa: E402
+from lorablend.offline.checkpoint import checkpoint_layout  # noqa: E402
+from lorablend.offline.quantized_files import read_gguf  # noqa: E402
+from lorablend.quant.gguf import dequantize_gguf, quantize_gguf  # noqa: E402
+from lorablend.runtime.fusion import fused_weight  # noqa: E402
+
+
+def write_gguf(path, tensors: dict[str, torch.Tensor], qtype) -> None:
+    """2-D weights whose rows are whole blocks in ``qtype``, everything else F32 (as city96's files keep norms)."""
+    writer = gguf.GGUFWriter(path, "flux")
+    writer.add_string("general.name", "tiny flux")
+    writer.add_uint32("tiny.answer", 42)
+    for name, t in tensors.items():
+        a = t.float().numpy()
+        if a.ndim == 2 and a.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+            writer.add_tensor(name, quantize_gguf(a, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = tiny_flux_pipeline()
+    adapter = random_adapter(pipe, "style", rank=4, seed=3, components=["transformer"], strength=0.3)
+    return pipe, adapter
+
+
+def live_fused_rows(raw: np.ndarray, qtype, spans, delta, coef: float) -> np.ndarray:
+    """What fuse_lora writes into a diffusers GGUF linear holding these rows of the file (the live code path)."""
+    import contextvars
+
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    from lorablend.runtime.layer_state import LayerTable
+
+    rows = np.concatenate([raw[a:b] for a, b in spans]) if spans else raw
+    layer = GGUFLinear(1, 1, bias=False, compute_dtype=torch.float32, device="meta")
+    layer.weight = GGUFParameter(torch.from_numpy(rows.copy()), quant_type=qtype)
+    state = LayerTable(contextvars.ContextVar("s", default=1.0)).add("transformer.x", "transformer", layer)
+    state.write_fused([(coef, delta)])
+    return layer.weight.detach().numpy()
+
+
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_0", "Q5_1"])
+def test_gguf_bake_equals_live_fuse_and_reads_back(tmp_path, flux, qname):
+    pipe, adapter = flux
+    qtype = gguf.GGMLQuantizationType[qname]
+    src, out = tmp_path / f"flux-{qname}.gguf", tmp_path / "baked.gguf"
+    write_gguf(src, bfl_state_dict(pipe.transformer), qtype)
+    report = bake(src, [(adapter, 0.7)], out, lora_scale=0.9)
+    assert report.kind == "gguf" and report.touched == len(adapter.deltas) and not report.skipped
+
+    before, after = gguf.GGUFReader(src), gguf.GGUFReader(out)
+    assert [t.name for t in after.tensors] == [t.name for t in before.tensors]
+    assert [int(t.tensor_type) for t in after.tensors] == [int(t.tensor_type) for t in before.tensors]
+    assert after.fields["general.name"].contents() == "tiny flux" and after.fields["tiny.answer"].contents() == 42
+    layout = checkpoint_layout(src, read_gguf(src).header)
+    by_name = {t.name: t for t in before.tensors}
+    touched = {}
+    for key, delta in adapter.deltas.items():
+        p = layout.placement(key)
+        touched.setdefault(p.weight_key, []).append((p, delta))
+    for t in after.tensors:
+        old = np.asarray(by_name[t.name].data)
+        new = np.asarray(t.data)
+        if t.name not in touched:
+            assert new.tobytes() == old.tobytes(), t.name  # untouched: byte for byte
+            continue
+        own = gguf.GGMLQuantizationType(int(t.tensor_type))  # (a weight too narrow for blocks stays F32)
+        w0 = torch.from_numpy(dequantize_gguf(old, own))
+        back = dequantize_gguf(new, own)  # gguf-py's own numpy decoding of the baked bytes
+        for p, delta in touched[t.name]:
+            spans = p.row_spans
+            rows = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.arange(w0.shape[0])
+            want = fused_weight(w0[rows], [(0.9 * 0.7, delta)])
+            bound = (1 / 8 + 2 ** -10) * float(want.abs().max())  # the loosest of the three (Q4_0)
+            assert float(np.abs(back[rows] - want.numpy()).max()) <= bound, t.name
+            if own == qtype:  # the live fuse of a GGUF linear holding these rows writes the same bytes
+                assert np.array_equal(new[rows], live_fused_rows(old, qtype, spans, delta, 0.9 * 0.7)), t.name
+            else:  # an F32 tensor: a float layer, fused by the one formula
+                assert np.array_equal(new[rows], want.numpy()), t.name
+
+
+def test_hostile_gguf_refused_before_writing(tmp_path, flux):
+    pipe, adapter = flux
+    src = tmp_path / "good.gguf"
+    write_gguf(src, bfl_state_dict(pipe.transformer), gguf.GGMLQuantizationType.Q8_0)
+    for name, path in gguf_hostile_files(src, tmp_path).items():
+        out = tmp_path / f"out-{name}.gguf"
+        with pytest.raises(LoraFormatError, match=path.name):
+            bake(path, [(adapter, 1.0)], out)
+        assert not out.exists() and not list(tmp_path.glob("*.tmp*")), name
