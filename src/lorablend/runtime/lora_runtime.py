@@ -371,10 +371,6 @@ class LoraRuntime:
         finally:
             self._scale.reset(token)
 
-    # ----------------------------------------------------------------------------------- fuse / unfuse
-    def fuse(
-        self,
-        names: Sequence[str] | None = None,
     def sample_weight_blockers(self, names: Iterable[str]) -> list[str]:
         """The adapters among ``names`` that cannot take per-sample weights: a layer that is not one low-rank pair
         (LoHa, LoKr, full, a norm) or that changes a bias.
@@ -418,6 +414,10 @@ class LoraRuntime:
         finally:
             self._layers.sample_var.reset(token)
 
+    # ----------------------------------------------------------------------------------- fuse / unfuse
+    def fuse(
+        self,
+        names: Sequence[str] | None = None,
         components: Sequence[str] | None = None,
         lora_scale: float = 1.0,
         safe_fusing: bool = False,
