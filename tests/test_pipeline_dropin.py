@@ -312,13 +312,21 @@ def test_alphas_spelled_lora_a_weight_alpha_scale_like_kohya_alphas(tmp_path, fl
 
 
 # ------------------------------------------------------------------------------------------- 8. save_pretrained
-def test_save_pretrained_never_drops_unfused_adapters_silently(tmp_path, make_pipe, make_adapter):
+def test_save_pretrained_keeps_unfused_adapters_and_from_pretrained_loads_them_back(tmp_path, make_pipe, make_adapter):
     pipe = lorablend.DiffusionPipeline(make_pipe("sd1"))
-    pipe.load_lora_weights(peft_state_dict(make_adapter("sd1", "a", seed=1, rank=4, alpha=None)), adapter_name="a")
-    with pytest.raises(ValueError, match=r"'a'.*unfused.*fuse_lora\(\).*unload_lora_weights\(\)"):
-        pipe.save_pretrained(tmp_path / "out")
-    assert not (tmp_path / "out").exists()  # nothing written on a refusal
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    pipe.save_pretrained(tmp_path / "fused")  # the way out: fused, then unloaded
-    assert (tmp_path / "fused" / "model_index.json").exists()
+    pipe.load_lora_weights(make_adapter("sd1", "a", seed=1, rank=4, alpha=2.0), adapter_name="a")
+    pipe.load_lora_weights(make_adapter("sd1", "b", seed=2, rank=8), adapter_name="b")
+    pipe.load_lora_weights(make_adapter("sd1", "c", seed=3, rank=2), adapter_name="c")
+    pipe.set_adapters(["a", "b"], [0.7, {"unet": 0.5, "text_encoder": 1.0}])
+    want = pipe(**GEN_KW, generator=_seed()).images
+    pipe.save_pretrained(tmp_path / "out")
+    again = lorablend.DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    assert again.get_list_adapters() == pipe.get_list_adapters() and again.get_active_adapters() == ["a", "b"]
+    assert_same_computed(again(**GEN_KW, generator=_seed()).images, want)
+    again.set_adapters("c")  # the inactive one came back too
+    pipe.set_adapters("c")
+    assert_same_computed(again(**GEN_KW, generator=_seed()).images, pipe(**GEN_KW, generator=_seed()).images)
+    pipe.fuse_lora(components=["unet"], adapter_names=["a"])  # fused into one of its two components: refused
+    with pytest.raises(ValueError, match=r"'a' is fused into \['unet'\].*nothing was written"):
+        pipe.save_pretrained(tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()

@@ -121,7 +121,12 @@ class DiffusionPipeline:
 
         own = {k: kwargs.pop(k) for k in ("pristine_device", "keep_fuse_buffers") if k in kwargs}
         pipe = diffusers.DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls(pipe, **own)
+        from .io.saved_adapters import reload_saved_adapters
+
+        pipeline = cls(pipe, **own)
+        if os.path.isdir(pretrained_model_name_or_path):  # unfused adapters saved beside the components
+            reload_saved_adapters(pipeline, pretrained_model_name_or_path)
+        return pipeline
 
     # ------------------------------------------------------------------------------ delegation
     def __getattr__(self, name: str) -> Any:
@@ -534,30 +539,31 @@ class DiffusionPipeline:
 
     # ------------------------------------------------------------------------------ save / push
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """diffusers' ``save_pretrained``: the weights as they are, fused adapters included. Loaded adapters that
-        are not fused are not part of the weights, so a pipeline holding any is refused before anything is written
-        (never saved without them in silence): ``fuse_lora()`` to bake them in, or ``unload_lora_weights()`` to
-        save the base weights (what is fused stays).
+        """diffusers' ``save_pretrained``: the weights as they are, fused adapters included, and the loaded adapters
+        that are not fused beside them (``lorablend_adapters/``: each adapter's file, the active set and weights),
+        which ``from_pretrained`` loads back, so the reloaded pipeline makes the same images (io/saved_adapters.py).
+        An adapter fused into some of its components only is refused before anything is written.
 
-        >>> pipeline.save_pretrained("path/to/fused-pipeline")               # doctest: +SKIP
+        >>> pipeline.save_pretrained("path/to/pipeline")                     # doctest: +SKIP
         """
-        self._refuse_unfused("save_pretrained")
-        self.pipe.save_pretrained(save_directory, **kwargs)
+        from .io.saved_adapters import plan_saved_adapters, write_saved_adapters
 
-    def _refuse_unfused(self, what: str) -> None:
+        plan = plan_saved_adapters(self._runtime)  # (every check and every tensor first: a refusal writes nothing)
+        self.pipe.save_pretrained(save_directory, **kwargs)
+        write_saved_adapters(save_directory, plan)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """diffusers' ``push_to_hub`` (uploads the weights as diffusers' ``save_pretrained`` writes them). Loaded
+        adapters that are not fused would not be in the upload: refused, with the ways out.
+
+        >>> pipeline.push_to_hub("fused-ikea-feng")                          # doctest: +SKIP
+        """
         runtime = self._runtime
         unfused = [n for n, bound in runtime.adapters.items()
                    if set(runtime.fused_components(n)) != set(bound.components())]
         if unfused:
             raise ValueError(
-                f"{what}: loaded adapters {unfused} are unfused, so they are not in the weights it writes and a reload "
-                f"would not reproduce your images. fuse_lora() then unload_lora_weights() to bake them in, or "
-                f"unload_lora_weights() to write the base weights without them (nothing was written)")
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """diffusers' ``push_to_hub`` (uploads the weights as ``save_pretrained`` writes them).
-
-        >>> pipeline.push_to_hub("fused-ikea-feng")                          # doctest: +SKIP
-        """
-        self._refuse_unfused("push_to_hub")
+                f"push_to_hub: loaded adapters {unfused} are unfused, so they are not in the weights it uploads. "
+                f"fuse_lora() then unload_lora_weights() to bake them in, unload_lora_weights() to upload the base "
+                f"weights, or save_pretrained(folder) (which keeps them) and upload that folder (nothing was uploaded)")
         return self.pipe.push_to_hub(repo_id, **kwargs)
