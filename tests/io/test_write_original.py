@@ -206,7 +206,7 @@ def test_sd3_kohya_uses_sai_names_and_round_trips():
 def test_ai_toolkit_refuses_a_unet_family():
     adapter = Adapter("x", "sd1", {"unet.mid_block.attentions.0.proj_in": LowRankDelta(torch.ones(2, 1280),
                                                                                        torch.ones(1280, 2))})
-    with pytest.raises(ValueError, match="Flux / SD3.*format='kohya'"):
+    with pytest.raises(ValueError, match="names a transformer .*Flux, SD3.*format='kohya'"):
         adapter_state_dict(adapter, "ai-toolkit")
 
 

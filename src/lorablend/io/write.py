@@ -150,7 +150,8 @@ def adapter_state_dict(
 
     if format == "ai-toolkit" or (format == "kohya" and index.source_names()):
         if not index.source_names():
-            raise ValueError(f"format='ai-toolkit' names a Flux / SD3 transformer; adapter {adapter.name!r} is "
+            raise ValueError(f"format='ai-toolkit' names a transformer (Flux, SD3, Qwen-Image, Wan, Flux.2, Z-Image, "
+                             f"Chroma); adapter {adapter.name!r} is "
                              f"{adapter.family}: save it with format='kohya' or 'diffusers'")
         tensors = original_state_dict(adapter, index, "kohya" if format == "kohya" else "ai-toolkit", progress=bar)
         meta = _written_network(kohya_metadata(adapter, index), tensors) if format == "kohya" else _plain_metadata(adapter)

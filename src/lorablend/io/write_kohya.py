@@ -35,10 +35,18 @@ from ..naming import ModuleIndex
 
 # kohya's ss_base_model_version values and the SAI model-spec architecture ids (sd-scripts sai_model_spec.py).
 _BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3_m",
-                       "sd35-medium": "sd3_5_m", "sd35-large": "sd3_5_l"}
+                       "sd35-medium": "sd3_5_m", "sd35-large": "sd3_5_l",
+                       # the 2025-26 families: lorablend's ids (their trainers write no common one)
+                       "qwen-image": "qwen_image", "wan-1.3b": "wan2.1_t2v_1.3B", "wan-14b": "wan_14B",
+                       "wan-i2v-14b": "wan2.1_i2v_14B", "wan-5b": "wan2.2_ti2v_5B", "flux2-dev": "flux2_dev",
+                       "flux2-klein-4b": "flux2_klein_4B", "flux2-klein-9b": "flux2_klein_9B", "z-image": "z_image",
+                       "chroma": "chroma"}
 _ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
                  "flux": "flux-1-dev", "sd3": "stable-diffusion-3-medium", "sd35-medium": "stable-diffusion-3-5-medium",
-                 "sd35-large": "stable-diffusion-3-5-large"}
+                 "sd35-large": "stable-diffusion-3-5-large", "qwen-image": "qwen-image", "wan-1.3b": "wan-2.1-t2v-1.3b",
+                 "wan-14b": "wan-14b", "wan-i2v-14b": "wan-2.1-i2v-14b", "wan-5b": "wan-2.2-ti2v-5b",
+                 "flux2-dev": "flux-2-dev", "flux2-klein-4b": "flux-2-klein-4b", "flux2-klein-9b": "flux-2-klein-9b",
+                 "z-image": "z-image", "chroma": "chroma"}
 _RESOLUTION = {"sd1": "512x512", "sd2": "512x512"}  # every other family: 1024x1024
 # sd-scripts: SDXL LoRAs are "implemented" by SGM (their names are SGM names), SD1/SD2 ones by diffusers.
 _IMPLEMENTATION = {
@@ -49,7 +57,11 @@ _IMPLEMENTATION = {
 }  # SD3 / SD3.5: Stability AI's, as SDXL
 # sd-scripts' network modules for the transformer families (their files hold BFL / SAI names)
 _NETWORK_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3", "sd35-medium": "networks.lora_sd3",
-                   "sd35-large": "networks.lora_sd3"}
+                   "sd35-large": "networks.lora_sd3", "chroma": "networks.lora_flux",
+                   # musubi-tuner's modules (their files hold these names)
+                   "qwen-image": "networks.lora_qwen_image", "z-image": "networks.lora_zimage",
+                   **{f: "networks.lora_wan" for f in ("wan-1.3b", "wan-14b", "wan-i2v-14b", "wan-5b")},
+                   **{f: "networks.lora_flux_2" for f in ("flux2-dev", "flux2-klein-4b", "flux2-klein-9b")}}
 
 
 def kohya_module_name(index: ModuleIndex, target_key: str) -> str:

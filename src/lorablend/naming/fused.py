@@ -311,6 +311,11 @@ def zimage_source_names(config: dict[str, Any]) -> SourceTable:
                 a + "out": _whole(a + "to_out.0"),
                 a + "q_norm": _whole(a + "norm_q"), a + "k_norm": _whole(a + "norm_k"),
             })
+            same = [f"{stack}.{i}.{m}" for m in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+                                                  "adaLN_modulation.0", "attention_norm1", "attention_norm2",
+                                                  "ffn_norm1", "ffn_norm2")]
+            table.update({m: _whole(m) for m in same})  # the rest keeps its name (and is written by it)
+    table.update({m: _whole(m) for m in ("t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.0", "cap_embedder.1")})
     patch = f"{(config.get('all_patch_size') or [2])[0]}-{(config.get('all_f_patch_size') or [1])[0]}"
     table.update({
         "x_embedder": _whole(f"all_x_embedder.{patch}"),
@@ -320,6 +325,23 @@ def zimage_source_names(config: dict[str, Any]) -> SourceTable:
     return table
 
 
+def qwen_source_names(config: dict[str, Any]) -> SourceTable:
+    """Qwen-Image was released in diffusers' names, so its original names ARE the module paths (ComfyUI's
+    ``diffusion_model.transformer_blocks.0.img_mod.1``, musubi's ``lora_unet_transformer_blocks_0_img_mod_1``): the
+    table maps each to itself, so that writers name every module in the ComfyUI and kohya layouts.
+
+    >>> qwen_source_names({"num_layers": 1})["transformer_blocks.0.img_mlp.net.0.proj"][0].path
+    'transformer_blocks.0.img_mlp.net.0.proj'
+    """
+    block = ("img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+             "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "attn.norm_q", "attn.norm_k", "attn.norm_added_q",
+             "attn.norm_added_k", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+    paths = [f"transformer_blocks.{i}.{m}" for i in range(int(config["num_layers"])) for m in block]
+    paths += ["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2", "txt_norm",
+              "img_in", "txt_in", "norm_out.linear", "proj_out"]
+    return {p: _whole(p) for p in paths}
+
+
 # Inputs a LoRA may widen, per denoiser: module path -> why. BFL's control LoRAs (FLUX.1 Depth / Canny) give
 # img_in (x_embedder) more input features than the plain model has (64 latent channels + 64 for the control
 # image's latents); diffusers widens the module with zero columns when a control pipeline loads one.
@@ -327,7 +349,8 @@ WIDENED_INPUTS = {"flux": {"x_embedder": "the control image's latents (a Flux co
 
 # which table a family's transformer uses
 SOURCE_TABLES = {"flux": flux_source_names, "sd3": sd3_source_names, "wan": wan_source_names,
-                 "flux2": flux2_source_names, "chroma": chroma_source_names, "zimage": zimage_source_names}
+                 "flux2": flux2_source_names, "chroma": chroma_source_names, "zimage": zimage_source_names,
+                 "qwen": qwen_source_names}
 
 
 def source_names(denoiser: str | None, config: dict[str, Any]) -> SourceTable:
@@ -341,5 +364,6 @@ def source_names(denoiser: str | None, config: dict[str, Any]) -> SourceTable:
 
 
 __all__ = ["RowPiece", "RowSpans", "SOURCE_TABLES", "WIDENED_INPUTS", "SourceTable", "chroma_source_names",
-           "flux2_source_names", "flux_source_names", "sd3_source_names", "source_names", "wan_source_names",
+           "flux2_source_names", "flux_source_names", "qwen_source_names", "sd3_source_names", "source_names",
+           "wan_source_names",
            "zimage_source_names"]
