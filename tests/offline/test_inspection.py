@@ -156,11 +156,12 @@ def test_bad_input_is_one_line(capsys, tmp_path, content):
 
 def test_inspect_describes_a_lora_no_family_places(capsys, tmp_path):
     """A LoRA with SDXL names but shapes of no real model (the demo's tiny ones): described, family unknown, exit 0."""
-    tiny = Adapter("tiny", "sdxl", {
-        U + "attn2.to_k": LowRankDelta(rnd(4, 32), rnd(16, 4), alpha=2.0),
-        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj": LowRankDelta(rnd(8, 32), rnd(32, 8)),
-    })
-    path = save_adapter(tiny, tmp_path / "tiny.safetensors", "kohya")
+    from safetensors.torch import save_file
+
+    k, q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{k}.lora_down.weight": rnd(4, 32), f"{k}.lora_up.weight": rnd(16, 4), f"{k}.alpha": torch.tensor(2.0),
+               f"{q}.lora_down.weight": rnd(8, 32), f"{q}.lora_up.weight": rnd(32, 8)}, tmp_path / "tiny.safetensors")
+    path = tmp_path / "tiny.safetensors"
     code, out, err = run(capsys, "inspect", str(path), "--json")
     assert code == 0, err
     info = json.loads(out)
