@@ -41,3 +41,15 @@ def test_svd_merge_written_as_kohya_flux_keeps_the_rank_over_linear1():
 def _singular_values(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Singular values of ``u @ d`` from the QRs of its factors."""
     return torch.linalg.svdvals(torch.linalg.qr(u)[1] @ torch.linalg.qr(d.T)[1].T)
+
+
+def test_the_same_for_flux2_qkv():
+    # Flux.2 klein 4B's img_attn.qkv (to_q / to_k / to_v of a double block, 3072 rows each) in musubi's kohya names
+    g = torch.Generator().manual_seed(2)
+    keys = [f"transformer.transformer_blocks.0.attn.to_{p}" for p in "qkv"]
+    a, b = (Adapter(n, "flux2-klein-4b", {k: LowRankDelta(down=torch.randn(4, 3072, generator=g),
+                                                          up=torch.randn(3072, 4, generator=g), alpha=4.0)
+                                         for k in keys}) for n in "ab")
+    tensors, _ = adapter_state_dict(merge([a, b], [1.0, 1.0], method="svd", rank=4), "kohya")
+    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (4, 3072)
+    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (9216, 4)
