@@ -5,8 +5,10 @@ real config, a 16×16 latent so that it runs on a CPU), 20 LoRA files of ranks 4
 random mixes of 1–3 of them (random weights and seeds; the same list for both systems), 8 client threads send
 the requests over HTTP as fast as the server answers. Two servers, each in its own subprocess, one after the other:
 
-* **lorablend**: `lorablend.serve.create_app` (one pipeline, the adapter cache, batching of equal mixes, switching
-  through the unfused runtime; nothing reloaded once cached).
+* **lorablend**: `lorablend.serve.create_app` (one pipeline, the adapter cache, any mixes in one batch through
+  per-sample LoRA weights, switching through the unfused runtime; nothing reloaded once cached).
+* **lorablend, per-mix batches**: the same server with `mixed_batches=False`: only requests with equal mixes share a
+  batch (the server before issue 20).
 * **diffusers per request**: a plain diffusers pipeline behind the same JSON route that, per request, does
   `load_lora_weights(file, adapter_name=...)` for each LoRA of the mix, `set_adapters(names, weights)`, generates,
   then `unload_lora_weights()` (PEFT injection and removal each time): what a server without an adapter runtime does.
@@ -16,6 +18,10 @@ Both generate from the same seeded numpy noise. Reported per system: errors (mus
 terms, per batch; baseline: the loads + set_adapters + unload per request), throughput (images/s over the measured
 phase), RSS growth of the server process from after the warm-up (one pass that touches every LoRA) to the end, and
 the largest pixel difference between the two systems' images of the same request (8-bit levels).
+
+Then the cost of mixing inside one batch, in-process on the same pipeline: one call of B images with B different
+mixes (`LoraRuntime.call_sample_weights`, the union of their LoRAs set at weight 1) against one call of B images of
+one mix (the first of them), median of `--repeat` calls each (target: ≤ 1.15× at B = 4 on CPU).
 
     python benchmarks/bench_serve.py                                  # defaults: a few minutes on 2 CPU cores
     python benchmarks/bench_serve.py --requests 200 --sd15-requests 200 --threads 2
@@ -224,12 +230,15 @@ def child(args) -> dict:
     settings = ({"steps": args.steps, "guidance_scale": 7.5, "width": 32, "height": 32} if args.model == "tiny" else
                 {"steps": args.sd15_steps, "guidance_scale": args.sd15_guidance, "width": args.latent * 2,
                  "height": args.latent * 2})  # the tiny VAE scales by 2: a 16×16 latent is a 32×32 image
-    if args.system == "ours":
+    if args.system == "batchcost":
+        return batch_cost(pipe, lora_dir, names, settings, args)
+    if args.system in ("ours", "permix"):
         from lorablend import DiffusionPipeline
         from lorablend.serve import ServeSettings, create_app
 
         app = create_app(DiffusionPipeline(pipe), ServeSettings(lora_dir=lora_dir, max_batch=args.max_batch,
-                                                                cache_bytes=args.cache_bytes))
+                                                                cache_bytes=args.cache_bytes,
+                                                                mixed_batches=args.system == "ours"))
     else:
         app = baseline_app(pipe, lora_dir)
     server, thread, url = start(app)
@@ -242,6 +251,47 @@ def child(args) -> dict:
     thread.join()
     return {"results": results, "warm_errors": sum(not r["ok"] for r in warm), "wall": wall,
             "rss_warm_gib": rss_warm, "rss_end_gib": rss_end, "settings": settings, "loras": len(names)}
+
+
+def batch_cost(pipe, lora_dir: Path, names: list[str], settings: dict, args) -> dict:
+    """Seconds of one B-image call with B different mixes vs B images of one mix (median of ``--repeat``)."""
+    from lorablend import DiffusionPipeline
+
+    ours = DiffusionPipeline(pipe)
+    ours.set_progress_bar_config(disable=True)
+    for name in names:
+        ours.load_lora_weights(str(lora_dir / f"{name}.safetensors"), adapter_name=name)
+    b = args.max_batch
+    mixes = [body["loras"] for body in make_requests(names, b, args.seed + 1, settings)]
+    union = sorted({n for m in mixes for n in m})
+    kw = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
+              width=settings["width"], height=settings["height"], output_type="np")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
+
+    def seeds() -> list:
+        return [np.random.Generator(np.random.PCG64(i)) for i in range(b)]
+
+    def one_mix() -> None:
+        ours(prompts, generator=seeds(), **kw)
+
+    def mixed() -> None:
+        with ours.runtime.call_sample_weights(mixes):
+            ours(prompts, generator=seeds(), **kw)
+
+    times = {"one_mix": [], "mixed": []}
+    for _ in range(args.repeat):  # interleaved, so that the machine's drift falls on both alike
+        ours.set_adapters(list(mixes[0]), list(mixes[0].values()))
+        ours.prepare()
+        t0 = time.perf_counter()
+        one_mix()
+        times["one_mix"].append(time.perf_counter() - t0)
+        ours.set_adapters(union, [1.0] * len(union))
+        ours.prepare()
+        t0 = time.perf_counter()
+        mixed()
+        times["mixed"].append(time.perf_counter() - t0)
+    return {"batch": b, "union": len(union), "mix_sizes": [len(m) for m in mixes],
+            **{k: float(np.median(v)) for k, v in times.items()}}
 
 
 # ============================================================================ the table
@@ -291,18 +341,19 @@ def main(argv=None) -> int:
     p.add_argument("--cache-bytes", type=int, default=4 * 2**30, help="lorablend's --cache-bytes (default 4 GiB)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=5, help="calls per side of the batch-cost comparison (default 5)")
     p.add_argument("--out", default=str(C.REPO / "bench-output" / "serve"), help="LoRA files and results go here")
-    p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--system", choices=["ours", "permix", "baseline", "batchcost"], help=argparse.SUPPRESS)
     p.add_argument("--model", choices=["tiny", "sd15"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.system:
         print(json.dumps(child(args)))
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    rows, raw = [], {}
+    rows, raw, costs = [], {}, []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         runs = {}
-        for system in ("ours", "baseline"):
+        for system in ("ours", "permix", "baseline", "batchcost"):
             C.log(f"bench_serve: {model} / {system} ...")
             cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--system", system,
                    "--model", model]
@@ -311,17 +362,23 @@ def main(argv=None) -> int:
                 C.log(done.stderr[-3000:])
                 raise SystemExit(f"bench_serve: the {system} server on {model} failed")
             runs[system] = json.loads(done.stdout.strip().splitlines()[-1])
-        raw[model] = runs
-        rows.append(row(model, "lorablend serve", runs["ours"]))
+        cost = runs.pop("batchcost")
+        costs.append([model, str(cost["batch"]), str(cost["union"]), C.fmt_s(cost["one_mix"]),
+                      C.fmt_s(cost["mixed"]), f"{cost['mixed'] / cost['one_mix']:.2f}x"])
+        raw[model] = {**runs, "batchcost": cost}
+        rows.append(row(model, "lorablend serve (any mix per batch)", runs["ours"]) + ["—"])
+        rows.append(row(model, "lorablend serve, per-mix batches", runs["permix"]))
+        rows[-1].append(f"{image_diff(runs['ours']['results'], runs['permix']['results']):.0f}")
         rows.append(row(model, "diffusers, load per request", runs["baseline"]))
         rows[-1].append(f"{image_diff(runs['ours']['results'], runs['baseline']['results']):.0f}")
-        rows[-2].append("—")
     headers = ["model", "server", "requests", "errors", "p50", "p99", "switch p50", "switch p99", "images/s",
-               "RSS growth", "max diff (levels)"]
+               "RSS growth", "max diff vs any-mix (levels)"]
     info = C.machine_info()
     print(f"CPU: {info['cpu']} ({info['nproc']} cores, {args.threads} torch threads); {args.clients} clients, "
           f"{args.loras} LoRAs (ranks {'/'.join(map(str, RANKS))}), mixes of 1-3; loopback\n")
     print(C.table(headers, rows))
+    print("\nOne batch of B different mixes vs B images of one mix (same pipeline, in-process, median):\n")
+    print(C.table(["model", "B", "LoRAs in the union", "one mix", "B mixes", "ratio"], costs))
     (Path(args.out) / "results.json").write_text(json.dumps(
         {m: {s: {k: v for k, v in d.items() if k != "results"} for s, d in r.items()} for m, r in raw.items()},
         indent=2))

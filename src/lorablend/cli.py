@@ -587,8 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if isinstance(exc.code, int) else 0
     except UsageError as exc:
         return _failed(_one_line(exc), 2, as_json)
-    except KeyboardInterrupt:
-        return _failed("interrupted", 130, as_json)
+    except KeyboardInterrupt as exc:  # (a sweep says how to resume)
+        return _failed(f"interrupted: {exc}" if str(exc) else "interrupted", 130, as_json)
     except (ValueError, OSError) as exc:  # LoraFormatError / LoraCompatibilityError are ValueErrors
         return _failed(_one_line(exc), 2, as_json)
     except Exception as exc:  # a bug: still one line, but say what kind so it can be reported

@@ -120,6 +120,30 @@ def test_command_line_sweep_and_its_errors(world, tmp_path, capsys):
     assert "input" in capsys.readouterr().err
 
 
+def test_a_hostile_lora_is_refused_before_the_folder_gets_a_byte(world, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(world.files["ink"].read_bytes()[:5000])  # truncated
+    out = tmp_path / "out"
+    args = ["sweep", "--model", str(world.model), "--lora", str(bad), "--weights", "1", "--prompt", "a fox",
+            "--seeds", "3", "--steps", "2", "--width", "32", "--height", "32", "-o", str(out)]
+    assert main(args) == 2
+    assert "bad.safetensors" in capsys.readouterr().err and not out.exists()
+    bad.write_bytes(world.files["ink"].read_bytes())  # corrected: the same command now runs
+    assert main(args) == 0 and len(_lines(out)) == 1
+
+
+def test_an_interrupted_sweep_says_how_to_resume(spec, tmp_path, monkeypatch, capsys):
+    import lorablend.sweep.run as sweep_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep_run, "_engine", interrupted)
+    args = ["sweep", "--model", spec.model, "--lora", spec.loras[0][0], "--weights", "1", "--prompt", "a fox",
+            "--seeds", "3", "--steps", "2", "--width", "32", "--height", "32", "-o", str(tmp_path / "out")]
+    assert main(args) == 130
+    assert "run the same command again to finish it" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------- on Ray
 
 

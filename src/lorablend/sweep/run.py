@@ -97,6 +97,20 @@ def check_spec(spec: SweepSettings, out: str | os.PathLike) -> None:
         raise NotADirectoryError(f"-o {out}: a file is there; the sweep writes a folder, name a new one")
 
 
+def check_inputs(spec: SweepSettings) -> None:
+    """Read every LoRA file and check it against the model's architecture (its config files, on the meta device)
+    before the output folder gets a byte: a damaged or foreign file fails here, and the corrected command then
+    starts clean. (A hub id is checked by the workers, which download it.)
+
+    >>> check_inputs(SweepSettings("sd15/", [("broken.safetensors", "broken")], [1.0], ["x"], [0]))  # doctest: +SKIP
+    Traceback (most recent call last):
+    lorablend.errors.LoraFormatError: broken.safetensors: ...
+    """
+    from ..images.generate import read_loras
+
+    read_loras(str(spec.model), [(path, 1.0) for path, _ in spec.loras], [name for _, name in spec.loras])
+
+
 def _claim_folder(spec: SweepSettings, out: Path) -> None:
     """Write ``sweep.json``, or check that the one there has these settings (a resume, not a different sweep)."""
     settings = spec.settings()
@@ -161,6 +175,7 @@ def run_sweep(spec: SweepSettings, out: str | os.PathLike, run: SweepRunSettings
     """
     run = (run or SweepRunSettings()).check()
     check_spec(spec, out)
+    check_inputs(spec)  # every input checked before OUT/ gets a byte
     out = Path(out)
     _claim_folder(spec, out)
     started = time.perf_counter()
@@ -172,8 +187,12 @@ def run_sweep(spec: SweepSettings, out: str | os.PathLike, run: SweepRunSettings
     todo = [c for c in cells if c.key not in done]
     groups = [[_plain(c) for c in g] for g in group_cells(todo, run.workers)]
     writer = _Writer(out, cells, done, [p for p, _ in spec.loras] + [str(spec.model)], run)
-    with writer.bar:
-        info = _engine(spec, groups, writer, run) if groups else {"engine": run.engine, "workers": []}
+    try:
+        with writer.bar:
+            info = _engine(spec, groups, writer, run) if groups else {"engine": run.engine, "workers": []}
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the sweep into {out} stopped after {writer.made} new cell(s); run the same command "
+                                "again to finish it (the cells made are kept)") from None
     seconds = time.perf_counter() - started
     rewrite_manifest(out / "manifest.jsonl", [done[c.key] for c in cells])
     grid = write_grid(spec, cells, out)
@@ -229,7 +248,7 @@ def write_grid(spec: SweepSettings, cells: Sequence[Cell], out: Path) -> Path:
     return save_png(render_grid(rows, columns, labels, title), out / "grid.png", overwrite=True)
 
 
-__all__ = ["ENGINES", "SweepRunSettings", "check_spec", "run_sweep", "write_grid"]
+__all__ = ["ENGINES", "SweepRunSettings", "check_inputs", "check_spec", "run_sweep", "write_grid"]
 
 # Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
 from ..errors import renamed_names  # noqa: E402  (only for the old names below)
