@@ -466,10 +466,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=4, metavar="N",
                    help="images generated together for requests with the same settings, any mixes (default 4)")
     from .serve.config import add_limit_flags  # (no fastapi: the serve extra is read only when serving)
-
     add_limit_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="run the denoiser under torch.compile (DiffusionPipeline.compile_denoiser), when this build has it")
+    p.add_argument("--quantize", default=None, help="quantize the denoiser's linears after loading: nf4, fp4, int8, "
+                   "fp8, scaled-fp8, gguf-Q8_0, gguf-Q4_0 or torchao-int8 (LoRAs then run on the quantized base)")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: one process, one pipeline (default); ray: Ray Serve replicas routed by LoRA mix")
     p.add_argument("--address", default=None,
@@ -493,7 +494,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     dtype = None
     if args.dtype:
         from .io.write import parse_dtype
-
         dtype = parse_dtype(args.dtype)
     config = ServeSettings(lora_dir=args.lora_dir, token=args.token or os.environ.get("LORABLEND_TOKEN") or None,
                          cache_bytes=args.cache_bytes, max_batch=args.max_batch).check()
@@ -509,7 +509,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             check_compile()
         except CompileUnavailable as exc:
             raise UsageError(str(exc)) from None
-    serve(args.model, config, host=args.host, port=args.port, device=args.device, dtype=dtype, compile=args.compile)
+    serve(args.model, config, host=args.host, port=args.port, device=args.device, dtype=dtype, compile=args.compile,
+          quantize=args.quantize)
     return 0
 
 
@@ -518,8 +519,8 @@ def _serve_on_ray(args: argparse.Namespace, config: Any, dtype: Any) -> int:
         import ray.serve  # noqa: F401
     except ImportError:
         raise UsageError("--engine ray needs Ray Serve: pip install 'lorablend[ray]' (or use --engine local)") from None
-    if args.compile:
-        raise UsageError("--compile is not available with --engine ray yet; drop --compile or use --engine local")
+    if args.compile or args.quantize:
+        raise UsageError("--compile and --quantize are not available with --engine ray yet; use --engine local")
     from .serve.ray_app import RayServeSettings, deploy
 
     options = RayServeSettings(replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, address=args.address,
@@ -587,8 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if isinstance(exc.code, int) else 0
     except UsageError as exc:
         return _failed(_one_line(exc), 2, as_json)
-    except KeyboardInterrupt as exc:  # (a sweep says how to resume)
-        return _failed(f"interrupted: {exc}" if str(exc) else "interrupted", 130, as_json)
+    except KeyboardInterrupt:
+        return _failed("interrupted", 130, as_json)
     except (ValueError, OSError) as exc:  # LoraFormatError / LoraCompatibilityError are ValueErrors
         return _failed(_one_line(exc), 2, as_json)
     except Exception as exc:  # a bug: still one line, but say what kind so it can be reported
