@@ -148,3 +148,18 @@ def test_fp8_fuse_reproducible_with_the_same_seed(float_pipe):
     first, again, other = fused_bytes(3), fused_bytes(3), fused_bytes(4)
     assert all(torch.equal(first[k], again[k]) for k in layers)
     assert any(not torch.equal(first[k], other[k]) for k in layers)
+
+
+def test_quantize_pipeline_after_wrapping(float_pipe):
+    """``lorablend serve --quantize``: the denoiser quantized after the pipeline is wrapped; LoRAs find the new
+    layers (the runtime re-indexed), and quantizing once LoRAs are loaded is refused."""
+    from lorablend.quant.convert import quantize_pipeline
+
+    pipe = DiffusionPipeline(float_pipe("sdxl"))
+    adapter = random_adapter(pipe, "a", rank=4, seed=1, components=["unet"], targets="attn")
+    assert quantize_pipeline(pipe, "scaled-fp8")
+    report = pipe.load_lora_weights(adapter, adapter_name="a")
+    assert len(report.mapped) == len(adapter.deltas) and len(quant_layers(pipe)) == len(adapter.deltas)
+    assert np.isfinite(generate(pipe)).all()
+    with pytest.raises(ValueError, match="before loading LoRAs"):
+        quantize_pipeline(pipe, "nf4")

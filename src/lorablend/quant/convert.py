@@ -17,7 +17,7 @@ quantized.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -135,4 +135,23 @@ def dequantize_model(model: nn.Module) -> list[str]:
     return done
 
 
-__all__ = ["METHODS", "dequantize_model", "quantize_model"]
+
+def quantize_pipeline(pipeline: Any, method: str, *, compute_dtype: torch.dtype | None = None) -> list[str]:
+    """Quantize a ``lorablend.DiffusionPipeline``'s denoiser in place with ``method`` (before any LoRA is loaded)
+    and re-index its runtime so that LoRAs find the new layers; returns the layer names quantized. What
+    ``lorablend serve --quantize`` does after loading. ``compute_dtype`` defaults to the denoiser's dtype.
+
+    >>> quantize_pipeline(pipeline, "nf4")                                  # doctest: +SKIP
+    """
+    from ..naming import components_of
+
+    if pipeline.runtime.adapters:
+        raise ValueError(f"quantize the denoiser before loading LoRAs (loaded: {sorted(pipeline.runtime.adapters)})")
+    denoiser = pipeline.denoiser
+    dtype = compute_dtype or next(p.dtype for p in denoiser.parameters() if p.dtype.is_floating_point)
+    done = quantize_model(denoiser, method, compute_dtype=dtype)
+    pipeline.runtime.follow(components_of(pipeline), reindex=True)  # (the view found the float layers)
+    return done
+
+
+__all__ = ["METHODS", "dequantize_model", "quantize_model", "quantize_pipeline"]
