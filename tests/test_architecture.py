@@ -391,9 +391,7 @@ def _holds_tests(path: Path) -> bool:
 NOT_YET_MIRRORED = frozenset("""
 evaluate/chart.py evaluate/command.py evaluate/merges.py quant/bnb.py quant/convert.py quant/fp8.py
 quant/fuse.py quant/gguf.py quant/torchao.py serve/a1111.py serve/app.py serve/batch.py serve/cache.py
-serve/catalog.py serve/compat.py serve/config.py serve/errors.py serve/metrics.py serve/openapi.py
-serve/prompts.py serve/ray_app.py serve/responses.py serve/run.py serve/schemas.py serve/security.py
-serve/state.py serve/worker.py
+serve/compat.py serve/openapi.py serve/ray_app.py serve/run.py serve/state.py serve/worker.py
 """.split())
 
 

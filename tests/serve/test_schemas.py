@@ -1,0 +1,33 @@
+"""serve/schemas.py: request bodies checked by pydantic (422 naming the field) and what each becomes."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from lorablend.serve.config import ServeSettings
+from lorablend.serve.schemas import ImageRequest, Txt2ImgRequest
+
+
+def test_a_native_request_becomes_one_generation_with_its_prompt_tokens_in_the_mix(tmp_path):
+    gen = ImageRequest(prompt="a cat <lora:ink:0.5>", loras={"paper": 1.0}, seed=2).generation(ServeSettings(tmp_path))
+    assert gen.loras == {"ink": 0.5, "paper": 1.0} and "<lora" not in gen.prompt and gen.seed == 2
+    assert gen.steps == ServeSettings(tmp_path).default_steps
+
+
+@pytest.mark.parametrize("body", [dict(prompt="a", loras={"ink": float("nan")}), dict(prompt="a", seed=-1),
+                                  dict(prompt="a", steps=0), dict(prompt="a", extra_field=1)])
+def test_a_bad_field_is_refused(body):
+    with pytest.raises(ValidationError):
+        ImageRequest(**body)
+
+
+def test_the_servers_limits_refuse_what_pydantic_lets_through(tmp_path):
+    settings = ServeSettings(tmp_path, max_steps=10)
+    with pytest.raises(Exception, match="steps"):
+        ImageRequest(prompt="a", steps=11).generation(settings)
+
+
+def test_an_a1111_body_speaks_the_same_generation(tmp_path):
+    gen = Txt2ImgRequest(prompt="a cat <lora:ink:0.7>", seed=5, steps=3).generation(ServeSettings(tmp_path))
+    assert gen.loras == {"ink": 0.7} and gen.seed == 5 and gen.steps == 3
