@@ -328,7 +328,10 @@ class CheckpointLayout:
 
 
 _TRANSFORMER_PREFIXES = ("", UNET_PREFIX)  # BFL's / SAI's own transformer files; ComfyUI's all-in-one checkpoints
-_TRANSFORMER_MARKS = {"flux": "double_blocks.0.img_attn.qkv.weight", "sd3": "joint_blocks.0.x_block.attn.qkv.weight"}
+# one tensor only that architecture's single files have (Flux.2 and Chroma before Flux.1: they share its BFL blocks)
+_TRANSFORMER_MARKS = {"flux2": "double_stream_modulation_img.lin.weight", "chroma": "distilled_guidance_layer.in_proj.weight",
+                      "flux": "double_blocks.0.img_attn.qkv.weight", "sd3": "joint_blocks.0.x_block.attn.qkv.weight",
+                      "wan": "blocks.0.self_attn.q.weight", "qwen": "transformer_blocks.0.img_mod.1.weight"}
 
 
 def _flux_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
@@ -370,7 +373,49 @@ def _sd3_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
     }
 
 
-_CONFIGS = {"flux": _flux_config, "sd3": _sd3_config}
+def _rope_axes(head_dim: int) -> list[int]:
+    """Rotary axes (even, summing to the head width) in Qwen-Image's proportions (16, 56, 56 for 128): they shape
+    no weight, only the meta model's constructor checks them."""
+    a, b = 2 * (head_dim // 16), 2 * (head_dim * 7 // 32)
+    return [a, b, head_dim - a - b]
+
+
+def _wan_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
+    """A ``WanTransformer3DModel`` config with this file's shapes (Wan's own names: ``blocks.0.self_attn.q``).
+    Wan's q/k norms span all heads, so the head width shapes no weight: Wan's 128, or one head (a tiny model)."""
+    names, shape = header.by_name, header.shape
+    width = int(shape(p + "blocks.0.self_attn.q.weight")[0])
+    patch = shape(p + "patch_embedding.weight")  # (width, in, t, h, w)
+    head_dim = 128 if width % 128 == 0 else width
+    image = shape(p + "img_emb.proj.1.weight")
+    return {
+        "patch_size": [int(d) for d in patch[2:]], "in_channels": int(patch[1]),
+        "out_channels": int(shape(p + "head.head.weight")[0]) // math.prod(int(d) for d in patch[2:]),
+        "num_attention_heads": width // head_dim, "attention_head_dim": head_dim,
+        "num_layers": len(_indices(names, re.escape(p) + r"blocks\.(\d+)\.")),
+        "ffn_dim": int(shape(p + "blocks.0.ffn.0.weight")[0]), "text_dim": int(shape(p + "text_embedding.0.weight")[1]),
+        "freq_dim": int(shape(p + "time_embedding.0.weight")[1]), "cross_attn_norm": p + "blocks.0.norm3.weight" in names,
+        "qk_norm": "rms_norm_across_heads" if p + "blocks.0.self_attn.norm_q.weight" in names else None,
+        "added_kv_proj_dim": width if p + "blocks.0.cross_attn.k_img.weight" in names else None,
+        "image_dim": int(image[1]) if image is not None else None,
+    }
+
+
+def _qwen_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
+    """A ``QwenImageTransformer2DModel`` config with this file's shapes (its names are diffusers' own)."""
+    shape = header.shape
+    width, in_channels = shape(p + "img_in.weight")
+    head_dim = int(shape(p + "transformer_blocks.0.attn.norm_q.weight")[0])
+    return {
+        "patch_size": 2, "in_channels": int(in_channels), "out_channels": int(shape(p + "proj_out.weight")[0]) // 4,
+        "num_layers": len(_indices(header.by_name, re.escape(p) + r"transformer_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim, "num_attention_heads": int(width) // head_dim,
+        "joint_attention_dim": int(shape(p + "txt_in.weight")[1]), "guidance_embeds": False,
+        "axes_dims_rope": _rope_axes(head_dim),
+    }
+
+
+_CONFIGS = {"flux": _flux_config, "sd3": _sd3_config, "wan": _wan_config, "qwen": _qwen_config}
 
 
 def transformer_layout(header: SafetensorsHeader) -> CheckpointLayout | None:
@@ -389,6 +434,9 @@ def transformer_layout(header: SafetensorsHeader) -> CheckpointLayout | None:
     if not found:
         return None
     denoiser, prefix = found[0]
+    if denoiser not in _CONFIGS:
+        raise LoraFormatError(f"{header.path}: a single-file {denoiser} transformer; lorablend bakes into Flux.1, SD3 / "
+                              f"SD3.5, Wan and Qwen-Image single files (bake into a pipeline folder instead)")
     try:
         config = _CONFIGS[denoiser](header, prefix)
     except TypeError:  # a shape() that was None: a tensor the layout needs is missing

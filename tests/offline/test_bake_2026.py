@@ -1,0 +1,64 @@
+"""Baking LoRAs into single-file Wan and Qwen-Image transformers in their own names (ComfyUI's split files:
+``blocks.0.self_attn.q.weight`` / ``transformer_blocks.0.img_mod.1.weight``, with or without
+``model.diffusion_model.``): bit for bit what fusing on the tiny pipeline and writing in those names gives. The
+single file is written here from the pipeline's transformer through the index's original names (naming/fused.py,
+whose Wan names tests/io/test_read_2026_oracle.py checks against diffusers' converters)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorablend import Adapter, DiffusionPipeline, LowRankDelta
+from lorablend.errors import LoraFormatError
+from lorablend.offline.bake import bake
+from lorablend.offline.checkpoint import checkpoint_layout
+
+tiny = pytest.importorskip("lorablend.fixtures.tiny_2026")
+
+
+def original_state_dict(pipe: DiffusionPipeline, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The transformer's tensors in its original names (a module without one, or a parameter that is no module's
+    weight, keeps its diffusers name: Wan's patch embedding and modulation tables)."""
+    index = pipe.model_view.index
+    out = {}
+    for name, tensor in pipe.transformer.state_dict().items():
+        module, _, part = name.rpartition(".")
+        original = index.original_name(f"transformer.{module}")
+        out[prefix + (f"{original[0]}.{part}" if original is not None else name)] = tensor.detach().clone().contiguous()
+    return out
+
+
+@pytest.mark.parametrize("family, build, prefix", [
+    ("wan", lambda: tiny.tiny_wan_pipeline(torch_dtype=torch.bfloat16), ""),
+    ("qwen", lambda: tiny.tiny_qwen_pipeline(torch_dtype=torch.bfloat16), "model.diffusion_model."),
+])
+def test_baked_single_file_equals_pipeline_fusion(family, build, prefix, tmp_path):
+    pipe = DiffusionPipeline(build())
+    ckpt = tmp_path / f"{family}.safetensors"
+    save_file(original_state_dict(pipe, prefix), str(ckpt))
+    layout = checkpoint_layout(ckpt)
+    assert layout.family == pipe.model_view.index.family
+    g = torch.Generator().manual_seed(3)
+    deltas = {key: LowRankDelta(torch.randn(2, info.weight_shape[1], generator=g) * 0.3,
+                                torch.randn(info.weight_shape[0], 2, generator=g) * 0.3, alpha=1.0)
+              for key, info in pipe.model_view.index.modules.items()
+              if info.component == "transformer" and info.kind == "linear"}
+    adapter = Adapter("every", layout.family, deltas)
+    report = bake(ckpt, [(adapter, 0.6)], tmp_path / "baked.safetensors", lora_scale=0.9)
+    assert not report.skipped and report.touched == len(deltas)
+    pipe.load_lora_weights(adapter, adapter_name="every")
+    pipe.set_adapters(["every"], adapter_weights=[0.6])
+    pipe.fuse_lora(lora_scale=0.9)
+    want, got = original_state_dict(pipe, prefix), load_file(str(tmp_path / "baked.safetensors"))
+    assert set(got) == set(want)
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), key
+
+
+def test_a_single_file_of_an_architecture_not_baked_here_is_refused_by_name(tmp_path):
+    path = tmp_path / "flux2.safetensors"
+    save_file({"double_stream_modulation_img.lin.weight": torch.zeros(6, 2)}, str(path))
+    with pytest.raises(LoraFormatError, match="single-file flux2 transformer"):
+        checkpoint_layout(path)
