@@ -79,6 +79,7 @@ FAMILIES = [
     FamilySpec("qwen-image", lambda: tiny_2026_pipeline("qwen"), QWEN_TARGETS, "attention_kwargs", ()),
     FamilySpec("wan", lambda: tiny_2026_pipeline("wan"), WAN_TARGETS, "attention_kwargs", ()),
     FamilySpec("wan22-a14b", lambda: tiny_2026_pipeline("wan22-a14b"), WAN_TARGETS, "attention_kwargs", ()),
+    FamilySpec("wan22-ti2v-5b", lambda: tiny_2026_pipeline("wan22-ti2v-5b"), WAN_TARGETS, "attention_kwargs", ()),
     FamilySpec("flux2", lambda: tiny_2026_pipeline("flux2"), FLUX2_TARGETS, "attention_kwargs", ()),
     FamilySpec("flux2-klein", lambda: tiny_2026_pipeline("flux2-klein"), FLUX2_TARGETS, "attention_kwargs", ()),
     FamilySpec("z-image", lambda: tiny_2026_pipeline("zimage"), ZIMAGE_TARGETS, "joint_attention_kwargs", ()),
