@@ -114,3 +114,12 @@ def test_hostile_gguf_refused_before_writing(tmp_path, flux):
         with pytest.raises(LoraFormatError, match=path.name):
             bake(path, [(adapter, 1.0)], out)
         assert not out.exists() and not list(tmp_path.glob("*.tmp*")), name
+
+
+def test_gguf_fuzz_smoke(tmp_path):
+    """A few seconds of `make fuzz`'s GGUF part: mutated GGUF bytes give a checked file or LoraFormatError, in time
+    (gguf-py alone loops over a lying array count for minutes: the pre-scan bounds every count by the file size)."""
+    from fuzz_readers import fuzz_gguf
+
+    counts = fuzz_gguf(3.0, tmp_path / "crashes", seed=7)
+    assert counts["inputs"] > 10 and counts["crashes"] == 0, sorted((tmp_path / "crashes").glob("*.txt"))

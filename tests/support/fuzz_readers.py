@@ -385,6 +385,91 @@ def run_hypothesis(seconds: float, crashes: Path, *, log: Callable[[str], None] 
     return counts
 
 
+# ------------------------------------------------------------------------------------------ GGUF (issue 18)
+
+
+def gguf_seed(folder: Path) -> bytes:
+    """A small well-formed GGUF file (Q8_0, Q4_0, F32 tensors and a few metadata values), gguf-py's writer."""
+    import gguf
+    import numpy as np
+
+    from lorablend.quant.gguf import quantize_gguf
+
+    path = folder / "seed.gguf"
+    writer = gguf.GGUFWriter(path, "flux")
+    writer.add_string("general.name", "seed")
+    writer.add_array("tiny.list", [1, 2, 3])
+    rng = np.random.default_rng(0)
+    for name, qtype in (("a.weight", gguf.GGMLQuantizationType.Q8_0), ("b.weight", gguf.GGMLQuantizationType.Q4_0)):
+        writer.add_tensor(name, quantize_gguf(rng.standard_normal((4, 64), dtype=np.float32), qtype), raw_dtype=qtype)
+    writer.add_tensor("c.scale", rng.standard_normal(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def check_gguf(data: bytes, folder: Path) -> str | None:
+    """``read_gguf`` (the check the GGUF bake runs before writing) on ``data``: None when it answers (a checked
+    file, or ``LoraFormatError``) in time; else what went wrong."""
+    import lorablend
+    from lorablend.offline.quantized_files import read_gguf
+
+    path = folder / "input.gguf"
+    path.write_bytes(data)
+    t = time.perf_counter()
+    try:
+        with _deadline(10 * LIMIT_S):
+            try:
+                read_gguf(path)
+            except lorablend.LoraFormatError:
+                pass
+    except Hung:
+        return f"hung (> {10 * LIMIT_S:.0f} s)"
+    except BaseException as e:  # noqa: BLE001 - anything else is the finding
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    finally:
+        path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t
+    return f"slow: {seconds:.1f} s" if seconds > LIMIT_S else None
+
+
+def _m_run(data: bytes, rng: random.Random) -> bytes:
+    """Delete or repeat a run of bytes, or overwrite 8 of them with a striking integer (counts, offsets)."""
+    i, j = sorted(rng.randrange(len(data) + 1) for _ in range(2))
+    op = rng.randrange(3)
+    if op == 0:
+        return data[:i] + data[j:]
+    if op == 1:
+        return data[:j] + data[i:j] + data[j:]
+    return data[:i] + struct.pack("<Q", rng.choice(INTS) % (1 << 64)) + data[i + 8:]
+
+
+def fuzz_gguf(seconds: float, crashes: Path, *, seed: int = 0) -> dict[str, int]:
+    """Random truncations, bit flips and splices of a GGUF seed through :func:`check_gguf` for ``seconds``."""
+    import lorablend.offline.quantized_files  # noqa: F401 - imports outside the timed checks
+
+    rng = random.Random(seed)
+    counts = {"inputs": 0, "crashes": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        good = gguf_seed(folder)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            data = good
+            for _ in range(rng.choice([1, 1, 2, 3])):
+                data = rng.choice([m_truncate, m_flip, m_flip, _m_run])(data, rng)
+            counts["inputs"] += 1
+            why = check_gguf(data, folder)
+            if why is not None:
+                counts["crashes"] += 1
+                save_crash(data, "gguf: " + why, crashes)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -405,9 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     guided = fuzz(seconds * 0.75, crashes, seed=seed)
     print(f"coverage-guided: {guided['inputs']} inputs, {guided['crashes']} crashes, "
           f"{guided['arcs']} arcs in lorablend covered, pool of {guided['pool']}")
-    hyp = run_hypothesis(max(1.0, seconds - (time.monotonic() - t)), crashes)
+    hyp = run_hypothesis(max(1.0, seconds * 0.9 - (time.monotonic() - t)), crashes)
     print(f"hypothesis:      {hyp['inputs']} inputs, {hyp['crashes']} crashes")
-    total, bad = guided["inputs"] + hyp["inputs"], guided["crashes"] + hyp["crashes"]
+    gg = fuzz_gguf(max(1.0, seconds - (time.monotonic() - t)), crashes, seed=seed)
+    print(f"gguf (bake's reader): {gg['inputs']} inputs, {gg['crashes']} crashes")
+    total = guided["inputs"] + hyp["inputs"] + gg["inputs"]
+    bad = guided["crashes"] + hyp["crashes"] + gg["crashes"]
     print(f"total: {total} inputs tried, {bad} crashes in {time.monotonic() - t:.0f} s")
     return 1 if bad else 0
 

@@ -48,6 +48,72 @@ class GgufFile:
         self._index = {t.name: i for i, t in enumerate(self.reader.tensors)}
 
 
+# GGUF value types: their byte sizes (scalars), 8 = string, 9 = array
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _prescan(path: Path, size: int) -> None:
+    """Walk the header's counts and lengths (key-values, tensor infos) without trusting them: each must fit in the
+    bytes left, so no count can make a reader loop longer than the file is long. Raises ``LoraFormatError``."""
+    import mmap
+    import struct
+
+    def refuse(why: str) -> LoraFormatError:
+        return LoraFormatError(f"{path}: not a valid GGUF file ({why}); re-download or re-convert it")
+
+    with open(path, "rb") as f:
+        if size < 24 or f.read(4) != b"GGUF":
+            raise refuse("no GGUF magic")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+        if version not in (2, 3) or n_kv > size // 12 or n_tensors > size // 24:
+            raise refuse(f"version {version}, {n_kv} key-values and {n_tensors} tensors in {size} bytes")
+        at = 24
+
+        def take(n: int) -> int:
+            nonlocal at
+            if n < 0 or at + n > size:
+                raise refuse(f"a length at byte {at} runs past the end")
+            at += n
+            return at - n
+
+        def u(fmt: str) -> int:
+            return struct.unpack_from(fmt, data, take(struct.calcsize(fmt)))[0]
+
+        def value(vtype: int, depth: int = 0) -> None:
+            if vtype in _SCALAR_SIZES:
+                take(_SCALAR_SIZES[vtype])
+            elif vtype == 8:
+                take(u("<Q"))
+            elif vtype == 9 and depth == 0:
+                sub, count = u("<I"), u("<Q")
+                least = _SCALAR_SIZES.get(sub, 8)
+                if count > (size - at) // least:
+                    raise refuse(f"an array of {count} values in {size - at} bytes")
+                if sub in _SCALAR_SIZES:
+                    take(count * least)
+                else:
+                    for _ in range(count):
+                        value(sub, depth + 1)
+            else:
+                raise refuse(f"value type {vtype} at byte {at}")
+
+        for _ in range(n_kv):
+            take(u("<Q"))
+            value(u("<I"))
+        for _ in range(n_tensors):
+            take(u("<Q"))
+            n_dims = u("<I")
+            if n_dims > 4:
+                raise refuse(f"a tensor of {n_dims} dimensions")
+            take(8 * n_dims + 12)
+    except struct.error:
+        raise refuse("cut off inside its header") from None
+    finally:
+        data.close()
+
+
 def read_gguf(path: str | os.PathLike) -> GgufFile:
     """Open and check a GGUF file; raise ``LoraFormatError`` naming it and the rule it breaks.
 
@@ -58,6 +124,7 @@ def read_gguf(path: str | os.PathLike) -> GgufFile:
 
     path = Path(path)
     size = path.stat().st_size
+    _prescan(path, size)  # (gguf-py loops over whatever counts the file claims: bound them by its size first)
     try:
         reader = GGUFReader(path)
         tensors = list(reader.tensors)
