@@ -1,6 +1,6 @@
-"""Baking LoRAs into single-file Wan and Qwen-Image transformers in their own names (ComfyUI's split files:
-``blocks.0.self_attn.q.weight`` / ``transformer_blocks.0.img_mod.1.weight``, with or without
-``model.diffusion_model.``): bit for bit what fusing on the tiny pipeline and writing in those names gives. The
+"""Baking LoRAs into single-file Wan, Qwen-Image, Flux.2 and Chroma transformers in their own names (ComfyUI's split
+files: ``blocks.0.self_attn.q.weight``, ``transformer_blocks.0.img_mod.1.weight``, BFL's ``double_blocks.0.img_attn.qkv``
+with its fused rows; with or without ``model.diffusion_model.``): bit for bit what fusing on the tiny pipeline and writing in those names gives. The
 single file is written here from the pipeline's transformer through the index's original names (naming/fused.py,
 whose Wan names tests/io/test_read_2026_oracle.py checks against diffusers' converters)."""
 
@@ -19,20 +19,41 @@ tiny = pytest.importorskip("lorablend.fixtures.tiny_2026")
 
 
 def original_state_dict(pipe: DiffusionPipeline, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The transformer's tensors in its original names (a module without one, or a parameter that is no module's
-    weight, keeps its diffusers name: Wan's patch embedding and modulation tables)."""
+    """The transformer's tensors in its original names, a fused layer's modules placed at their rows (a module
+    without an original name, or a parameter that is no module's weight, keeps its diffusers name: Wan's patch
+    embedding and modulation tables); BFL's RMSNorm weights as ``.scale``."""
     index = pipe.model_view.index
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[str, str], list] = {}
     for name, tensor in pipe.transformer.state_dict().items():
         module, _, part = name.rpartition(".")
         original = index.original_name(f"transformer.{module}")
-        out[prefix + (f"{original[0]}.{part}" if original is not None else name)] = tensor.detach().clone().contiguous()
+        if original is None:
+            out[prefix + name] = tensor.detach().clone().contiguous()
+            continue
+        fused.setdefault((original[0], part), []).append((original[1], tensor.detach()))
+    for (stem, part), pieces in fused.items():
+        if part == "weight" and stem.endswith(("query_norm", "key_norm")):
+            part = "scale"
+        if len(pieces) == 1 and pieces[0][0] is None:
+            out[f"{prefix}{stem}.{part}"] = pieces[0][1].clone().contiguous()
+            continue
+        rows = max(b for spans, _ in pieces for _, b in spans)
+        whole = torch.zeros(rows, *pieces[0][1].shape[1:], dtype=pieces[0][1].dtype)
+        for spans, t in pieces:
+            at = 0
+            for a, b in spans:
+                whole[a:b] = t[at:at + b - a]
+                at += b - a
+        out[f"{prefix}{stem}.{part}"] = whole
     return out
 
 
 @pytest.mark.parametrize("family, build, prefix", [
     ("wan", lambda: tiny.tiny_wan_pipeline(torch_dtype=torch.bfloat16), ""),
     ("qwen", lambda: tiny.tiny_qwen_pipeline(torch_dtype=torch.bfloat16), "model.diffusion_model."),
+    ("flux2", lambda: tiny.tiny_flux2_pipeline(klein=True, torch_dtype=torch.bfloat16), ""),
+    ("chroma", lambda: tiny.tiny_chroma_pipeline(torch_dtype=torch.bfloat16), "model.diffusion_model."),
 ])
 def test_baked_single_file_equals_pipeline_fusion(family, build, prefix, tmp_path):
     pipe = DiffusionPipeline(build())
@@ -57,8 +78,11 @@ def test_baked_single_file_equals_pipeline_fusion(family, build, prefix, tmp_pat
         assert torch.equal(got[key], tensor), key
 
 
-def test_a_single_file_of_an_architecture_not_baked_here_is_refused_by_name(tmp_path):
+def test_a_flux2_file_is_not_read_as_flux1(tmp_path):
+    # Flux.2's double blocks are BFL-named like Flux.1's: its own modulation tensor tells it, and a file with only
+    # part of what its config needs is refused by name
     path = tmp_path / "flux2.safetensors"
-    save_file({"double_stream_modulation_img.lin.weight": torch.zeros(6, 2)}, str(path))
-    with pytest.raises(LoraFormatError, match="single-file flux2 transformer"):
+    save_file({"double_stream_modulation_img.lin.weight": torch.zeros(6, 2),
+               "double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(path))
+    with pytest.raises(LoraFormatError, match="flux2 transformer names but not the whole transformer"):
         checkpoint_layout(path)

@@ -415,7 +415,50 @@ def _qwen_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
     }
 
 
-_CONFIGS = {"flux": _flux_config, "sd3": _sd3_config, "wan": _wan_config, "qwen": _qwen_config}
+def _bfl_head(header: SafetensorsHeader, p: str) -> int:
+    """The head width of a BFL-named file: its first q norm's (``.scale`` in BFL's files, ``.weight`` in some)."""
+    stem = p + "double_blocks.0.img_attn.norm.query_norm."
+    return int((header.shape(stem + "scale") or header.shape(stem + "weight"))[0])
+
+
+def _flux2_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
+    """A ``Flux2Transformer2DModel`` config with this file's shapes (BFL names; SwiGLU MLPs: ``img_mlp.0`` holds
+    twice the hidden width)."""
+    names, shape = header.by_name, header.shape
+    width, in_channels = shape(p + "img_in.weight")
+    head_dim = _bfl_head(header, p)
+    return {
+        "patch_size": 1, "in_channels": int(in_channels), "out_channels": int(shape(p + "final_layer.linear.weight")[0]),
+        "num_layers": len(_indices(names, re.escape(p) + r"double_blocks\.(\d+)\.")),
+        "num_single_layers": len(_indices(names, re.escape(p) + r"single_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim, "num_attention_heads": int(width) // head_dim,
+        "joint_attention_dim": int(shape(p + "txt_in.weight")[1]),
+        "timestep_guidance_channels": int(shape(p + "time_in.in_layer.weight")[1]),
+        "mlp_ratio": int(shape(p + "double_blocks.0.img_mlp.0.weight")[0]) / 2 / int(width),
+        "guidance_embeds": p + "guidance_in.in_layer.weight" in names, "axes_dims_rope": [head_dim // 4] * 4,
+    }
+
+
+def _chroma_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
+    """A ``ChromaTransformer2DModel`` config with this file's shapes (Flux.1's BFL blocks, no modulation Linears,
+    the distilled guidance approximator)."""
+    names, shape = header.by_name, header.shape
+    width, in_channels = shape(p + "img_in.weight")
+    head_dim = _bfl_head(header, p)
+    hidden, channels = shape(p + "distilled_guidance_layer.in_proj.weight")
+    return {
+        "patch_size": 1, "in_channels": int(in_channels), "out_channels": int(shape(p + "final_layer.linear.weight")[0]),
+        "num_layers": len(_indices(names, re.escape(p) + r"double_blocks\.(\d+)\.")),
+        "num_single_layers": len(_indices(names, re.escape(p) + r"single_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim, "num_attention_heads": int(width) // head_dim,
+        "joint_attention_dim": int(shape(p + "txt_in.weight")[1]), "axes_dims_rope": _rope_axes(head_dim),
+        "approximator_num_channels": int(channels), "approximator_hidden_dim": int(hidden),
+        "approximator_layers": len(_indices(names, re.escape(p) + r"distilled_guidance_layer\.layers\.(\d+)\.")),
+    }
+
+
+_CONFIGS = {"flux": _flux_config, "sd3": _sd3_config, "wan": _wan_config, "qwen": _qwen_config,
+            "flux2": _flux2_config, "chroma": _chroma_config}
 
 
 def transformer_layout(header: SafetensorsHeader) -> CheckpointLayout | None:
@@ -436,7 +479,7 @@ def transformer_layout(header: SafetensorsHeader) -> CheckpointLayout | None:
     denoiser, prefix = found[0]
     if denoiser not in _CONFIGS:
         raise LoraFormatError(f"{header.path}: a single-file {denoiser} transformer; lorablend bakes into Flux.1, SD3 / "
-                              f"SD3.5, Wan and Qwen-Image single files (bake into a pipeline folder instead)")
+                              f"SD3.5, Flux.2, Chroma, Wan and Qwen-Image single files (bake into a pipeline folder instead)")
     try:
         config = _CONFIGS[denoiser](header, prefix)
     except TypeError:  # a shape() that was None: a tensor the layout needs is missing
