@@ -54,3 +54,21 @@ def test_one_way_per_job():
     # the component list is spelled once (naming.COMPONENTS); everything else imports it
     spelled = r'"text_encoder",\s*"text_encoder_2"'
     assert sorted(f for f, t in text.items() if re.search(spelled, t)) == ["naming/index.py"]
+
+
+def test_one_spelling_for_settings_and_exceptions_in_their_modules():
+    """Settings classes end in ...Settings (never Config / Options / Spec); a library exception is defined in
+    errors.py, or in the one errors module its package may keep (kinds/base.py, serve/errors.py, cli.py's usage)."""
+    allowed = {"errors.py", "kinds/base.py", "serve/errors.py", "cli.py"}
+    odd_names, stray_errors = [], []
+    for path in SOURCES:
+        rel = str(path.relative_to(SRC))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef) or node.name.startswith("_"):
+                continue
+            if re.search(r"(Config|Options|Spec)$", node.name):
+                odd_names.append(f"{rel}:{node.name}")
+            bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+            if any(b.endswith(("Error", "Exception")) for b in bases) and rel not in allowed:
+                stray_errors.append(f"{rel}:{node.name}")
+    assert not odd_names and not stray_errors, (odd_names, stray_errors)

@@ -158,7 +158,8 @@ def test_inspect_describes_a_lora_no_family_places(capsys, tmp_path):
     """A LoRA with SDXL names but shapes of no real model (the demo's tiny ones): described, family unknown, exit 0."""
     from safetensors.torch import save_file
 
-    k, q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    q = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
     save_file({f"{k}.lora_down.weight": rnd(4, 32), f"{k}.lora_up.weight": rnd(16, 4), f"{k}.alpha": torch.tensor(2.0),
                f"{q}.lora_down.weight": rnd(8, 32), f"{q}.lora_up.weight": rnd(32, 8)}, tmp_path / "tiny.safetensors")
     path = tmp_path / "tiny.safetensors"
