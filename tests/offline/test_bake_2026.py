@@ -1,6 +1,6 @@
-"""Baking LoRAs into single-file Wan, Qwen-Image, Flux.2 and Chroma transformers in their own names (ComfyUI's split
+"""Baking LoRAs into single-file Wan, Qwen-Image, Flux.2, Chroma and Z-Image transformers in their own names (ComfyUI's split
 files: ``blocks.0.self_attn.q.weight``, ``transformer_blocks.0.img_mod.1.weight``, BFL's ``double_blocks.0.img_attn.qkv``
-with its fused rows; with or without ``model.diffusion_model.``): bit for bit what fusing on the tiny pipeline and writing in those names gives. The
+with its fused rows, Z-Image's ``layers.0.attention.qkv``; with or without ``model.diffusion_model.``): bit for bit what fusing on the tiny pipeline and writing in those names gives. The
 single file is written here from the pipeline's transformer through the index's original names (naming/fused.py,
 whose Wan names tests/io/test_read_2026_oracle.py checks against diffusers' converters)."""
 
@@ -54,6 +54,7 @@ def original_state_dict(pipe: DiffusionPipeline, prefix: str = "") -> dict[str, 
     ("qwen", lambda: tiny.tiny_qwen_pipeline(torch_dtype=torch.bfloat16), "model.diffusion_model."),
     ("flux2", lambda: tiny.tiny_flux2_pipeline(klein=True, torch_dtype=torch.bfloat16), ""),
     ("chroma", lambda: tiny.tiny_chroma_pipeline(torch_dtype=torch.bfloat16), "model.diffusion_model."),
+    ("zimage", lambda: tiny.tiny_zimage_pipeline(torch_dtype=torch.bfloat16), ""),
 ])
 def test_baked_single_file_equals_pipeline_fusion(family, build, prefix, tmp_path):
     pipe = DiffusionPipeline(build())

@@ -308,7 +308,7 @@ class CheckpointLayout:
         entry = self.header.by_name.get(placement.weight_key)
         if entry is None:
             return f"no tensor {placement.weight_key!r} in {self.header.path.name}"
-        if entry.dtype not in FLOAT_DTYPES:
+        if entry.dtype not in FLOAT_DTYPES + ("F8_E4M3", "F8_E5M2"):  # (fp8: fused by quantized_files.fused_fp8)
             return f"{placement.weight_key} is {entry.dtype}, not a float tensor"
         want = tuple(self.view.index.modules[placement.target_key].weight_shape)
         have = entry.shape
@@ -331,7 +331,8 @@ _TRANSFORMER_PREFIXES = ("", UNET_PREFIX)  # BFL's / SAI's own transformer files
 # one tensor only that architecture's single files have (Flux.2 and Chroma before Flux.1: they share its BFL blocks)
 _TRANSFORMER_MARKS = {"flux2": "double_stream_modulation_img.lin.weight", "chroma": "distilled_guidance_layer.in_proj.weight",
                       "flux": "double_blocks.0.img_attn.qkv.weight", "sd3": "joint_blocks.0.x_block.attn.qkv.weight",
-                      "wan": "blocks.0.self_attn.q.weight", "qwen": "transformer_blocks.0.img_mod.1.weight"}
+                      "wan": "blocks.0.self_attn.q.weight", "qwen": "transformer_blocks.0.img_mod.1.weight",
+                      "zimage": "layers.0.attention.qkv.weight"}
 
 
 def _flux_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
@@ -457,13 +458,32 @@ def _chroma_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
     }
 
 
+def _zimage_config(header: SafetensorsHeader, p: str) -> dict[str, Any]:
+    """A ``ZImageTransformer2DModel`` config with this file's shapes (Z-Image's own names: fused ``attention.qkv``,
+    ``q_norm``; one patch size, 2 x 2 by 1 frame)."""
+    names, shape = header.by_name, header.shape
+    dim = int(shape(p + "layers.0.attention.qkv.weight")[1])
+    norm = shape(p + "layers.0.attention.q_norm.weight")
+    head_dim = int(norm[0]) if norm is not None else 128 if dim % 128 == 0 else dim
+    a, b = head_dim // 4, head_dim * 3 // 8
+    return {
+        "all_patch_size": [2], "all_f_patch_size": [1], "dim": dim,
+        "in_channels": int(shape(p + "x_embedder.weight")[1]) // 4,
+        "n_layers": len(_indices(names, re.escape(p) + r"layers\.(\d+)\.")),
+        "n_refiner_layers": len(_indices(names, re.escape(p) + r"noise_refiner\.(\d+)\.")),
+        "n_heads": dim // head_dim, "n_kv_heads": dim // head_dim, "qk_norm": norm is not None,
+        "cap_feat_dim": int(shape(p + "cap_embedder.1.weight")[1]), "axes_dims": [a, b, head_dim - a - b],
+    }
+
+
 _CONFIGS = {"flux": _flux_config, "sd3": _sd3_config, "wan": _wan_config, "qwen": _qwen_config,
-            "flux2": _flux2_config, "chroma": _chroma_config}
+            "flux2": _flux2_config, "chroma": _chroma_config, "zimage": _zimage_config}
 
 
 def transformer_layout(header: SafetensorsHeader) -> CheckpointLayout | None:
-    """The layout of a single-file Flux.1 transformer in BFL names (``double_blocks.0.img_attn.qkv.weight``) or an
-    SD3 / SD3.5 one in SAI names (``joint_blocks.0.x_block.attn.qkv.weight``), with or without the
+    """The layout of a single-file Flux.1 transformer in BFL names (``double_blocks.0.img_attn.qkv.weight``), an
+    SD3 / SD3.5 one in SAI names (``joint_blocks.0.x_block.attn.qkv.weight``), a Flux.2 / Chroma one (BFL), a Wan,
+    Qwen-Image or Z-Image one in its own names (``naming/fused.py``), with or without the
     ``model.diffusion_model.`` prefix (SAI's and ComfyUI's all-in-one files), or None for any other file. Its
     config is read off the header and the transformer built on the meta device, as for a UNet; every target key
     is placed at its original tensor and rows (``naming/fused.py``). Text encoders in the file are not indexed:
@@ -477,9 +497,6 @@ def transformer_layout(header: SafetensorsHeader) -> CheckpointLayout | None:
     if not found:
         return None
     denoiser, prefix = found[0]
-    if denoiser not in _CONFIGS:
-        raise LoraFormatError(f"{header.path}: a single-file {denoiser} transformer; lorablend bakes into Flux.1, SD3 / "
-                              f"SD3.5, Flux.2, Chroma, Wan and Qwen-Image single files (bake into a pipeline folder instead)")
     try:
         config = _CONFIGS[denoiser](header, prefix)
     except TypeError:  # a shape() that was None: a tensor the layout needs is missing
