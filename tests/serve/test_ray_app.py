@@ -1,0 +1,28 @@
+"""serve/ray_app.py: the routing id of a request (its sorted LoRA mix) and the Ray Serve settings; Ray itself runs
+in tests/serve/test_serve_ray.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorablend.serve.config import ServeSettings
+from lorablend.serve.ray_app import RayServeSettings, mix_id
+
+
+def test_a_generation_is_routed_by_its_sorted_mix_whatever_the_spelling():
+    cfg = ServeSettings(".")
+    a = mix_id("/v1/images", b'{"prompt": "a cat <lora:ink:0.5>", "loras": {"paper": 1}}', cfg)
+    b = mix_id("/v1/images", b'{"prompt": "a dog", "loras": {"paper": 1.0, "ink": 0.5}}', cfg)
+    assert a == b == '[["ink", 0.5], ["paper", 1.0]]'
+    assert mix_id("/v1/images", b'{"prompt": "a cat"}', cfg) == "[]"
+
+
+def test_other_routes_and_bad_bodies_go_to_any_replica():
+    cfg = ServeSettings(".")
+    assert mix_id("/v1/loras", b"{}", cfg) == "" and mix_id("/v1/images", b"not json", cfg) == ""
+
+
+def test_settings_are_checked_by_name():
+    assert RayServeSettings(replicas=2).check().replicas == 2
+    with pytest.raises(ValueError, match="replicas"):
+        RayServeSettings(replicas=0).check()
