@@ -174,6 +174,26 @@ def test_inspect_describes_a_lora_no_family_places(capsys, tmp_path):
     assert code == 0 and "kohya, unknown, 2 layers" in out and "needed:" in out and "rank 8, ΔW (32, 32)" in out
 
 
+def test_convert_copies_a_lora_no_family_places_in_its_own_spelling_only(capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{k}.lora_down.weight": rnd(4, 32), f"{k}.lora_up.weight": rnd(16, 4), f"{k}.alpha": torch.tensor(2.0)}
+    save_file(tensors, tmp_path / "tiny.safetensors", metadata={"ss_output_name": "tiny"})
+    code, out, err = run(capsys, "convert", str(tmp_path / "tiny.safetensors"), str(tmp_path / "k.safetensors"),
+                         "--to", "kohya", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["family"] == "unknown" and result["unplaced"]["kept"] == 3 and result["layers"] == 1
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(tensors) and f.metadata()["ss_output_name"] == "tiny"
+        assert all(torch.equal(f.get_tensor(key), t) for key, t in tensors.items())  # bit for bit
+    code, _, err = run(capsys, "convert", str(tmp_path / "tiny.safetensors"), str(tmp_path / "d.safetensors"),
+                       "--to", "diffusers")
+    assert code == 2 and "--to kohya copies every key" in one_error_line(err)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 @pytest.mark.parametrize("to, kept", [("kohya", 2), ("diffusers", 0)])
 def test_convert_keeps_what_it_cannot_place_when_the_format_can_name_it(capsys, tmp_path, lora_file, to, kept):
     from safetensors.torch import save_file

@@ -38,13 +38,17 @@ def convert_file(
     ...
     ValueError: a.safetensors: OUTPUT is the INPUT file; lorablend never overwrites an input
     """
+    from ..errors import LoraFormatError
     from ..io import load_adapter, save_adapter
     from ..io.safetensors import sshs_model_hash
     from ..outputs import same_file
 
     if same_file(input, output):
         raise ValueError(f"{output}: OUTPUT is the INPUT file; lorablend never overwrites an input")
-    adapter = load_adapter(input)
+    try:
+        adapter = load_adapter(input)
+    except LoraFormatError as err:  # no family places it: in its own spelling, every key can still be kept
+        return _convert_unplaced(input, output, to=to, dtype=dtype, overwrite=overwrite, err=err)
     unplaced = [r.key for r in adapter.report.records if r.status != "mapped"]
     kept = _unplaced_tensors(input, unplaced) if unplaced and _SAME_SPELLING.get(adapter.format) == to else {}
     out = save_adapter(adapter, output, format=to, overwrite=overwrite, dtype=dtype, progress=progress,
@@ -70,6 +74,42 @@ def convert_file(
 
 # a read format -> the write format that spells its keys the same way (unplaced keys can be copied as they are)
 _SAME_SPELLING = {"kohya": "kohya", "diffusers": "diffusers"}
+
+
+def _convert_unplaced(input: PathLike, output: PathLike, *, to: str, dtype: str | None, overwrite: bool,
+                      err: Exception) -> dict[str, Any]:
+    """A LoRA no family places (e.g. made for a smaller model), written again when ``to`` spells its keys as it
+    does: every tensor under its own key (floating weights cast to ``dtype``; alphas kept), its metadata kept.
+    Any other ``to`` cannot name its layers: ``err`` (why no family places it) is raised, nothing written."""
+    from ..io.files import read_source
+    from ..io.load import read_layers
+    from ..io.safetensors import sshs_model_hash
+    from ..io.write import output_path, parse_dtype, serialize_with_hash
+    from ..outputs import atomic_write, check_output
+
+    layers = read_layers(input)
+    own = _SAME_SPELLING.get(layers.format)
+    if not layers.deltas or own is None:
+        raise err
+    if own != to:
+        raise type(err)(f"{err}. --to {to} cannot name layers no family places; --to {own} copies every key of it "
+                        "as it is") from None
+    out = check_output(output_path(output, to, Path(str(input)).stem), inputs=[input], overwrite=overwrite)
+    cast = parse_dtype(dtype)
+    tensors = {k: t.to(cast) if cast is not None and t.is_floating_point() and t.dim() > 0 else t
+               for k, t in read_source(input).tensors.items()}
+    header, chunks = serialize_with_hash(tensors, layers.metadata)
+    atomic_write(out, [header, *chunks], overwrite=overwrite, inputs=[input])
+    kinds: dict[str, int] = {}
+    for delta in layers.deltas.values():
+        kinds[delta.kind] = kinds.get(delta.kind, 0) + 1
+    return {
+        "input": str(input), "output": str(out), "from_format": layers.format, "to_format": to, "family": "unknown",
+        "layers": len(layers.deltas), "kinds": kinds, "bytes": out.stat().st_size,
+        "sshs_model_hash": sshs_model_hash(out), "report": {"mapped": 0, "unsupported": 0, "unknown": len(tensors)},
+        "unplaced": {"kept": len(tensors), "dropped": 0, "keys": list(tensors)[:10],
+                     "why": f"no family places this file, so every key was copied as it is ({err})"},
+    }
 
 
 def _unplaced_tensors(input: PathLike, keys: list[str]) -> dict[str, Any]:
