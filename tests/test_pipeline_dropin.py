@@ -254,6 +254,12 @@ def test_unload_with_reset_to_overwritten_params_restores_x_embedder_and_config(
     raw = FluxControlPipeline.from_pipe(copy.deepcopy(flux))
     before = params_of(raw)
     pipe = lorablend.DiffusionPipeline(raw)
+    pipe.load_lora_weights(_transformer_lora(flux.transformer, 3), adapter_name="c")
+    with pytest.raises(ValueError, match="already loaded"):  # widened, then refused: the widening goes too
+        pipe.load_lora_weights(path, adapter_name="c")
+    assert pipe.transformer.x_embedder.in_features == 4 == pipe.transformer.config.in_channels
+    pipe.delete_adapters("c")
+    assert_params_equal(raw, before)
     pipe.load_lora_weights(path, adapter_name="c")
     pipe.unload_lora_weights(reset_to_overwritten_params=False)  # diffusers: stays widened
     assert pipe.transformer.x_embedder.in_features == 8 == pipe.transformer.config.in_channels

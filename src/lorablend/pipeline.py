@@ -305,23 +305,28 @@ class DiffusionPipeline:
                                        lambda source: self._read(source, name, weight_name, kwargs)[0]), False
         else:
             adapter, checked = self._read(pretrained_model_name_or_path_or_dict, adapter_name, weight_name, kwargs)
-        if adapter.needs_control:  # a Flux control LoRA: widen x_embedder on a control pipeline, else refuse
-            from .runtime.control import widen_for_control
+        from .runtime.control import unwiden, widen_for_control
 
-            layers = self._runtime.layers.by_key
-            busy = {k for k in adapter.widened_inputs
-                    if k in layers and (layers[k].loaded or layers[k].pristine_weight is not None)}
-            if widen_for_control(self.pipe, adapter, self._runtime.view, busy=busy):
-                self._runtime.follow(components_of(self.pipe), reindex=True)  # the index reads the new width
-        layers = self._runtime.layers.by_key
+        layers, widened = self._runtime.layers.by_key, []
         fused_norms = [k for k in adapter.replacements if k in layers and layers[k].pristine_weight is not None]
         if fused_norms:
             raise ValueError(f"adapter {adapter.name!r} replaces the weights of {fused_norms}, which have adapters "
                              f"fused into them: unfuse_lora() first (nothing was changed)")
+        if adapter.needs_control:  # a Flux control LoRA: widen x_embedder on a control pipeline, else refuse
+            busy = {k for k in adapter.widened_inputs
+                    if k in layers and (layers[k].loaded or layers[k].pristine_weight is not None)}
+            if widened := widen_for_control(self.pipe, adapter, self._runtime.view, busy=busy):
+                self._runtime.follow(components_of(self.pipe), reindex=True)  # the index reads the new width
         bound = None
-        if adapter.deltas or not adapter.replacements:  # (norms alone: nothing to add, as in diffusers)
-            bound = bind_adapter(adapter, self._runtime.view, strict=strict, checked=checked)
-            self._runtime.add(bound, replace_existing=hotswap)
+        try:
+            if adapter.deltas or not adapter.replacements:  # (norms alone: nothing to add, as in diffusers)
+                bound = bind_adapter(adapter, self._runtime.view, strict=strict, checked=checked)
+                self._runtime.add(bound, replace_existing=hotswap)
+        except BaseException:  # a load that fails changes nothing: the widening it made goes too
+            if widened:
+                unwiden(self._runtime.view.components, widened)
+                self._runtime.follow(components_of(self.pipe), reindex=True)
+            raise
         if adapter.replacements:  # whole norm weights (diffusers' Flux norm keys): in place now, back on unload
             from .runtime.control import replace_norms
 

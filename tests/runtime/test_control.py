@@ -9,7 +9,7 @@ import torch
 from lorablend.adapter import Adapter
 from lorablend.errors import LoraCompatibilityError
 from lorablend.fixtures.tiny_transformers import FLUX_TRANSFORMER
-from lorablend.runtime.control import overwritten, replace_norms, restore_overwritten, widen_for_control
+from lorablend.runtime.control import overwritten, replace_norms, restore_overwritten, unwiden, widen_for_control
 from lorablend.runtime.model_view import ModelView
 
 
@@ -47,6 +47,10 @@ def test_widening_keeps_the_original_tensor_and_reset_puts_it_back(transformer):
     assert restore_overwritten(transformer, widened=True) == ["x_embedder"]
     assert xe.weight is original and torch.equal(xe.weight, before)
     assert xe.in_features == 4 == transformer.config.in_channels
+    assert overwritten(transformer) == {"widened": {}, "config": {}, "norms": {}}
+    widen_for_control(FluxControlPipeline(transformer), _control(), view)
+    unwiden({"transformer": transformer}, ["transformer.x_embedder"])  # a load that failed after widening
+    assert xe.weight is original and xe.in_features == 4 == transformer.config.in_channels
     assert overwritten(transformer) == {"widened": {}, "config": {}, "norms": {}}
 
 

@@ -94,6 +94,21 @@ def widen_for_control(pipe: Any, adapter: Any, view: Any, *, busy: set[str] = fr
     return [k for k, _, _ in todo]
 
 
+def unwiden(components: Mapping[str, nn.Module], keys: list[str]) -> None:
+    """Undo a widening just made for ``keys`` (the load that asked for it failed after it): each module's original
+    tensor and width back, and the config field that followed.
+
+    >>> unwiden({"transformer": pipe.transformer}, ["transformer.x_embedder"])     # doctest: +SKIP
+    """
+    for key in keys:
+        component, path = key.split(".", 1)
+        record = _record(components[component])
+        module = components[component].get_submodule(path)
+        module.weight, module.in_features = record["widened"].pop(path)
+        if path == "x_embedder" and "in_channels" in record["config"]:
+            components[component].register_to_config(in_channels=record["config"].pop("in_channels"))
+
+
 def replace_norms(components: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor]) -> None:
     """Copy ``weights`` ({target key: new weight}) into those norms of ``components``, keeping each original the
     first time (a second replacement of one norm still goes back to the model's own weight on unload). Checked
@@ -144,4 +159,4 @@ def restore_overwritten(component: nn.Module, *, widened: bool) -> list[str]:
     return done
 
 
-__all__ = ["overwritten", "replace_norms", "restore_overwritten", "widen_for_control"]
+__all__ = ["overwritten", "replace_norms", "restore_overwritten", "unwiden", "widen_for_control"]
