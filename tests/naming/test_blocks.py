@@ -38,3 +38,25 @@ def test_a_list_of_another_length_names_the_lengths_that_exist():
 ])
 def test_transformer_modules_get_their_block_labels(path, denoiser, label):
     assert transformer_block_label(path, denoiser) == label
+
+
+# the 2025-26 families: one vocabulary each (naming/blocks.py), every module of the shipped data labelled
+_VOCABULARY_2026 = {
+    "qwen-image": ["B"], "wan-1.3b": ["B"], "wan-14b": ["B"], "wan-i2v-14b": ["B"], "wan-5b": ["B"],
+    "flux2-dev": ["D", "S"], "flux2-klein-4b": ["D", "S"], "flux2-klein-9b": ["D", "S"], "chroma": ["D", "S"],
+    "z-image": ["NR", "CR", "L"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(_VOCABULARY_2026))
+def test_2026_families_have_one_block_vocabulary(family):
+    from lorablend.naming import LBW_ORDERS, expand_block_weights, standard_index
+
+    labels = standard_index(family).block_labels()
+    assert "OTHER" not in labels and {"TIME", "EMBED", "FINAL"} <= set(labels)
+    blocks = [label for label in labels if label not in ("TIME", "EMBED", "FINAL")]
+    assert {b.rstrip("0123456789") for b in blocks} == set(_VOCABULARY_2026[family])
+    (count, order), = LBW_ORDERS[family].items()  # one list form: BASE, then every block in order
+    assert order == ["BASE", *blocks] and count == len(blocks) + 1
+    weights = expand_block_weights([0.5] * count, family, labels)
+    assert all(weights[b] == 0.5 for b in blocks) and weights["TIME"] == 1.0

@@ -67,3 +67,19 @@ def test_checkpoints_feed_the_rule(tmp_path):
         family_of([unet])
     with pytest.raises(LoraFormatError, match="not a single-file"):
         family_of(["lora_unet_x.lora_down.weight"])
+
+
+def test_a_live_2026_transformer_is_told_by_class_then_width():
+    # the real configs' trees on the meta device; a tiny one of each class falls back to its architecture's default
+    from lorablend.naming.configs import NEW_TRANSFORMERS
+    from lorablend.naming.index import family_of_target
+    from lorablend.naming.meta import build_meta_components
+
+    for family, (config, architecture) in NEW_TRANSFORMERS.items():
+        transformer = build_meta_components(config, [], denoiser=architecture)["transformer"]
+        assert family_of_target({"transformer": transformer}) == family
+    tiny = build_meta_components({"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1,
+                                  "num_single_layers": 1, "joint_attention_dim": 16, "in_channels": 4,
+                                  "timestep_guidance_channels": 8, "axes_dims_rope": [2, 2, 2, 2]}, [],
+                                 denoiser="flux2")["transformer"]
+    assert family_of_target({"transformer": tiny}) == "flux2-dev"  # never Flux.1, whose class name it contains
