@@ -115,3 +115,25 @@ def test_schemathesis_every_route_conforms(small):
             failures.append(f"{operation.method.upper()} {operation.path}: {str(exc)[:1500]}")
     assert len(operations) >= 25 and not failures, "\n\n".join(failures)
     assert small.state.worker.waiting() == 0
+
+
+def test_lbw_block_weights_in_lora_tokens(small, library):
+    from lorablend.naming.blocks import expand_block_weights
+
+    labels = library.pipe.model_view.index.block_labels()  # the blocks named, every other block of the model 0
+    spec = {k: 0.5 * v for k, v in expand_block_weights({"IN04": 1.0, "M00": 0.4}, "sd1", labels, default=0.0).items()}
+    library.pipe.set_adapters(["ink"], [spec])
+    want = library.pipe("a fox", num_inference_steps=2, width=32, height=32, guidance_scale=7.5, output_type="np",
+                        generator=np.random.Generator(np.random.PCG64(5))).images[0]
+    with small.client() as client:
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a fox <lora:ink:0.5:lbw=IN04;M00:0.4>", "seed": 5,
+                                                    "steps": 2, "width": 32, "height": 32, "cfg_scale": 7.5})
+        assert r.status_code == 200, r.text
+        assert_same_image(decode_b64(r.json()["images"][0]), want, "lbw")
+        assert client.post("/sdapi/v1/txt2img", json={"prompt": "<lora:ink:0.5:lbw=IN02>", "steps": 2, "width": 32,
+                                                      "height": 32}).status_code == 200
+        for bad, says in (("lbw=ZZ9", "unknown block label"), ("lbw=1,0", "must have one of"),
+                          ("0.3", "text-encoder")):
+            r = client.post("/sdapi/v1/txt2img", json={"prompt": f"<lora:ink:0.5:{bad}>", "steps": 2, "width": 32,
+                                                          "height": 32})
+            assert r.status_code == 422 and says in r.text, r.text

@@ -34,7 +34,8 @@ class Generation:
     ``width`` / ``height`` / ``guidance_scale`` means the pipeline's default (filled in by :meth:`Worker.resolve`).
     ``seed_per_image``: image ``i`` is drawn from ``seed + i`` alone (A1111: each image reproducible by its own
     seed); else all of a request's images come from one generator drawn in order (the library's
-    ``num_images_per_prompt``).
+    ``num_images_per_prompt``). ``blocks``: LoRA Block Weight specs from ``<lora:name:w:lbw=…>`` tokens, already
+    checked against the model and spelled out over its labels.
 
     >>> Generation("a cat", seed=3, steps=2, loras={"ink": 0.5}).seeds(2)
     [3, 3]
@@ -51,6 +52,20 @@ class Generation:
     num_images: int = 1
     scale: float = 1.0
     seed_per_image: bool = False
+    blocks: dict[str, Any] = field(default_factory=dict)  # name -> LoRA Block Weight spec (at weight 1)
+
+    def weight_spec(self, name: str) -> Any:
+        """What ``set_adapters`` takes for ``name``: its weight, or its block weights times it.
+
+        >>> Generation("x", 1, 2, loras={"ink": 0.5}, blocks={"ink": {"IN04": 1.0}}).weight_spec("ink")
+        {'IN04': 0.5}
+        """
+        spec, weight = self.blocks.get(name), float(self.loras[name])
+        if spec is None:
+            return weight
+        if isinstance(spec, dict):
+            return {label: weight * v for label, v in spec.items()}
+        return [weight * v for v in spec]
 
     def seeds(self, count: int | None = None) -> list[int]:
         """The seed each image is drawn from. >>> Generation("x", 5, 2, seed_per_image=True).seeds(3)
@@ -93,7 +108,7 @@ class Job:
     @property
     def mix(self) -> frozenset:
         """The mix as a set of (name, version, weight): equal mixes are equal sets, whatever their order."""
-        return frozenset((e.name, e.version, float(self.generation.loras[e.name])) for e in self.entries)
+        return frozenset((e.name, e.version, repr(self.generation.weight_spec(e.name))) for e in self.entries)
 
 
 def batch_key(gen: Generation, entries: Sequence[CachedAdapter], *, mixed: bool) -> tuple:
@@ -104,8 +119,8 @@ def batch_key(gen: Generation, entries: Sequence[CachedAdapter], *, mixed: bool)
     >>> batch_key(Generation("x", 1, 2), [], mixed=False)[0]
     frozenset()
     """
-    per_sample = mixed and all(e.low_rank for e in entries)
-    mix = None if per_sample else frozenset((e.name, e.version, float(gen.loras[e.name])) for e in entries)
+    per_sample = mixed and all(e.low_rank for e in entries) and not gen.blocks  # (block weights: their own mix)
+    mix = None if per_sample else frozenset((e.name, e.version, repr(gen.weight_spec(e.name))) for e in entries)
     return (mix, gen.scale, gen.steps, gen.guidance_scale, gen.width, gen.height, gen.negative_prompt is None)
 
 
@@ -159,7 +174,7 @@ class BatchRun:
         self.cache.activate(list(entries.values()))
         if len(mixes) == 1:
             names = [e.name for e in batch[0].entries]
-            self.pipe.set_adapters(names, [float(batch[0].generation.loras[n]) for n in names])
+            self.pipe.set_adapters(names, [batch[0].generation.weight_spec(n) for n in names])
             rows = None
         else:
             self.pipe.set_adapters(list(entries), [1.0] * len(entries))

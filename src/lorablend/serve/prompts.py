@@ -5,41 +5,80 @@ the LoRA mix in the prompt. The tokens are taken out of the text and summed per 
 one LoRA); what is left, with its whitespace collapsed (CLIP's tokenizer collapses it anyway), is the prompt.
 
 >>> split_lora_tokens("a cat <lora:ink:0.7>, <lora:paper>")
-('a cat ,', {'ink': 0.7, 'paper': 1.0})
+('a cat ,', {'ink': 0.7, 'paper': 1.0}, {})
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from .errors import PromptTokenError
 
 _TOKEN = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
 
 
-def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float]]:
-    """``(prompt without the tokens, {name: summed weight})``; raises :class:`PromptTokenError` naming the token.
+def block_weights(token: str, text: str) -> list[float] | dict[str, float]:
+    """The block weights of an A1111 LoRA Block Weight field ``lbw=…``: numbers in LBW order (``lbw=1,0,0,…``:
+    17 or 26 for SD1.x, 12 or 20 for SDXL, checked against the model later), or block labels (``lbw=IN02`` or
+    ``lbw=IN02:0.5;OUT03``): only those blocks, at 1 or the value given; every other block 0.
 
-    A third field (A1111's separate text-encoder / UNet weights, ``<lora:name:te:unet>``) is refused rather than
-    half applied: this server applies one weight per LoRA.
+    >>> block_weights("t", "IN04:0.5;OUT03"), block_weights("t", "1,0,0.5")
+    ({'IN04': 0.5, 'OUT03': 1.0}, [1.0, 0.0, 0.5])
+    """
+    items = [i.strip() for i in text.replace(";", ",").split(",") if i.strip()]
+    if not items:
+        raise PromptTokenError(f"{token}: lbw= names no blocks; write e.g. lbw=IN04:0.5;OUT03 or 17 numbers (SD1.x)")
+    try:
+        values = [float(i) for i in items]
+    except ValueError:
+        values = None
+    if values is not None:
+        if not all(math.isfinite(v) for v in values):
+            raise PromptTokenError(f"{token}: block weights must be finite numbers")
+        return values
+    labels: dict[str, float] = {}
+    for item in items:
+        label, _, value = item.replace("=", ":").partition(":")
+        try:
+            labels[label.strip().upper()] = float(value) if value else 1.0
+        except ValueError:
+            raise PromptTokenError(f"{token}: {item!r} is no block weight; write LABEL or LABEL:WEIGHT, e.g. "
+                                   "IN04:0.5") from None
+    return labels
 
+
+def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float], dict[str, Any]]:
+    """``(prompt without the tokens, {name: summed weight}, {name: block weights})``; raises
+    :class:`PromptTokenError` naming the token. A third field ``lbw=…`` gives the LoRA block weights
+    (:func:`block_weights`); another third field (A1111's separate text-encoder / UNet weights,
+    ``<lora:name:te:unet>``) is refused rather than half applied.
+
+    >>> split_lora_tokens("a <lora:ink:0.5:lbw=IN02>")
+    ('a', {'ink': 0.5}, {'ink': {'IN02': 1.0}})
     >>> split_lora_tokens("<lora:ink:nan>")
     Traceback (most recent call last):
     ...
     lorablend.serve.errors.PromptTokenError: <lora:ink:nan>: the weight must be a finite number, e.g. <lora:ink:0.8>
     """
     mix: dict[str, float] = {}
+    blocks: dict[str, Any] = {}
     for match in _TOKEN.finditer(prompt):
-        token, fields = match.group(0), match.group(2).split(":")
+        token, fields = match.group(0), match.group(2).split(":", 2)
         name = fields[0].strip()
         if not name:
             raise PromptTokenError(f"{token}: no LoRA name; write <lora:NAME:WEIGHT>, e.g. <lora:ink:0.8>")
         if len(fields) > 2:
-            raise PromptTokenError(
-                f"{token}: separate text-encoder and UNet weights are not supported; write <lora:{name}:WEIGHT>")
+            if not fields[2].strip().lower().startswith("lbw="):
+                raise PromptTokenError(f"{token}: separate text-encoder and UNet weights are not supported; write "
+                                       f"<lora:{name}:WEIGHT> or block weights <lora:{name}:WEIGHT:lbw=IN04;OUT03>")
+            spec = block_weights(token, fields[2].strip()[4:])
+            if blocks.get(name, spec) != spec:
+                raise PromptTokenError(f"{token}: {name!r} has other block weights in another token; give one")
+            blocks[name] = spec
         weight = 1.0
-        if len(fields) == 2:
+        if len(fields) >= 2:
             try:
                 weight = float(fields[1])
             except ValueError:
@@ -48,7 +87,7 @@ def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float]]:
                 raise PromptTokenError(
                     f"{token}: the weight must be a finite number, e.g. <lora:{name}:0.8>")
         mix[name] = mix.get(name, 0.0) + weight
-    return " ".join(_TOKEN.sub(" ", prompt).split()), mix
+    return " ".join(_TOKEN.sub(" ", prompt).split()), mix, blocks
 
 
-__all__ = ["split_lora_tokens"]
+__all__ = ["block_weights", "split_lora_tokens"]

@@ -42,10 +42,10 @@ def invalid(field: str, message: str, value: Any = None) -> RequestValidationErr
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
 
 
-def _mix(prompt: str, loras: dict[str, float]) -> tuple[str, dict[str, float]]:
+def _mix(prompt: str, loras: dict[str, float]) -> tuple[str, dict[str, float], dict[str, Any]]:
     """The prompt without its ``<lora:…>`` tokens and the whole mix (tokens added to ``loras``), checked."""
     try:
-        text, tokens = split_lora_tokens(prompt)
+        text, tokens, blocks = split_lora_tokens(prompt)
     except PromptTokenError as exc:
         raise invalid("prompt", str(exc), prompt) from None
     mix = dict(loras)
@@ -55,7 +55,7 @@ def _mix(prompt: str, loras: dict[str, float]) -> tuple[str, dict[str, float]]:
         if abs(weight) > MAX_WEIGHT:
             raise invalid("loras", f"LoRA {name!r}: weight {weight:g} (with its prompt tokens) is over "
                                    f"{MAX_WEIGHT:g}; use a weight in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]", weight)
-    return text, mix
+    return text, mix, blocks
 
 
 def _limits(config: ServeSettings, steps: int, images: int, images_field: str) -> None:
@@ -105,9 +105,9 @@ class ImageRequest(BaseModel):
         if self.response_format == "png" and self.num_images > 1:
             raise invalid("response_format", "png answers one image; ask for response_format 'json' to get "
                                              f"{self.num_images} images", self.response_format)
-        prompt, mix = _mix(self.prompt, self.loras)
+        prompt, mix, blocks = _mix(self.prompt, self.loras)
         return Generation(prompt, _seed(self.seed), steps, mix, self.negative_prompt or None, self.guidance_scale,
-                          self.width, self.height, self.num_images, self.scale)
+                          self.width, self.height, self.num_images, self.scale, blocks=blocks)
 
 
 class LoraRegistration(BaseModel):
@@ -149,9 +149,9 @@ class Txt2ImgRequest(BaseModel):
         """
         images = self.batch_size * self.n_iter
         _limits(config, self.steps, images, "batch_size")
-        prompt, mix = _mix(self.prompt, {})
+        prompt, mix, blocks = _mix(self.prompt, {})
         return Generation(prompt, _seed(self.seed), self.steps, mix, self.negative_prompt or None, self.cfg_scale,
-                          self.width, self.height, images, seed_per_image=True)
+                          self.width, self.height, images, seed_per_image=True, blocks=blocks)
 
 
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
@@ -199,9 +199,9 @@ class OpenAIImageRequest(BaseModel):
         steps = self.steps or config.default_steps
         n = self.n or 1
         _limits(config, steps, n, "n")
-        prompt, mix = _mix(self.prompt, self.loras)
+        prompt, mix, blocks = _mix(self.prompt, self.loras)
         return Generation(prompt, _seed(self.seed), steps, mix, self.negative_prompt or None, self.guidance_scale,
-                          width, height, n, self.scale)
+                          width, height, n, self.scale, blocks=blocks)
 
 
 __all__ = ["ImageRequest", "LoraRegistration", "OpenAIImageRequest", "Txt2ImgRequest", "invalid"]

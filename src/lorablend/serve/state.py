@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,36 @@ class ServerState:
         if not self.keep_uploads:
             shutil.rmtree(self.upload_dir, ignore_errors=True)
 
+    def check_blocks(self, gen: Generation) -> Generation:
+        """``gen`` with its ``lbw=`` block weights checked against this model's LoRA Block Weight labels and spelled
+        out (labels: the blocks named, every other 0); 422 naming the labels or counts that fit.
+
+        >>> state.check_blocks(Generation("x", 1, 2, loras={"ink": 1.0}, blocks={"ink": [1.0, 0.0]}))  # doctest: +SKIP
+        Traceback (most recent call last):
+        fastapi.exceptions.RequestValidationError: ...
+        """
+        if not gen.blocks:
+            return gen
+        from ..naming.blocks import LBW_ORDERS, expand_block_weights
+
+        view = self.pipe.model_view
+        family, known = view.family or "", view.index.block_labels()
+        orders = LBW_ORDERS.get(family, {})
+        spelled = {}
+        for name, spec in gen.blocks.items():
+            try:
+                if isinstance(spec, dict):  # the blocks named, every other block of this model 0
+                    spelled[name] = expand_block_weights(spec, family, known, default=0.0)
+                    continue
+                if len(spec) not in orders:
+                    raise ValueError(f"a block-weight list for {family or 'this'} model must have one of "
+                                     f"{sorted(orders)} values (LoRA Block Weight order), got {len(spec)}")
+                # LBW's order; the labels this model has (a smaller model lacks some), the others as they are
+                spelled[name] = {k: v for k, v in zip(orders[len(spec)], spec) if k in known}
+            except ValueError as exc:
+                raise invalid("prompt", f"<lora:{name}:…:lbw=…>: {exc}", name) from None
+        return replace(gen, blocks=spelled)
+
     def check_size(self, gen: Generation) -> Generation:
         """``gen`` with the pipeline's defaults filled in; 422 past ``--max-pixels``.
 
@@ -116,7 +147,7 @@ async def generate(state: ServerState, gen: Generation, request: Request) -> tup
 
     >>> gen, result = await generate(state, body.generation(config), request)   # doctest: +SKIP
     """
-    gen = state.check_size(gen)
+    gen = state.check_blocks(state.check_size(gen))
     entries = await run_in_threadpool(state.adapters_for, list(gen.loras))
     state.worker.start()  # idempotent: started here too, because a mounted sub-app gets no startup event
     job = state.worker.submit(gen, entries)
