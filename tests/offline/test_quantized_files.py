@@ -123,3 +123,60 @@ def test_gguf_fuzz_smoke(tmp_path):
 
     counts = fuzz_gguf(3.0, tmp_path / "crashes", seed=7)
     assert counts["inputs"] > 10 and counts["crashes"] == 0, sorted((tmp_path / "crashes").glob("*.txt"))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp8_safetensors_bake_equals_live_fuse(tmp_path, flux, scaled):
+    """A Flux file in BFL names with fp8 weights (plain, or ComfyUI's scaled fp8: ``<layer>.scale_weight``): the
+    bake rounds each fused layer stochastically with the live fuse's seed and keeps the scale, so its bytes equal
+    fusing that layer live (``LayerState.write_fused`` on an fp8 layer holding the same rows and scale)."""
+    import contextvars
+
+    from safetensors.torch import load_file, save_file
+
+    from lorablend.quant.fp8 import ScaledFp8Linear
+    from lorablend.runtime.layer_state import LayerTable
+
+    pipe, adapter = flux
+    tensors = {}
+    for name, t in bfl_state_dict(pipe.transformer).items():
+        if t.dim() == 2:
+            scale = t.abs().max() / 448 if scaled else None
+            tensors[name] = (t / scale if scaled else t).to(torch.float8_e4m3fn)
+            if scaled:
+                tensors[name[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            tensors[name] = t
+    src, out = tmp_path / "flux-fp8.safetensors", tmp_path / "baked.safetensors"
+    save_file(tensors, str(src))
+    report = bake(src, [(adapter, 0.7)], out, lora_scale=0.9)
+    assert report.touched == len(adapter.deltas)
+    baked = load_file(str(out))
+    layout = checkpoint_layout(src)
+    table = LayerTable(contextvars.ContextVar("s", default=1.0))
+    for key, delta in adapter.deltas.items():
+        p = layout.placement(key)
+        stored = tensors[p.weight_key]
+        if stored.dtype != torch.float8_e4m3fn:
+            continue
+        rows = torch.cat([torch.arange(a, b) for a, b in (p.row_spans or ((0, stored.shape[0]),))])
+        layer = ScaledFp8Linear(stored.shape[1], len(rows), bias=False, compute_dtype=torch.float32)
+        layer.weight = torch.nn.Parameter(stored[rows].clone(), requires_grad=False)
+        if scaled:
+            layer.scale_weight = tensors[p.weight_key[: -len("weight")] + "scale_weight"].clone()
+        else:
+            del layer._buffers["scale_weight"]
+        table.add(key, "transformer", layer).write_fused([(0.9 * 0.7, delta)])
+        if scaled and p.row_spans is not None:  # one scale over q/k/v rows: kept (a live layer would grow its own)
+            scale = tensors[p.weight_key[: -len("weight")] + "scale_weight"]
+            want = fused_weight(stored[rows].float() * scale, [(0.9 * 0.7, delta)]).clamp(-448 * scale, 448 * scale)
+            got = baked[p.weight_key][rows].float() * scale
+            assert bool(((got - want).abs() <= want.abs() * 2 ** -3 + 2 ** -9 * scale).all()), key
+            continue
+        assert torch.equal(baked[p.weight_key][rows].view(torch.uint8), layer.weight.view(torch.uint8)), key
+        if scaled:  # the scale written is the one the live layer grew to
+            assert torch.equal(baked[p.weight_key[: -len("weight")] + "scale_weight"], layer.scale_weight), key
+    touched = {layout.placement(k).weight_key for k in adapter.deltas}
+    for name, t in tensors.items():  # untouched tensors as they were
+        if name not in touched and name.replace("scale_weight", "weight") not in touched:
+            assert torch.equal(baked[name].view(torch.uint8), t.view(torch.uint8)), name

@@ -365,9 +365,12 @@ def _stream(job: BakeJob, header: SafetensorsHeader, ops: dict[str, list[_Op]], 
     yield new_header
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="bake", disable=not job.progress, leave=False)
     with open(header.path, "rb") as raw, bar:
+        from .quantized_files import Fp8Rewrites  # fp8 weights (and scales): seeded stochastic rounding
+
+        fp8 = Fp8Rewrites(raw, header, ops, safe)
         for e, size in zip(header.entries, sizes):
             code = _out_code(e.dtype, out_dtype)
-            if e.name not in ops and code == e.dtype:
+            if e.name not in ops and code == e.dtype and e.name not in fp8:
                 raw.seek(header.data_start + e.start)
                 left = e.nbytes
                 while left:
@@ -378,7 +381,9 @@ def _stream(job: BakeJob, header: SafetensorsHeader, ops: dict[str, list[_Op]], 
                     yield chunk
             else:
                 tensor = read_tensor(raw, header, e)
-                if e.name in ops:
+                if e.name in fp8:
+                    tensor = fp8.tensor(e.name, tensor)
+                elif e.name in ops:
                     tensor = _apply(tensor, ops[e.name], DTYPES[code], safe)
                 elif tensor.dtype != DTYPES[code]:
                     tensor = tensor.to(DTYPES[code])

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraCompatibilityError, LoraFormatError
-from ..io.safetensors import SafetensorsHeader, TensorEntry
+from ..io.safetensors import SafetensorsHeader, TensorEntry, read_tensor
 from ..outputs import atomic_file
 from .bake import BakeJob, BakeReport, _apply, _lora_name, _Op
 from .checkpoint import CheckpointLayout, checkpoint_layout
@@ -288,4 +288,69 @@ def _info(t: Any, fused: bool) -> tuple[list[int], np.dtype, int, Any]:
     return raw, np.dtype(np.uint8), int(np.prod(raw, dtype=np.int64)), qtype
 
 
-__all__ = ["GgufFile", "bake_gguf", "read_gguf"]
+def fused_fp8(tensor: torch.Tensor, ops: list[_Op], scale: torch.Tensor | None,
+              safe: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A touched fp8 tensor of a safetensors bake and its scale: each op's rows dequantized (``× scale_weight`` when
+    the file is scaled fp8), fused in fp32 by the one formula, divided by the scale and rounded stochastically with
+    the generator a live fuse of that layer uses (``quant.formats.layer_seed(0, target key)``). A scale grows to
+    ``max|W| / fp8 max`` when a fused weight outgrows it and the tensor is one layer (as a live fuse does); a
+    tensor of several layers (q/k/v rows) keeps its scale (the other rows' bytes stay) and saturates instead.
+
+    >>> fused_fp8(torch.zeros(2, 2, dtype=torch.float8_e4m3fn), [], None, True)[0].dtype
+    torch.float8_e4m3fn
+    """
+    from ..quant.formats import layer_seed
+    from ..quant.fp8 import stochastic_round
+    from ..runtime.fusion import fused_weight
+
+    result = tensor.clone()
+    weight = tensor.float() * scale.float() if scale is not None else tensor.float()
+    fused = []
+    for op in ops:
+        spans = op.placement.row_spans or ((0, tensor.shape[0]),)
+        rows = torch.cat([torch.arange(a, b) for a, b in spans])
+        fused.append((op, rows, fused_weight(weight[rows], op.terms, out_dtype=torch.float32, safe=safe,
+                                             key=op.placement.target_key)))
+    if scale is not None and len(ops) == 1 and ops[0].placement.row_spans is None:  # one layer: grow as live does
+        peak = fused[0][2].abs().max() / torch.finfo(tensor.dtype).max
+        scale = torch.maximum(scale.float(), peak).to(scale.dtype).reshape(scale.shape)
+    for op, rows, w in fused:
+        w = w / scale.float() if scale is not None else w
+        generator = torch.Generator().manual_seed(layer_seed(0, op.placement.target_key))
+        result.view(torch.uint8)[rows] = stochastic_round(w, tensor.dtype, generator).view(torch.uint8)
+    return result, scale
+
+
+class Fp8Rewrites:
+    """The fp8 tensors a safetensors bake rewrites: each touched fp8 weight and, in a scaled-fp8 file, its
+    ``scale_weight`` (which may grow). Whichever of the two the stream meets first computes both; the other waits
+    here (one tensor: a layer's scale and weight are neighbours in a safetensors file's order)."""
+
+    def __init__(self, raw: Any, header: SafetensorsHeader, ops: dict[str, list[_Op]], safe: bool) -> None:
+        self.raw, self.header, self.ops, self.safe = raw, header, ops, safe
+        weights = [n for n in ops if header.by_name[n].dtype in ("F8_E4M3", "F8_E5M2") and n.endswith("weight")]
+        self.pair = {n: n[: -len("weight")] + "scale_weight" for n in weights}
+        self.pair = {w: (s if s in header.by_name else None) for w, s in self.pair.items()}
+        self.weight_of = {s: w for w, s in self.pair.items() if s is not None}
+        self.ready: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.pair or name in self.weight_of
+
+    def tensor(self, name: str, stored: torch.Tensor) -> torch.Tensor:
+        """The output tensor of ``name`` (``stored``: its bytes in the input)."""
+        if name in self.ready:
+            return self.ready.pop(name)
+        weight_name = self.weight_of.get(name, name)
+        scale_name = self.pair[weight_name]
+        read = lambda n: read_tensor(self.raw, self.header, self.header.by_name[n])  # noqa: E731
+        weight = stored if name == weight_name else read(weight_name)
+        scale = None if scale_name is None else (stored if name == scale_name else read(scale_name))
+        fused, new_scale = fused_fp8(weight, self.ops[weight_name], scale, self.safe)
+        if scale_name is not None:
+            self.ready[scale_name if name == weight_name else weight_name] = (
+                new_scale if name == weight_name else fused)
+        return fused if name == weight_name else new_scale
+
+
+__all__ = ["Fp8Rewrites", "GgufFile", "bake_gguf", "fused_fp8", "read_gguf"]
