@@ -174,6 +174,23 @@ def test_inspect_describes_a_lora_no_family_places(capsys, tmp_path):
     assert code == 0 and "kohya, unknown, 2 layers" in out and "needed:" in out and "rank 8, ΔW (32, 32)" in out
 
 
+@pytest.mark.parametrize("fmt, targets", [("kohya", "all"), ("diffusers", "attn")])
+def test_inspect_describes_the_demos_tiny_sdxl_loras(capsys, tmp_path, tiny_pipes, fmt, targets):
+    """The demo's LoRAs, made as the demo makes them (random_adapter on the tiny SDXL pipeline), exit 0."""
+    from lorablend.fixtures.tiny_unets import random_adapter
+
+    pipe = tiny_pipes["sdxl"]
+    adapter = random_adapter(pipe, "demo", rank=4, alpha=2.0, seed=1, targets=targets)
+    path = save_adapter(adapter, tmp_path / "demo.safetensors", format=fmt, target=pipe)
+    code, out, err = run(capsys, "inspect", str(path), "--json", "--keys", "1000")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["family"] == "unknown" and info["format"] == fmt and info["layers"] == len(adapter.deltas)
+    assert info["rank"]["counts"] == {"4": len(adapter.deltas)} and info["names_known"]["sdxl"] == len(adapter.deltas)
+    shapes = {m["name"]: tuple(m["shape"]) for m in info["modules"]}
+    assert sorted(shapes.values()) == sorted(tuple(d.shape) for d in adapter.deltas.values())
+
+
 def test_convert_copies_a_lora_no_family_places_in_its_own_spelling_only(capsys, tmp_path):
     from safetensors.torch import save_file
 
