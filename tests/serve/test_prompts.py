@@ -9,10 +9,16 @@ from lorablend.serve.prompts import split_lora_tokens
 
 
 def test_tokens_leave_the_prompt_and_sum_into_the_mix():
-    prompt, mix = split_lora_tokens("a cat <lora:ink:0.7>, <LORA:paper> <lyco:ink:0.1>")
-    assert mix == pytest.approx({"ink": 0.8, "paper": 1.0})
+    prompt, mix, blocks, schedules = split_lora_tokens("a cat <lora:ink:0.7>, <LORA:paper> <lyco:ink:0.1>")
+    assert mix == pytest.approx({"ink": 0.8, "paper": 1.0}) and blocks == schedules == {}
     assert "<" not in prompt and "a cat" in prompt
-    assert split_lora_tokens("plain") == ("plain", {})
+    assert split_lora_tokens("plain") == ("plain", {}, {}, {})
+
+
+def test_block_weights_and_schedules_ride_in_the_token():
+    _, mix, blocks, schedules = split_lora_tokens("a <lora:ink:0.5:lbw=IN02> <lora:paper:1@0,0@0.6>")
+    assert mix == {"ink": 0.5, "paper": 1.0} and blocks == {"ink": {"IN02": 1.0}}
+    assert schedules == {"paper": ((0.0, 1.0), (0.6, 0.0))}
 
 
 @pytest.mark.parametrize("token, why", [("<lora::1>", "no LoRA name"), ("<lora:ink:nan>", "finite number"),
