@@ -27,6 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a token the page asks for (default: $LORABLEND_TOKEN); required beyond 127.0.0.1")
 
 
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``view`` to the CLI's subcommands (``cli.py`` calls this). >>> see the module"""
+    p = sub.add_parser("view", description=DESCRIPTION, help="a page over a sweep folder: grid, filters, cells")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def check_exposure(host: str, token: str | None) -> None:
     """Refuse to serve beyond loopback without a token. >>> see the module"""
     try:
@@ -51,4 +58,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DESCRIPTION", "add_arguments", "check_exposure", "run"]
+__all__ = ["DESCRIPTION", "add_arguments", "check_exposure", "register", "run"]

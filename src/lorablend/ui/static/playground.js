@@ -134,7 +134,7 @@ function renderSliders() {
     const blocksId = `b-${name}`;
     const blocksLabel = document.createElement("label");
     blocksLabel.htmlFor = blocksId;
-    blocksLabel.textContent = "A1111 LoRA Block Weight (lbw=), e.g. 1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1 or a preset";
+    blocksLabel.textContent = "Block weights (A1111 LoRA Block Weight): blocks with weights, e.g. IN04:0.5;OUT03, or one number per block (17 for SD1.x, 12 for SDXL); other blocks 0";
     const blocks = document.createElement("input");
     Object.assign(blocks, { type: "text", id: blocksId, value: value.blocks });
     blocks.addEventListener("input", () => { value.blocks = blocks.value.trim(); });
