@@ -1,5 +1,6 @@
 """The house rules of docs/architecture.md that a reader can check mechanically: small files and functions,
-few positional parameters, kinds that answer for themselves, one way per job."""
+few positional parameters, kinds that answer for themselves, one way per job. The rules about the tree itself (no
+import circle, the import table, the names the page uses, tests mirroring src) are in tests/test_architecture.py."""
 
 from __future__ import annotations
 
