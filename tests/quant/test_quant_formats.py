@@ -102,3 +102,34 @@ def test_plain_float8_weight_is_a_quantized_layer():
 def test_float_layers_have_no_format():
     assert format_of(torch.nn.Linear(4, 4).to(torch.bfloat16)) is None
     assert format_of(torch.nn.Conv2d(2, 2, 3)) is None
+
+
+def test_k_quant_layer_fuses_as_q8_0_and_restores_its_bytes():
+    """gguf-py has no K-quant quantizer: a fused Q6_K layer is stored as Q8_0 (within Q8_0's rounding of the exact
+    fused weight); unfuse gives the Q6_K bytes back."""
+    import contextvars
+
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+    from gguf import GGMLQuantizationType as T
+
+    from lorablend.kinds import LowRankDelta
+    from lorablend.runtime.layer_state import LayerTable
+
+    rng = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (8, 210), generator=rng, dtype=torch.uint8)  # 8 rows of one Q6_K block (256 values)
+    raw[:, 208:] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)  # each block's fp16 scale d
+    layer = GGUFLinear(256, 8, bias=False, compute_dtype=torch.float32, device="meta")
+    layer.weight = GGUFParameter(raw.clone(), quant_type=T.Q6_K)
+    fmt = format_of(layer)
+    assert fmt.label(layer) == "gguf-Q6_K" and weight_shape(layer) == (8, 256)
+    before = copy.copy(fmt.stored_state(layer))
+    w0 = fmt.dequantize(layer, fmt.snapshot(layer))
+    state = LayerTable(contextvars.ContextVar("s", default=1.0)).add("unet.x", "unet", layer)
+    delta = LowRankDelta(down=torch.randn(2, 256, generator=rng), up=torch.randn(8, 2, generator=rng) * 0.01)
+    state.write_fused([(1.0, delta)])
+    assert fmt.label(layer) == "gguf-Q8_0"
+    want = w0 + delta.up @ delta.down
+    got = fmt.dequantize(layer, fmt.snapshot(layer))
+    assert float((got - want).abs().max()) <= (0.5 / 127 + 2 ** -10) * float(want.abs().max())
+    state.write_fused([])
+    assert same_state(before, fmt.stored_state(layer))

@@ -163,3 +163,25 @@ def test_quantize_pipeline_after_wrapping(float_pipe):
     assert np.isfinite(generate(pipe)).all()
     with pytest.raises(ValueError, match="before loading LoRAs"):
         quantize_pipeline(pipe, "nf4")
+
+
+@pytest.mark.parametrize("family,method", [("sdxl", "scaled-fp8"), ("flux", "gguf-Q8_0")])
+def test_block_weights_and_call_scale_on_a_quantized_base(float_pipe, family, method):
+    """Per-block weights and a call-time scale on the quantized denoiser = the same on its dequantized model."""
+    base, ref = float_pipe(family), float_pipe(family)
+    adapter = random_adapter(base, "a", rank=4, seed=1, strength=0.3, components=[denoiser_of(family)])
+    quantized(base, method)
+    quantized(ref, method)
+    dequantize_model(ref.transformer if family == "flux" else ref.unet)
+    ours, ref = DiffusionPipeline(base), DiffusionPipeline(ref)
+    blocks = {"D00": 0.0, "S01": 0.3} if family == "flux" else {"IN04": 0.0, "OUT02": 0.2}  # (others: 1)
+    images = []
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(adapter, adapter_name="a")
+        pipe.set_adapters("a", {denoiser_of(family): blocks})
+        kw = dict(GEN_KW, num_inference_steps=1)
+        scale = {"joint_attention_kwargs" if family == "flux" else "cross_attention_kwargs": {"scale": 0.6}}
+        images.append(pipe(**kw, **scale, generator=np.random.Generator(np.random.PCG64(0)))[0])
+    np.testing.assert_allclose(images[0], images[1], atol=IMAGE_TOL.get(method, 1e-4))
+    terms = [layer.has_term for layer in quant_layers(ours).values()]
+    assert any(terms) and not all(terms), "the zero-weight block's quantized layers add no term, the others do"
