@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -43,6 +44,7 @@ from .report import LoadReport
 from .runtime.model_view import ModelView
 from .runtime.binding import bind_adapter
 from .runtime.lora_runtime import LoraRuntime
+from .runtime.schedule import scheduled_call
 from .runtime.registry import UNSET, follow_pipeline, runtime_for
 from .naming import components_of, denoiser_component
 from .images.noise import host_normal as _host_normal, is_numpy_generator as _is_numpy_generator
@@ -205,9 +207,15 @@ class DiffusionPipeline:
         generator: Any = None,
         cross_attention_kwargs: dict | None = None,
         joint_attention_kwargs: dict | None = None,
+        lora_schedule: dict | None = None,
         **kwargs: Any,
     ):
         """Generate with diffusers; returns diffusers' output (``out[0][0]`` and ``out.images[0]`` both work).
+
+        ``lora_schedule={"detail": [[0, 1.0], [0.6, 0.0]]}`` (or sd-webui-loractl's ``"1.0@0,0@0.6"``) changes an
+        active adapter's weight over the steps: keyframes (position in [0, 1] of the steps, weight times its
+        ``set_adapters`` weight), linear between them; only weight vectors change between steps
+        (``runtime/schedule.py``; low-rank adapters, unfused).
 
         ``generator`` may be a ``torch.Generator`` (passed to diffusers) or a ``np.random.Generator`` / a list
         of them, one per image: the initial latents are then drawn on the host with
@@ -243,6 +251,10 @@ class DiffusionPipeline:
                 host_noise = _host_noise_in_prepare_latents(self.pipe, generator)
                 generator = _seeded_for_the_rest(generator, self.pipe._execution_device)
         with self._runtime.call_scale(scale), host_noise:
+            if lora_schedule is not None:
+                steps = kwargs.get("num_inference_steps") or parameters["num_inference_steps"].default
+                return scheduled_call(self._runtime, lora_schedule, functools.partial(self.pipe, *args,
+                                      generator=generator), kwargs, int(steps))
             return self.pipe(*args, generator=generator, **kwargs)
 
     def _host_latents(self, generator: Any, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -136,3 +136,57 @@ def test_a_batch_whose_clients_all_left_stops_between_steps(loaded):
     worker.stop()
     assert seen == [0] and metrics.value("lorablend_batches_cancelled_total") == 1
     assert torch.is_tensor(worker.progress.latents)
+
+
+def test_a_schedule_equals_setting_each_steps_weights_by_hand(loaded):
+    pipe, _ = loaded
+    kw = {**KW, "num_inference_steps": 4}
+    pipe.set_adapters(["a", "b"], [1.0, 0.5])
+    got = pipe("x", generator=np.random.Generator(np.random.PCG64(0)), lora_schedule={"a": "1.0@0,0@0.5"},
+               **kw).images[0]
+    weights = [1.0, 0.5, 0.0, 0.0]  # 1.0 at step 0, 0 from position 0.5 (step 2), linear between
+
+    def by_hand(p, i, t, tensors):
+        if i + 1 < len(weights):
+            pipe.set_adapters(["a", "b"], [weights[i + 1], 0.5])
+        return tensors
+    pipe.set_adapters(["a", "b"], [1.0, 0.5])
+    want = pipe("x", generator=np.random.Generator(np.random.PCG64(0)), callback_on_step_end=by_hand, **kw).images[0]
+    assert float(np.abs(got - want).max()) <= TOL
+    pipe.set_adapters(["a", "b"], [1.0, 0.5])
+    constant = pipe("x", generator=np.random.Generator(np.random.PCG64(0)), **kw).images[0]
+    assert float(np.abs(got - constant).max()) > 100 * TOL  # the schedule did change the image
+
+
+def test_the_worker_runs_a_scheduled_request_beside_a_constant_one(loaded):
+    from lorablend.serve.batch import Generation
+    from lorablend.serve.cache import AdapterCache, CachedAdapter
+    from lorablend.serve.metrics import Metrics
+    from lorablend.serve.schemas import ImageRequest
+    from lorablend.serve.config import ServeSettings
+    from lorablend.serve.worker import Worker
+
+    ref, adapters = loaded
+    pipe = DiffusionPipeline(tiny_pipeline("sd1"))
+    pipe.set_progress_bar_config(disable=True)
+    entries = {n: CachedAdapter(n, i, a, 0, (0, 0), Path(n), low_rank=True) for i, (n, a) in enumerate(adapters.items())}
+    settings = ServeSettings(lora_dir=".")
+    scheduled = ImageRequest(prompt="s <lora:a:1@0,0@0.5>", loras={"b": [[0, 0.0], [1, 1.0]]}, seed=1, steps=4,
+                             width=32, height=32, guidance_scale=7.5).generation(settings)
+    assert scheduled.schedules == {"a": ((0.0, 1.0), (0.5, 0.0)), "b": ((0.0, 0.0), (1.0, 1.0))}
+    constant = Generation("c", seed=2, steps=4, loras={"c": 0.8}, width=32, height=32, guidance_scale=7.5)
+    metrics = Metrics()
+    worker = Worker(pipe, AdapterCache(pipe, budget_bytes=2**30, metrics=metrics), metrics, max_batch=4)
+    with worker.lock:
+        worker.start()
+        jobs = [worker.submit(g, [entries[n] for n in g.loras]) for g in (scheduled, constant)]
+    results = [job.future.result(timeout=300) for job in jobs]
+    worker.stop()
+    assert [r.batch_images for r in results] == [2, 2]
+    ref.set_adapters(["a", "b"], [1.0, 1.0])
+    want = ref("s", generator=np.random.Generator(np.random.PCG64(1)), **{**KW, "num_inference_steps": 4},
+               lora_schedule={"a": [[0, 1.0], [0.5, 0.0]], "b": [[0, 0.0], [1, 1.0]]}).images[0]
+    assert float(np.abs(results[0].images[0] - want).max()) <= TOL
+    ref.set_adapters(["c"], [0.8])
+    want = ref("c", generator=np.random.Generator(np.random.PCG64(2)), **{**KW, "num_inference_steps": 4}).images[0]
+    assert float(np.abs(results[1].images[0] - want).max()) <= TOL

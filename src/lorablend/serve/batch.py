@@ -15,7 +15,6 @@ layer (LoHa, LoKr, a bias delta), or a compiled denoiser, batches only with its 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .cache import AdapterCache, CachedAdapter
+from ..runtime.schedule import StepSchedule
 from .errors import BatchStopped
 
 
@@ -53,6 +53,7 @@ class Generation:
     scale: float = 1.0
     seed_per_image: bool = False
     blocks: dict[str, Any] = field(default_factory=dict)  # name -> LoRA Block Weight spec (at weight 1)
+    schedules: dict[str, Any] = field(default_factory=dict)  # name -> keyframes (runtime/schedule.py)
 
     def weight_spec(self, name: str) -> Any:
         """What ``set_adapters`` takes for ``name``: its weight, or its block weights times it.
@@ -108,7 +109,13 @@ class Job:
     @property
     def mix(self) -> frozenset:
         """The mix as a set of (name, version, weight): equal mixes are equal sets, whatever their order."""
-        return frozenset((e.name, e.version, repr(self.generation.weight_spec(e.name))) for e in self.entries)
+        return frozenset((e.name, e.version, repr(self.generation.weight_spec(e.name)),
+                          self.generation.schedules.get(e.name)) for e in self.entries)
+
+    def keyframes(self) -> dict[str, Any]:
+        """Each adapter's keyframes for one image of this request (a constant weight is one keyframe)."""
+        gen = self.generation
+        return {e.name: gen.schedules.get(e.name) or ((0.0, float(gen.loras[e.name])),) for e in self.entries}
 
 
 def batch_key(gen: Generation, entries: Sequence[CachedAdapter], *, mixed: bool) -> tuple:
@@ -119,7 +126,7 @@ def batch_key(gen: Generation, entries: Sequence[CachedAdapter], *, mixed: bool)
     >>> batch_key(Generation("x", 1, 2), [], mixed=False)[0]
     frozenset()
     """
-    per_sample = mixed and all(e.low_rank for e in entries) and not gen.blocks  # (block weights: their own mix)
+    per_sample = (mixed and all(e.low_rank for e in entries) and not gen.blocks) or bool(gen.schedules)
     mix = None if per_sample else frozenset((e.name, e.version, repr(gen.weight_spec(e.name))) for e in entries)
     return (mix, gen.scale, gen.steps, gen.guidance_scale, gen.width, gen.height, gen.negative_prompt is None)
 
@@ -166,25 +173,25 @@ class BatchRun:
         images = self._generate(batch, samples, should_stop, interrupt)
         return images, t1 - t0, time.perf_counter() - t1
 
-    def _switch(self, batch: list[Job]) -> list[dict[str, float]] | None:
-        """Make the batch's LoRAs current. One mix: exactly that mix (None returned). Several: every adapter of
-        any mix at weight 1, and each image's own weights returned (one row per image)."""
+    def _switch(self, batch: list[Job]) -> StepSchedule | None:
+        """Make the batch's LoRAs current. One mix: exactly that mix (None returned). Several, or a schedule: every
+        adapter of any mix at weight 1, and each image's own (scheduled) weights returned (one row per image)."""
         mixes = {job.mix for job in batch}
         entries = {e.name: e for job in batch for e in job.entries}
         self.cache.activate(list(entries.values()))
-        if len(mixes) == 1:
+        if len(mixes) == 1 and not batch[0].generation.schedules:
             names = [e.name for e in batch[0].entries]
             self.pipe.set_adapters(names, [batch[0].generation.weight_spec(n) for n in names])
             rows = None
         else:
             self.pipe.set_adapters(list(entries), [1.0] * len(entries))
-            rows = [dict(job.generation.loras) for job in batch for _ in range(job.generation.num_images)]
+            rows = StepSchedule([job.keyframes() for job in batch for _ in range(job.generation.num_images)])
         self.pipe.prepare()  # build the blended terms here, so 'switch' times them and 'generate' does not
         if self.compiled is not None:
             self.compiled.sync()  # the compiled denoiser's fixed buffers, written in place: no recompile
         return rows
 
-    def _generate(self, batch: list[Job], rows: list[dict[str, float]] | None, should_stop: Any,
+    def _generate(self, batch: list[Job], rows: StepSchedule | None, should_stop: Any,
                   interrupt: Any) -> list[np.ndarray]:
         """One pipeline call for the batch; each image's noise from its request's seed, as its own call draws it."""
         g = batch[0].generation
@@ -203,15 +210,18 @@ class BatchRun:
                 generators += [np.random.Generator(np.random.PCG64(gen.seed))] * n
         kwargs = dict(prompt=prompts, negative_prompt=None if g.negative_prompt is None else negatives,
                       generator=generators, num_inference_steps=g.steps, guidance_scale=g.guidance_scale,
-                      height=g.height, width=g.width, output_type="np",
-                      callback_on_step_end=self._callback(should_stop, interrupt))
+                      height=g.height, width=g.width, output_type="np")
+        callback = self._callback(should_stop, interrupt)
         if g.scale != 1.0:
             kwargs["cross_attention_kwargs"] = {"scale": g.scale}
         self.progress.steps, self.progress.done, self.progress.images = g.steps, 0, len(prompts)
         self.progress.started, self.progress.latents = time.perf_counter(), None
-        per_sample = contextlib.nullcontext() if rows is None else self.pipe.runtime.call_sample_weights(rows)
-        with per_sample:
-            out = self.pipe(**kwargs).images  # (diffusers' __call__ runs under no_grad)
+        if rows is None:
+            out = self.pipe(**kwargs, callback_on_step_end=callback).images  # (diffusers' __call__: no_grad)
+        else:  # each image its own weights, set again after every step (a schedule moves them)
+            first = [rows.row_at(b, 0, g.steps) for b in range(len(rows.rows))]
+            with self.pipe.runtime.call_sample_weights(first) as samples:
+                out = self.pipe(**kwargs, callback_on_step_end=rows.callback(samples, g.steps, then=callback)).images
         return [np.asarray(img, dtype=np.float32) for img in out]
 
     def _callback(self, should_stop: Any, interrupt: Any) -> Any:

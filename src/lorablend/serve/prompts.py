@@ -5,7 +5,7 @@ the LoRA mix in the prompt. The tokens are taken out of the text and summed per 
 one LoRA); what is left, with its whitespace collapsed (CLIP's tokenizer collapses it anyway), is the prompt.
 
 >>> split_lora_tokens("a cat <lora:ink:0.7>, <lora:paper>")
-('a cat ,', {'ink': 0.7, 'paper': 1.0}, {})
+('a cat ,', {'ink': 0.7, 'paper': 1.0}, {}, {})
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any
 
+from ..runtime.schedule import parse_keyframes
 from .errors import PromptTokenError
 
 _TOKEN = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
@@ -49,14 +50,15 @@ def block_weights(token: str, text: str) -> list[float] | dict[str, float]:
     return labels
 
 
-def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float], dict[str, Any]]:
-    """``(prompt without the tokens, {name: summed weight}, {name: block weights})``; raises
-    :class:`PromptTokenError` naming the token. A third field ``lbw=…`` gives the LoRA block weights
+def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float], dict[str, Any], dict[str, Any]]:
+    """``(prompt without the tokens, {name: summed weight}, {name: block weights}, {name: keyframes})``; raises
+    :class:`PromptTokenError` naming the token. A weight ``W@P,W@P`` is an sd-webui-loractl schedule (weight
+    ``W`` at position ``P`` of the steps, linear between). A third field ``lbw=…`` gives the LoRA block weights
     (:func:`block_weights`); another third field (A1111's separate text-encoder / UNet weights,
     ``<lora:name:te:unet>``) is refused rather than half applied.
 
-    >>> split_lora_tokens("a <lora:ink:0.5:lbw=IN02>")
-    ('a', {'ink': 0.5}, {'ink': {'IN02': 1.0}})
+    >>> split_lora_tokens("a <lora:ink:0.5:lbw=IN02> <lora:paper:1@0,0@0.6>")
+    ('a', {'ink': 0.5, 'paper': 1.0}, {'ink': {'IN02': 1.0}}, {'paper': ((0.0, 1.0), (0.6, 0.0))})
     >>> split_lora_tokens("<lora:ink:nan>")
     Traceback (most recent call last):
     ...
@@ -64,6 +66,7 @@ def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float], dict[str, Any
     """
     mix: dict[str, float] = {}
     blocks: dict[str, Any] = {}
+    schedules: dict[str, Any] = {}
     for match in _TOKEN.finditer(prompt):
         token, fields = match.group(0), match.group(2).split(":", 2)
         name = fields[0].strip()
@@ -78,6 +81,12 @@ def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float], dict[str, Any
                 raise PromptTokenError(f"{token}: {name!r} has other block weights in another token; give one")
             blocks[name] = spec
         weight = 1.0
+        if len(fields) >= 2 and "@" in fields[1]:
+            try:
+                schedules[name] = parse_keyframes(fields[1], token)
+            except ValueError as exc:
+                raise PromptTokenError(str(exc)) from None
+            fields = fields[:1]  # the schedule gives the weight of each step: 1 is set
         if len(fields) >= 2:
             try:
                 weight = float(fields[1])
@@ -87,7 +96,7 @@ def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float], dict[str, Any
                 raise PromptTokenError(
                     f"{token}: the weight must be a finite number, e.g. <lora:{name}:0.8>")
         mix[name] = mix.get(name, 0.0) + weight
-    return " ".join(_TOKEN.sub(" ", prompt).split()), mix, blocks
+    return " ".join(_TOKEN.sub(" ", prompt).split()), mix, blocks, schedules
 
 
 __all__ = ["block_weights", "split_lora_tokens"]

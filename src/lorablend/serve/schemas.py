@@ -23,12 +23,15 @@ from .config import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_WEIG
 from .batch import Generation
 from .errors import PromptTokenError
 from .prompts import split_lora_tokens
+from ..runtime.schedule import parse_keyframes
 
 Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 Side = Annotated[int, Field(ge=8, le=MAX_SIDE, multiple_of=8)]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 LoraName = Annotated[str, Field(min_length=1, max_length=256)]
 Guidance = Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=MAX_GUIDANCE)]
+KeyframeList = Annotated[list[Annotated[list[Annotated[float, Field(allow_inf_nan=False, ge=-10_000, le=10_000)]],
+                                        Field(min_length=2, max_length=2)]], Field(min_length=1, max_length=32)]
 _STRICT = ConfigDict(strict=True, extra="forbid")
 _COMPAT = ConfigDict(strict=True, extra="ignore")
 
@@ -42,20 +45,33 @@ def invalid(field: str, message: str, value: Any = None) -> RequestValidationErr
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
 
 
-def _mix(prompt: str, loras: dict[str, float]) -> tuple[str, dict[str, float], dict[str, Any]]:
-    """The prompt without its ``<lora:…>`` tokens and the whole mix (tokens added to ``loras``), checked."""
+def _mix(prompt: str, loras: dict[str, Any]) -> tuple[str, dict[str, float], dict[str, Any], dict[str, Any]]:
+    """The prompt without its ``<lora:…>`` tokens, the whole mix (tokens added to ``loras``), block weights and
+    schedules (keyframes from ``loras`` or ``W@P`` tokens: weight 1 is set, the schedule gives each step's), checked."""
     try:
-        text, tokens, blocks = split_lora_tokens(prompt)
+        text, tokens, blocks, schedules = split_lora_tokens(prompt)
     except PromptTokenError as exc:
         raise invalid("prompt", str(exc), prompt) from None
-    mix = dict(loras)
+    mix = {}
+    for name, value in loras.items():
+        if isinstance(value, list):
+            try:
+                schedules[name] = parse_keyframes(value, f"loras[{name!r}]")
+            except ValueError as exc:
+                raise invalid("loras", str(exc), name) from None
+            value = 1.0
+        mix[name] = value
     for name, weight in tokens.items():
         mix[name] = mix.get(name, 0.0) + weight
     for name, weight in mix.items():
         if abs(weight) > MAX_WEIGHT:
             raise invalid("loras", f"LoRA {name!r}: weight {weight:g} (with its prompt tokens) is over "
                                    f"{MAX_WEIGHT:g}; use a weight in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]", weight)
-    return text, mix, blocks
+    for name, points in schedules.items():
+        if mix.get(name) != 1.0 or any(abs(w) > MAX_WEIGHT for _, w in points):
+            raise invalid("loras", f"LoRA {name!r}: give a schedule once (no other weight for it), with weights in "
+                                   f"[-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]", name)
+    return text, mix, blocks, schedules
 
 
 def _limits(config: ServeSettings, steps: int, images: int, images_field: str) -> None:
@@ -76,15 +92,18 @@ class ImageRequest(BaseModel):
     >>> ImageRequest(prompt="a cat", loras={"ink": float("nan")})          # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    pydantic_core._pydantic_core.ValidationError: 1 validation error for ImageRequest
-    loras.ink
+    pydantic_core._pydantic_core.ValidationError: 2 validation errors for ImageRequest
+    loras.ink.constrained-float
       Input should be a finite number ...
+
+    A LoRA's value may be keyframes instead of a weight, ``[[position, weight], ...]``: its weight over the steps
+    (runtime/schedule.py).
     """
 
     model_config = _STRICT
     prompt: Prompt
     negative_prompt: Prompt | None = None
-    loras: dict[LoraName, Weight] = Field(default_factory=dict, max_length=64)
+    loras: dict[LoraName, Weight | KeyframeList] = Field(default_factory=dict, max_length=64)
     scale: Weight = 1.0
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     steps: Annotated[int, Field(ge=1)] | None = None
@@ -105,9 +124,9 @@ class ImageRequest(BaseModel):
         if self.response_format == "png" and self.num_images > 1:
             raise invalid("response_format", "png answers one image; ask for response_format 'json' to get "
                                              f"{self.num_images} images", self.response_format)
-        prompt, mix, blocks = _mix(self.prompt, self.loras)
+        prompt, mix, blocks, schedules = _mix(self.prompt, self.loras)
         return Generation(prompt, _seed(self.seed), steps, mix, self.negative_prompt or None, self.guidance_scale,
-                          self.width, self.height, self.num_images, self.scale, blocks=blocks)
+                          self.width, self.height, self.num_images, self.scale, blocks=blocks, schedules=schedules)
 
 
 class LoraRegistration(BaseModel):
@@ -149,9 +168,9 @@ class Txt2ImgRequest(BaseModel):
         """
         images = self.batch_size * self.n_iter
         _limits(config, self.steps, images, "batch_size")
-        prompt, mix, blocks = _mix(self.prompt, {})
+        prompt, mix, blocks, schedules = _mix(self.prompt, {})
         return Generation(prompt, _seed(self.seed), self.steps, mix, self.negative_prompt or None, self.cfg_scale,
-                          self.width, self.height, images, seed_per_image=True, blocks=blocks)
+                          self.width, self.height, images, seed_per_image=True, blocks=blocks, schedules=schedules)
 
 
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
@@ -199,9 +218,9 @@ class OpenAIImageRequest(BaseModel):
         steps = self.steps or config.default_steps
         n = self.n or 1
         _limits(config, steps, n, "n")
-        prompt, mix, blocks = _mix(self.prompt, self.loras)
+        prompt, mix, blocks, schedules = _mix(self.prompt, self.loras)
         return Generation(prompt, _seed(self.seed), steps, mix, self.negative_prompt or None, self.guidance_scale,
-                          width, height, n, self.scale, blocks=blocks)
+                          width, height, n, self.scale, blocks=blocks, schedules=schedules)
 
 
 __all__ = ["ImageRequest", "LoraRegistration", "OpenAIImageRequest", "Txt2ImgRequest", "invalid"]
