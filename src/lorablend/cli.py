@@ -426,6 +426,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- view
+
+
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    from .ui.command import register
+
+    register(sub)
+
+
 # ---------------------------------------------------------------- eval
 
 
@@ -543,6 +552,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_sweep,
     _add_serve,
     _add_eval,
+    _add_view,
 )
 
 
