@@ -185,3 +185,13 @@ def test_block_weights_and_call_scale_on_a_quantized_base(float_pipe, family, me
     np.testing.assert_allclose(images[0], images[1], atol=IMAGE_TOL.get(method, 1e-4))
     terms = [layer.has_term for layer in quant_layers(ours).values()]
     assert any(terms) and not all(terms), "the zero-weight block's quantized layers add no term, the others do"
+
+
+def test_compile_is_refused_on_a_quantized_denoiser(float_pipe):
+    """Static (compiled) mode sizes its buffers by float weights: on quantized layers it refuses, naming one."""
+    pipe = float_pipe("sdxl")
+    quantized(pipe, "scaled-fp8")
+    pipe = DiffusionPipeline(pipe)
+    with pytest.raises(ValueError, match="quantized"):
+        pipe.compile_denoiser()
+    assert not pipe.runtime.layers.static  # nothing handed to a static owner

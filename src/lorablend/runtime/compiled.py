@@ -41,6 +41,7 @@ from torch import nn
 from .fusion import concat_factors, delta_weight_fp32, low_rank_factors
 from ..errors import CapacityError
 from ..kinds import Delta
+from ..quant import format_of
 from ..naming import DENOISER_COMPONENTS, denoiser_component
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,10 @@ class StaticDenoiser:
             raise ValueError(f"compile_denoiser: max_rank must be at least 1, got {max_rank}")
         if not modules:
             raise ValueError(f"compile_denoiser: the {component} has no adaptable Linear/Conv2d layer")
+        quantized = [k for k, m in modules.items() if format_of(m) is not None]
+        if quantized:  # (its buffers are sized and typed by the float weight a quantized layer does not have)
+            raise ValueError(f"compile_denoiser: the {component} is quantized ({quantized[0]}, …); static mode "
+                             "does not run on quantized layers yet: use the unfused runtime (no compile) or fuse")
         self.table, self.modules, self.model = table, modules, model
         self.component, self.capacity, self.grow = component, int(max_rank), bool(grow)
         self.layers: dict[str, _PairLayer | _DenseLayer] = {}
