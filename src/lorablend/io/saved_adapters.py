@@ -46,12 +46,26 @@ def plan_saved_adapters(runtime: Any) -> dict[str, Any]:
                              f"of {bound.components()}: fuse it everywhere or unfuse it first (nothing was written)")
         adapter = Adapter(name, bound.adapter.family, {k: layer.delta for k, layer in bound.layers.items()},
                           dict(bound.adapter.metadata))
-        files[f"{len(order)}.safetensors"] = adapter_state_dict(adapter, "onetrainer", target=runtime.view.index)
+        files[f"{len(order)}.safetensors"] = _state_dict(adapter, runtime.view.index)
         order.append(name)
     active = [[n, runtime.weight_specs.get(n)] for n in runtime.active if n in order]
     # (set_adapters takes numbers and dicts / lists of numbers only: JSON holds every weight it took)
     manifest = json.dumps({"adapters": order, "active": active, "enabled": bool(runtime.enabled)}, indent=2)
     return {"files": files, "manifest": manifest if order else None}
+
+
+def _state_dict(adapter: Adapter, index: Any) -> tuple[dict, dict]:
+    """The ``onetrainer`` layout (every Delta kind, lossless) where every module has a flat name; else diffusers'
+    (low-rank kinds: Wan 2.2's ``transformer_2`` has no flat names of its own); else a refusal with the ways out."""
+    problems = []
+    for layout in ("onetrainer", "diffusers"):
+        try:
+            return adapter_state_dict(adapter, layout, target=index)
+        except (ValueError, KeyError, IndexError) as e:
+            problems.append(f"{layout}: {type(e).__name__}: {e}")
+    raise ValueError(f"save_pretrained: adapter {adapter.name!r} cannot be written beside the pipeline "
+                     f"({'; '.join(problems)}): fuse_lora() it, or unload_lora_weights() and keep it with "
+                     f"lorablend.save_adapter (nothing was written)")
 
 
 def write_saved_adapters(folder: str | os.PathLike, plan: dict[str, Any]) -> list[Path]:
