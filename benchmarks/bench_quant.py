@@ -41,19 +41,19 @@ SHAPES = [(WIDTH, WIDTH)] * 4 + [(WIDTH, MLP), (MLP, WIDTH)]  # (in, out); --no-
 METHODS = ["nf4", "int8", "scaled-fp8", "gguf-Q8_0", "gguf-Q4_0", "torchao-int8"]
 
 
-def build(method: str, seed: int = 0) -> torch.nn.Sequential:
+def build(method: str, shapes: list, seed: int = 0) -> torch.nn.Sequential:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(*[torch.nn.Linear(i, o) for i, o in SHAPES])
+    model = torch.nn.Sequential(*[torch.nn.Linear(i, o) for i, o in shapes])
     for layer in model:
         torch.nn.init.normal_(layer.weight, std=0.02)
-    assert len(quantize_model(model, method)) == len(SHAPES)
+    assert len(quantize_model(model, method)) == len(shapes)
     return model
 
 
-def loras(rank: int = 32) -> list[list[LowRankDelta]]:
+def loras(shapes: list, rank: int = 32) -> list[list[LowRankDelta]]:
     g = torch.Generator().manual_seed(1)
     return [[LowRankDelta(down=torch.randn(rank, i, generator=g) * 0.01, up=torch.randn(o, rank, generator=g) * 0.01)
-             for i, o in SHAPES] for _ in range(2)]
+             for i, o in shapes] for _ in range(2)]
 
 
 def chain(model: torch.nn.Sequential, xs: list[torch.Tensor]) -> None:
@@ -62,16 +62,16 @@ def chain(model: torch.nn.Sequential, xs: list[torch.Tensor]) -> None:
             layer(x)
 
 
-def run_method(method: str, tokens: int, rounds: int) -> dict:
-    model = build(method)
+def run_method(method: str, tokens: int, rounds: int, shapes: list) -> dict:
+    model = build(method, shapes)
     table = LayerTable(contextvars.ContextVar("scale", default=1.0))
     states = [table.add(f"transformer.l{i}", "transformer", m) for i, m in enumerate(model)]
-    deltas = loras()
+    deltas = loras(shapes)
     for i, state in enumerate(states):
         for a, name in enumerate(("a", "b")):
             state.loaded[name] = deltas[a][i]
             table.weights.setdefault(name, {})[state.key] = 0.7 if a == 0 else 0.5
-    xs = [torch.randn(tokens, i) for i, _ in SHAPES]
+    xs = [torch.randn(tokens, i) for i, _ in shapes]
     chain(model, xs)  # warm-up (bitsandbytes packs 4-bit weights for its CPU kernel on the first forward)
     base, lora = [], []
     for _ in range(rounds):  # interleaved: without, with
@@ -123,7 +123,8 @@ def _same(a: dict, b: dict) -> bool:
         (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y) for x, y in zip(a.values(), b.values()))
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> dict:
+    """The benchmark; returns ``{"text": markdown, "rows": [...]}`` (what run_cpu.py collects)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=256, help="rows of input per forward (image + text tokens)")
     p.add_argument("--rounds", type=int, default=5)
@@ -135,27 +136,38 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     C.setup_threads(args.threads)
     C.quiet_libraries()
-    if args.no_mlp:
-        del SHAPES[4:]
+    shapes = SHAPES[:4] if args.no_mlp else list(SHAPES)
     info = C.machine_info()
-    print(f"# LoRAs on quantized bases — {info['cpu']}, {info['nproc']} cores, torch threads {args.threads}, "
-          f"torch {info['torch']}, diffusers {info['diffusers']}")
-    mlp = "" if len(SHAPES) == 4 else f", {WIDTH}→{MLP}→{WIDTH}"
-    print(f"Real-width Flux double-block image stream (4× {WIDTH}²{mlp}), 2 rank-32 LoRAs per "
-          f"layer, {args.tokens} tokens per forward; medians\n")
-    print("| format | base fwd ms | +2 LoRAs ms | overhead | fuse ms | floor ms | fuse/floor | unfuse ms | exact |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lines = [f"# LoRAs on quantized bases — {info['cpu']}, {info['nproc']} cores, torch threads {args.threads}, "
+             f"torch {info['torch']}, diffusers {info['diffusers']}"]
+    mlp = "" if len(shapes) == 4 else f", {WIDTH}→{MLP}→{WIDTH}"
+    lines += [f"Real-width Flux double-block image stream (4× {WIDTH}²{mlp}), 2 rank-32 LoRAs per layer, "
+              f"{args.tokens} tokens per forward; medians", "",
+              "| format | base fwd ms | +2 LoRAs ms | overhead | fuse ms | floor ms | fuse/floor | unfuse ms | exact |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     rows = []
     for method in args.methods.split(","):
-        r = run_method(method, args.tokens, args.rounds)
+        r = run_method(method, args.tokens, args.rounds, shapes)
         rows.append(r)
-        print(f"| {r['label']} | {r['base_ms']:.1f} | {r['lora_ms']:.1f} | {r['overhead']:.2f}× | {r['fuse_ms']:.0f} | "
-              f"{r['floor_ms']:.0f} | {r['fuse_vs_floor']:.2f}× | {r['unfuse_ms']:.2f} | {r['unfuse_exact']} |",
-              flush=True)
+        lines.append(f"| {r['label']} | {r['base_ms']:.1f} | {r['lora_ms']:.1f} | {r['overhead']:.2f}× | "
+                     f"{r['fuse_ms']:.0f} | {r['floor_ms']:.0f} | {r['fuse_vs_floor']:.2f}× | {r['unfuse_ms']:.2f} | "
+                     f"{r['unfuse_exact']} |")
+        print(lines[-1], flush=True)
     if args.bake:
-        rows.append(bake_row())
+        row = bake_row()
+        rows.append(row)
+        lines += ["", f"GGUF bake (Q8_0, FLUX.1-dev widths, 1 double + 1 single block, rank-32 LoRA on "
+                      f"{row['touched_layers']} layers): {row['file_mb']} MB in {row['seconds']} s = "
+                      f"{row['mb_per_s']} MB/s, peak RSS {row['peak_rss_gib']} GiB"]
+        print(lines[-1], flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    return {"text": "\n".join(lines), "rows": rows}
+
+
+def main(argv=None) -> int:
+    run(argv)
     return 0
 
 
@@ -169,9 +181,6 @@ def bake_row() -> dict:
     subprocess.run([sys.executable, script, folder, "write"], check=True)
     out = subprocess.run([sys.executable, script, folder, "bake"], capture_output=True, text=True, check=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"\nGGUF bake (Q8_0, FLUX.1-dev widths, 1 double + 1 single block, rank-32 LoRA on "
-          f"{row['touched_layers']} layers): {row['file_mb']} MB in {row['seconds']} s = {row['mb_per_s']} MB/s, "
-          f"peak RSS {row['peak_rss_gib']} GiB")
     return row
 
 

@@ -1,5 +1,5 @@
-"""`make bench`: the CPU suite (offline start-up + runtime side by side + Flux.1 runtime + svd merge) in about
-15 minutes on a 2-core machine (the Flux part ~5 of them; `--skip-flux` leaves it out).
+"""`make bench`: the CPU suite (offline start-up + runtime side by side + Flux.1 runtime + quantized bases + svd
+merge) in about 15 minutes on a 2-core machine (the Flux part ~5 of them; `--skip-flux` leaves it out).
 
 The runtime part uses the real SD1.5 UNet (860 M weights, 192 touched layers) rather than SDXL: SDXL in fp32
 needs ~10 GiB for the UNet plus ~8 GiB for lorablend's pristine copies while fused, more than a shared
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-runtime", action="store_true")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--skip-flux", action="store_true", help="leave out the Flux.1 transformer rows (bench_flux.py)")
+    p.add_argument("--skip-quant", action="store_true", help="leave out the quantized-base rows (bench_quant.py)")
     args = p.parse_args(argv)
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,11 @@ def main(argv=None) -> int:
         fx = bench_flux.main(["--model", "flux-small", "--threads", str(args.threads), "--outdir", str(out),
                               "--cache", cache, "--cycles", "2", "--repeats", "3"])
         parts.append(fx["text"])
+    if not args.skip_quant:  # LoRAs on NF4 / int8 / fp8 / GGUF / torchao layers, and a real-width GGUF bake
+        import bench_quant
+
+        parts.append(bench_quant.run(["--threads", str(args.threads), "--tokens", "64", "--rounds", "3",
+                                      "--no-mlp", "--bake"])["text"])
     if not args.skip_merge:
         import bench_merge
 

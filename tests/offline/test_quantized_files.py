@@ -180,3 +180,16 @@ def test_fp8_safetensors_bake_equals_live_fuse(tmp_path, flux, scaled):
     for name, t in tensors.items():  # untouched tensors as they were
         if name not in touched and name.replace("scale_weight", "weight") not in touched:
             assert torch.equal(baked[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+def test_cli_bake_gguf(tmp_path, flux):
+    """`lorablend bake --model flux-Q8_0.gguf --lora A:0.7 -o out.gguf` (the CLI's bake takes a GGUF model)."""
+    import lorablend
+    from lorablend.cli import main
+
+    pipe, adapter = flux
+    src, lora, out = tmp_path / "flux-Q8_0.gguf", tmp_path / "a.safetensors", tmp_path / "out.gguf"
+    write_gguf(src, bfl_state_dict(pipe.transformer), gguf.GGMLQuantizationType.Q8_0)
+    lorablend.save_adapter(adapter, str(lora), target=pipe)
+    assert main(["bake", "--model", str(src), "--lora", f"{lora}:0.7", "-o", str(out)]) == 0
+    assert [t.name for t in gguf.GGUFReader(out).tensors] == [t.name for t in gguf.GGUFReader(src).tensors]
