@@ -58,11 +58,13 @@ def test_lokr_on_fused_flux2_rows_is_the_kronecker_product():
     ours = load_adapter(sd)
     assert ours.family == "flux2-klein-9b" and ours.report.complete
     w1, w2 = sd["double_blocks.0.img_attn.qkv.lokr_w1"], sd["double_blocks.0.img_attn.qkv.lokr_w2"]
-    # LyCORIS' scale: alpha / w2's rank when w2 is factored; a whole w2 (as here) has scale 1
-    full = torch.kron(w1, w2)
+    # LyCORIS' scale: alpha / w2's rank when w2 is factored; a whole w2 (as here) has scale 1. Rows r of
+    # kron(w1, w2) are w1's rows r // p against w2 (p = w2's rows): each module's 4096 rows, without the whole kron
+    p = w2.shape[0]
     for i, proj in enumerate(("to_q", "to_k", "to_v")):
         got = ours.deltas[f"transformer.transformer_blocks.0.attn.{proj}"].delta_weight()
-        torch.testing.assert_close(got, full[4096 * i: 4096 * (i + 1)], rtol=1e-5, atol=1e-6)
+        rows = torch.kron(w1[4096 * i // p: 4096 * (i + 1) // p], w2)
+        torch.testing.assert_close(got, rows, rtol=1e-5, atol=1e-6)
 
 
 def test_zimage_lokr_diffusers_refuses_is_read():
@@ -73,5 +75,5 @@ def test_zimage_lokr_diffusers_refuses_is_read():
         convert._convert_non_diffusers_z_image_lora_to_diffusers(dict(sd))
     ours = load_adapter(sd)
     assert ours.family == "z-image" and ours.report.complete and len(ours.deltas) == 24
-    w1, w2 = sd["layers.0.feed_forward.w1.lokr_w1"], sd["layers.0.feed_forward.w1.lokr_w2"]
-    torch.testing.assert_close(ours.deltas["transformer.layers.0.feed_forward.w1"].delta_weight(), torch.kron(w1, w2))
+    w1, w2 = sd["layers.0.attention.to_k.lokr_w1"], sd["layers.0.attention.to_k.lokr_w2"]
+    torch.testing.assert_close(ours.deltas["transformer.layers.0.attention.to_k"].delta_weight(), torch.kron(w1, w2))
