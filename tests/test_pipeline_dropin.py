@@ -84,6 +84,23 @@ def test_wrapping_twice_is_harmless_and_a_dropped_wrapper_leaves_only_what_was_f
     assert_same_computed(_sd1_image(raw), with_a)  # what the user fused stays fused
 
 
+def test_pipelines_with_other_denoisers_sharing_a_text_encoder_never_add_up_there(make_pipe, make_adapter):
+    """SDXL base and refiner share text encoders, not the UNet: one runtime each, so a second set of adapters on the
+    shared encoder would add to the first's. Refused (nothing changed); a LoRA on the refiner's own UNet loads."""
+    from diffusers import StableDiffusionXLPipeline
+
+    base = make_pipe("sdxl")
+    refiner = StableDiffusionXLPipeline(**{**base.components, "unet": copy.deepcopy(base.unet)})
+    sd_a, sd_b = (peft_state_dict(make_adapter("sdxl", n, seed=s, rank=4, alpha=None)) for n, s in (("a", 1), ("b", 2)))
+    p1, p2 = lorablend.DiffusionPipeline(base), lorablend.DiffusionPipeline(refiner)
+    p1.load_lora_weights(sd_a, adapter_name="a")
+    with pytest.raises(lorablend.errors.LoraCompatibilityError, match=r"\['text_encoder', 'text_encoder_2'\].*another"):
+        p2.load_lora_weights(sd_b, adapter_name="b")
+    assert p2.get_list_adapters() == {} and sum(len(m._forward_hooks) for m in refiner.unet.modules()) == 0
+    p2.load_lora_weights({k: v for k, v in sd_b.items() if k.startswith("unet.")}, adapter_name="b")
+    assert p2.get_list_adapters() == {"unet": ["b"]} and "a" in p1.get_list_adapters()["text_encoder_2"]
+
+
 def _transformer_lora(transformer, seed: int) -> dict[str, torch.Tensor]:
     g, sd = torch.Generator().manual_seed(seed), {}
     for name, m in transformer.named_modules():

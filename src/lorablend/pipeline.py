@@ -39,13 +39,13 @@ import torch
 
 from .io import hub
 from .adapter import Adapter
-from .errors import LoraFormatError
+from .errors import LoraCompatibilityError, LoraFormatError
 from .report import LoadReport
 from .runtime.model_view import ModelView
 from .runtime.binding import bind_adapter
 from .runtime.lora_runtime import LoraRuntime
 from .runtime.schedule import scheduled_call
-from .runtime.registry import UNSET, follow_pipeline, runtime_for
+from .runtime.registry import UNSET, follow_pipeline, runtime_for, shared_with_others
 from .naming import components_of, denoiser_component
 from .images.noise import host_normal as _host_normal, is_numpy_generator as _is_numpy_generator
 from .images.noise import host_noise_in_prepare_latents as _host_noise_in_prepare_latents
@@ -320,6 +320,11 @@ class DiffusionPipeline:
         from .runtime.control import unwiden, widen_for_control
 
         layers, widened = self._runtime.layers.by_key, []
+        if shared := shared_with_others(self._runtime, adapter.components()):
+            raise LoraCompatibilityError(
+                f"adapter {adapter.name!r}: {shared} of this pipeline also serve another pipeline (another denoiser) "
+                f"that holds adapters there, and both would apply: load it through that pipeline, or give this one "
+                f"its own {shared} (nothing was changed)")
         fused_norms = [k for k in adapter.replacements if k in layers and layers[k].pristine_weight is not None]
         if fused_norms:
             raise ValueError(f"adapter {adapter.name!r} replaces the weights of {fused_norms}, which have adapters "

@@ -30,6 +30,30 @@ UNSET: Any = object()  # a setting the caller did not give (the shared runtime k
 # — the question diffusers answers by looking at the module itself. (Not an attribute on the module: a runtime
 # holds a ContextVar, which neither deepcopy nor pickle of the pipeline could take along.)
 _RUNTIMES: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[LoraRuntime]]" = weakref.WeakKeyDictionary()
+# Every component module -> the runtimes that serve it (weak too): pipelines with different denoisers may still share
+# a text encoder (SDXL base and refiner share text_encoder_2), and two runtimes' adapters on one module would add up.
+_SERVING: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+def _serve(runtime: LoraRuntime, components: Mapping[str, nn.Module]) -> None:
+    for module in components.values():
+        _SERVING.setdefault(module, weakref.WeakSet()).add(runtime)
+
+
+def shared_with_others(runtime: LoraRuntime, components: list[str]) -> list[str]:
+    """Which of ``components`` (names) are modules another live runtime holds adapters on: a pipeline with another
+    denoiser that shares this text encoder. Loading there too would add both pipelines' LoRAs in that module.
+
+    >>> shared_with_others(refiner.runtime, ["text_encoder_2"])                    # doctest: +SKIP
+    ['text_encoder_2']
+    """
+    out = []
+    for name in components:
+        module = runtime.view.components.get(name)
+        others = [r for r in _SERVING.get(module, ()) if r is not runtime and r.view.components.get(name) is module]
+        if any(name in r.list_adapters() or any(name in r.fused_components(n) for n in r.fused_names) for r in others):
+            out.append(name)
+    return out
 
 
 def _release_hooks(layers: Any, release_hooks: dict) -> None:
@@ -79,6 +103,7 @@ def runtime_for(components: Mapping[str, nn.Module], *, pristine_device: Any = U
     runtime = LoraRuntime(components, pristine_device=None if pristine_device is UNSET else pristine_device,
                           keep_fuse_buffers=False if keep_fuse_buffers is UNSET else keep_fuse_buffers)
     _RUNTIMES[denoiser] = weakref.ref(runtime)
+    _serve(runtime, components)
     weakref.finalize(runtime, _release_hooks, runtime.layers, runtime._release_hooks)
     return runtime
 
@@ -110,10 +135,12 @@ def follow_pipeline(runtime: LoraRuntime, components: Mapping[str, nn.Module],
     found = find_runtime(denoiser)
     if found is not None:
         found.follow(components)
+        _serve(found, components)
         return found, denoiser
     runtime.follow(components)
     move_runtime(runtime, denoiser)
+    _serve(runtime, components)
     return runtime, denoiser
 
 
-__all__ = ["UNSET", "find_runtime", "follow_pipeline", "move_runtime", "runtime_for"]
+__all__ = ["UNSET", "find_runtime", "follow_pipeline", "move_runtime", "runtime_for", "shared_with_others"]
