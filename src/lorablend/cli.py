@@ -244,9 +244,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "the images (PNG) and a report to the output folder.",
     )
     p.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
-    p.add_argument("--steps", type=int, default=2, help="inference steps per image (default 2)")
-    p.add_argument("--family", default="sdxl", choices=["sdxl", "flux", "sd3", "qwen", "wan", "wan22-a14b", "flux2", "zimage",
-                   "chroma"], help="the tiny pipeline's family (default sdxl; wan / wan22-a14b: videos, as frame strips)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps per image (default 20 for the drawing "
+                   "model, 2 for the random tiny families)")
+    p.add_argument("--family", default="drawing", choices=["drawing", "sdxl", "flux", "sd3", "qwen", "wan", "wan22-a14b", "flux2", "zimage",
+                   "chroma"], help="the pipeline's family (default drawing: the trained shapes model; the others are random; wan / wan22-a14b: videos, as frame strips)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.set_defaults(func=_cmd_demo)
 
@@ -462,8 +463,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             "unless --host says otherwise."
         ),
     )
-    p.add_argument("--model", required=True, help="a diffusers pipeline folder or a hub repo id")
-    p.add_argument("--lora-dir", required=True, help="the folder of LoRA files to serve (clients name them by stem)")
+    p.add_argument("--model", default=None, help="a diffusers pipeline folder or a hub repo id")
+    p.add_argument("--lora-dir", default=None, help="the folder of LoRA files to serve (clients name them by stem)")
+    p.add_argument("--demo", action="store_true", help="serve the shipped drawing model and its LoRAs (sks.diffusers, "
+                   "stripes.kohya, outline.diffusers, ...) where --model / --lora-dir are not given")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--token", default=None,
@@ -500,6 +503,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve.config import ServeSettings
     from .serve.run import serve
 
+    if args.demo:
+        from .fixtures.drawing_model import DRAWING_DIR, base_dir
+
+        args.model, args.lora_dir = args.model or str(base_dir()), args.lora_dir or str(DRAWING_DIR / "loras")
+    if not args.model or not args.lora_dir:
+        raise UsageError("lorablend serve needs --model and --lora-dir (or --demo: the shipped drawing model)")
     dtype = None
     if args.dtype:
         from .io.write import parse_dtype
