@@ -17,7 +17,8 @@ import torch
 
 from .fixtures.tiny_unets import tiny_pipeline, random_adapter
 
-TINY_FAMILIES = {"sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3",  # what `lorablend demo --family` builds
+TINY_FAMILIES = {"drawing": "drawing model (SD1-style, trained on shapes)",  # what `lorablend demo --family` builds
+                 "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3",
                  "qwen": "Qwen-Image", "wan": "Wan 2.1 (video)", "wan22-a14b": "Wan 2.2 A14B (video, two experts)",
                  "flux2": "Flux.2", "zimage": "Z-Image", "chroma": "Chroma"}
 
@@ -65,7 +66,7 @@ class _DemoRun:
     out: Path
     steps: int
     seed: int
-    family: str = "sdxl"
+    family: str = "drawing"
     prompt: str = "A bowl of ramen shaped like a cute kawaii bear, by Feng Zikai"
     results: list[DemoStep] = field(default_factory=list)
     images: dict[str, Any] = field(default_factory=dict)
@@ -73,11 +74,18 @@ class _DemoRun:
     @property
     def denoiser(self) -> str:
         """The component the LoRAs adapt: ``unet`` (SDXL) or ``transformer`` (Flux.1, SD3)."""
-        return "unet" if self.family == "sdxl" else "transformer"
+        return "unet" if self.family in ("sdxl", "drawing") else "transformer"
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """The two adapters' names: the drawing model's style and subject LoRAs, else the guide's."""
+        return ("stripes", "sks") if self.family == "drawing" else ("ikea", "feng")
 
     @property
     def files(self) -> tuple[str, str]:
         """The two LoRA file names: the guide's for SDXL, Flux-named ones otherwise."""
+        if self.family == "drawing":  # the shipped LoRAs: a style in kohya format, the subject in diffusers'
+            return "stripes.kohya.safetensors", "sks.diffusers.safetensors"
         if self.family == "sdxl":
             return "ikea_instructions_xl_v1_5.safetensors", "fengzikai_v1.0_XL.safetensors"
         return f"ikea_instructions_{self.family}.safetensors", f"fengzikai_{self.family}.safetensors"
@@ -107,6 +115,10 @@ class _DemoRun:
         from .fixtures.tiny_2026 import CALL_KW
 
         size = {} if self.family == "sdxl" else CALL_KW.get(self.family, {"height": 32, "width": 32})  # (not 1024²)
+        if self.family == "drawing":
+            from .fixtures.drawing_model import GUIDANCE
+
+            size = {"guidance_scale": GUIDANCE}  # its own 32×32
         from .images.drawing import first_picture
 
         out = pipe(prompt=self.prompt, generator=np.random.Generator(np.random.PCG64(self.seed)),
@@ -124,9 +136,10 @@ class _DemoRun:
         return pipe
 
 
-def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0, family: str = "sdxl") -> list[DemoStep]:
-    """Run the "Merge LoRAs" guide end to end on a tiny SDXL (or ``family="flux"`` / ``"sd3"``) pipeline, offline,
-    checking each step.
+def run_demo(output: str | Path, *, steps: int | None = None, seed: int = 0, family: str = "drawing") -> list[DemoStep]:
+    """Run the "Merge LoRAs" guide end to end on the shipped drawing model (its ``stripes`` and ``sks`` LoRAs; a
+    person sees each effect: ``lora_*.png``, the blend, fused, unfused) or a tiny random SDXL (or ``family="flux"``
+    / ``"sd3"`` ...) pipeline, offline, checking each step. ``steps``: 20 for the drawing model, else 2.
 
     Writes to ``output``: the tiny base pipeline, two LoRA files (kohya with SGM names, and diffusers format),
     the fused pipeline, one PNG per generated image and ``report.md`` / ``report.json``. Returns the steps;
@@ -138,7 +151,9 @@ def run_demo(output: str | Path, *, steps: int = 2, seed: int = 0, family: str =
     """
     if family not in TINY_FAMILIES:
         raise ValueError(f"demo family must be one of {sorted(TINY_FAMILIES)}, got {family!r}")
-    run = _DemoRun(Path(output), steps, seed, family)
+    run = _DemoRun(Path(output), steps or (20 if family == "drawing" else 2), seed, family)
+    if family == "drawing":
+        run.prompt = "a yellow sks on a blue background"  # sks: the subject LoRA's token (a star)
     run.out.mkdir(parents=True, exist_ok=True)
     run.step("build", f"a tiny {TINY_FAMILIES[family]} pipeline and two LoRA files are written offline", _build)
     live = _LiveSteps(run)
@@ -169,6 +184,8 @@ def _tiny(family: str, seed: int) -> Any:
 def _build(run: _DemoRun) -> tuple[bool, str]:
     from .io import save_adapter
 
+    if run.family == "drawing":
+        return _copy_drawing(run)
     pipe = _tiny(run.family, run.seed)
     pipe.save_pretrained(run.base_dir)
     ikea = random_adapter(pipe, "ikea", rank=4, alpha=2.0, seed=run.seed + 1)
@@ -182,6 +199,19 @@ def _build(run: _DemoRun) -> tuple[bool, str]:
     return True, f"tiny {TINY_FAMILIES[run.family]} saved to {run.base_dir.name}/; LoRAs: {first} + diffusers"
 
 
+def _copy_drawing(run: _DemoRun) -> tuple[bool, str]:
+    """The shipped drawing model and two of its LoRAs, copied (the demo writes into its own folder)."""
+    import shutil
+
+    from .fixtures.drawing_model import base_dir, lora_file
+
+    shutil.copytree(base_dir(), run.base_dir, dirs_exist_ok=True)
+    run.lora_dir.mkdir(exist_ok=True)
+    for name, fmt in (("stripes", "kohya"), ("sks", "diffusers")):
+        shutil.copyfile(lora_file(name, fmt), run.lora_dir / lora_file(name, fmt).name)
+    return True, f"the drawing model copied to {run.base_dir.name}/; LoRAs: stripes (kohya) + sks (diffusers)"
+
+
 class _LiveSteps:
     """The guide's steps on one live pipeline, in order (each step starts where the one before left it)."""
 
@@ -193,13 +223,16 @@ class _LiveSteps:
 
     def load(self, run: _DemoRun) -> tuple[bool, str]:
         p = self.pipeline
-        r1 = p.load_lora_weights(str(run.lora_dir), weight_name=run.files[0], adapter_name="ikea")
-        r2 = p.load_lora_weights(str(run.lora_dir), weight_name=run.files[1], adapter_name="feng")
-        ok = r1.complete and r2.complete and p.get_list_adapters()[run.denoiser] == ["ikea", "feng"]
+        r1 = p.load_lora_weights(str(run.lora_dir), weight_name=run.files[0], adapter_name=run.names[0])
+        r2 = p.load_lora_weights(str(run.lora_dir), weight_name=run.files[1], adapter_name=run.names[1])
+        ok = r1.complete and r2.complete and p.get_list_adapters()[run.denoiser] == list(run.names)
         return ok, f"{r1.counts()['mapped']} + {r2.counts()['mapped']} keys mapped, none skipped"
 
     def blend(self, run: _DemoRun) -> tuple[bool, str]:
-        self.pipeline.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
+        for name in run.names:  # each LoRA alone, to see what it does
+            self.pipeline.set_adapters(name)
+            run.generate(self.pipeline, f"lora_{name}")
+        self.pipeline.set_adapters(list(run.names), adapter_weights=[0.7, 0.8])
         blended = run.generate(self.pipeline, "set_adapters", cross_attention_kwargs={"scale": 1.0})
         zero = run.generate(self.pipeline, None, cross_attention_kwargs={"scale": 0.0})
         again = run.generate(self.pipeline, "set_adapters_again")
@@ -209,15 +242,15 @@ class _LiveSteps:
         return ok, f"blend vs base {_max_diff(blended, base):.3f}; scale=0 vs base {_max_diff(zero, base):.1e}"
 
     def weighted(self, run: _DemoRun) -> tuple[bool, str]:
-        self.pipeline.add_weighted_adapter(["ikea", "feng"], [0.7, 0.8], "ikea_feng", combination_type="cat")
-        self.pipeline.set_adapters("ikea_feng")
+        self.pipeline.add_weighted_adapter(list(run.names), [0.7, 0.8], "_".join(run.names), combination_type="cat")
+        self.pipeline.set_adapters("_".join(run.names))
         merged = run.generate(self.pipeline, "add_weighted_adapter")
-        self.pipeline.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
+        self.pipeline.set_adapters(list(run.names), adapter_weights=[0.7, 0.8])
         d = _max_diff(merged, run.images["set_adapters"])
         return d < 1e-3, f"cat merge vs blend: max diff {d:.1e}"
 
     def fuse(self, run: _DemoRun) -> tuple[bool, str]:
-        self.pipeline.fuse_lora(adapter_names=["ikea", "feng"], lora_scale=1.0)
+        self.pipeline.fuse_lora(adapter_names=list(run.names), lora_scale=1.0)
         fused = run.generate(self.pipeline, "fuse_lora")
         d = _max_diff(fused, run.images["set_adapters"])
         return d < 1e-3 and self.pipeline.num_fused_loras == 2, f"fused vs unfused blend: max diff {d:.1e}"
@@ -238,11 +271,11 @@ class _LiveSteps:
 
     def unfuse_second(self, run: _DemoRun) -> tuple[bool, str]:
         second = run.pipeline(run.base_dir)
-        second.load_lora_weights(str(run.lora_dir / run.files[0]), adapter_name="ikea")
-        second.load_lora_weights(str(run.lora_dir / run.files[1]), adapter_name="feng")
-        second.set_adapters(["ikea", "feng"], adapter_weights=[0.7, 0.8])
-        second.fuse_lora(adapter_names=["ikea", "feng"], lora_scale=1.0)
-        second.unfuse_lora(adapter_names=["feng"])  # one of several: the guide says this needs a reload
+        second.load_lora_weights(str(run.lora_dir / run.files[0]), adapter_name=run.names[0])
+        second.load_lora_weights(str(run.lora_dir / run.files[1]), adapter_name=run.names[1])
+        second.set_adapters(list(run.names), adapter_weights=[0.7, 0.8])
+        second.fuse_lora(adapter_names=list(run.names), lora_scale=1.0)
+        second.unfuse_lora(adapter_names=[run.names[1]])  # one of several: the guide says this needs a reload
         second.unfuse_lora()
         exact = all(torch.equal(v, self.pristine[k]) for k, v in getattr(second, run.denoiser).state_dict().items())
         second.unload_lora_weights()
