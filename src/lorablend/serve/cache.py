@@ -42,6 +42,7 @@ class CachedAdapter:
     stamp: tuple[int, int]
     path: Path
     low_rank: bool = False  # every layer one low-rank pair, no bias delta: it can share a batch with other mixes
+    bound: Any = None  # the binding checked at parse: what the worker adds to the pipeline (no second check)
 
 
 def takes_sample_weights(adapter: Any) -> bool:
@@ -99,9 +100,9 @@ class AdapterCache:
                 self.metrics.count("lorablend_adapter_cache_hits_total")
                 return entry
             self.metrics.count("lorablend_adapter_cache_misses_total")
-            adapter = self._parse(source)
+            adapter, bound = self._parse(source)
             entry = CachedAdapter(source.name, next(self._versions), adapter, adapter_bytes(adapter), stamp,
-                                  source.path, low_rank=takes_sample_weights(adapter))
+                                  source.path, low_rank=takes_sample_weights(adapter), bound=bound)
             with self._lock:
                 self._entries[source.name] = entry
                 self._entries.move_to_end(source.name)
@@ -117,14 +118,19 @@ class AdapterCache:
                 return entry
         return None
 
-    def _parse(self, source: LoraSource) -> Any:
+    def _parse(self, source: LoraSource) -> tuple[Any, Any]:
+        """The Adapter and its binding to the pipeline, checked once here, off the worker: a LoRA for another model
+        fails now. A plain LoRA's binding is what the worker adds (``runtime.add``); one that needs the full load
+        (a control LoRA widening an input, norm replacements) gets None and goes through ``load_lora_weights``."""
         from ..io import load_adapter
         from ..runtime.binding import bind_adapter
 
         view = self.pipe.model_view
         adapter = load_adapter(str(source.path), target=view.index, name=source.name)
-        bind_adapter(adapter, view, strict=True)  # a LoRA for another model fails here, not in the worker
-        return adapter
+        # checked=True: read for this very index, so keys, shapes and finite values were checked by the reader
+        bound = bind_adapter(adapter, view, strict=True, checked=True)
+        plain = not getattr(adapter, "needs_control", False) and not getattr(adapter, "replacements", None)
+        return adapter, (bound if plain else None)
 
     # ------------------------------------------------------------------ worker side (pipeline held)
     def activate(self, entries: Sequence[CachedAdapter]) -> None:
@@ -139,7 +145,10 @@ class AdapterCache:
                 if loaded is not None:  # an older version of the file, or a name registered again
                     self.pipe.delete_adapters(entry.name)
                     del self._loaded[entry.name]
-                self.pipe.load_lora_weights(entry.adapter, adapter_name=entry.name)
+                if entry.bound is not None:  # bound and checked at parse: added as it is, no second check
+                    self.pipe.runtime.add(entry.bound, activate=False)
+                else:
+                    self.pipe.load_lora_weights(entry.adapter, adapter_name=entry.name)
                 self._loaded[entry.name] = entry
             with self._lock:
                 if self._entries.get(entry.name) is None:  # evicted from the host side while queued: it is back
