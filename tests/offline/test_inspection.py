@@ -191,6 +191,17 @@ def test_inspect_describes_the_demos_tiny_sdxl_loras(capsys, tmp_path, tiny_pipe
     assert sorted(shapes.values()) == sorted(tuple(d.shape) for d in adapter.deltas.values())
 
 
+@pytest.mark.parametrize("name, fmt", [("stripes", "kohya"), ("sks", "diffusers")])
+def test_inspect_describes_the_shipped_drawing_model_loras(capsys, name, fmt):
+    """The LoRAs `lorablend demo` now copies (the drawing model's, made for its own small UNet) exit 0 too."""
+    from lorablend.fixtures.drawing_model import lora_file
+
+    code, out, err = run(capsys, "inspect", str(lora_file(name, fmt)), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["family"] == "unknown" and info["format"] == fmt and info["layers"] > 0 and info["modules"]
+
+
 def test_convert_copies_a_lora_no_family_places_in_its_own_spelling_only(capsys, tmp_path):
     from safetensors.torch import save_file
 
