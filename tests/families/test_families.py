@@ -4,11 +4,11 @@ and diffusers + PEFT beside it as the oracle where it reads the file.
 
 1. the load report is complete (every key mapped);
 2. a blend and a call-time scale give diffusers + PEFT's images (≤ 1e-3, images in [0, 1]);
-3. the call-time scale leaves no state behind;
-4. ``add_weighted_adapter(..., "cat")`` gives the blend's image;
-5. fusing gives the unfused blend's image, and unfusing puts every weight back bit for bit (fp32);
-6. the same in bf16 after fusing several adapters (``torch.equal``);
-7. a fused pipeline saved with ``save_pretrained`` reloads (diffusers' own loader) with the fused weights' bits.
+3. the call-time scale leaves no state behind; ``add_weighted_adapter(..., "cat")`` gives the blend's image;
+4. fusing gives the unfused blend's image, and unfusing puts every weight back bit for bit (fp32);
+   (3. and 4. run on one pipeline: one load, one reference image)
+5. the same in bf16 after fusing several adapters (``torch.equal``);
+6. a fused pipeline saved with ``save_pretrained`` reloads (diffusers' own loader) with the fused weights' bits.
 
 To add a family: add a ``FamilySpec`` row to tests/families/family_specs.py (its docstring says what a row needs).
 A property that only one family has (Flux's kohya fused rows, control LoRAs, per-block labels) does not belong
@@ -89,33 +89,24 @@ def test_a_blend_and_a_call_time_scale_give_diffusers_peft_images(family, files)
     assert np.abs(got - _run(ours)).max() > 20 * IMAGE_TOL  # the LoRAs move the image far beyond the tolerance
 
 
-def test_the_call_time_scale_leaves_no_state(family, files):
+def test_one_blend_four_ways_scaled_call_cat_merge_fuse_and_bit_exact_unfuse(family, files):
+    """3. and 4. on one pipeline (one load, one reference image): the call-time scale leaves no state, the cat
+    merge and the fused weights give the blend's image, unfusing restores every parameter bit for bit."""
     spec, _ = family
-    pipe, _ = _ours(family, files)
-    pipe.set_adapters(*MIX)
-    before = _run(pipe)
-    scaled = _run(pipe, **{spec.scale_kwarg: {"scale": 0.3}})
-    assert np.abs(scaled - before).max() > 10 * IMAGE_TOL
-    assert_same_computed(_run(pipe), before)
-
-
-def test_a_cat_merge_gives_the_blend(family, files):
-    pipe, _ = _ours(family, files)
-    pipe.set_adapters(*MIX)
-    blend = _run(pipe)
-    pipe.add_weighted_adapter(*MIX, "ab", combination_type="cat")
-    pipe.set_adapters("ab")
-    np.testing.assert_allclose(_run(pipe), blend, atol=IMAGE_TOL, rtol=0)
-
-
-def test_fusing_gives_the_unfused_blend_and_unfusing_every_bit_back(family, files):
     pipe, _ = _ours(family, files)
     pristine = params_of(pipe)
     pipe.set_adapters(*MIX)
-    unfused = _run(pipe)
+    blend = _run(pipe)
+    scaled = _run(pipe, **{spec.scale_kwarg: {"scale": 0.3}})
+    assert np.abs(scaled - blend).max() > 10 * IMAGE_TOL
+    assert_same_computed(_run(pipe), blend, "the call-time scale left state behind")
+    pipe.add_weighted_adapter(*MIX, "ab", combination_type="cat")
+    pipe.set_adapters("ab")
+    np.testing.assert_allclose(_run(pipe), blend, atol=IMAGE_TOL, rtol=0, err_msg="cat merge != blend")
+    pipe.set_adapters(*MIX)
     pipe.fuse_lora(adapter_names=MIX[0])
     assert pipe.num_fused_loras == 2
-    np.testing.assert_allclose(_run(pipe), unfused, atol=IMAGE_TOL, rtol=0)
+    np.testing.assert_allclose(_run(pipe), blend, atol=IMAGE_TOL, rtol=0, err_msg="fused != unfused blend")
     pipe.unfuse_lora()
     assert_params_equal(pipe, pristine)
 
