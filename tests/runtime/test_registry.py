@@ -8,7 +8,7 @@ import pytest
 
 from lorablend.naming import components_of
 from lorablend.runtime.binding import bind_adapter
-from lorablend.runtime.registry import find_runtime, follow_pipeline, runtime_for
+from lorablend.runtime.registry import find_runtime, follow_pipeline, runtime_for, shared_with_others
 
 
 def _hooks(module) -> int:
@@ -23,6 +23,7 @@ def test_one_runtime_per_denoiser_and_settings_that_clash_are_refused(make_pipe)
     assert runtime_for(components_of(other)) is not rt
     with pytest.raises(ValueError, match="already wrapped with {'keep_fuse_buffers': True}"):
         runtime_for(components_of(pipe), keep_fuse_buffers=False)
+    assert shared_with_others(rt, ["unet", "text_encoder", "text_encoder_2"]) == []  # (SD1 has no second encoder)
 
 
 def test_the_last_holder_gone_takes_the_hooks_with_it(make_pipe, make_adapter):

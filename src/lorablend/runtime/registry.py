@@ -25,7 +25,7 @@ from .lora_runtime import LoraRuntime
 
 UNSET: Any = object()  # a setting the caller did not give (the shared runtime keeps its own)
 
-# The one piece of module-level state, and a weak one on both sides: a key dies with its denoiser, a value (a weak
+# Module-level state, weak on both sides (this map and _SERVING below): a key dies with its denoiser, a value (a weak
 # reference) with the last wrapper holding the runtime. It only answers "which runtime already serves this module?"
 # — the question diffusers answers by looking at the module itself. (Not an attribute on the module: a runtime
 # holds a ContextVar, which neither deepcopy nor pickle of the pipeline could take along.)
@@ -50,6 +50,8 @@ def shared_with_others(runtime: LoraRuntime, components: list[str]) -> list[str]
     out = []
     for name in components:
         module = runtime.view.components.get(name)
+        if module is None:  # (a component this pipeline lacks: binding reports it)
+            continue
         others = [r for r in _SERVING.get(module, ()) if r is not runtime and r.view.components.get(name) is module]
         if any(name in r.list_adapters() or any(name in r.fused_components(n) for n in r.fused_names) for r in others):
             out.append(name)
