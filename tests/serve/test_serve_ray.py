@@ -1,6 +1,7 @@
 """``lorablend serve --engine ray`` on a local Ray instance (2 CPUs, once for this module): 2 pipeline replicas
 behind Ray Serve answer with the images of the one-process server, requests of one mix go to one replica
-(multiplexed by the sorted mix), and what would change one replica only is refused.
+(multiplexed by the sorted mix), what would change one replica only is refused, and an upload to the shared
+--upload-dir is served by every replica.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def ray_server(world):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
-        deploy(str(world.model), ServeSettings(lora_dir=world.loras, token=TOKEN), RayServeSettings(replicas=2,
-               device="cpu"), port=port, blocking=False)
+        deploy(str(world.model), ServeSettings(lora_dir=world.loras, token=TOKEN, upload_dir=world.root / "uploads"),
+               RayServeSettings(replicas=2, device="cpu"), port=port, blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -74,6 +75,21 @@ def test_the_same_api_answers_and_refuses_on_ray(ray_server):
     assert _post(ray_server, {"prompt": "x", "loras": {"nope": 1}, **GEN}).status_code == 404
     refused = httpx.post(f"{ray_server}/v1/loras", json={"path": "ink.safetensors", "name": "x"}, headers=headers)
     assert refused.status_code == 501 and "--lora-dir" in refused.json()["detail"]
+
+
+def test_an_upload_to_a_shared_upload_dir_reaches_every_replica(ray_server, world):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    up = httpx.post(f"{ray_server}/v1/loras", files={"file": ("shared.safetensors", world.files["moss"].read_bytes())},
+                    headers=headers, timeout=300)
+    assert up.status_code == 201, up.text
+    for seed in range(2):  # the replica the mix is routed to serves the upload by name
+        r = _post(ray_server, {"prompt": "x", "loras": {"shared": 0.5}, "seed": seed, **GEN})
+        assert r.status_code == 200, r.text
+    for _ in range(4):  # listed by every replica (listings go to any of them)
+        listed = httpx.get(f"{ray_server}/v1/loras", headers=headers, timeout=60).json()["loras"]
+        assert "shared" in {row["name"] for row in listed}
+    assert httpx.delete(f"{ray_server}/v1/loras/shared", headers=headers, timeout=60).status_code == 200
+    assert _post(ray_server, {"prompt": "x", "loras": {"shared": 0.5}, "seed": 9, **GEN}).status_code == 404
 
 
 def test_ray_flags_without_the_ray_engine_are_a_usage_error(world, capsys):

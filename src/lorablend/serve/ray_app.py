@@ -9,9 +9,11 @@ pipeline replica answers it through its own ``create_app`` in-process (ASGI), so
 check and the limits are those of the one-process server. Other requests (health, listings, metrics) go to any
 replica. Ray is imported only when ``deploy`` runs.
 
-What differs from one process: ``POST /v1/loras`` and ``DELETE /v1/loras/{name}`` change one replica only, so
-they are refused (501) here: put LoRA files in ``--lora-dir``, which every replica reads (on a cluster: a folder
-every node sees at the same path). ``/metrics`` is one replica's.
+What differs from one process: registering a path (``POST /v1/loras`` JSON) would change one replica only, so it
+is refused (501): put LoRA files in ``--lora-dir``, which every replica reads (on a cluster: a folder every node
+sees at the same path). Uploads (multipart ``POST /v1/loras``) and ``DELETE /v1/loras/{name}`` reach every replica
+when the server has a shared ``--upload-dir`` (refused without one). ``/metrics`` is one replica's; ``--compile``
+is refused.
 
 >>> deploy("sd15/", ServeSettings(lora_dir="loras/"), RayServeSettings(replicas=2))      # doctest: +SKIP
 """
@@ -124,14 +126,24 @@ class Router:
         self.pipeline = pipeline
         self.config = ServeSettings(**config)
 
+    def shared(self, request: Any) -> bool:
+        """Whether a LoRA change reaches every replica: an upload (multipart) or a DELETE, with --upload-dir set —
+        a folder every replica reads (on a cluster: the same path on every node); each replica serves what is
+        there by name (its catalog reads the folder again when a name is unknown or gone)."""
+        if self.config.upload_dir is None:
+            return False
+        return request.method == "DELETE" or request.headers.get("content-type", "").startswith("multipart/")
+
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, Response
 
         path = request.url.path
-        if path.rstrip("/").startswith("/v1/loras") and request.method in ("POST", "DELETE"):
-            return JSONResponse({"detail": f"{request.method} {path}: adding or removing LoRAs at run time changes "
-                                           "one replica only, so a Ray server refuses it; put the file in "
-                                           "--lora-dir (every replica reads it) and ask again"}, status_code=501)
+        if path.rstrip("/").startswith("/v1/loras") and request.method in ("POST", "DELETE") and not self.shared(
+                request):
+            return JSONResponse({"detail": f"{request.method} {path}: registering a path at run time changes one "
+                                           "replica only, so a Ray server refuses it; put the file in --lora-dir "
+                                           "(every replica reads it), or upload it (multipart) to a server started "
+                                           "with a shared --upload-dir, and ask again"}, status_code=501)
         body = await request.body()
         model_id = mix_id(path, body, self.config) if request.method == "POST" else ""
         handle = self.pipeline.options(multiplexed_model_id=model_id) if model_id else self.pipeline
@@ -196,6 +208,8 @@ def build_app(model: str, config: ServeSettings, options: RayServeSettings) -> A
     router = serve.deployment(Router, name="lorablend", num_replicas=1, ray_actor_options={"num_cpus": 0})
     settings = asdict(config)
     settings["lora_dir"] = os.path.abspath(settings["lora_dir"])  # replicas may start in another folder
+    if settings.get("upload_dir") is not None:
+        settings["upload_dir"] = os.path.abspath(settings["upload_dir"])
     model = os.path.abspath(model) if os.path.exists(model) else model
     return router.bind(pipeline.bind(model, settings, options.device, options.dtype), settings)
 
