@@ -42,7 +42,7 @@ SEED = 21
 LORA_RANK = 4
 LORA_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                  "conv1", "conv2")
-STEPS = {"vae": 1000, "base": 1000, "lora": 250, "judge": 1200}
+STEPS = {"vae": 1000, "base": 1000, "lora": 200, "judge": 1200}
 THREADS = 1
 
 

@@ -116,7 +116,7 @@ class _Runner:
         from ..io import load_adapter
 
         self.pipe, self.judge, self.seeds, self.steps, self.guidance = pipe, judge, list(seeds), steps, guidance
-        self.adapters = {n: load_adapter(str(lora_file(n)), adapter_name=n) for n in (SUBJECT, *STYLES)}
+        self.adapters = {n: load_adapter(str(lora_file(n)), target=pipe, name=n) for n in (SUBJECT, *STYLES)}
         loaded = set(pipe.get_list_adapters().get(pipe.denoiser_name, []))
         for name in (SUBJECT, *STYLES):
             if name not in loaded:
