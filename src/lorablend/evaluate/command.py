@@ -42,6 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
 
 
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
+    """Register ``lorablend eval`` on the CLI's subparsers. >>> add_subcommand(argparse.ArgumentParser().add_subparsers())"""
+    p = sub.add_parser("eval", description=DESCRIPTION, help="eval merges: which LoRA merge keeps a subject and a "
+                       "style (the drawing model and its judge)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate, write the files, print the table (or JSON)."""
     from ..images.drawing import save_png
