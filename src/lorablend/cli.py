@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .evaluate.command import add_subcommand as _add_eval  # (argparse only until it runs)
+
 PROG = "lorablend"
 
 
@@ -434,18 +436,6 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
     from .ui.command import register
 
     register(sub)
-
-
-# ---------------------------------------------------------------- eval
-
-
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from .evaluate.command import DESCRIPTION, add_arguments, run
-
-    p = sub.add_parser("eval", description=DESCRIPTION, help="eval merges: which LoRA merge keeps a subject and a style "
-                       "(the drawing model and its judge)")
-    add_arguments(p)
-    p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------- serve
