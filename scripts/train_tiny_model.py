@@ -16,9 +16,11 @@ its own and reading only what the phases before it wrote, so one phase can be re
     .venv/bin/python scripts/train_tiny_model.py --phases judge      # one phase again
     .venv/bin/python scripts/train_tiny_model.py --hashes            # print sha256 of the shipped files
 
-One thread (``torch.set_num_threads(THREADS)``: spinning OpenMP threads cost more than they give on a shared box), so that the result is a function of the seed and this machine's
-kernels; ``manifest.json`` records each file's sha256 and each phase's seconds. Run time on the 2-core AMD EPYC
-this was made on: see ``manifest.json`` (``seconds``), about 10 minutes in all.
+One thread (``torch.set_num_threads(THREADS)``: spinning OpenMP threads cost more than they give on a shared box),
+so that the result is a function of the seed and this machine's kernels; ``manifest.json`` records each file's
+sha256 and each phase's wall seconds. The shipped files took, on the 2-core AMD EPYC shared with other jobs (load
+about 11): vae 522 s, base 1537 s, judge 996 s (beside vae / base), loras 575 s each (the three at once) — about
+45 minutes of wall time, a fraction of it CPU time; on an idle core expect roughly a quarter of that.
 """
 
 from __future__ import annotations
