@@ -26,18 +26,31 @@ from .formats import QuantFormat, Snapshot
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+_CHUNK = 1 << 20  # values rounded per step: the temporaries of a step stay a few MB whatever the layer's size
+
+
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     """``x`` (fp32) in the float8 ``dtype``, each value rounded to its lower or upper fp8 neighbour with
     probability proportional to its distance to the other (unbiased: ``E[round(x)] = x`` inside the range); values
     beyond the largest finite fp8 saturate to it. ``generator`` (on ``x``'s device) makes it reproducible.
 
     Works on the bit patterns: fp8 magnitudes are ordered like their 7 low bits, so the neighbours of a value are
-    the nearest fp8 value's pattern and the one next to it.
+    the nearest fp8 value's pattern and the one next to it. Runs over ``x`` in chunks of ``_CHUNK`` values (the
+    random draws in the same order), so its extra memory is a few MB, not several copies of the layer.
 
     >>> g = torch.Generator().manual_seed(1)
     >>> stochastic_round(torch.tensor([1.0, -2.0]), torch.float8_e4m3fn, g).float().tolist()
     [1.0, -2.0]
     """
+    flat = x.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.uint8, device=x.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        out[start:start + _CHUNK] = _round_chunk(flat[start:start + _CHUNK], dtype, generator)
+    return out.view(dtype).reshape(x.shape)
+
+
+def _round_chunk(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """The fp8 bit patterns (uint8) of one chunk of :func:`stochastic_round`."""
     fmax = torch.finfo(dtype).max
     top = int(torch.tensor(fmax, dtype=dtype).view(torch.uint8).item())  # the largest finite magnitude's pattern
     mag = x.abs().clamp_(max=fmax)
@@ -51,7 +64,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     draw = torch.rand(x.shape, generator=generator, device=x.device)
     chosen = torch.where(draw < p, upper, lower).to(torch.uint8)
     chosen |= torch.signbit(x).to(torch.uint8) << 7
-    return chosen.view(dtype)
+    return chosen
 
 
 class ScaledFp8Linear(nn.Linear):
@@ -120,9 +133,11 @@ class Fp8(QuantFormat):
         generator = torch.Generator(device=fused.device).manual_seed(seed)
         if scale is not None:  # keep the file's scale while the fused weight fits under it
             fmax = torch.finfo(dtype).max
-            scale = torch.maximum(scale.float(), fused.abs().max() / fmax).to(scale.dtype).reshape(scale.shape)
+            low, high = torch.aminmax(fused)  # (|W|'s max without an |W|-sized temporary)
+            peak = torch.maximum(-low, high) / fmax
+            scale = torch.maximum(scale.float(), peak).to(scale.dtype).reshape(scale.shape)
             module._buffers["scale_weight"] = scale
-            fused = fused / scale.float()
+            fused = fused.div_(scale.float())  # (fused is this fuse's own buffer)
         module._parameters["weight"] = nn.Parameter(stochastic_round(fused, dtype, generator), requires_grad=False)
 
     def restore(self, module: nn.Module, snap: Snapshot) -> None:
