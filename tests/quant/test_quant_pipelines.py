@@ -195,3 +195,23 @@ def test_compile_is_refused_on_a_quantized_denoiser(float_pipe):
     with pytest.raises(ValueError, match="quantized"):
         pipe.compile_denoiser()
     assert not pipe.runtime.layers.static  # nothing handed to a static owner
+
+
+def test_pristine_weight_of_a_quantized_layer_is_its_dequantized_original(float_pipe):
+    """What a DoRA base or add_weighted_adapter reads (``runtime.pristine_weight``): the fp32 weight of the original
+    bytes, of the logical shape — before a fuse, while fused, and for a layer no LoRA touches."""
+    pipe = float_pipe("sdxl")
+    adapter = random_adapter(pipe, "a", rank=4, seed=1, components=["unet"], targets="attn")
+    quantized(pipe, "gguf-Q8_0")
+    pipe = DiffusionPipeline(pipe)
+    pipe.load_lora_weights(adapter, adapter_name="a")
+    key = next(iter(adapter.deltas))
+    layer = quant_layers(pipe)[key]
+    original = layer.quant.dequantize(layer.module, layer.quant.snapshot(layer.module))
+    assert torch.equal(pipe.runtime.pristine_weight(key), original)
+    pipe.fuse_lora()
+    assert torch.equal(pipe.runtime.pristine_weight(key), original)
+    untouched = next(k for k, i in pipe.model_view.index.modules.items()
+                     if k not in adapter.deltas and i.kind == "linear" and k.startswith("unet.")
+                     and type(pipe.model_view.module(k)).__name__ == "GGUFLinear")
+    assert pipe.runtime.pristine_weight(untouched).shape == pipe.model_view.index.modules[untouched].weight_shape

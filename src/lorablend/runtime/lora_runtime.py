@@ -30,6 +30,8 @@ from .model_view import COMPONENT_ORDER, ModelView
 from .binding import BoundAdapter
 from .weight_specs import layer_weights
 from .transfer import deltas_to
+from ..quant import format_of
+from ..quant import fuse as quant_fuse
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +168,16 @@ class LoraRuntime:
             lambda *_: (rt := runtime()) is not None and rt.release_fuse_buffers())
 
     def pristine_weight(self, key: str) -> torch.Tensor:
-        """The pristine weight of a target key (the backup when the layer is fused, else the live weight)."""
+        """The pristine weight of a target key (the backup when the layer is fused, else the live weight); for a
+        quantized layer the fp32 weight its original bytes stand for (never its packed storage)."""
         layer = self._layers.by_key.get(key)
+        module = self.view.module(key)
+        if layer is not None and layer.quant is not None:
+            return quant_fuse.dequantized_weight(layer)
         if layer is not None and layer.pristine_weight is not None:
             return layer.pristine_weight
-        return self.view.module(key).weight.detach()
+        fmt = format_of(module)
+        return fmt.dequantize(module, fmt.snapshot(module)) if fmt is not None else module.weight.detach()
 
     def check_names(self, names: Sequence[str], what: str) -> None:
         """Raise ``ValueError`` (starting with ``what``) unless every name is a loaded adapter.
