@@ -150,6 +150,9 @@ class LayerState:
                 return out
         x = args[0]
         if self.dense is not None:
+            if self.table.sample_var.get() is not None:
+                raise ValueError(f"{self.key}: per-sample LoRA weights need low-rank terms, and this layer's blend "
+                                 "is a dense ΔW (LoHa, LoKr, a bias delta or a norm); run such mixes one at a time")
             if self.is_norm:  # y = n(x) · w (+ b): a weight delta adds n(x) · ΔW
                 delta = _normalized(module, x).to(out.dtype) * self.dense
             elif self.is_conv:
@@ -164,12 +167,20 @@ class LayerState:
             return out + delta * scale if scale != 1.0 else out + delta
         return out.add_(delta, alpha=scale)
 
+    def _weight_vector(self, rows: int) -> torch.Tensor:
+        """``svec`` (R,), or (rows, R) when the call gives each sample its own adapter weights (a mixed batch)."""
+        samples = self.table.sample_var.get()
+        return self.svec if samples is None else samples.vector(self, rows)
+
     def _add_linear_pair(self, x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
         h = F.linear(x, self.down)
+        svec = self._weight_vector(h.shape[0])
+        if svec.dim() == 2:  # per sample: (rows, R) against h's (rows, …, R)
+            svec = svec.view(svec.shape[0], *([1] * (h.dim() - 2)), svec.shape[1])
         if torch.is_grad_enabled():
-            delta = F.linear(h * self.svec, self.up)
+            delta = F.linear(h * svec, self.up)
             return out + delta * scale if scale != 1.0 else out + delta
-        h.mul_(self.svec)
+        h.mul_(svec)
         if out.is_contiguous():  # inference: accumulate straight into the output (one GEMM, no temporary)
             out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.up.t(), alpha=scale)
             return out
@@ -184,7 +195,7 @@ class LayerState:
             h = F.conv2d(x, self.down, None, m.stride, m.padding, m.dilation)
             n, _, hh, ww = h.shape
             h = h.reshape(n, h.shape[1], hh * ww)
-        col = self.svec[:, None]
+        col = self._weight_vector(n)[..., None]  # (R, 1), or (n, R, 1) per sample
         if torch.is_grad_enabled():
             delta = torch.matmul(self.up, h * col).reshape(n, -1, hh, ww)
             return out + delta * scale if scale != 1.0 else out + delta
@@ -218,7 +229,7 @@ class LayerState:
             # weights-only switch: such layers take the dense term, which carries the weighted bias exactly.
             rank = 0
         with torch.no_grad():
-            if rank and rank * (out_f + in_flat) < out_f * in_flat:
+            if rank and (self.table.low_rank_only or rank * (out_f + in_flat) < out_f * in_flat):
                 up, down = concat_factors([(1.0, p) for p in pairs], device)
                 if self.is_conv and not self.is_pointwise:
                     down = down.reshape(rank, *shape[1:])
@@ -337,6 +348,41 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"a weight delta on a {type(module).__name__} is not supported (RMSNorm and LayerNorm are)")
 
 
+@dataclass(eq=False)
+class SampleWeights:
+    """Each sample's own adapter weights for one call (a batch of different mixes, Punica / S-LoRA style):
+    ``matrix[b, columns[name]]`` multiplies adapter ``name``'s set weight for sample ``b``. A layer's hook takes
+    its (rows, R) weight vector from here: each contributor's column repeated over its rank, times ``svec``, and
+    tiled when the layer sees the batch twice (classifier-free guidance runs [uncond; cond]). Contributors not
+    in ``columns`` get 0 for every sample. ``matrix`` may be rewritten between steps (a schedule) if
+    ``generation`` is bumped.
+
+    >>> sw = SampleWeights({"a": 0}, torch.tensor([[1.0], [0.5]])); sw.matrix.shape
+    torch.Size([2, 1])
+    """
+
+    columns: dict[str, int]
+    matrix: torch.Tensor  # (batch, adapters) float32
+    generation: int = 0
+    _cache: dict = field(default_factory=dict)
+
+    def vector(self, layer: "LayerState", rows: int) -> torch.Tensor:
+        """The (rows, R) weight vector of ``layer`` for this call."""
+        hit = self._cache.get(id(layer))
+        if hit is not None and hit[0] is layer.svec and hit[1] == self.generation and hit[2].shape[0] == rows:
+            return hit[2]
+        batch = self.matrix.shape[0]
+        if rows % batch:
+            raise ValueError(f"{layer.key}: a forward of {rows} rows does not tile the {batch} samples given "
+                             "per-sample weights; pass one weight row per image of the call")
+        padded = torch.cat([self.matrix, self.matrix.new_zeros(batch, 1)], dim=1)  # the last column: not in the mix
+        cols = torch.tensor([self.columns.get(name, len(self.columns)) for name, _ in layer.contributors])
+        per_rank = padded.index_select(1, cols).repeat_interleave(torch.tensor(layer.ranks), dim=1)
+        vec = (per_rank.to(layer.svec.device) * layer.svec.float()).to(layer.svec.dtype).repeat(rows // batch, 1)
+        self._cache[id(layer)] = (layer.svec, self.generation, vec)
+        return vec
+
+
 class LayerTable:
     """The touched layers of one pipeline, the adapters' per-layer weights, and the ONE version number.
 
@@ -357,6 +403,9 @@ class LayerTable:
         # fp8 fuses round stochastically: each layer's generator is seeded from this and its name (reproducible;
         # set another value to draw other roundings, e.g. to check they are unbiased)
         self.rounding_seed = 0
+        # per-sample adapter weights of the call in progress (a :class:`SampleWeights`, or None: one mix for all)
+        self.sample_var: contextvars.ContextVar = contextvars.ContextVar(f"lorablend_samples_{id(self)}", default=None)
+        self.low_rank_only = False  # True once per-sample weights were asked for: they need every term low-rank
 
     def set_static(self, component: str, owner: Any | None) -> None:
         """Hand ``component``'s layers to a static-mode ``owner`` (their hooks go), or back to hooks (``None``)."""
@@ -432,4 +481,4 @@ class LayerTable:
                 layer.build(self.version, self.weights, place)
 
 
-__all__ = ["LayerState", "LayerTable", "WeightVectors"]
+__all__ = ["LayerState", "LayerTable", "SampleWeights", "WeightVectors"]
