@@ -490,7 +490,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"lorablend serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'lorablend[serve]'") from None
-    from .serve.config import ServeSettings
+    from .serve.config import ServeSettings, limits_given
     from .serve.run import serve
 
     if args.demo:
@@ -504,7 +504,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .io.write import parse_dtype
         dtype = parse_dtype(args.dtype)
     config = ServeSettings(lora_dir=args.lora_dir, token=args.token or os.environ.get("LORABLEND_TOKEN") or None,
-                         cache_bytes=args.cache_bytes, max_batch=args.max_batch).check()
+                         cache_bytes=args.cache_bytes, max_batch=args.max_batch,
+                         **limits_given(args)).check()
     if args.engine == "ray":
         return _serve_on_ray(args, config, dtype)
     if (args.address, args.replicas, args.gpus_per_replica) != (None, 1, 0.0):
@@ -597,8 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if isinstance(exc.code, int) else 0
     except UsageError as exc:
         return _failed(_one_line(exc), 2, as_json)
-    except KeyboardInterrupt:
-        return _failed("interrupted", 130, as_json)
+    except KeyboardInterrupt as exc:  # (a sweep says how to resume)
+        return _failed(f"interrupted: {exc}" if str(exc) else "interrupted", 130, as_json)
     except (ValueError, OSError) as exc:  # LoraFormatError / LoraCompatibilityError are ValueErrors
         return _failed(_one_line(exc), 2, as_json)
     except Exception as exc:  # a bug: still one line, but say what kind so it can be reported
