@@ -394,7 +394,7 @@ def _holds_tests(path: Path) -> bool:
 # with its test module.
 NOT_YET_MIRRORED = frozenset("""
 quant/bnb.py
-quant/fuse.py quant/gguf.py quant/torchao.py
+quant/fuse.py quant/torchao.py
 """.split())
 
 
