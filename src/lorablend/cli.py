@@ -550,9 +550,9 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_bake,
     _add_generate,
     _add_sweep,
+    _add_view,
     _add_serve,
     _add_eval,
-    _add_view,
 )
 
 

@@ -34,6 +34,7 @@ from .errors import STATUS, NameTaken, UnknownLora
 from .metrics import MetricsMiddleware
 from .openapi import install_openapi, open_path
 from .schemas import ImageRequest, LoraRegistration, invalid
+from ..ui.page import add_page_routes, is_public_path
 from .security import LORA_SUFFIXES, BodyLimit, TokenCheck, resolve_inside
 from .state import ServerState, generate
 
@@ -121,12 +122,13 @@ def create_app(pipe: Any, config: ServeSettings, *, compiled: Any = None, title:
     _routes(app, state)
     add_compat_routes(app, state)
     install_openapi(app, config)  # the token schemes, every error answer, the limits; /docs needs no token
+    add_page_routes(app)  # the playground at /: its files need no token, everything it does needs one
     # the last added wraps the others: metrics see every answer (401 and 413 too); the token is checked
     # before any body byte is read; the body limit cuts an upload off as it arrives
     app.add_middleware(BodyLimit, limit_for=lambda path, content_type: config.max_upload_bytes if (
         path.rstrip("/").endswith("/v1/loras") and content_type.startswith("multipart/")) else config.max_body_bytes,
                        upload_limit=config.max_upload_bytes)
-    app.add_middleware(TokenCheck, token=config.token, public=open_path)
+    app.add_middleware(TokenCheck, token=config.token, public=lambda path: open_path(path) or is_public_path(path))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=lambda: app.routes)
     return app
 
