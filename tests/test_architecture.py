@@ -393,7 +393,7 @@ def _holds_tests(path: Path) -> bool:
 # only shrinks: a module that gets its test module must leave it (the test below says so), a new module must come
 # with its test module.
 NOT_YET_MIRRORED = frozenset("""
-quant/fuse.py
+
 """.split())
 
 
