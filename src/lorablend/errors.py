@@ -71,3 +71,11 @@ def renamed_names(module: str, renames: dict[str, str], namespace: dict[str, Any
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+class UsageError(Exception):
+    """A command line that argparse (or a command) rejects; the CLI reports it as one line, exit 2.
+
+    >>> str(UsageError("--steps 0: must be a positive integer"))
+    '--steps 0: must be a positive integer'
+    """
