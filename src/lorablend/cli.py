@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -255,8 +256,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from .demo import run_demo
+    from .io.hub import hf_progress_bars
 
-    steps = run_demo(args.output, steps=args.steps, family=args.family)
+    hf_progress_bars(False)  # our own bar over the steps, not diffusers' loading bars
+    steps = run_demo(args.output, steps=args.steps, family=args.family, progress=not args.json)
     if args.json:
         _print_json({"output": str(args.output), "steps": [asdict(s) for s in steps]})
     else:
@@ -490,6 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # line. Users may still override; called as a function (argv given), the caller's settings stand.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        # diffusers imports the quantization libraries when installed: their start-up notes are not ours to print
+        for name in ("bitsandbytes", "torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     as_json = "--json" in (sys.argv[1:] if argv is None else argv)  # (known even when parsing fails)
     try:

@@ -70,6 +70,7 @@ class _DemoRun:
     prompt: str = "A bowl of ramen shaped like a cute kawaii bear, by Feng Zikai"
     results: list[DemoStep] = field(default_factory=list)
     images: dict[str, Any] = field(default_factory=dict)
+    bar: Any = None  # a tqdm bar over the steps, on a terminal
 
     @property
     def denoiser(self) -> str:
@@ -104,6 +105,9 @@ class _DemoRun:
         value = fn(self)
         ok, detail = value if isinstance(value, tuple) else (bool(value), "")
         self.results.append(DemoStep(name, invariant, bool(ok), time.perf_counter() - start, detail))
+        if self.bar is not None:
+            self.bar.set_postfix_str(name, refresh=False)
+            self.bar.update(1)
         if not ok:
             _write_report(self.out, self.results, self.family)
             raise AssertionError(f"demo step {name!r}: {invariant} does not hold ({detail})")
@@ -136,14 +140,16 @@ class _DemoRun:
         return pipe
 
 
-def run_demo(output: str | Path, *, steps: int | None = None, seed: int = 0, family: str = "drawing") -> list[DemoStep]:
+def run_demo(output: str | Path, *, steps: int | None = None, seed: int = 0, family: str = "drawing",
+             progress: bool = False) -> list[DemoStep]:
     """Run the "Merge LoRAs" guide end to end on the shipped drawing model (its ``stripes`` and ``sks`` LoRAs; a
     person sees each effect: ``lora_*.png``, the blend, fused, unfused) or a tiny random SDXL (or ``family="flux"``
     / ``"sd3"`` ...) pipeline, offline, checking each step. ``steps``: 20 for the drawing model, else 2.
 
     Writes to ``output``: the tiny base pipeline, two LoRA files (kohya with SGM names, and diffusers format),
     the fused pipeline, one PNG per generated image and ``report.md`` / ``report.json``. Returns the steps;
-    raises ``AssertionError`` at the first invariant that does not hold.
+    raises ``AssertionError`` at the first invariant that does not hold. ``progress``: a bar over the steps with its
+    ETA on stderr, when that is a terminal.
 
     >>> steps = run_demo("demo-output")                                 # doctest: +SKIP
     >>> all(s.ok for s in steps)                                        # doctest: +SKIP
@@ -155,7 +161,21 @@ def run_demo(output: str | Path, *, steps: int | None = None, seed: int = 0, fam
     if family == "drawing":
         run.prompt = "a yellow sks on a blue background"  # sks: the subject LoRA's token (a star)
     run.out.mkdir(parents=True, exist_ok=True)
-    run.step("build", f"a tiny {TINY_FAMILIES[family]} pipeline and two LoRA files are written offline", _build)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=DEMO_STEPS, desc="demo", unit="step", disable=None if progress else True, leave=False) as bar:
+        run.bar = bar
+        _run_steps(run)
+    _write_images(run.out, run.images)
+    _write_report(run.out, run.results, run.family)
+    return run.results
+
+
+DEMO_STEPS = 7
+
+
+def _run_steps(run: _DemoRun) -> None:
+    run.step("build", f"a tiny {TINY_FAMILIES[run.family]} pipeline and two LoRA files are written offline", _build)
     live = _LiveSteps(run)
     run.step("load_lora_weights", "every key of both files is applied", live.load)
     run.step("set_adapters [0.7, 0.8]", "the blend changes the image, scale=0 is the base, and leaves no state",
@@ -166,9 +186,6 @@ def run_demo(output: str | Path, *, steps: int | None = None, seed: int = 0, fam
              live.unload_save_reload)
     run.step("unfuse_lora on a second pipeline", "unfuse restores the original weights bit for bit",
              live.unfuse_second)
-    _write_images(run.out, run.images)
-    _write_report(run.out, run.results, run.family)
-    return run.results
 
 
 def _tiny(family: str, seed: int) -> Any:
