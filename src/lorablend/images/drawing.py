@@ -56,9 +56,23 @@ def first_picture(output: Any) -> Any:
     >>> first_picture(SimpleNamespace(frames=np.zeros((1, 5, 16, 8, 3)))).shape
     (16, 40, 3)
     """
-    if not hasattr(output, "frames"):
-        return output.images[0]
-    frames = list(output.frames[0])
+    return output.images[0] if not hasattr(output, "frames") else frame_strip(output.frames[0])
+
+
+def pictures(output: Any) -> list[Any]:
+    """Every picture of a pipeline's output, in order: its images, or each video clip as a frame strip.
+
+    >>> from types import SimpleNamespace
+    >>> import numpy as np
+    >>> [p.shape for p in pictures(SimpleNamespace(frames=np.zeros((2, 3, 4, 4, 3))))]
+    [(4, 12, 3), (4, 12, 3)]
+    """
+    return list(output.images) if not hasattr(output, "frames") else [frame_strip(clip) for clip in output.frames]
+
+
+def frame_strip(clip: Any) -> Any:
+    """A clip's frames side by side (frame 0 on the left), PIL or numpy as the clip holds. >>> see ``pictures``"""
+    frames = list(clip)
     if not hasattr(frames[0], "paste"):  # numpy / torch frames (H, W, C)
         import numpy as np
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..images.drawing import pictures
 from .cache import AdapterCache, CachedAdapter
 from ..runtime.schedule import StepSchedule
 from .errors import BatchStopped
@@ -208,21 +209,22 @@ class BatchRun:
                 generators += [np.random.Generator(np.random.PCG64(s)) for s in gen.seeds()]
             else:
                 generators += [np.random.Generator(np.random.PCG64(gen.seed))] * n
-        kwargs = dict(prompt=prompts, negative_prompt=None if g.negative_prompt is None else negatives,
-                      generator=generators, num_inference_steps=g.steps, guidance_scale=g.guidance_scale,
-                      height=g.height, width=g.width, output_type="np")
+        kwargs = dict(prompt=prompts, generator=generators, num_inference_steps=g.steps,
+                      guidance_scale=g.guidance_scale, height=g.height, width=g.width, output_type="np")
+        if g.negative_prompt is not None:  # (Flux.2 and Flux.1 take none; a request that gives one there is a 422)
+            kwargs["negative_prompt"] = negatives
         callback = self._callback(should_stop, interrupt)
         if g.scale != 1.0:
             kwargs["cross_attention_kwargs"] = {"scale": g.scale}
         self.progress.steps, self.progress.done, self.progress.images = g.steps, 0, len(prompts)
         self.progress.started, self.progress.latents = time.perf_counter(), None
         if rows is None:
-            out = self.pipe(**kwargs, callback_on_step_end=callback).images  # (diffusers' __call__: no_grad)
+            out = self.pipe(**kwargs, callback_on_step_end=callback)  # (diffusers' __call__: no_grad)
         else:  # each image its own weights, set again after every step (a schedule moves them)
             first = [rows.row_at(b, 0, g.steps) for b in range(len(rows.rows))]
             with self.pipe.runtime.call_sample_weights(first) as samples:
-                out = self.pipe(**kwargs, callback_on_step_end=rows.callback(samples, g.steps, then=callback)).images
-        return [np.asarray(img, dtype=np.float32) for img in out]
+                out = self.pipe(**kwargs, callback_on_step_end=rows.callback(samples, g.steps, then=callback))
+        return [np.asarray(img, dtype=np.float32) for img in pictures(out)]
 
     def _callback(self, should_stop: Any, interrupt: Any) -> Any:
         progress = self.progress

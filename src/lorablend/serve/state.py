@@ -127,6 +127,9 @@ class ServerState:
         fastapi.exceptions.RequestValidationError: ...
         """
         gen = self.worker.resolve(gen)
+        if gen.negative_prompt is not None and not self.worker.takes_negative_prompt:
+            raise invalid("negative_prompt", f"this server's pipeline ({type(self.pipe.pipe).__name__}) takes no "
+                                             "negative prompt; leave it out", gen.negative_prompt[:40])
         if gen.width * gen.height > self.config.max_pixels:
             raise invalid("width", f"{gen.width}x{gen.height} is {gen.width * gen.height:,} pixels: this server "
                                    f"allows at most {self.config.max_pixels:,} (--max-pixels); ask for a smaller "

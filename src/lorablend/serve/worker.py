@@ -36,6 +36,22 @@ logger = logging.getLogger(__name__)
 AGAIN = "send the request again"
 
 
+def _pipeline_defaults(pipe: Any) -> dict[str, Any]:
+    """What a request that names no size or guidance gets: the pipeline's own defaults. The size: ``__call__``'s
+    own integer height / width (Wan: 480 × 832), else diffusers' default side (``default_sample_size`` on Flux / SD3 /
+    SDXL, the UNet's ``sample_size`` on SD1.x) times the VAE's scale; guidance: ``__call__``'s default (None where
+    the pipeline has none, e.g. Qwen-Image's true CFG)."""
+    params = inspect.signature(pipe.pipe.__call__).parameters
+    given = {k: params[k].default for k in ("height", "width") if k in params and isinstance(params[k].default, int)}
+    if len(given) < 2:
+        sample = getattr(pipe.pipe, "default_sample_size", None) or getattr(pipe.denoiser.config, "sample_size", None)
+        side = int(sample or 64) * int(getattr(pipe.pipe, "vae_scale_factor", 8))
+        given = {"height": side, "width": side}
+    guidance = params.get("guidance_scale")
+    default = guidance.default if guidance is not None and guidance.default is not inspect.Parameter.empty else 7.5
+    return {**given, "guidance_scale": None if default is None else float(default)}
+
+
 class Worker:
     """The pipeline, its lock, the queue and the worker thread.
 
@@ -66,12 +82,8 @@ class Worker:
         self._halted = False  # queued and running requests answered 503; the worker ends
         self._interrupt = False  # A1111's interrupt: the running batch decodes what it has
         self.running: tuple[Job, ...] = ()  # the batch taken from the queue and not yet answered
-        # diffusers' own default side: Flux / SD3 / SDXL pipelines name it default_sample_size, SD1.x reads the UNet
-        sample = getattr(pipe.pipe, "default_sample_size", None) or pipe.denoiser.config.sample_size
-        size = int(sample) * int(pipe.vae_scale_factor)
-        guidance = inspect.signature(pipe.pipe.__call__).parameters.get("guidance_scale")
-        self.defaults = {"width": size, "height": size,
-                         "guidance_scale": float(guidance.default) if guidance is not None else 7.5}
+        self.defaults = _pipeline_defaults(pipe)
+        self.takes_negative_prompt = "negative_prompt" in inspect.signature(pipe.pipe.__call__).parameters
         metrics.gauge("lorablend_queue_depth", lambda: len(self._queue))
 
     # ------------------------------------------------------------------ life

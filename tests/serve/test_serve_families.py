@@ -1,0 +1,54 @@
+"""The server on the 2025–26 families' tiny pipelines: a request with a LoRA answers the library's picture
+(a Wan clip as its frame strip), defaults come from each pipeline's own ``__call__`` (Qwen-Image: no guidance),
+and a negative prompt where the pipeline takes none is a 422 naming the field, not a 500."""
+
+from __future__ import annotations
+
+import inspect
+import io
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from lorablend import DiffusionPipeline  # noqa: E402
+from lorablend.fixtures.tiny_2026 import tiny_2026_pipeline  # noqa: E402
+from lorablend.fixtures.tiny_unets import random_adapter  # noqa: E402
+from lorablend.images.drawing import first_picture  # noqa: E402
+from lorablend.io import save_adapter  # noqa: E402
+from lorablend.serve import ServeSettings, create_app  # noqa: E402
+
+SIZES = {"qwen": 32, "flux2": 16, "zimage": 32, "wan": 16}
+
+
+@pytest.mark.parametrize("family", sorted(SIZES))
+def test_a_lora_request_answers_the_librarys_picture(family, tmp_path):
+    pipe = DiffusionPipeline(tiny_2026_pipeline(family))
+    pipe.set_progress_bar_config(disable=True)
+    (tmp_path / "loras").mkdir()
+    adapter = random_adapter(pipe.pipe, "ink", rank=2, strength=1.0, targets="attn",
+                             components=[pipe.denoiser_name])
+    save_adapter(adapter, tmp_path / "loras" / "ink.safetensors", format="diffusers", target=pipe.pipe)
+    app = create_app(pipe, ServeSettings(lora_dir=tmp_path / "loras", token="t"))
+    side = SIZES[family]
+    body = {"prompt": "a red circle", "loras": {"ink": 0.8}, "seed": 3, "steps": 2, "width": side, "height": side}
+    with TestClient(app) as client:
+        auth = {"Authorization": "Bearer t"}
+        answer = client.post("/v1/images", json=body, headers=auth)
+        assert answer.status_code == 200, answer.text
+        got = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"), dtype=np.float32) / 255
+        if "negative_prompt" not in inspect.signature(pipe.pipe.__call__).parameters:
+            refused = client.post("/v1/images", json={**body, "negative_prompt": "blurry"}, headers=auth)
+            assert refused.status_code == 422 and "negative_prompt" in refused.text
+    if "ink" not in pipe.runtime.adapters:  # (the server loaded it into this pipeline's runtime: reuse it)
+        pipe.load_lora_weights(str(tmp_path / "loras" / "ink.safetensors"), adapter_name="ink")
+    pipe.set_adapters(["ink"], [0.8])
+    extra = {"num_frames": 81} if family == "wan" else {}
+    out = pipe(prompt="a red circle", num_inference_steps=2, width=side, height=side, output_type="np",
+               generator=np.random.Generator(np.random.PCG64(3)), **extra)
+    want = np.clip(np.asarray(first_picture(out), dtype=np.float32), 0, 1)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1.5 / 255  # one 8-bit level (PNG rounding) plus float noise
