@@ -417,7 +417,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep.command import from_arguments
 
     progress = sys.stderr.isatty() and not args.json
-    hf_progress_bars(progress)
+    hf_progress_bars(False)  # our own bar, not diffusers' loading bars
     spec, run = from_arguments(args, progress)
     summary = run_sweep(spec, args.output, run)
     if args.json:

@@ -157,7 +157,7 @@ def generate_file(
     """
     started = time.perf_counter()
     check_request(model, loras, output, settings, overwrite=overwrite)
-    hf_progress_bars(progress)
+    hf_progress_bars(False)  # our own bar, not diffusers' loading bars
     pipe, names = load_pipeline(model, loras, device=device, dtype=dtype)
     weights, inputs = [w for _, w in loras], [p for p, _ in loras]
     result: dict[str, Any] = {"model": model, "seed": settings.seed, "steps": settings.steps,

@@ -82,10 +82,12 @@ def _fetch_from_hub(repo_id: str, weight_name: str | None, hub_kwargs: dict) -> 
         ) from exc
 
 
-def hf_progress_bars(enabled: bool) -> None:
-    """diffusers and transformers draw loading bars on stderr: keep them only for a person at a terminal.
+def hf_progress_bars(enabled: bool = False) -> None:
+    """diffusers and transformers draw a loading bar per pipeline load on stderr; our commands show their own
+    progress (steps, cells, layers) instead, so they switch those off. ``enabled=True`` leaves the libraries'
+    settings alone (a library caller's choice).
 
-    >>> hf_progress_bars(True)  # (leaves the libraries' settings alone)
+    >>> hf_progress_bars(True)
     """
     if enabled:
         return

@@ -114,7 +114,7 @@ def bake(
     if model_path.is_dir():  # diffusers and transformers draw loading bars: only for a person at a terminal
         from ..io.hub import hf_progress_bars
 
-        hf_progress_bars(progress)
+        hf_progress_bars(False)  # our own bar, not diffusers' loading bars
     lora_scale = _finite(lora_scale, "lora_scale")
     job = BakeJob(
         model=model_path,

@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
             check_compile()
         except CompileUnavailable as exc:
             raise UsageError(str(exc)) from None
+    from ..io.hub import hf_progress_bars
+
+    hf_progress_bars(False)  # a server's log: no loading bars
     serve(args.model, config, host=args.host, port=args.port, device=args.device, dtype=dtype, compile=args.compile,
           quantize=args.quantize)
     return 0
