@@ -111,14 +111,7 @@ def test_the_cycle_finder_finds_a_circle_and_only_a_circle():
 # formats.py for the base class: the fix is a base module (quant/base.py) that the formats and the registry import.
 # naming/index.py imports naming/meta.py's DENOISER_CLASSES inside a function while meta.py imports index.py: the
 # fix is to keep that table (data) in naming/configs.py, which both import.
-KNOWN_LAZY_CIRCLES = [
-    {"lorablend.quant.formats", "lorablend.quant.bnb", "lorablend.quant.fp8", "lorablend.quant.gguf",
-     "lorablend.quant.torchao"},
-    {"lorablend.naming.index", "lorablend.naming.meta"},
-    # offline/bake.py hands a .gguf to quantized_files.bake_gguf (lazily), which imports bake's BakeJob and private
-    # helpers: the fix is to move what both use (BakeJob, BakeReport, _apply) to a module below both.
-    {"lorablend.offline.bake", "lorablend.offline.quantized_files"},
-]
+KNOWN_LAZY_CIRCLES: list[set[str]] = []  # none: a circle is fixed, not listed
 
 
 def _strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:

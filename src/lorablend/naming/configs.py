@@ -218,3 +218,12 @@ STANDARD.update({family: (config, []) for family, (config, _) in NEW_TRANSFORMER
 # the architecture of each family's denoiser, by the name naming.meta builds it from ("unet" where absent)
 DENOISER_ARCHITECTURES = {"flux": "flux", "sd3": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3",
                           **{family: arch for family, (_, arch) in NEW_TRANSFORMERS.items()}}
+
+# each denoiser architecture's component and diffusers class (naming.meta builds it; naming.index tells it apart)
+DENOISER_CLASSES = {"unet": ("unet", "UNet2DConditionModel"), "flux": ("transformer", "FluxTransformer2DModel"),
+                    "sd3": ("transformer", "SD3Transformer2DModel"),
+                    "qwen": ("transformer", "QwenImageTransformer2DModel"),
+                    "wan": ("transformer", "WanTransformer3DModel"),
+                    "flux2": ("transformer", "Flux2Transformer2DModel"),
+                    "zimage": ("transformer", "ZImageTransformer2DModel"),
+                    "chroma": ("transformer", "ChromaTransformer2DModel")}

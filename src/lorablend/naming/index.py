@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .blocks import transformer_block_label
-from .configs import DENOISER_ARCHITECTURES
+from .configs import DENOISER_ARCHITECTURES, DENOISER_CLASSES
 from .family import FamilyEvidence, detect_family
 from .fused import RowSpans, source_names
 from .ldm import block_label, ldm_unet_path
@@ -290,8 +290,6 @@ def _unet_config(unet: nn.Module) -> dict:
 
 
 def _transformer_evidence(transformer: nn.Module) -> FamilyEvidence:
-    from .meta import DENOISER_CLASSES  # here: naming.meta imports this module
-
     cfg = _unet_config(transformer)
     heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
     width = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else cfg.get("dim")

@@ -20,21 +20,13 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .configs import DENOISER_CLASSES
 from .index import TEXT_COMPONENTS
 
 # (component, config fields, encoder): encoder False builds CLIPTextModel, True CLIPTextModelWithProjection (SDXL's
 # and SD3's CLIP encoders), "t5" T5EncoderModel (Flux's text_encoder_2, SD3's text_encoder_3)
 TextEncoderSpec = tuple[str, dict[str, Any], Any]
 # denoiser name -> (component, diffusers class name)
-DENOISER_CLASSES = {"unet": ("unet", "UNet2DConditionModel"), "flux": ("transformer", "FluxTransformer2DModel"),
-                    "sd3": ("transformer", "SD3Transformer2DModel"),
-                    "qwen": ("transformer", "QwenImageTransformer2DModel"),
-                    "wan": ("transformer", "WanTransformer3DModel"),
-                    "flux2": ("transformer", "Flux2Transformer2DModel"),
-                    "zimage": ("transformer", "ZImageTransformer2DModel"),
-                    "chroma": ("transformer", "ChromaTransformer2DModel")}
-
-
 def _text_encoder(cfg: dict[str, Any], encoder: Any) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 

@@ -30,16 +30,16 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..adapter import Adapter, Delta
-from .checkpoint import CheckpointLayout, Placement, checkpoint_layout
+from .bake_steps import BakeJob, BakeOp, BakeReport, LoraSource, fused_tensor, lora_name
+from .checkpoint import CheckpointLayout, checkpoint_layout
 from ..errors import LoraCompatibilityError, LoraFormatError
-from ..runtime.fusion import fused_bias, fused_weight, has_bias_terms
+from ..runtime.fusion import has_bias_terms
 from ..io.safetensors import (
     DTYPE_NAMES,
     DTYPES,
@@ -54,37 +54,7 @@ from ..outputs import atomic_folder, atomic_write, check_output
 
 logger = logging.getLogger(__name__)
 
-LoraSource = Union[str, os.PathLike, Adapter]
 _CHUNK = 16 * 2**20  # untouched tensors are copied in pieces of this size: memory stays flat for any tensor
-
-
-@dataclass
-class BakeReport:
-    """What a bake did: inputs, output, how many tensors/layers it changed, and what it skipped (strict=False)."""
-
-    model: str
-    output: str
-    kind: str  # "pipeline" | "single_file"
-    family: str | None
-    lora_scale: float
-    dtype: str | None
-    loras: list[dict[str, Any]] = field(default_factory=list)
-    tensors: int = 0  # tensors written (single file) or layers in the pipeline's adaptable components
-    touched: int = 0  # layers whose weight changed
-    bytes: int = 0
-    seconds: float = 0.0
-    skipped: list[dict[str, str]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        names = ", ".join(f"{l['name']}:{l['weight']:g}" for l in self.loras)
-        text = (f"baked {names} (lora_scale {self.lora_scale:g}) into {self.output} ({self.kind}, {self.family}): "
-                f"{self.touched} layers changed, {self.bytes:,} bytes, {self.seconds:.1f} s")
-        if self.skipped:
-            text += f"; {len(self.skipped)} layer(s) skipped, e.g. {self.skipped[0]['key']}: {self.skipped[0]['reason']}"
-        return text
 
 
 def bake(
@@ -139,26 +109,6 @@ def bake(
     return report
 
 
-@dataclass(frozen=True)
-class BakeJob:
-    """One bake, its inputs checked: what every step reads (weights finite, paths checked, dtype parsed).
-
-    >>> BakeJob(Path("m.safetensors"), ((Path("a.safetensors"), 0.7),), Path("out.safetensors"), ()).lora_scale
-    1.0
-    """
-
-    model: Path
-    loras: tuple[tuple[LoraSource, float], ...]  # (file or Adapter, finite weight), in the caller's order
-    output: Path
-    inputs: tuple[Path, ...]  # never written over: the model and the LoRA files
-    lora_scale: float = 1.0
-    dtype: torch.dtype | None = None  # the output's float dtype; None keeps the model's
-    overwrite: bool = False
-    strict: bool = True
-    safe: bool = True
-    progress: bool = False
-
-
 # ------------------------------------------------------------------------------------------- checks
 
 
@@ -210,16 +160,6 @@ def _check_paths(model: Any, loras: Sequence, output: Any, overwrite: bool) -> t
     return model_path, out, inputs
 
 
-def _lora_name(src: LoraSource, taken: set[str]) -> str:
-    base = src.name if isinstance(src, Adapter) else Path(src).stem
-    name, n = base, 1
-    while name in taken:
-        n += 1
-        name = f"{base}_{n}"
-    taken.add(name)
-    return name
-
-
 # ------------------------------------------------------------------------------------------- pipeline folder
 
 
@@ -246,7 +186,7 @@ def _bake_pipeline(job: BakeJob) -> BakeReport:
     taken: set[str] = set()
     names, infos, skipped, touched = [], [], [], set()
     for src, w in job.loras:
-        name = _lora_name(src, taken)
+        name = lora_name(src, taken)
         load_report = pipe.load_lora_weights(src if isinstance(src, Adapter) else str(src), adapter_name=name, strict=job.strict)
         targets = {r.target for r in load_report.mapped if r.target}
         touched |= targets
@@ -272,15 +212,6 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 # ------------------------------------------------------------------------------------------- single file
 
 
-@dataclass
-class _Op:
-    """One fused region of a checkpoint tensor: a layer's weight (or bias), maybe a row block, maybe transposed."""
-
-    placement: Placement
-    part: str  # "weight" | "bias"
-    terms: list[tuple[float, Delta]]
-
-
 def _bake_single_file(job: BakeJob) -> BakeReport:
     from ..io import load_adapter
     from ..runtime.binding import bind_adapter
@@ -295,7 +226,7 @@ def _bake_single_file(job: BakeJob) -> BakeReport:
     infos, skipped = [], []
     terms: dict[str, list[tuple[float, Delta]]] = {}  # target key -> terms, in LoRA order (the pipeline's order)
     for src, w in job.loras:
-        name = _lora_name(src, taken)
+        name = lora_name(src, taken)
         adapter = src if isinstance(src, Adapter) else load_adapter(str(src), target=layout.view.components, name=name)
         bound = bind_adapter(adapter, layout.view, strict=strict)
         skipped += [{"lora": name, "key": r.key, "reason": r.reason or r.status} for r in bound.report.records if r.status != "mapped"]
@@ -313,9 +244,9 @@ def _bake_single_file(job: BakeJob) -> BakeReport:
                       bytes=out.stat().st_size, skipped=skipped)
 
 
-def _plan(layout: CheckpointLayout, terms: dict, strict: bool, skipped: list) -> dict[str, list[_Op]]:
+def _plan(layout: CheckpointLayout, terms: dict, strict: bool, skipped: list) -> dict[str, list[BakeOp]]:
     """checkpoint tensor name -> the fused regions to compute in it; every problem found before any write."""
-    ops: dict[str, list[_Op]] = {}
+    ops: dict[str, list[BakeOp]] = {}
     problems = []
     for key, layer_terms in terms.items():
         placement = layout.placement(key)
@@ -325,9 +256,9 @@ def _plan(layout: CheckpointLayout, terms: dict, strict: bool, skipped: list) ->
         if why is not None:
             problems.append((key, why))
             continue
-        ops.setdefault(placement.weight_key, []).append(_Op(placement, "weight", layer_terms))
+        ops.setdefault(placement.weight_key, []).append(BakeOp(placement, "weight", layer_terms))
         if has_bias_terms(layer_terms):
-            ops.setdefault(placement.bias_key, []).append(_Op(placement, "bias", layer_terms))
+            ops.setdefault(placement.bias_key, []).append(BakeOp(placement, "bias", layer_terms))
     if problems and strict:
         lines = "; ".join(f"{k}: {why}" for k, why in problems[:3])
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -356,7 +287,7 @@ def _output_header(header: SafetensorsHeader, out_dtype, infos, lora_scale) -> t
     return encode_header(layout, metadata), sizes
 
 
-def _stream(job: BakeJob, header: SafetensorsHeader, ops: dict[str, list[_Op]], new_header: bytes,
+def _stream(job: BakeJob, header: SafetensorsHeader, ops: dict[str, list[BakeOp]], new_header: bytes,
             sizes: list[int]) -> Iterator[Any]:
     """The output file's bytes, one tensor at a time."""
     from tqdm.auto import tqdm
@@ -384,7 +315,7 @@ def _stream(job: BakeJob, header: SafetensorsHeader, ops: dict[str, list[_Op]], 
                 if e.name in fp8:
                     tensor = fp8.tensor(e.name, tensor)
                 elif e.name in ops:
-                    tensor = _apply(tensor, ops[e.name], DTYPES[code], safe)
+                    tensor = fused_tensor(tensor, ops[e.name], DTYPES[code], safe)
                 elif tensor.dtype != DTYPES[code]:
                     tensor = tensor.to(DTYPES[code])
                 data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -393,33 +324,6 @@ def _stream(job: BakeJob, header: SafetensorsHeader, ops: dict[str, list[_Op]], 
                 yield data
                 del tensor, data
             bar.update(size)
-
-
-def _apply(tensor: torch.Tensor, ops: list[_Op], out_dtype: torch.dtype, safe: bool) -> torch.Tensor:
-    """The fused version of one checkpoint tensor (every region computed from the pristine values)."""
-    if len(ops) == 1 and ops[0].placement.row_spans is None:
-        op = ops[0]
-        if op.part == "bias":
-            return fused_bias(tensor, op.terms, out_dtype=out_dtype)
-        if op.placement.transposed:  # stored as Wᵀ: fuse W exactly as the live module would, store its transpose
-            fused = fused_weight(tensor.t().contiguous(), op.terms, out_dtype=out_dtype, safe=safe, key=op.placement.target_key)
-            return fused.t().contiguous()
-        return fused_weight(tensor, op.terms, out_dtype=out_dtype, safe=safe, key=op.placement.target_key)
-    # read_tensor gave fresh memory and the ops' rows are disjoint: each block is fused from its pristine rows and
-    # written back over them, so no second copy of the whole tensor is needed when the dtype stays
-    result = tensor if tensor.dtype == out_dtype else tensor.to(out_dtype)
-    for op in ops:  # row blocks of a fused tensor (q/k/v, Flux linear1, swapped modulation halves): each its own layer
-        spans = op.placement.row_spans
-        rows = tensor[spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat([tensor[a:b] for a, b in spans])
-        if op.part == "bias":
-            fused = fused_bias(rows, op.terms, out_dtype=out_dtype)
-        else:
-            fused = fused_weight(rows, op.terms, out_dtype=out_dtype, safe=safe, key=op.placement.target_key)
-        at = 0
-        for a, b in spans:  # the module's rows back where the file keeps them
-            result[a:b] = fused[at:at + b - a]
-            at += b - a
-    return result
 
 
 __all__ = ["BakeJob", "BakeReport", "bake"]

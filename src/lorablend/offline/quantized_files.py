@@ -27,7 +27,7 @@ import torch
 from ..errors import LoraCompatibilityError, LoraFormatError
 from ..io.safetensors import SafetensorsHeader, TensorEntry, read_tensor
 from ..outputs import atomic_file
-from .bake import BakeJob, BakeReport, _apply, _lora_name, _Op
+from .bake_steps import BakeJob, BakeOp, BakeReport, fused_tensor, lora_name
 from .checkpoint import CheckpointLayout, checkpoint_layout
 
 _FLOAT_CODES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
@@ -159,9 +159,9 @@ def read_gguf(path: str | os.PathLike) -> GgufFile:
     return GgufFile(path, reader, SafetensorsHeader(path, 0, size, tuple(entries)))
 
 
-def _plan(layout: CheckpointLayout, gguf: GgufFile, terms: dict, job: BakeJob, skipped: list) -> dict[str, list[_Op]]:
+def _plan(layout: CheckpointLayout, gguf: GgufFile, terms: dict, job: BakeJob, skipped: list) -> dict[str, list[BakeOp]]:
     """GGUF tensor name -> the fused regions in it; every problem found before any write."""
-    ops: dict[str, list[_Op]] = {}
+    ops: dict[str, list[BakeOp]] = {}
     problems = []
     for key, layer_terms in terms.items():
         placement = layout.placement(key)
@@ -175,7 +175,7 @@ def _plan(layout: CheckpointLayout, gguf: GgufFile, terms: dict, job: BakeJob, s
                    "a bias difference (not baked into GGUF files)")
             problems.append((key, why))
             continue
-        ops.setdefault(placement.weight_key, []).append(_Op(placement, "weight", layer_terms))
+        ops.setdefault(placement.weight_key, []).append(BakeOp(placement, "weight", layer_terms))
     if problems and job.strict:
         lines = "; ".join(f"{k}: {why}" for k, why in problems[:3])
         raise LoraCompatibilityError(f"{len(problems)} LoRA layer(s) cannot be baked into {gguf.path.name}: {lines}. "
@@ -196,7 +196,7 @@ def _terms(job: BakeJob, layout: CheckpointLayout, skipped: list) -> tuple[dict,
     terms: dict[str, list] = {}
     infos = []
     for src, w in job.loras:
-        name = _lora_name(src, taken)
+        name = lora_name(src, taken)
         adapter = src if isinstance(src, Adapter) else load_adapter(str(src), target=layout.view.components, name=name)
         bound = bind_adapter(adapter, layout.view, strict=job.strict)
         skipped += [{"lora": name, "key": r.key, "reason": r.reason or r.status}
@@ -220,7 +220,7 @@ def _copy_fields(reader: Any, writer: Any) -> None:
         writer.add_key_value(key, field.contents(), main, sub_type=sub)
 
 
-def _fused_tensor(gguf: GgufFile, name: str, ops: list[_Op], safe: bool) -> tuple[np.ndarray, Any]:
+def _fused_tensor(gguf: GgufFile, name: str, ops: list[BakeOp], safe: bool) -> tuple[np.ndarray, Any]:
     """One touched tensor: dequantized, fused (rows as the layout places them), requantized; (raw, GGML type)."""
     from gguf import GGMLQuantizationType
 
@@ -229,7 +229,7 @@ def _fused_tensor(gguf: GgufFile, name: str, ops: list[_Op], safe: bool) -> tupl
     t = gguf.tensor(name)
     qtype = GGMLQuantizationType(int(t.tensor_type))
     weight = torch.from_numpy(dequantize_gguf(np.asarray(t.data), qtype))
-    fused = _apply(weight, ops, torch.float32, safe)
+    fused = fused_tensor(weight, ops, torch.float32, safe)
     return quantize_gguf(fused.numpy(), qtype), fused_quant_type(qtype)
 
 
@@ -288,7 +288,7 @@ def _info(t: Any, fused: bool) -> tuple[list[int], np.dtype, int, Any]:
     return raw, np.dtype(np.uint8), int(np.prod(raw, dtype=np.int64)), qtype
 
 
-def fused_fp8(tensor: torch.Tensor, ops: list[_Op], scale: torch.Tensor | None,
+def fused_fp8(tensor: torch.Tensor, ops: list[BakeOp], scale: torch.Tensor | None,
               safe: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A touched fp8 tensor of a safetensors bake and its scale: each op's rows dequantized (``× scale_weight`` when
     the file is scaled fp8), fused in fp32 by the one formula, divided by the scale and rounded stochastically with
@@ -326,7 +326,7 @@ class Fp8Rewrites:
     ``scale_weight`` (which may grow). Whichever of the two the stream meets first computes both; the other waits
     here (one tensor: a layer's scale and weight are neighbours in a safetensors file's order)."""
 
-    def __init__(self, raw: Any, header: SafetensorsHeader, ops: dict[str, list[_Op]], safe: bool) -> None:
+    def __init__(self, raw: Any, header: SafetensorsHeader, ops: dict[str, list[BakeOp]], safe: bool) -> None:
         self.raw, self.header, self.ops, self.safe = raw, header, ops, safe
         weights = [n for n in ops if header.by_name[n].dtype in ("F8_E4M3", "F8_E5M2") and n.endswith("weight")]
         self.pair = {n: n[: -len("weight")] + "scale_weight" for n in weights}

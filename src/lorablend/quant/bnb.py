@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formats import QuantFormat, Snapshot, type_name
+from .base import QuantFormat, Snapshot, type_name
 
 
 def _unpacked_state(weight: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:

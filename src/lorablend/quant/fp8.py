@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import QuantFormat, Snapshot
+from .base import QuantFormat, Snapshot
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .formats import QuantFormat, Snapshot, type_name
+from .base import QuantFormat, Snapshot, type_name
 
 # the types gguf-py can quantize: a fused layer keeps its own type exactly when it is one of these
 _REQUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")

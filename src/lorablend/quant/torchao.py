@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formats import QuantFormat, Snapshot
+from .base import QuantFormat, Snapshot
 
 _CONFIGS = {"Int8Tensor": "Int8WeightOnlyConfig", "Float8Tensor": "Float8WeightOnlyConfig"}
 
