@@ -106,11 +106,8 @@ def test_the_cycle_finder_finds_a_circle_and_only_a_circle():
     assert _strongly_connected({"a": {"b"}, "b": {"a", "c"}, "c": set(), "d": {"d"}}) == [{"a", "b"}]
 
 
-# Circles closed only by an import inside a function, known and reported (issue 17: "no import circle anywhere";
-# these are NOT fixed yet; each came with other work after the restructure). quant/formats.py lists its formats by importing them lazily, and each format imports
-# formats.py for the base class: the fix is a base module (quant/base.py) that the formats and the registry import.
-# naming/index.py imports naming/meta.py's DENOISER_CLASSES inside a function while meta.py imports index.py: the
-# fix is to keep that table (data) in naming/configs.py, which both import.
+# Circles closed only by an import inside a function that are known and not fixed yet (a set of modules each; the
+# test fails for a new circle and for a listed one that is gone). Empty since 84058d5: keep it so.
 KNOWN_LAZY_CIRCLES: list[set[str]] = []  # none: a circle is fixed, not listed
 
 
