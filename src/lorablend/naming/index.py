@@ -342,7 +342,11 @@ def components_of(target: Any) -> dict[str, nn.Module]:
         if "CLIPText" in name:
             return {"text_encoder": target}
         raise TypeError(f"cannot tell which pipeline component a {name} is; pass a dict {{'unet': model, ...}}")
-    comps = {c: getattr(target, c, None) for c in COMPONENTS}
+    # diffusers registers components as instance attributes; asking the instance for an absent one goes through
+    # diffusers' slow __getattr__ (config lookups), so only a name the class itself defines (a property) is asked
+    own = getattr(target, "__dict__", {})
+    comps = {c: own[c] if c in own else (getattr(target, c, None) if hasattr(type(target), c) else None)
+             for c in COMPONENTS}
     comps = {c: m for c, m in comps.items() if isinstance(m, nn.Module)}
     if not comps:
         raise TypeError(
