@@ -92,7 +92,10 @@ def test_concurrent_clients_get_their_own_images(server, library):
         answers = list(pool.map(ask, jobs))
     for (mix, seed, prompt), (status, content) in zip(jobs, answers):
         assert status == 200
-        assert_same_image(decode_png(content), library.image(prompt, mix, seed)[0], f"{prompt}: {mix}")
+        # two levels: whichever requests meet in the queue share a batch whatever their mixes (per-sample weights,
+        # another summation order), and these strength-2 LoRAs at weights up to ±1.5 turn that into up to 1.1
+        # levels (seen once in 3 runs); the per-sample exactness itself is tests/serve/test_mixed_batch.py's (1e-4)
+        assert_same_image(decode_png(content), library.image(prompt, mix, seed)[0], f"{prompt}: {mix}", levels=2)
 
 
 def test_requests_with_one_mix_run_as_one_batch_with_unbatched_images(server, library):

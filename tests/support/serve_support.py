@@ -137,9 +137,9 @@ def decode_b64(text: str) -> np.ndarray:
     return decode_png(base64.b64decode(text))
 
 
-def assert_same_image(got: np.ndarray, expected: np.ndarray, what: str = "") -> None:
+def assert_same_image(got: np.ndarray, expected: np.ndarray, what: str = "", levels: float = 1.0) -> None:
     worst = float(np.abs(np.asarray(got, np.float32) - np.asarray(expected, np.float32)).max())
-    assert worst <= LEVEL + 1e-6, f"{what}: differs by {worst * 255:.2f} levels of 255"
+    assert worst <= levels * LEVEL + 1e-6, f"{what}: differs by {worst * 255:.2f} levels of 255"
 
 
 @pytest.fixture(scope="module")
