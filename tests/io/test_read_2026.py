@@ -162,8 +162,10 @@ def test_distillation_deltas():
     assert adapter.family == "wan-1.3b"
     assert torch.equal(adapter.deltas["transformer.proj_out"].delta_weight(), sd["diffusion_model.head.head.diff"])
     assert torch.equal(adapter.deltas["transformer.proj_out"].delta_bias(), sd["diffusion_model.head.head.diff_b"])
+    # diff_m: the block's modulation table (diffusers' scale_shift_table), its ΔT the tensor itself
     diff_m = next(r for r in adapter.report.records if r.key.endswith("diff_m"))
-    assert diff_m.status == "unsupported" and "scale_shift_table" in diff_m.reason
+    assert diff_m.status == "mapped" and diff_m.target == "transformer.blocks.0.scale_shift_table"
+    assert torch.equal(adapter.deltas[diff_m.target].delta_weight(), sd["diffusion_model.blocks.0.diff_m"])
 
 
 def test_kohya_prefix_spellings():

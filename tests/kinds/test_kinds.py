@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lorablend.io.deltas import ModuleGroup, build_delta
-from lorablend.kinds import KINDS, DeltaProblem, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta, SetDelta
+from lorablend.kinds import (KINDS, DeltaProblem, DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta, SetDelta,
+                             TableDelta)
 
 from conftest import assert_same_computed
 
@@ -35,6 +36,7 @@ SAMPLES = {
     "lora bias": lambda: LowRankDelta(rnd(4, 12), rnd(10, 4), alpha=2.0, bias=rnd(10, seed=3)),
     "set": lambda: SetDelta(rnd(10, 12, seed=4)),
     "lora diff_b": lambda: LowRankDelta(rnd(4, 12), rnd(10, 4), alpha=2.0, diff_b=rnd(10, seed=5)),
+    "table": lambda: TableDelta(rnd(1, 6, 8, seed=6)),
 }
 BIASED = ("full", "lora bias", "lora diff_b")
 NEEDS_BASE = ("dora out", "dora in", "set")
@@ -123,7 +125,7 @@ def test_the_registry_tells_kinds_apart_by_their_roles():
         for b in KINDS[i + 1:]:
             assert not (a.roles & b.roles), (a.kind, b.kind)
         assert not (a.roles & DoRADelta.roles)
-    assert {k.kind for k in KINDS} == {"lora", "loha", "lokr", "full", "set"}
+    assert {k.kind for k in KINDS} == {"lora", "loha", "lokr", "full", "set", "table"}
 
 
 def test_a_lora_bias_is_scaled_refused_by_kohya_and_written_by_peft():
@@ -152,7 +154,7 @@ def _dense(d, base):
     return d.delta_weight(base=base if d.needs_base else None)
 
 
-@pytest.mark.parametrize("name", [n for n in SAMPLES if n != "dora in"])
+@pytest.mark.parametrize("name", [n for n in SAMPLES if n not in ("dora in", "table")])  # (tests of their own)
 @pytest.mark.parametrize("spans", SPANS)
 def test_rows_of_a_delta_are_those_rows_of_its_weight(name, spans):
     d = SAMPLES[name]()

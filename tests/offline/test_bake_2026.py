@@ -87,3 +87,27 @@ def test_a_flux2_file_is_not_read_as_flux1(tmp_path):
                "double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(path))
     with pytest.raises(LoraFormatError, match="flux2 transformer names but not the whole transformer"):
         checkpoint_layout(path)
+
+
+def test_a_wan_distillation_lora_bakes_its_modulation_tables(tmp_path):
+    # a real Wan file names its tables blocks.N.modulation / head.modulation; a diff_m LoRA bakes into them with the
+    # live fuse's formula (the same bits as fusing on the pipeline)
+    pipe = DiffusionPipeline(tiny.tiny_wan_pipeline(torch_dtype=torch.bfloat16))
+    renamed = {"scale_shift_table": "head.modulation",
+               **{f"blocks.{i}.scale_shift_table": f"blocks.{i}.modulation" for i in range(len(pipe.transformer.blocks))}}
+    state = {renamed.get(k, k): v for k, v in original_state_dict(pipe).items()}
+    ckpt = tmp_path / "wan.safetensors"
+    save_file(state, str(ckpt))
+    g = torch.Generator().manual_seed(4)
+    lora = {f"diffusion_model.{name[:-len('.modulation')]}.diff_m": torch.randn(tuple(state[name].shape), generator=g)
+            for name in renamed.values()}
+    save_file(lora, str(tmp_path / "lightning.safetensors"))
+    report = bake(ckpt, [(str(tmp_path / "lightning.safetensors"), 0.7)], tmp_path / "baked.safetensors")
+    assert not report.skipped and report.touched == len(renamed)
+    pipe.load_lora_weights(lora, adapter_name="lightning")
+    pipe.set_adapters(["lightning"], [0.7])
+    pipe.fuse_lora()
+    got = load_file(str(tmp_path / "baked.safetensors"))
+    for diffusers_name, name in renamed.items():
+        assert torch.equal(got[name], pipe.transformer.get_parameter(diffusers_name)), name
+        assert not torch.equal(got[name], state[name])

@@ -45,6 +45,7 @@ _ROLES = {
     "dora_scale": "dora_scale",
     "diff": "diff",
     "diff_b": "diff_b",
+    "diff_m": "diff_m",  # a modulation table's difference (lightx2v / Kijai: a Wan block's ``modulation``)
     "set_weight": "set_weight",  # a replacement weight (ComfyUI's name)
     **{s: s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
     **{s: s for s in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
@@ -71,13 +72,6 @@ _WHY = {
     "GLoRA": "its delta depends on the base weight in a way lorablend does not model",
     "LyCORIS norm fine-tuning": "it changes normalisation layers, which lorablend does not adapt",
     "weight reshaping": "it changes the module's shape",
-}
-
-
-# tensors a file may carry that are no delta of a Linear / norm weight: suffix -> why they are reported, not applied
-NOT_APPLIED = {
-    "diff_m": ("a modulation-table delta (lightx2v / Kijai distillation LoRAs: a Wan block's scale_shift_table "
-               "parameter, no Linear or norm weight); lorablend does not apply it"),
 }
 
 
@@ -115,9 +109,6 @@ def parse_kohya(tensors: Mapping[str, torch.Tensor]) -> tuple[list[ModuleGroup],
         flat, dot, suffix = key.partition(".")
         if not dot or not is_kohya_key(flat):
             leftovers.append((key, "unknown", "not a kohya key (expected lora_unet_…/lora_te…_<module>.<suffix>)"))
-            continue
-        if suffix in NOT_APPLIED:
-            leftovers.append((key, "unsupported", NOT_APPLIED[suffix]))
             continue
         lookup_name = _lookup_name(flat)
         group = groups.setdefault(flat, ModuleGroup(name=flat, parts={}, lookup=("kohya", lookup_name)))

@@ -33,7 +33,7 @@ from typing import Mapping
 import torch
 
 from .deltas import ModuleGroup
-from .read_kohya import NOT_APPLIED, refused_reason, suffix_role
+from .read_kohya import refused_reason, suffix_role
 
 # prefix -> the components a name after it may belong to (None: the transformer, by original name or path)
 _PREFIXES: dict[str, tuple[str, ...] | None] = {
@@ -103,7 +103,7 @@ def _kohya_named(rest: str) -> bool:
     module, suffix, role = _split_suffix(rest)
     if not module or suffix in _PEFT_SUFFIXES or role == "alpha":
         return False
-    return role is not None or refused_reason(suffix) is not None or suffix in NOT_APPLIED
+    return role is not None or refused_reason(suffix) is not None
 
 
 def module_of(key: str) -> str:
@@ -133,13 +133,10 @@ def parse_original(tensors: Mapping[str, torch.Tensor]) -> tuple[list[ModuleGrou
     for key in tensors:
         rest, comps, _ = _strip(key)
         module, suffix, role = _split_suffix(rest)
-        if suffix in NOT_APPLIED:
-            leftovers.append((key, "unsupported", NOT_APPLIED[suffix]))
-            continue
         refused = refused_reason(suffix)
         if not module or (role is None and refused is None):
             leftovers.append((key, "unknown", f"unknown suffix '.{suffix}' (expected .lora_A.weight, .lora_B.weight, "
-                                              f".lora_down.weight, .alpha, .lokr_*, .hada_*, .diff, .diff_b, .scale)"))
+                                              f".lora_down.weight, .alpha, .lokr_*, .hada_*, .diff, .diff_b, .diff_m, .scale)"))
             continue
         candidates = tuple((c, module) for c in (comps or ("transformer", "unet")))
         lookup = ("original", module, candidates) if comps is None else ("dotted", candidates)

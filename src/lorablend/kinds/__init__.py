@@ -5,7 +5,7 @@ Adding a kind is one file holding a :class:`~lorablend.kinds.base.DeltaKind` sub
 it wraps one of them when a module also has a magnitude (``magnitude`` / ``dora_scale``).
 
 >>> [k.kind for k in KINDS]
-['loha', 'lokr', 'lora', 'full', 'set']
+['loha', 'lokr', 'lora', 'full', 'set', 'table']
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from .loha import LoHaDelta
 from .lokr import LoKrDelta
 from .lora import LowRankDelta
 from .replace import SetDelta
+from .table import TableDelta
 
 # Detection order: a module with LoHa or LoKr tensors is that kind even if it also carries stray roles.
-KINDS: tuple[type[DeltaKind], ...] = (LoHaDelta, LoKrDelta, LowRankDelta, FullDelta, SetDelta)
+KINDS: tuple[type[DeltaKind], ...] = (LoHaDelta, LoKrDelta, LowRankDelta, FullDelta, SetDelta, TableDelta)
 
-Delta = Union[LowRankDelta, LoHaDelta, LoKrDelta, FullDelta, DoRADelta, SetDelta]
+Delta = Union[LowRankDelta, LoHaDelta, LoKrDelta, FullDelta, DoRADelta, SetDelta, TableDelta]
 
 __all__ = [
     "KINDS", "Delta", "DeltaKind", "DeltaProblem", "DoRADelta", "FullDelta", "InnerDelta", "LoHaDelta",
-    "LoKrDelta", "LowRankDelta", "SetDelta", "alpha_tensor", "module_shaped", "written_alpha",
+    "LoKrDelta", "LowRankDelta", "SetDelta", "TableDelta", "alpha_tensor", "module_shaped", "written_alpha",
 ]

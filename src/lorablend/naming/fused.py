@@ -177,7 +177,9 @@ def wan_source_names(config: dict[str, Any]) -> SourceTable:
     diffusers' ``WanTransformer3DModel``. Nothing is fused; the names differ: ``self_attn`` / ``cross_attn`` are
     ``attn1`` / ``attn2``, the I2V image keys ``k_img`` / ``v_img`` / ``norm_k_img`` are ``add_k_proj`` /
     ``add_v_proj`` / ``norm_added_k``, ``norm3`` (the affine norm before cross-attention) is diffusers' ``norm2``,
-    ``head.head`` is ``proj_out`` (diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` and its model converter).
+    ``head.head`` is ``proj_out`` (diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` and its model converter);
+    a block's and the head's ``modulation`` table is ``scale_shift_table`` (distillation LoRAs name it by its owner:
+    ``blocks.N.diff_m``, ``head.diff_m``).
 
     >>> t = wan_source_names({"num_layers": 1})
     >>> t["blocks.0.cross_attn.k_img"][0].path, t["head.head"][0].path
@@ -195,6 +197,7 @@ def wan_source_names(config: dict[str, Any]) -> SourceTable:
             s + "cross_attn.norm_k_img": _whole(s + "attn2.norm_added_k"),
             s + "ffn.0": _whole(s + "ffn.net.0.proj"), s + "ffn.2": _whole(s + "ffn.net.2"),
             s + "norm3": _whole(s + "norm2"),
+            f"blocks.{i}": _whole(s + "scale_shift_table"),  # the block's modulation table: its diff_m keys
         })
     embed = "condition_embedder."
     table.update({
@@ -208,6 +211,7 @@ def wan_source_names(config: dict[str, Any]) -> SourceTable:
         "img_emb.proj.3": _whole(embed + "image_embedder.ff.net.2"),
         "img_emb.proj.4": _whole(embed + "image_embedder.norm2"),
         "head.head": _whole("proj_out"),
+        "head": _whole("scale_shift_table"),  # the head's modulation table (head.modulation): head.diff_m
     })
     return table
 

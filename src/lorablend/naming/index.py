@@ -72,7 +72,9 @@ class ModuleInfo:
     component: str
     live_path: str
     weight_shape: tuple[int, ...]
-    kind: str  # "linear" | "conv" | "norm" (a transformer's RMSNorm weight: replaced or diffed, never low-rank)
+    # "linear" | "conv" | "norm" (a transformer's RMSNorm weight: replaced or diffed, never low-rank) | "table" (a
+    # transformer's modulation table parameter, Wan's ``scale_shift_table``: diffed by distillation LoRAs' ``diff_m``)
+    kind: str
     has_bias: bool
     ldm_path: str | None = None  # UNet modules only
 
@@ -256,8 +258,29 @@ def _module_kind(component: str, module: nn.Module) -> str | None:
     return None
 
 
-def _index_component(component: str, model: nn.Module, unet_config: dict | None) -> dict[str, ModuleInfo]:
+# the modulation tables a transformer adds to its timestep embedding (Wan's blocks and head: ``scale_shift_table``,
+# ``modulation`` in Wan's own names): a parameter of its block, no Linear, that lightx2v / Kijai ``diff_m`` keys diff
+TABLE_PARAMETERS = ("scale_shift_table",)
+
+
+def _tables(component: str, model: nn.Module) -> dict[str, ModuleInfo]:
+    """A transformer's modulation tables as layers of kind ``table``: target key ``<component>.<owner>.<param>``,
+    live path the same dotted path (the runtime reaches the parameter through its owner)."""
     out: dict[str, ModuleInfo] = {}
+    if component not in DENOISER_COMPONENTS or not component.startswith("transformer"):
+        return out
+    for owner_path, owner in model.named_modules():
+        for name in TABLE_PARAMETERS:
+            table = owner._parameters.get(name)
+            if isinstance(table, torch.Tensor) and table.dim() == 3:
+                path = f"{owner_path}.{name}" if owner_path else name
+                out[f"{component}.{path}"] = ModuleInfo(f"{component}.{path}", component, path, tuple(table.shape),
+                                                        "table", False)
+    return out
+
+
+def _index_component(component: str, model: nn.Module, unet_config: dict | None) -> dict[str, ModuleInfo]:
+    out: dict[str, ModuleInfo] = _tables(component, model)
     # A weight tied to another module's (a language model's lm_head is its token embedding): a delta there would act
     # on one module unfused and on both fused; and no pipeline runs an LM head (Mistral / Qwen text encoders). Skipped.
     seen = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]

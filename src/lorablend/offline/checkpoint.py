@@ -285,7 +285,7 @@ class CheckpointLayout:
 
     def _transformer_placement(self, target_key: str) -> Placement | None:
         """A Flux / SD3 module in the original (BFL / SAI) names: a fused tensor's rows, ``.scale`` for Flux's
-        RMSNorms (SAI's are ``.weight``)."""
+        RMSNorms (SAI's are ``.weight``), ``.modulation`` for Wan's tables."""
         from ..io.write_original import source_of  # the one reverse of the original-name table
 
         if self._sources is None:
@@ -295,7 +295,8 @@ class CheckpointLayout:
             return None
         name, spans = where
         stem = self.prefix + name
-        weight = stem + ".weight" if stem + ".weight" in self.header.by_name else stem + ".scale"
+        # a weight; a BFL RMSNorm's ``.scale``; a Wan block's or head's modulation table (its ``diff_m`` target)
+        weight = next((stem + s for s in (".weight", ".modulation") if stem + s in self.header.by_name), stem + ".scale")
         rows = spans[0] if spans is not None and len(spans) == 1 else None
         multi = tuple(spans) if spans is not None and len(spans) > 1 else None
         return Placement(target_key, weight, self._bias(stem + ".bias"), rows=rows, spans=multi)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fusion import concat_factors, delta_weight_fp32, fused_bias, fused_weight, has_bias_terms
+from .model_view import ModulationTable
 from ..kinds import Delta
 from ..quant import format_of
 from ..quant import fuse as quant_fuse
@@ -100,7 +101,12 @@ class LayerState:
     @property
     def is_norm(self) -> bool:
         """A norm's 1-D scale (a transformer's q/k RMSNorm): its delta multiplies the normalized input."""
-        return not isinstance(self.module, (nn.Linear, nn.Conv2d))
+        return not isinstance(self.module, (nn.Linear, nn.Conv2d, ModulationTable))
+
+    @property
+    def is_table(self) -> bool:
+        """A modulation table (Wan's ``scale_shift_table``): its owner reads ``T + scale · ΔT`` for the call."""
+        return isinstance(self.module, ModulationTable)
 
     @property
     def is_conv(self) -> bool:
@@ -131,7 +137,7 @@ class LayerState:
             self.clear_term()
         self.contributors = contributors
         if contributors and self.handle is None and self.component not in self.table.static:
-            self.handle = self.module.register_forward_hook(self)
+            self.handle = self.module.hook(self.table_value) if self.is_table else self.module.register_forward_hook(self)
         elif not contributors and self.handle is not None:
             self.handle.remove()
             self.handle = None
@@ -166,6 +172,22 @@ class LayerState:
         if torch.is_grad_enabled():
             return out + delta * scale if scale != 1.0 else out + delta
         return out.add_(delta, alpha=scale)
+
+    def table_value(self) -> torch.Tensor | None:
+        """What a modulation table's owner reads in this call: ``T + scale · ΔT`` (out of place: the parameter is
+        never written unfused), or None when nothing is added (scale 0, no term)."""
+        scale = self.table.scale_var.get()
+        if scale == 0.0:
+            return None
+        w = self.module.weight
+        if self.version != self.table.version or self.built_for != (w.device, w.dtype):
+            self.table.bring_current(self, (w.device, w.dtype))
+        if self.dense is None:
+            return None
+        if self.table.sample_var.get() is not None:
+            raise ValueError(f"{self.key}: per-sample LoRA weights need low-rank terms, and a modulation table's "
+                             "delta is one dense table; run mixes with diff_m deltas one at a time")
+        return w + self.dense * scale if scale != 1.0 else w + self.dense
 
     def _weight_vector(self, rows: int) -> torch.Tensor:
         """``svec`` (R,), or (rows, R) when the call gives each sample its own adapter weights (a mixed batch)."""

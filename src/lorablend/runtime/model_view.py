@@ -1,5 +1,6 @@
 """The adaptable part of one live pipeline, found once: its components, their module index and the live
-``Linear``/``Conv2d`` behind every target key. Binding (``resolve``), the runtime and the checkpoint layout
+``Linear``/``Conv2d`` behind every target key (a modulation table: :class:`ModulationTable`, its owner's parameter seen
+as a layer). Binding (``resolve``), the runtime and the checkpoint layout
 (bake) all look modules up through it.
 
 >>> import torch
@@ -51,8 +52,59 @@ class ModelView:
         module = self.modules.get(target_key)
         if module is None:  # an index given from outside, or a module the walk did not reach
             info = self.index.modules[target_key]
-            module = self.modules[target_key] = self.components[info.component].get_submodule(info.live_path)
+            component = self.components[info.component]
+            module = self.modules[target_key] = (ModulationTable.of(component, info.live_path) if info.kind == "table"
+                                                 else component.get_submodule(info.live_path))
         return module
+
+
+class ModulationTable(nn.Module):
+    """A transformer's modulation table (Wan's ``scale_shift_table``) seen as a layer: its ``weight`` IS the
+    owner's parameter (the same object, so a fuse that rebinds ``weight.data`` changes what the block reads and
+    unfuse rebinds it back). Never registered in the model tree (state dicts and ``named_modules`` stay as they
+    are). Its forward never runs: the runtime hooks the OWNER (:meth:`hook`), which reads the table itself.
+
+    >>> owner = nn.Module(); owner.scale_shift_table = nn.Parameter(torch.zeros(1, 2, 3))
+    >>> ModulationTable(owner, "scale_shift_table").weight is owner.scale_shift_table
+    True
+    """
+
+    def __init__(self, owner: nn.Module, name: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # (not a submodule: this view is no part of the model)
+        self.param_name = name
+        self.weight = owner._parameters[name]
+        self.bias = None  # (a table has none; layer code reads ``module.bias`` of every layer)
+
+    @classmethod
+    def of(cls, component: nn.Module, live_path: str) -> "ModulationTable":
+        owner_path, _, name = live_path.rpartition(".")
+        return cls(component.get_submodule(owner_path) if owner_path else component, name)
+
+    def hook(self, value_of) -> "_TableHooks":
+        """While the owner runs, its table reads ``value_of()`` (a tensor: the table plus this call's delta; None:
+        the table as it is); the parameter object is put back after the forward, also when it raises."""
+        def swap_in(owner: nn.Module, args: tuple) -> None:
+            value = value_of()
+            if value is not None:
+                owner._parameters[self.param_name] = value  # (a plain tensor for one call; the Parameter kept here)
+
+        def swap_back(owner: nn.Module, args: tuple, out: object) -> None:
+            owner._parameters[self.param_name] = self.weight
+
+        return _TableHooks((self.owner.register_forward_pre_hook(swap_in),
+                            self.owner.register_forward_hook(swap_back, always_call=True)))
+
+
+@dataclass
+class _TableHooks:
+    """The pair of hooks a modulation table's layer holds on its owner, removed together."""
+
+    handles: tuple
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _live_modules(components: Mapping[str, nn.Module], index: ModuleIndex) -> dict[str, nn.Module]:
@@ -67,4 +119,4 @@ def _live_modules(components: Mapping[str, nn.Module], index: ModuleIndex) -> di
             if (module := by_path.get((info.component, info.live_path))) is not None}
 
 
-__all__ = ["COMPONENT_ORDER", "ModelView"]
+__all__ = ["COMPONENT_ORDER", "ModelView", "ModulationTable"]
