@@ -546,10 +546,12 @@ class DiffusionPipeline:
         fullgraph: bool = True,
         dynamic: bool | None = None,
         options: dict | None = None,
+        per_sample: bool = False,
     ) -> Any:
         """Run the denoiser (the UNet) under ``torch.compile`` in static mode: switching adapters, weights,
         enable/disable and ``cross_attention_kwargs={"scale": s}`` then writes fixed buffers in place, with no
-        graph break and no recompile (``docs/compile.md``). Text encoders stay eager. Returns the
+        graph break and no recompile (``docs/compile.md``); so do per-sample weights (mixed batches,
+        ``lora_schedule``), which ``per_sample=True`` prepares for up front. Text encoders stay eager. Returns the
         ``compiled.StaticDenoiser`` (``.sync()``, ``.close()``, ``.capacity``, ``.memory()``).
 
         >>> pipeline.compile_denoiser(max_rank=64)                           # doctest: +SKIP
@@ -557,7 +559,7 @@ class DiffusionPipeline:
         from .runtime.compiled import compile_denoiser
 
         return compile_denoiser(self._runtime, max_rank=max_rank, grow=grow, backend=backend, mode=mode,
-                                fullgraph=fullgraph, dynamic=dynamic, options=options)
+                                fullgraph=fullgraph, dynamic=dynamic, options=options, per_sample=per_sample)
 
     # ------------------------------------------------------------------------------ save / push
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:

@@ -173,3 +173,51 @@ def test_a_dtype_change_remakes_the_buffers(make_pipe, make_adapter):
         p.to(dtype=torch.float64)
     assert_same_computed(_image(pipe), _image(ref))
     assert static.shared.svecs.dtype == torch.float64
+
+
+def _batch(pipe, prompts, rows=None, **kw):
+    """One call for ``prompts`` (seed i for image i), each image with its own weights when ``rows`` is given."""
+    generators = [np.random.Generator(np.random.PCG64(i)) for i in range(len(prompts))]
+    call = dict(GEN_KW, prompt=prompts, generator=generators, **kw)
+    if rows is None:
+        return pipe(**call).images
+    with pipe.runtime.call_sample_weights(rows):
+        return pipe(**call).images
+
+
+def test_mixed_batches_and_schedules_run_compiled_with_no_recompile(make_pipe, make_adapter):
+    """Per-sample weights (a batch of different mixes) and per-step weights (``lora_schedule``) are data in the
+    compiled denoiser: the eager runtime's images, and no new graph when the mixes or the steps' weights change."""
+    adapters = [make_adapter("sd1", n, rank=2 + i, seed=i) for i, n in enumerate("abc")]
+    pipe, ref = _pair(make_pipe, make_adapter, "sd1", adapters)
+    for p in (pipe, ref):
+        p.set_adapters(["a", "b", "c"], [1.0, 1.0, 1.0])
+    backend = CompileCounterWithBackend("eager")
+    static = pipe.compile_denoiser(max_rank=12, backend=backend, per_sample=True)
+    assert static.pair_layers == len(static.layers)  # per-sample weights need a pair on every layer
+    prompts = [f"prompt {i}" for i in range(4)]
+    mixes = [[{"a": 0.7}, {"b": -0.5, "c": 1.2}, {}, {"a": 0.3, "b": 0.9, "c": 0.4}],
+             [{"c": 1.5}, {"a": -1.0}, {"a": 0.2, "b": 0.2}, {"b": 1.1}]]
+    ramp = {"a": [[0.0, 1.5], [0.5, -1.0]], "b": "0.2@0,1.0@1"}
+    # warm-up: one graph per batch size (4 images per-sample; 1 image with one mix)
+    assert_same_computed(_batch(pipe, prompts, mixes[0]), _batch(ref, prompts, mixes[0]))
+    assert_same_computed(_image(pipe), _image(ref))
+    graphs = backend.frame_count
+    with dynamo.config.patch(error_on_recompile=True):
+        for rows in mixes[1:] + [[{"a": 0.1}] * 4]:
+            assert_same_computed(_batch(pipe, prompts, rows), _batch(ref, prompts, rows), str(rows))
+        for steps in (2, 3):
+            kw = dict(num_inference_steps=steps, lora_schedule=ramp)
+            scheduled = _batch(pipe, prompts[:1], **kw)
+            assert_same_computed(scheduled, _batch(ref, prompts[:1], **kw), f"{steps} steps")
+            assert float(np.abs(scheduled - _batch(ref, prompts[:1], num_inference_steps=steps)).max()) > 1e-3
+    assert backend.frame_count == graphs and not counters["graph_break"]
+
+
+def test_the_first_per_sample_call_makes_every_layer_a_pair(make_pipe, make_adapter):
+    pipe, ref = _pair(make_pipe, make_adapter, "sd1", [make_adapter("sd1", "a", rank=8, seed=0)])
+    static = pipe.compile_denoiser(max_rank=64, backend=None)  # 64·(32+32) ≥ 32·32: dense ΔW buffers
+    assert static.pair_layers < len(static.layers)
+    rows = [{"a": 0.5}, {"a": -1.0}]
+    assert_same_computed(_batch(pipe, ["x", "y"], rows), _batch(ref, ["x", "y"], rows))
+    assert static.per_sample and static.pair_layers == len(static.layers)

@@ -190,3 +190,47 @@ def test_the_worker_runs_a_scheduled_request_beside_a_constant_one(loaded):
     ref.set_adapters(["c"], [0.8])
     want = ref("c", generator=np.random.Generator(np.random.PCG64(2)), **{**KW, "num_inference_steps": 4}).images[0]
     assert float(np.abs(results[1].images[0] - want).max()) <= TOL
+
+
+def test_the_compiled_worker_batches_mixes_and_schedules_with_no_recompile(loaded):
+    """``serve --compile``: requests with different mixes and schedules share a batch on the compiled denoiser, each
+    image its own call's, and the second round of other mixes and schedules makes no new graph."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from lorablend.serve.batch import Generation
+    from lorablend.serve.cache import AdapterCache, CachedAdapter
+    from lorablend.serve.metrics import Metrics
+    from lorablend.serve.worker import Worker
+
+    ref, adapters = loaded
+    pipe = DiffusionPipeline(tiny_pipeline("sd1"))
+    pipe.set_progress_bar_config(disable=True)
+    entries = {n: CachedAdapter(n, i, a, 0, (0, 0), Path(n), low_rank=True) for i, (n, a) in enumerate(adapters.items())}
+    dynamo.reset()
+    backend = CompileCounterWithBackend("eager")  # dynamo's tracing and guards, without inductor's C++ build
+    metrics = Metrics()
+    worker = Worker(pipe, AdapterCache(pipe, budget_bytes=2**30, metrics=metrics), metrics, max_batch=4,
+                    compiled=pipe.compile_denoiser(backend=backend, per_sample=True))
+    kw = dict(steps=3, width=32, height=32, guidance_scale=7.5)
+    rounds = [[({"a": 0.7}, {}), ({"b": 1.0}, {"b": ((0.0, 1.0), (0.5, -0.5))})],
+              [({"c": -0.6, "a": 0.4}, {}), ({"a": 1.0, "c": 1.0}, {"a": ((0.0, 0.0), (1.0, 1.5))})]]
+    try:
+        worker.start()
+        for r, asks in enumerate(rounds):
+            with worker.lock:  # both queue before the worker runs: one batch
+                jobs = [worker.submit(Generation(f"p{i}", seed=i, loras=m, schedules=s, **kw), [entries[n] for n in m])
+                        for i, (m, s) in enumerate(asks)]
+            results = [job.future.result(timeout=300) for job in jobs]
+            assert [res.batch_images for res in results] == [2, 2]
+            graphs = backend.frame_count if r == 0 else graphs
+            for i, ((mix, schedule), res) in enumerate(zip(asks, results)):
+                ref.set_adapters(list(mix), list(mix.values()))
+                want = ref(f"p{i}", generator=np.random.Generator(np.random.PCG64(i)), num_inference_steps=3,
+                           **{k: v for k, v in KW.items() if k != "num_inference_steps"},
+                           lora_schedule={n: [list(p) for p in pts] for n, pts in schedule.items()} or None).images[0]
+                assert float(np.abs(res.images[0] - want).max()) <= TOL, f"round {r}, request {i}"
+        assert backend.frame_count == graphs >= 1  # compiled once, in round 0
+    finally:
+        worker.stop()
+        dynamo.reset()

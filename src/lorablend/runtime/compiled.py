@@ -19,6 +19,13 @@ layer). Static mode turns what a switch changes into DATA in tensors that never 
 Each layer picks, at trace time from the (static) input shape, the cheaper exact formula: ``(W + U·diag(s)·D) x``
 (one small GEMM on the weight: cheap when many tokens pass) or ``W x + U·diag(s)·(D x)`` (cheap for few tokens).
 
+Per-sample weights (a batch of different mixes, or weights that change per step: ``runtime.call_sample_weights``,
+``pipeline(..., lora_schedule=…)``) are data too: the pre-hook writes an ``(images, layers, R)`` table of each
+image's weight vectors (its rows tiled over classifier-free guidance's doubled batch inside the graph) and points
+the layers at it; the next step's weights are one copy into the same table, so a new mix or a new step never
+recompiles (one graph per batch size, as for any input shape). Per-sample weights need every touched layer to be a
+pair: ``per_sample=True`` makes them so up front, else the first per-sample call remakes the buffers (one recompile).
+
 Kinds: a LoRA/LoCon is a low-rank pair; LoHa/LoKr use their exact factors (rank ``r1·r2``) when they fit the
 capacity; a full diff, a DoRA, or a bias change is represented exactly on dense layers only, and refused on a
 pair layer (fuse such an adapter: a fused adapter is part of the weights, which the compiled graph reads).
@@ -64,7 +71,13 @@ class _Shared:
     """What every static layer of one denoiser reads: the call-time scale and the weight vectors (row per layer)."""
 
     scale: torch.Tensor  # 0-d, the weight dtype
-    svecs: torch.Tensor  # (pair layers, R): each contributor's weight over its rank, zeros in unused capacity
+    uniform: torch.Tensor  # (1, pair layers, R): each contributor's weight over its rank, zeros in unused capacity
+    svecs: torch.Tensor = None  # what the layers read this call: ``uniform``, or one of ``per_sample``'s tables
+    per_sample: dict = field(default_factory=dict)  # images -> (images, pair layers, R): each image's own vectors
+
+    def __post_init__(self) -> None:
+        if self.svecs is None:
+            self.svecs = self.uniform
 
 
 def _run(m: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -97,19 +110,29 @@ class _PairLayer:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, weight = self.module, self.module.weight
-        sv = self.shared.svecs[self.row] * self.shared.scale
+        sv = self.shared.svecs[:, self.row] * self.shared.scale  # (1, R): one mix; (images, R): each its own
         out_f, rank = self.up.shape
         in_flat = self.down.shape[1]
-        # Shapes are static inside a graph, so this choice is made once per trace (dynamo guards on the shapes
+        # Shapes are static inside a graph, so these choices are made once per trace (dynamo guards on the shapes
         # anyway): folding the pair into the weight costs out·in·R, applying it to x costs tokens·R·(in+out).
-        if out_f * in_flat * (rank + 1) <= _tokens(m, x) * rank * (in_flat + out_f):
-            merged = torch.addmm(weight.reshape(out_f, in_flat), self.up * sv, self.down)
-            return _run(m, x, merged.view(weight.shape), m.bias)
+        if sv.shape[0] == 1:
+            sv = sv[0]
+            if out_f * in_flat * (rank + 1) <= _tokens(m, x) * rank * (in_flat + out_f):
+                merged = torch.addmm(weight.reshape(out_f, in_flat), self.up * sv, self.down)
+                return _run(m, x, merged.view(weight.shape), m.bias)
+        else:  # each row of x gets its image's vector; CFG's [uncond; cond] sees the images twice
+            if x.shape[0] % sv.shape[0]:
+                raise ValueError(f"{self.key}: a forward of {x.shape[0]} rows does not tile the {sv.shape[0]} "
+                                 "images given per-sample weights; pass one weight row per image of the call")
+            sv = sv.repeat(x.shape[0] // sv.shape[0], 1)
         out = _run(m, x, weight, m.bias)
         if isinstance(m, nn.Conv2d):
             h = F.conv2d(x, self.down.view(rank, *weight.shape[1:]), None, m.stride, m.padding, m.dilation)
-            return out + F.conv2d(h * sv[:, None, None], self.up.view(out_f, rank, 1, 1))
-        return out + F.linear(F.linear(x, self.down) * sv, self.up)
+            return out + F.conv2d(h * sv[..., None, None], self.up.view(out_f, rank, 1, 1))
+        h = F.linear(x, self.down)
+        if sv.dim() == 2:
+            sv = sv.view(sv.shape[0], *([1] * (h.dim() - 2)), rank)
+        return out + F.linear(h * sv, self.up)
 
 
 @dataclass(eq=False)
@@ -129,13 +152,14 @@ class _DenseLayer:
         return _run(m, x, m.weight + self.delta * scale, bias)
 
 
-def _pair_fits(module: nn.Module, rank: int) -> bool:
-    """A pair of capacity ``rank`` is cheaper than the matrix, and the layer is one the pair formulas cover."""
+def _pair_fits(module: nn.Module, rank: int, always: bool = False) -> bool:
+    """The layer is one the pair formulas cover, and a pair of capacity ``rank`` is cheaper than the matrix (or
+    ``always``: per-sample weights need a pair wherever one can be)."""
     weight = module.weight
     out_f, in_flat = int(weight.shape[0]), int(weight[0].numel())
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
         return False
-    return rank * (out_f + in_flat) < out_f * in_flat
+    return always or rank * (out_f + in_flat) < out_f * in_flat
 
 
 def _factors_of(delta: Delta) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -163,7 +187,7 @@ class StaticDenoiser:
     """
 
     def __init__(self, table: Any, modules: dict[str, nn.Module], model: nn.Module, *,
-                 component: str, max_rank: int, grow: bool) -> None:
+                 component: str, max_rank: int, grow: bool, per_sample: bool = False) -> None:
         if int(max_rank) < 1:
             raise ValueError(f"compile_denoiser: max_rank must be at least 1, got {max_rank}")
         if not modules:
@@ -174,6 +198,7 @@ class StaticDenoiser:
                              "does not run on quantized layers yet: use the unfused runtime (no compile) or fuse")
         self.table, self.modules, self.model = table, modules, model
         self.component, self.capacity, self.grow = component, int(max_rank), bool(grow)
+        self.per_sample = bool(per_sample)  # every layer that can be a pair is one (per-sample weights need it)
         self.layers: dict[str, _PairLayer | _DenseLayer] = {}
         self._own_forwards = {k: m.__dict__.get("forward") for k, m in modules.items()}
         self._model_forward = model.__dict__.get("forward")
@@ -189,9 +214,9 @@ class StaticDenoiser:
             raise ValueError(f"compile_denoiser: the {self.component}'s layers are on several devices/dtypes "
                              f"{sorted(map(str, kinds))}; move it to one (pipe.to(device, dtype)) first")
         ((device, dtype),) = kinds
-        pair_keys = [k for k, m in self.modules.items() if _pair_fits(m, self.capacity)]
+        pair_keys = [k for k, m in self.modules.items() if _pair_fits(m, self.capacity, self.per_sample)]
         zeros = dict(device=device, dtype=dtype)
-        self.shared = _Shared(torch.zeros((), **zeros), torch.zeros(len(pair_keys), self.capacity, **zeros))
+        self.shared = _Shared(torch.zeros((), **zeros), torch.zeros(1, len(pair_keys), self.capacity, **zeros))
         self.layers = {}
         rows = {k: i for i, k in enumerate(pair_keys)}
         for key, m in self.modules.items():
@@ -212,6 +237,9 @@ class StaticDenoiser:
         self._version: int | None = None
         self._scale_value: float | None = None
         self._gather: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None  # each contributor's set weight, pair layers in row order, then 0
+        self._columns: list[str] = []  # the adapter of each of those values ("" for the 0)
+        self._samples_written: dict = {}  # images -> what its per-sample table holds (SampleWeights, generation, …)
 
     @property
     def pair_layers(self) -> int:
@@ -227,7 +255,7 @@ class StaticDenoiser:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [self.shared.scale, self.shared.svecs] + [t for layer in self.layers.values() for t in (
+        return [self.shared.scale, self.shared.uniform, *self.shared.per_sample.values()] + [t for layer in self.layers.values() for t in (
             (layer.up, layer.down) if isinstance(layer, _PairLayer) else (layer.delta, layer.dbias)) if t is not None]
 
     # ------------------------------------------------------------------------------- writing the mix
@@ -252,6 +280,44 @@ class StaticDenoiser:
         if scale != self._scale_value:
             self.shared.scale.fill_(scale)
             self._scale_value = scale
+        samples = self.table.sample_var.get()
+        self.shared.svecs = self.shared.uniform if samples is None else self._write_samples(samples)
+
+    def _write_samples(self, samples: Any) -> torch.Tensor:
+        """The ``(images, pair layers, R)`` table of ``samples`` (a ``layer_state.SampleWeights``): image ``b``'s
+        vector is each contributor's set weight times ``samples.matrix[b, its column]`` (0 where the adapter has no
+        column), laid out as the uniform vectors are. Rewritten in place when the weights or the mix move."""
+        if not self.per_sample:
+            dense = [k for k, layer in self.layers.items() if isinstance(layer, _DenseLayer) and self._contributors(k)]
+            if dense:  # a dense ΔW is one mix for the whole batch: make every layer that can be a pair one
+                logger.info("static %s: per-sample weights: every layer a pair from now on (one recompile)",
+                            self.component)
+                self.per_sample = True
+                self._allocate()
+                self.sync()  # (writes the mix into the new buffers, then this table)
+                return self.shared.svecs
+        for key, layer in self.layers.items():
+            if isinstance(layer, _DenseLayer) and self._contributors(key):
+                raise ValueError(f"compiled {self.component}: {key} holds a dense ΔW (a grouped conv), which is one mix "
+                                 "for the whole batch; run such mixes one at a time (no per-sample weights)")
+        images = int(samples.matrix.shape[0])
+        table = self.shared.per_sample.get(images)
+        if table is None:
+            table = torch.zeros(images, *self.shared.uniform.shape[1:], dtype=self.shared.uniform.dtype,
+                                device=self.shared.uniform.device)
+            if table.device.type == "cuda":
+                torch._dynamo.mark_static_address(table)
+            self.shared.per_sample[images] = table
+        hit = self._samples_written.get(images)
+        if self._gather is None or (hit is not None and hit[0] is samples and hit[1] == samples.generation):
+            return table
+        cols = torch.tensor([samples.columns.get(n, len(samples.columns)) for n in self._columns])
+        padded = torch.cat([samples.matrix.float(), samples.matrix.new_zeros(images, 1, dtype=torch.float32)], 1)
+        per = padded.index_select(1, cols) * self._values  # (images, contributors + 1): the last one is the 0
+        with torch.no_grad():
+            table.view(images, -1).copy_(per[:, self._gather])
+        self._samples_written[images] = (samples, samples.generation)
+        return table
 
     def _contributors(self, key: str) -> tuple[tuple[str, Delta], ...]:
         state = self.table.by_key.get(key)
@@ -361,7 +427,11 @@ class StaticDenoiser:
         if not pairs:
             return
         weights = self.table.weights
-        values = [weights[name][layer.key] for layer in pairs for name, _ in self._contributors(layer.key)]
+        contributors = [(name, layer.key) for layer in pairs for name, _ in self._contributors(layer.key)]
+        values = [weights[name][key] for name, key in contributors]
+        self._columns = [name for name, _ in contributors] + [""]
+        self._values = torch.tensor(values + [0.0], dtype=torch.float32)
+        self._samples_written = {}
         if restructured or self._gather is None:
             cap, at = self.capacity, 0
             gather = torch.full((len(pairs), cap), -1, dtype=torch.long)  # -1: the 0.0 appended below
@@ -371,8 +441,7 @@ class StaticDenoiser:
                     gather[layer.row, start:start + rank] = at
                     start, at = start + rank, at + 1
             self._gather = gather.view(-1)
-        table = torch.tensor(values + [0.0], dtype=torch.float32)
-        self.shared.svecs.view(-1).copy_(table[self._gather])
+        self.shared.uniform.view(-1).copy_(self._values[self._gather])
 
     # ------------------------------------------------------------------------------- compile / close
     def install(self, compile_kwargs: dict | None) -> None:
@@ -412,13 +481,16 @@ def _put_forward(module: nn.Module, forward: Callable | None) -> None:
 
 def compile_denoiser(runtime: Any, *, max_rank: int = 64, grow: bool = True, component: str | None = None,
                      backend: str | Callable | None = "inductor", mode: str | None = None, fullgraph: bool = True,
-                     dynamic: bool | None = None, options: dict | None = None) -> StaticDenoiser:
+                     dynamic: bool | None = None, options: dict | None = None,
+                     per_sample: bool = False) -> StaticDenoiser:
     """Put ``runtime``'s denoiser in static mode and compile its forward with ``torch.compile``.
 
     ``max_rank`` is the rank every pair layer holds (the largest total rank of a mix on one layer); a mix over
     it grows the buffers (``grow=True``: one recompile, logged) or raises ``CapacityError``. ``backend``,
     ``mode``, ``fullgraph``, ``dynamic`` and ``options`` go to ``torch.compile`` (``fullgraph=True``: a graph
     break is an error, not a silent fallback); ``backend=None`` installs static mode without compiling.
+    ``per_sample=True``: every layer a pair from the start, so the first per-sample call (a mixed batch, a
+    schedule) does not remake the buffers.
 
     >>> static = compile_denoiser(pipeline.runtime, max_rank=32, backend="inductor")   # doctest: +SKIP
     """
@@ -430,7 +502,7 @@ def compile_denoiser(runtime: Any, *, max_rank: int = 64, grow: bool = True, com
     keys = [k for k, info in view.index.modules.items() if info.component == name and info.kind != "norm"]
     modules = {k: view.module(k) for k in keys}
     static = StaticDenoiser(runtime.layers, modules, view.components[name], component=name,
-                            max_rank=max_rank, grow=grow)
+                            max_rank=max_rank, grow=grow, per_sample=per_sample)
     kwargs = None if backend is None else dict(backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic,
                                                options=options)
     static.install(kwargs)

@@ -394,8 +394,8 @@ class LoraRuntime:
         their ``set_adapters`` weight for image ``b`` (absent: 0), so one batch holds different mixes (classifier-free
         guidance's doubled batch included); each image gets the terms of its own row, as its own call would.
         Yields the :class:`SampleWeights` (rewrite ``matrix`` and bump ``generation`` between steps for a schedule).
-        Needs the active adapters unfused, low-rank (:meth:`sample_weight_blockers`) and the hooks (no compiled
-        denoiser): else ``ValueError`` naming the cause, nothing changed.
+        Needs the active adapters unfused and low-rank (:meth:`sample_weight_blockers`): else ``ValueError`` naming
+        the cause, nothing changed. A compiled denoiser takes them as data (``compiled.StaticDenoiser``: no recompile).
 
         >>> pipeline.set_adapters(["ink", "paper"], [1.0, 1.0])                # doctest: +SKIP
         >>> with pipeline.runtime.call_sample_weights([{"ink": 0.8}, {"paper": 0.5}]):   # doctest: +SKIP
@@ -407,9 +407,9 @@ class LoraRuntime:
             raise ValueError(f"per-sample weights: {unknown or 'no rows'}; name only active adapters "
                              f"({names}: set_adapters first), one row per image")
         blockers = self.sample_weight_blockers(names)
-        if blockers or self._fused or self._layers.static:
-            raise ValueError(f"per-sample weights need unfused low-rank adapters on hooked layers: "
-                             f"{blockers or self.fused_names or 'a compiled denoiser'} cannot; run those mixes apart")
+        if blockers or self._fused:
+            raise ValueError(f"per-sample weights need unfused low-rank adapters: {blockers or self.fused_names} "
+                             "cannot; run those mixes apart")
         if not self._layers.low_rank_only:  # a pair costlier than its ΔW is kept low-rank from now on
             self._layers.low_rank_only = True
             self._layers.version += 1

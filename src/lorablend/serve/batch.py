@@ -6,7 +6,8 @@ Any mix in one batch: requests with the same settings (size, steps, guidance, sc
 as ONE pipeline call. The batch's adapters are set with weight 1 and each image gets its own weights between the
 down and up products of every layer (``LoraRuntime.call_sample_weights``, Punica / S-LoRA's idea), so each image
 is the one its own call gives, within float tolerance. A mix with an adapter that is not one low-rank pair per
-layer (LoHa, LoKr, a bias delta), or a compiled denoiser, batches only with its own mix.
+layer (LoHa, LoKr, a bias delta) batches only with its own mix. A compiled denoiser takes the per-sample weights as
+data (``runtime.compiled``): mixes and schedules change with no recompile.
 
 >>> batch_key(Generation("a cat", seed=1, steps=2, width=64, height=64, guidance_scale=7.0), [], mixed=True)
 (None, 1.0, 2, 7.0, 64, 64, True)

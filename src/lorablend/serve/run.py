@@ -47,7 +47,8 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
         from ..quant.convert import quantize_pipeline
 
         quantize_pipeline(pipe, quantize)
-    return pipe, (pipe.compile_denoiser() if compile else None)
+    # per_sample: every layer a pair from the start, so the first mixed batch or schedule does not recompile
+    return pipe, (pipe.compile_denoiser(per_sample=True) if compile else None)
 
 
 def serve(model: str, config: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,

@@ -154,7 +154,7 @@ async def generate(state: ServerState, gen: Generation, request: Request) -> tup
     entries = await run_in_threadpool(state.adapters_for, list(gen.loras))
     if gen.schedules and (not state.worker.mixed or not all(e.low_rank for e in entries)):
         raise invalid("loras", "a weight schedule needs per-sample weights: LoRA (low-rank) files, and a server "
-                               "without --compile; send constant weights", sorted(gen.schedules))
+                               "that batches mixes (mixed_batches on); send constant weights", sorted(gen.schedules))
     state.worker.start()  # idempotent: started here too, because a mounted sub-app gets no startup event
     job = state.worker.submit(gen, entries)
     result = asyncio.wrap_future(job.future)

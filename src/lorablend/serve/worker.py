@@ -57,7 +57,7 @@ class Worker:
 
     ``lock`` is held while a batch switches and generates; anything else that changes the pipeline (deleting a
     LoRA) takes it too. ``compiled``: the handle ``DiffusionPipeline.compile_denoiser()`` returned, when the
-    denoiser runs compiled (its buffers are then written during the switch; mixes then batch only with their own).
+    denoiser runs compiled (its buffers are then written during the switch, each image's weights before each step).
     ``mixed``: batch different mixes together (default True).
 
     >>> Worker(pipe, cache, Metrics(), max_batch=4).defaults                    # doctest: +SKIP
@@ -71,7 +71,7 @@ class Worker:
         self.metrics = metrics
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
-        self.mixed = bool(mixed) and compiled is None
+        self.mixed = bool(mixed)  # (a compiled denoiser takes per-sample weights as data: no recompile)
         self.lock = threading.Lock()
         self.progress = Progress()
         self._run_batch = BatchRun(pipe, cache, compiled, self.progress)
