@@ -52,6 +52,10 @@ def setup_offline_hub() -> None:
 
     staging = WORK / "staging"
     pipe = tiny_pipeline("sdxl")
+    # The guide's calls take the model's default size and diffusers' 50 steps; in float16 on a CPU (slow half
+    # convolutions) the tiny SDXL's 64x64 default took 6 minutes of the test suite. The stand-in's default image
+    # is 16x16 (latents 8x8): the same guide code path, about a tenth of the work.
+    pipe.unet.register_to_config(sample_size=8)
     pipe.save_pretrained(staging / "sdxl")
     publish_to_local_hub(staging / "sdxl", "stabilityai/stable-diffusion-xl-base-1.0")
     ikea = random_adapter(pipe, "ikea", rank=4, alpha=2.0, seed=1)
