@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import contextvars
 
+import pytest
 import torch
 
 from lorablend.kinds import LowRankDelta
 from lorablend.quant.convert import quantize_model
+from lorablend.quant.formats import layer_seed
 from lorablend.quant.fuse import dequantized_weight, write_fused
 from lorablend.runtime.layer_state import LayerTable
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _layer(method="scaled-fp8"):
@@ -50,3 +54,61 @@ def test_fusing_again_starts_from_the_original_bytes_not_the_fused_ones():
     write_fused(layer, [(1.0, _delta(2))], safe=False)  # the same fuse again: same seed, same original
     again = layer.quant.dequantize(layer.module, layer.quant.snapshot(layer.module))
     assert torch.equal(first, again)
+
+
+def _pair(method, rows=96, width=96):
+    """Two identical quantized layers (the same float weights, the same bytes) in tables of their own."""
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(width, rows))
+        quantize_model(model, method)
+        layers.append(LayerTable(contextvars.ContextVar("scale", default=1.0)).add("transformer.x", "transformer",
+                                                                                    model[0]))
+    return layers
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8", "fp8", "scaled-fp8", "gguf-Q8_0", "gguf-Q4_0", "gguf-Q5_1"])
+def test_a_fuse_by_blocks_of_rows_writes_the_bytes_of_the_whole_layer_fuse(method, monkeypatch):
+    """A layer fused in blocks of rows (several blocks here: 20 rows of 96 inputs each, the last one short) stores
+    exactly what dequantizing, fusing and requantizing the whole layer at once stores — bytes and quant state,
+    double-quantized absmax and fp8's random draws included — and unfuses to its original objects."""
+    from lorablend.quant import fuse
+    from lorablend.runtime.fusion import fused_weight
+
+    width = 128 if method in ("nf4", "fp4") else 96  # (4-bit: rows of whole 64-blocks, else the whole-layer path)
+    monkeypatch.setattr(fuse, "BLOCK_BYTES", 4 * width * 20)
+    chunked, whole = _pair(method, width=width)
+    fmt = chunked.quant
+    g = torch.Generator().manual_seed(5)
+    big = LowRankDelta(torch.randn(4, width, generator=g), torch.randn(96, 4, generator=g))  # outgrows an fp8 scale
+    entries = [(0.8, big), (-0.3, LowRankDelta(torch.randn(2, width, generator=g), torch.randn(96, 2, generator=g)))]
+    assert fmt.row_fuse(chunked.module, fmt.snapshot(chunked.module), 0) is not None
+    original = {k: v for k, v in fmt.stored_state(chunked.module).items()}
+    write_fused(chunked, entries, safe=True)
+
+    snap = fmt.snapshot(whole.module)
+    seed = layer_seed(whole.table.rounding_seed, whole.key)
+    fmt.requantize(whole.module, snap, fused_weight(fmt.dequantize(whole.module, snap), entries), seed)
+    got, want = fmt.stored_state(chunked.module), fmt.stored_state(whole.module)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        same = torch.equal(got[k].view(torch.uint8) if got[k].dtype in FP8 else got[k],
+                           v.view(torch.uint8) if v.dtype in FP8 else v) if isinstance(v, torch.Tensor) else got[k] == v
+        assert same, f"{method}: {k} differs from the whole-layer fuse"
+    write_fused(chunked, [], safe=False)
+    for k, v in fmt.stored_state(chunked.module).items():
+        assert v is original[k] or (torch.equal(v, original[k]) if isinstance(v, torch.Tensor) else v == original[k]), k
+
+
+def test_a_fuse_by_rows_with_nan_raises_and_installs_nothing(monkeypatch):
+    from lorablend.quant import fuse
+
+    monkeypatch.setattr(fuse, "BLOCK_BYTES", 4 * 96 * 20)
+    layer, _ = _pair("gguf-Q8_0")
+    before = layer.module.weight
+    up = torch.zeros(96, 1)
+    up[70] = float("nan")  # in the last block: the blocks before it were already quantized
+    with pytest.raises(ValueError, match="transformer.x"):
+        write_fused(layer, [(1.0, LowRankDelta(torch.ones(1, 96), up))], safe=True)
+    assert layer.module.weight is before and layer.quant_snapshot is None

@@ -86,5 +86,43 @@ class QuantFormat:
         (per element). Tests and the README state it per format."""
         return 0.0
 
+    def row_fuse(self, module: nn.Module, snap: Snapshot, seed: int) -> "RowFuse | None":
+        """A :class:`RowFuse` that dequantizes and requantizes ``snap``'s weight a block of rows at a time (what
+        keeps a fuse's memory near one layer's quantized size), or None where the format is not row-local (the
+        fuse then dequantizes the whole layer at once)."""
+        return None
 
-__all__ = ["QuantFormat", "Snapshot", "type_name"]
+
+class RowFuse:
+    """Dequantize / requantize one layer's weight by blocks of rows, for a fuse whose memory must stay small: the
+    fuse reads rows ``[a, b)`` as fp32 (:meth:`read`), adds the LoRA rows, and hands them to :meth:`write`, which
+    quantizes them into NEW storage; :meth:`finish` installs that storage on the module (the snapshot's objects
+    are never written). ``step``: row counts a block must be a multiple of (a block of quantization must not
+    straddle two reads). ``needs_peak``: the format's scale depends on the whole fused weight (scaled fp8), so
+    the fuse first shows it every block (:meth:`observe`) and reads them all again to write. The bytes are the
+    ones the format's whole-layer ``requantize`` writes (tests compare them with ``torch.equal``)."""
+
+    step = 1
+    needs_peak = False
+
+    def __init__(self, module: nn.Module, snap: Snapshot, seed: int) -> None:
+        self.module, self.snap, self.seed = module, snap, seed
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """A NEW contiguous fp32 tensor: rows ``[start, stop)`` of the stored weight, decoded."""
+        raise NotImplementedError
+
+    def observe(self, rows: torch.Tensor) -> None:
+        """See a block of the fused weight before any is written (only asked when ``needs_peak``)."""
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """Quantize the fused ``rows`` (fp32, this call's own buffer: it may be changed in place) into the new
+        storage at row ``start``; blocks come in order."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Install the new storage (written by every block) on the module."""
+        raise NotImplementedError
+
+
+__all__ = ["QuantFormat", "RowFuse", "Snapshot", "type_name"]

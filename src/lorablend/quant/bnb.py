@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import QuantFormat, Snapshot, type_name
+from .base import QuantFormat, RowFuse, Snapshot, type_name
 
 
 def _unpacked_state(weight: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
@@ -83,6 +83,14 @@ class Bnb4bit(QuantFormat):
         module._parameters["weight"] = Params4bit(
             data, requires_grad=False, quant_state=new_state, blocksize=state.blocksize, compress_statistics=nested,
             quant_type=state.quant_type, quant_storage=storage, module=module, bnb_quantized=True)
+
+    def row_fuse(self, module: nn.Module, snap: Snapshot, seed: int) -> RowFuse | None:
+        # rows hold whole blocks only when the width is a multiple of the block size (every real model: 3072 / 64).
+        # Else bitsandbytes' CPU dequantize kernel counts blocks per row while its quantizer counts them over the
+        # flattened weight, so a block of rows would not decode as the whole layer does: the whole-layer path.
+        shape = snap.extra["quant_state"].shape
+        return Bnb4bitRows(module, snap, seed) if len(shape) == 2 and shape[1] % snap.extra[
+            "quant_state"].blocksize == 0 else None
 
     def restore(self, module: nn.Module, snap: Snapshot) -> None:
         weight = snap.weight
@@ -150,6 +158,9 @@ class Bnb8bit(QuantFormat):
         module._parameters["weight"] = weight
         module.state.CB = module.state.SCB = None  # the next forward moves them from the weight, as on load
 
+    def row_fuse(self, module: nn.Module, snap: Snapshot, seed: int) -> RowFuse | None:
+        return Int8Rows(module, snap, seed)  # (row-wise absmax: every row quantizes alone)
+
     def restore(self, module: nn.Module, snap: Snapshot) -> None:
         weight, extra = snap.weight, snap.extra
         weight.data, weight.CB, weight.SCB = extra["data"], extra["CB"], extra["SCB"]
@@ -164,4 +175,108 @@ class Bnb8bit(QuantFormat):
         return 0.5 / 127.0 + 2 ** -10  # half an int8 step of the row's absmax, after bitsandbytes' cast to fp16
 
 
-__all__ = ["Bnb4bit", "Bnb8bit"]
+class Bnb4bitRows(RowFuse):
+    """A 4-bit weight fused a block of rows at a time. Each row holds whole quantization blocks, so bitsandbytes'
+    ``quantize_4bit`` on a block of rows gives the packed bytes and fp32 absmax of those blocks; with double
+    quant the absmax of all blocks is compressed at the end, as ``quantize_4bit`` does (mean offset, blockwise
+    8-bit coding of 256) — the same bytes and state as quantizing the whole fused weight at once."""
+
+    def __init__(self, module: nn.Module, snap: Snapshot, seed: int) -> None:
+        from bitsandbytes.functional import dequantize_blockwise
+
+        super().__init__(module, snap, seed)
+        data, state = snap.extra["data"], snap.extra["quant_state"]
+        packed = _packed(state)
+        self.dtype = state.original_dtype if packed else state.dtype
+        self.nested = state.original_nested if packed else state.nested
+        self.storage = getattr(state, "original_storage_type", None) or snap.weight.quant_storage
+        if packed:
+            data, state = _unpacked_state(data, state)
+        self.nibbles = data.reshape(-1).view(torch.uint8)
+        absmax = state.absmax
+        if state.nested:
+            absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+        self.absmax, self.state = absmax.float(), state
+        self.width, blocksize = int(state.shape[1]), int(state.blocksize)
+        n = int(state.shape[0]) * self.width
+        self.new_nibbles = torch.empty((n + 1) // 2, dtype=torch.uint8, device=data.device)
+        self.new_absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=data.device)
+
+    def _span(self, start: int, stop: int) -> tuple[slice, slice]:
+        """The packed bytes and the absmax blocks of rows ``[start, stop)``."""
+        a, b, size = start * self.width, stop * self.width, int(self.state.blocksize)
+        return slice(a // 2, (b + 1) // 2), slice(a // size, -(-b // size))
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        from bitsandbytes.functional import QuantState, dequantize_4bit
+
+        nibbles, blocks = self._span(start, stop)
+        s = self.state
+        # (copies: bitsandbytes' CPU kernel reads a sliced view from the start of its storage)
+        part = QuantState(absmax=self.absmax[blocks].clone(), shape=torch.Size((stop - start, self.width)), dtype=s.dtype,
+                          blocksize=s.blocksize, code=s.code, quant_type=s.quant_type)
+        return dequantize_4bit(self.nibbles[nibbles].clone().reshape(-1, 1), part).float().contiguous()
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        from bitsandbytes.functional import quantize_4bit
+
+        nibbles, blocks = self._span(start, start + rows.shape[0])
+        data, state = quantize_4bit(rows.to(self.dtype), blocksize=self.state.blocksize, quant_type=self.state.quant_type)
+        self.new_nibbles[nibbles] = data.reshape(-1)
+        self.new_absmax[blocks] = state.absmax
+
+    def finish(self) -> None:
+        from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
+        from bitsandbytes.nn import Params4bit
+
+        s, absmax = self.state, self.new_absmax
+        shape = torch.Size((int(s.shape[0]), self.width))
+        code = get_4bit_type(s.quant_type, device=absmax.device)
+        if self.nested:  # quantize_4bit's compress_statistics, on the absmax of every block
+            offset = absmax.mean()
+            qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+            state = QuantState(absmax=qabsmax, shape=shape, dtype=self.dtype, blocksize=s.blocksize, code=code,
+                               quant_type=s.quant_type, offset=offset, state2=state2)
+        else:
+            state = QuantState(absmax=absmax, shape=shape, dtype=self.dtype, blocksize=s.blocksize, code=code,
+                               quant_type=s.quant_type)
+        data = self.new_nibbles.view(self.storage).reshape(-1, 1)
+        self.module._parameters["weight"] = Params4bit(
+            data, requires_grad=False, quant_state=state, blocksize=s.blocksize, compress_statistics=self.nested,
+            quant_type=s.quant_type, quant_storage=self.storage, module=self.module, bnb_quantized=True)
+
+
+class Int8Rows(RowFuse):
+    """An int8 weight fused a block of rows at a time: each row is scaled by its own absmax (``SCB``), so
+    bitsandbytes' row-wise quantizer on a block gives those rows' bytes and scales."""
+
+    def __init__(self, module: nn.Module, snap: Snapshot, seed: int) -> None:
+        super().__init__(module, snap, seed)
+        extra = snap.extra
+        self.data = extra["data"]
+        self.scb = extra["state.SCB"] if extra["state.SCB"] is not None else extra["SCB"]
+        self.cb = torch.empty(self.data.shape, dtype=torch.int8, device=self.data.device)
+        self.new_scb: torch.Tensor | None = None
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.data[start:stop].float() * (self.scb[start:stop].float() / 127.0)[:, None]
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        from bitsandbytes.functional import int8_vectorwise_quant
+
+        cb, scb, _ = int8_vectorwise_quant(rows.to(torch.float16))
+        if self.new_scb is None:
+            self.new_scb = torch.empty(self.data.shape[0], dtype=scb.dtype, device=scb.device)
+        self.cb[start:start + cb.shape[0]] = cb
+        self.new_scb[start:start + cb.shape[0]] = scb
+
+    def finish(self) -> None:
+        from bitsandbytes.nn import Int8Params
+
+        weight = Int8Params(self.cb, requires_grad=False, has_fp16_weights=False)
+        weight.CB, weight.SCB = self.cb, self.new_scb
+        self.module._parameters["weight"] = weight
+        self.module.state.CB = self.module.state.SCB = None  # the next forward moves them from the weight
+
+
+__all__ = ["Bnb4bit", "Bnb4bitRows", "Bnb8bit", "Int8Rows"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import QuantFormat, Snapshot
+from .base import QuantFormat, RowFuse, Snapshot
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -140,6 +140,9 @@ class Fp8(QuantFormat):
             fused = fused.div_(scale.float())  # (fused is this fuse's own buffer)
         module._parameters["weight"] = nn.Parameter(stochastic_round(fused, dtype, generator), requires_grad=False)
 
+    def row_fuse(self, module: nn.Module, snap: Snapshot, seed: int) -> RowFuse | None:
+        return Fp8Rows(module, snap, seed) if snap.weight.dim() == 2 else None  # (not an fp8 conv)
+
     def restore(self, module: nn.Module, snap: Snapshot) -> None:
         module._parameters["weight"] = snap.weight
         if snap.extra["scale_weight"] is not None:
@@ -156,4 +159,44 @@ class Fp8(QuantFormat):
         return 2.0 ** -(3 if module.weight.dtype == torch.float8_e4m3fn else 2)
 
 
-__all__ = ["FP8_DTYPES", "Fp8", "ScaledFp8Linear", "stochastic_round"]
+class Fp8Rows(RowFuse):
+    """An fp8 weight fused a block of rows at a time, into a new fp8 tensor: the blocks are rounded in order from
+    one seeded generator (the same draws, so the same bytes, as rounding the whole layer at once on the CPU). A
+    scaled weight's new scale needs the whole fused weight's range first (``needs_peak``)."""
+
+    def __init__(self, module: nn.Module, snap: Snapshot, seed: int) -> None:
+        super().__init__(module, snap, seed)
+        weight, self.scale = snap.weight, snap.extra["scale_weight"]
+        self.needs_peak = self.scale is not None
+        self.bits = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+        self.generator = torch.Generator(device=weight.device).manual_seed(seed)
+        self.range: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.new_scale: torch.Tensor | None = None
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        w = self.snap.weight[start:stop].float()
+        return w.mul_(self.scale.float()) if self.scale is not None else w
+
+    def observe(self, rows: torch.Tensor) -> None:
+        low, high = torch.aminmax(rows)
+        self.range = (low, high) if self.range is None else (
+            torch.minimum(self.range[0], low), torch.maximum(self.range[1], high))
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        dtype = self.snap.weight.dtype
+        if self.scale is not None:  # Fp8.requantize's rule, on the range of every block
+            if self.new_scale is None:
+                low, high = self.range if self.range is not None else (rows.new_zeros(()), rows.new_zeros(()))
+                peak = torch.maximum(-low, high) / torch.finfo(dtype).max
+                self.new_scale = torch.maximum(self.scale.float(), peak).to(self.scale.dtype).reshape(self.scale.shape)
+            rows = rows.div_(self.new_scale.float())
+        self.bits[start:start + rows.shape[0]] = stochastic_round(rows, dtype, self.generator).view(torch.uint8)
+
+    def finish(self) -> None:
+        module = self.module
+        module._parameters["weight"] = nn.Parameter(self.bits.view(self.snap.weight.dtype), requires_grad=False)
+        if self.scale is not None:
+            module._buffers["scale_weight"] = self.new_scale if self.new_scale is not None else self.scale
+
+
+__all__ = ["FP8_DTYPES", "Fp8", "Fp8Rows", "ScaledFp8Linear", "stochastic_round"]

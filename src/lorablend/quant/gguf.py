@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import QuantFormat, Snapshot, type_name
+from .base import QuantFormat, RowFuse, Snapshot, type_name
 
 # the types gguf-py can quantize: a fused layer keeps its own type exactly when it is one of these
 _REQUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
@@ -82,6 +82,10 @@ class Gguf(QuantFormat):
         data = torch.from_numpy(raw).to(snap.weight.device)
         module._parameters["weight"] = GGUFParameter(data, requires_grad=False, quant_type=qtype)
 
+    def row_fuse(self, module: nn.Module, snap: Snapshot, seed: int) -> RowFuse | None:
+        # a GGUF row is whole blocks along the input dimension: any block of rows decodes and encodes alone
+        return GgufRows(module, snap, seed) if snap.weight.dim() == 2 else None
+
     def stored_state(self, module: nn.Module) -> dict[str, Any]:
         w = module.weight
         return {"weight": torch.Tensor.as_subclass(w.detach(), torch.Tensor), "quant_type": int(w.quant_type)}
@@ -95,4 +99,31 @@ class Gguf(QuantFormat):
         return step + 2 ** -10
 
 
-__all__ = ["Gguf", "dequantize_gguf", "fused_quant_type", "quantize_gguf"]
+class GgufRows(RowFuse):
+    """A GGUF weight fused a block of rows at a time: gguf-py decodes the block's raw rows and encodes the fused
+    rows into a new ``(out, bytes per row)`` array of the fused type (what ``Gguf.requantize`` writes, row by row)."""
+
+    def __init__(self, module: nn.Module, snap: Snapshot, seed: int) -> None:
+        super().__init__(module, snap, seed)
+        self.raw = snap.weight.detach().cpu().numpy()
+        self.qtype = fused_quant_type(snap.weight.quant_type)
+        self.out: np.ndarray | None = None
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        rows = dequantize_gguf(self.raw[start:stop], self.snap.weight.quant_type)
+        return torch.from_numpy(rows).to(self.snap.weight.device)
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        raw = quantize_gguf(rows.cpu().numpy(), self.qtype)
+        if self.out is None:
+            self.out = np.empty((self.raw.shape[0], *raw.shape[1:]), dtype=raw.dtype)
+        self.out[start:start + raw.shape[0]] = raw
+
+    def finish(self) -> None:
+        from diffusers.quantizers.gguf.utils import GGUFParameter
+
+        data = torch.from_numpy(self.out).to(self.snap.weight.device)
+        self.module._parameters["weight"] = GGUFParameter(data, requires_grad=False, quant_type=self.qtype)
+
+
+__all__ = ["Gguf", "GgufRows", "dequantize_gguf", "fused_quant_type", "quantize_gguf"]
