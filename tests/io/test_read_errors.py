@@ -113,6 +113,24 @@ def test_pickle_with_code_is_never_run(tmp_path):
     _refused(path, str(path), "weights_only")
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_plain_pickle_is_said_to_hold_python_objects(tmp_path, protocol):
+    # pickle.dump, not torch.save: protocol 4+ opens with a FRAME torch's safe unpickler cannot read, which once
+    # read as "corrupt or truncated"
+    path = tmp_path / f"plain{protocol}.bin"
+    path.write_bytes(pickle.dumps({**_lora(), "note": "x"}, protocol=protocol))
+    msg = _refused(path, str(path), "holds Python objects")
+    assert "corrupt" not in msg
+
+
+def test_a_truncated_torch_save_is_still_called_truncated(tmp_path):
+    for zipped in (True, False):
+        path = tmp_path / f"cut{zipped}.pt"
+        torch.save(_lora(), path, _use_new_zipfile_serialization=zipped)
+        path.write_bytes(path.read_bytes()[:200])
+        _refused(path, str(path), "corrupt or truncated")
+
+
 def test_pickled_tensor_list(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(4, 320), torch.zeros(320, 4)], path)

@@ -199,6 +199,34 @@ def _read_with_library(path: Path) -> dict[str, torch.Tensor]:
         raise LoraFormatError(f"{path}: unreadable safetensors file ({e}); download the file again") from None
 
 
+# torch.save's legacy format opens with its magic number, pickled at protocol 2 (torch.serialization.MAGIC_NUMBER);
+# its zip format opens with "PK". A file that opens with another pickle PROTO opcode was written by pickle.dump.
+_TORCH_LEGACY_HEAD = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def plain_pickle_protocol(path: Path) -> int | None:
+    """The protocol of a plain ``pickle.dump`` file (not a ``torch.save`` one), or None.
+
+    >>> import pickle, tempfile; p = Path(tempfile.mkdtemp()) / "x.bin"; _ = p.write_bytes(pickle.dumps({}, 4))
+    >>> plain_pickle_protocol(p)
+    4
+    """
+    with open(path, "rb") as f:
+        head = f.read(len(_TORCH_LEGACY_HEAD))
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5 or head == _TORCH_LEGACY_HEAD:
+        return None
+    return head[1]
+
+
+def _refuse_plain_pickle(path: Path) -> None:
+    protocol = plain_pickle_protocol(path)
+    if protocol is not None:  # (torch's safe unpickler reads neither its FRAME opcode nor its missing magic number)
+        raise LoraFormatError(
+            f"{path}: a plain Python pickle (pickle.dump, protocol {protocol}), not a torch.save file: it holds "
+            "Python objects, and lorablend never unpickles those (loading one can run code): save the weights with "
+            "safetensors (safetensors.torch.save_file) or torch.save where you trust the file") from None
+
+
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         # An open file, not the path: torch.load hands any path ending in .safetensors to the safetensors
@@ -209,6 +237,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         text = str(e)
         blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
         if blocked is None:
+            _refuse_plain_pickle(path)
             detail = next((line.strip() for line in text.splitlines()[1:] if line.strip() and "WeightsUnpickler" not in line
                            and "Check the documentation" not in line), text.splitlines()[0] if text else "")
             raise LoraFormatError(f"{path}: corrupt or truncated torch pickle ({detail})") from None
@@ -218,6 +247,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
             f"safetensors where you trust it"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        _refuse_plain_pickle(path)
         raise LoraFormatError(f"{path}: corrupt or truncated torch pickle ({type(e).__name__}: {e})") from None
     if isinstance(obj, (list, tuple)):
         refuse_tensor_list(obj, str(path))
