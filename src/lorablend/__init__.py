@@ -1,5 +1,6 @@
 """lorablend: load, blend, merge, fuse and unfuse LoRA adapters on diffusers pipelines — SD1.x, SD2.x, SDXL,
-Flux.1 and SD3 / SD3.5 (``adapter.FAMILIES`` lists every family we cover).
+Flux.1, SD3 / SD3.5, Qwen-Image, Wan 2.1 / 2.2, Flux.2, Z-Image and Chroma, on full-precision or quantized bases
+(``adapter.FAMILIES`` lists every family we cover).
 
 >>> import lorablend
 >>> adapter = lorablend.load_adapter("style.safetensors")            # doctest: +SKIP

@@ -238,8 +238,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the Merge LoRAs guide end to end on a tiny offline SDXL pipeline, checking every step",
-        description="Build a tiny SDXL pipeline and two LoRAs offline, run load / set_adapters / generate / "
+        help="run the Merge LoRAs guide end to end on the tiny drawing model (or a tiny pipeline of another "
+             "family), offline, checking every step",
+        description="Take the tiny drawing model and two of its LoRAs (or build a tiny pipeline of --family and two "
+        "random LoRAs) offline, run load / set_adapters / generate / "
         "add_weighted_adapter / fuse / unload / save / reload / unfuse, check each step's invariant, and write "
         "the images (PNG) and a report to the output folder.",
     )
@@ -286,7 +288,7 @@ def _add_bake(sub: argparse._SubParsersAction) -> None:
         "bake",
         aliases=["fuse"],  # its first name; fuse_lora stays the in-memory pipeline operation
         help="bake LoRAs into a model: a diffusers pipeline folder or a single-file checkpoint (SD1.x, SD2.x, SDXL, "
-             "Flux.1, SD3 / SD3.5)",
+             "Flux.1, SD3 / SD3.5, Qwen-Image, Wan, Flux.2, Z-Image, Chroma; GGUF and fp8 files too)",
         description=(
             "Write MODEL with the LoRAs fused in (W0 + lora_scale * sum of weight_i * dW_i, in fp32 from the original "
             "weights, cast once: the same weights as fuse_lora + save_pretrained). A single-file .safetensors "
@@ -468,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Load, blend, merge, fuse and unfuse LoRA adapters on diffusers pipelines: SD1.x, SD2.x, SDXL, "
-                    "Flux.1, SD3 / SD3.5.",
+                    "Flux.1, SD3 / SD3.5, Qwen-Image, Wan 2.1 / 2.2, Flux.2, Z-Image, Chroma.",
     )
     try:
         from importlib.metadata import version
