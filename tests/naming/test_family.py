@@ -83,3 +83,14 @@ def test_a_live_2026_transformer_is_told_by_class_then_width():
                                   "timestep_guidance_channels": 8, "axes_dims_rope": [2, 2, 2, 2]}, [],
                                  denoiser="flux2")["transformer"]
     assert family_of_target({"transformer": tiny}) == "flux2-dev"  # never Flux.1, whose class name it contains
+
+
+def test_detection_of_the_transformer_families():
+    assert detect_family(FamilyEvidence(transformer="flux")) == "flux"
+    assert detect_family(FamilyEvidence(transformer_width=3072)) == "flux"
+    assert detect_family(FamilyEvidence(transformer_width=1536)) == "sd3"
+    assert detect_family(FamilyEvidence(transformer_width=1536, dual_attention=True)) == "sd35-medium"
+    assert detect_family(FamilyEvidence(transformer="sd3", transformer_width=2432)) == "sd35-large"
+    assert detect_family(FamilyEvidence(transformer="sd3", transformer_width=32)) == "sd3"  # a tiny test model
+    # a pipeline with a second (T5) text encoder is not SDXL when its denoiser is a transformer
+    assert detect_family(FamilyEvidence(second_text_encoder=True, transformer="flux")) == "flux"

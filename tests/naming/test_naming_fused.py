@@ -40,3 +40,8 @@ def test_flux_qkv_and_linear1_split_at_the_real_widths():
 def test_a_unet_has_no_original_names_and_flux_may_widen_its_x_embedder():
     assert source_names("unet", {}) == {} and source_names(None, {}) == {}
     assert "x_embedder" in WIDENED_INPUTS["flux"]
+
+
+def test_schnell_has_no_guidance_embedder_names():
+    table = flux_source_names({**FLUX_DEV_TRANSFORMER, "guidance_embeds": False})
+    assert "guidance_in.in_layer" not in table and "time_in.in_layer" in table
