@@ -24,3 +24,11 @@ def test_a_checkpoint_or_a_doubled_prefix_is_diagnosed():
     assert "full Stable Diffusion checkpoint" in diagnose(["model.diffusion_model.input_blocks.0.0.weight"])
     assert "doubled" in diagnose(["lora_unet_unet_down_blocks_0_lora_down.weight"])
     assert diagnose(["x"]) == ""
+
+
+def test_detect_format():
+    assert detect_format(["lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w1_a"]) == "kohya"
+    assert detect_format(["unet.a.to_q.lora.down.weight"]) == "diffusers"
+    assert detect_format(["a.processor.to_q_lora.down.weight"]) == "diffusers"
+    assert detect_format(["unet:0:up"]) == "cloneofsimo"
+    assert detect_format(["model.diffusion_model.x.weight"]) == "unknown"

@@ -26,3 +26,13 @@ def test_peft_metadata_gives_each_module_its_alpha():
 def test_diffusers_keys_are_told_from_others():
     assert is_diffusers_key("unet.a.to_q.lora_A.weight")
     assert not is_diffusers_key("lora_unet_a.lora_down.weight")
+
+
+def test_component_configs_all_layouts():
+    flat = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "text_encoder.lora_alpha": 2})}
+    assert component_configs(flat) == {"unet": {"r": 4}, "text_encoder": {"lora_alpha": 2}}
+    nested = {"lora_adapter_metadata": json.dumps({"unet": {"r": 4, "lora_alpha": 8}})}
+    assert component_configs(nested) == {"unet": {"r": 4, "lora_alpha": 8}}
+    model_level = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8})}
+    assert component_configs(model_level) == {None: {"r": 4, "lora_alpha": 8}}
+    assert component_configs({"lora_adapter_metadata": "not json"}) == {}
