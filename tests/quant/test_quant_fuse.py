@@ -68,7 +68,8 @@ def _pair(method, rows=96, width=96):
     return layers
 
 
-@pytest.mark.parametrize("method", ["nf4", "fp4", "int8", "fp8", "scaled-fp8", "gguf-Q8_0", "gguf-Q4_0", "gguf-Q5_1"])
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8", "fp8", "scaled-fp8", "gguf-Q8_0", "gguf-Q4_0", "gguf-Q5_1",
+                                    "torchao-int8"])
 def test_a_fuse_by_blocks_of_rows_writes_the_bytes_of_the_whole_layer_fuse(method, monkeypatch):
     """A layer fused in blocks of rows (several blocks here: 20 rows of 96 inputs each, the last one short) stores
     exactly what dequantizing, fusing and requantizing the whole layer at once stores — bytes and quant state,

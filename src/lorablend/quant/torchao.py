@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import QuantFormat, Snapshot
+from .base import QuantFormat, RowFuse, Snapshot
 
 _CONFIGS = {"Int8Tensor": "Int8WeightOnlyConfig", "Float8Tensor": "Float8WeightOnlyConfig"}
 
@@ -56,22 +56,16 @@ class TorchAO(QuantFormat):
         return None
 
     def requantize(self, module: nn.Module, snap: Snapshot, fused: torch.Tensor, seed: int) -> None:
-        import torchao.quantization as tq
-
-        old = snap.weight
         problem = self.check(module)
         if problem:
             raise ValueError(problem)
-        shell = nn.Linear(fused.shape[1], fused.shape[0], bias=False, device=fused.device, dtype=old.dtype)
-        with torch.no_grad():
-            shell.weight.copy_(fused)
-        tq.quantize_(shell, getattr(tq, _CONFIGS[type(old).__name__])())
-        new = shell.weight
-        if type(new) is not type(old) or _layout(new) != _layout(old):
-            raise ValueError(f"torchao requantized this weight as {type(new).__name__} {_layout(new)}, not as the "
-                             f"stored {type(old).__name__} {_layout(old)}: use the unfused runtime on it")
-        module._parameters["weight"] = nn.Parameter(new, requires_grad=False) if not isinstance(
-            new, nn.Parameter) else new
+        _install(module, _quantized(snap.weight, fused))
+
+    def row_fuse(self, module: nn.Module, snap: Snapshot, seed: int) -> RowFuse | None:
+        # weight-only int8 / float8 keep one scale per row (block size [1, in]): a block of rows quantizes alone
+        weight = snap.weight
+        per_row = _layout(weight).get("block_size") == [1, weight.shape[-1]] and weight.dim() == 2
+        return TorchAORows(module, snap, seed) if per_row and self.check(module) is None else None
 
     def stored_state(self, module: nn.Module) -> dict[str, Any]:
         weight = module.weight
@@ -84,4 +78,54 @@ class TorchAO(QuantFormat):
         return 0.5 / 127 + 2 ** -8 if type(module.weight).__name__ == "Int8Tensor" else 2.0 ** -4
 
 
-__all__ = ["TorchAO"]
+def _quantized(old: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+    """``fused`` (fp32 rows) quantized by torchao with the weight-only config of ``old``'s class, checked to come out
+    in ``old``'s layout (``ValueError`` otherwise, before anything is installed)."""
+    import torchao.quantization as tq
+
+    shell = nn.Linear(fused.shape[1], fused.shape[0], bias=False, device=fused.device, dtype=old.dtype)
+    with torch.no_grad():
+        shell.weight.copy_(fused)
+    tq.quantize_(shell, getattr(tq, _CONFIGS[type(old).__name__])())
+    new = shell.weight
+    vars(shell).clear()  # (quantize_ leaves the shell in a reference cycle: without this, its memory waits for the gc)
+    if type(new) is not type(old) or _layout(new) != _layout(old):
+        raise ValueError(f"torchao requantized this weight as {type(new).__name__} {_layout(new)}, not as the "
+                         f"stored {type(old).__name__} {_layout(old)}: use the unfused runtime on it")
+    return new
+
+
+def _install(module: nn.Module, new: torch.Tensor) -> None:
+    module._parameters["weight"] = new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=False)
+
+
+class TorchAORows(RowFuse):
+    """A per-row torchao weight fused a block of rows at a time: each block is dequantized from its rows (a slice
+    of the subclass), and quantized by torchao as a weight of its own; the blocks' inner tensors (``qdata``,
+    ``scale``, ``zero_point`` …: one row each per weight row) are copied into full-size tensors, from which the
+    new weight is rebuilt with torchao's own ``__tensor_unflatten__``."""
+
+    def __init__(self, module: nn.Module, snap: Snapshot, seed: int) -> None:
+        super().__init__(module, snap, seed)
+        self.inner: dict[str, torch.Tensor] = {}
+        self.meta: dict[str, Any] = {}
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.snap.weight[start:stop].dequantize().float().contiguous()
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        block = _quantized(self.snap.weight, rows)
+        names, self.meta = block.__tensor_flatten__()
+        for name in names:
+            part = getattr(block, name)
+            if name not in self.inner:
+                self.inner[name] = part.new_empty((self.snap.weight.shape[0], *part.shape[1:]))
+            self.inner[name][start:start + part.shape[0]] = part
+
+    def finish(self) -> None:
+        old = self.snap.weight
+        new = type(old).__tensor_unflatten__(self.inner, self.meta, old.shape, old.stride())
+        _install(self.module, new)
+
+
+__all__ = ["TorchAO", "TorchAORows"]
