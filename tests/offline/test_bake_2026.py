@@ -2,7 +2,7 @@
 files: ``blocks.0.self_attn.q.weight``, ``transformer_blocks.0.img_mod.1.weight``, BFL's ``double_blocks.0.img_attn.qkv``
 with its fused rows, Z-Image's ``layers.0.attention.qkv``; with or without ``model.diffusion_model.``): bit for bit what fusing on the tiny pipeline and writing in those names gives. The
 single file is written here from the pipeline's transformer through the index's original names (naming/fused.py,
-whose Wan names tests/io/test_read_2026_oracle.py checks against diffusers' converters)."""
+whose Wan names tests/io/test_load_2026_oracle.py checks against diffusers' converters)."""
 
 from __future__ import annotations
 
