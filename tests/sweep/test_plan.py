@@ -28,3 +28,15 @@ def test_groups_keep_one_mix_and_cover_every_cell_once():
     groups = group_cells(cells, workers=2, max_cells=3)
     assert sorted(c.key for g in groups for c in g) == sorted(c.key for c in cells)
     assert all(len({c.mix for c in g}) == 1 and len(g) <= 3 for g in groups)
+
+
+def test_a_schedule_axis_adds_columns_whose_keys_leave_constant_cells_as_they_were():
+    spec = SweepSettings(**{**SPEC.to_dict(), "schedules": ["", "1@0,0@0.5"]})
+    cells = plan_cells(spec)
+    assert len(cells) == 2 * len(plan_cells(SPEC))
+    constant = [c for c in cells if not c.schedule]
+    assert [c.key for c in constant] == [c.key for c in plan_cells(SPEC)]  # a sweep from before resumes as it was
+    assert "schedules" not in SPEC.settings() and spec.settings()["schedules"] == ["", "1@0,0@0.5"]
+    scheduled = [c for c in cells if c.schedule]
+    assert all(c.label.endswith(" @ 1@0,0@0.5") and c.record()["schedule"] == "1@0,0@0.5" for c in scheduled)
+    assert len({c.file for c in cells}) == len(cells) and switches(cells) == 4  # a schedule is no switch

@@ -187,3 +187,23 @@ def test_a_killed_worker_has_its_cells_redone_by_a_new_process(ray_local, spec, 
     workers = {line["worker"] for line in lines}
     assert killed[0] in workers and len(workers) == 3 and summary["restarts"] == 1  # the restarted process
     _same_sweep(out, local[0])
+
+
+def test_a_schedule_axis_makes_the_librarys_scheduled_images(world, tmp_path, capsys):
+    out = tmp_path / "sched"
+    args = ["sweep", "--model", str(world.model), "--lora", str(world.files["ink"]), "--weights", "1",
+            "--prompt", "a fox", "--seeds", "3", "--steps", "2", "--width", "32", "--height", "32", "-o", str(out)]
+    assert main(args + ["--schedule", "1@0,x@1"]) == 2  # checked before the folder gets a byte
+    assert "--schedule '1@0,x@1'" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--schedule", "1", "--schedule=-1@0,1@0.5", "--json"]) == 0
+    lines = {line.get("schedule", ""): line for line in _lines(out)}
+    assert set(lines) == {"", "-1@0,1@0.5"}
+    library = Library(world)
+    library.pipe.set_adapters(["ink"], [1.0])
+    want = library.pipe("a fox", num_inference_steps=2, width=32, height=32, output_type="np", guidance_scale=7.5,
+                        generator=np.random.Generator(np.random.PCG64(3)),
+                        lora_schedule={"ink": "-1@0,1@0.5"}).images[0]
+    assert_same_image(_image(out, lines["-1@0,1@0.5"]), want, "scheduled")
+    constant = library.image("a fox", {"ink": 1.0}, 3)[0]
+    assert_same_image(_image(out, lines[""]), constant, "constant")
+    assert float(np.abs(_image(out, lines["-1@0,1@0.5"]) - constant).max()) > 2 / 255  # the schedule shows

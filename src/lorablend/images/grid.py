@@ -34,8 +34,10 @@ class CellRenderer:
         self.mix: tuple[float, ...] | None = None
         self.switches = 0
 
-    def render(self, prompt: str, seed: int, mix: Sequence[float]) -> tuple[Any, dict[str, float], bool]:
-        """The PIL image of one cell, its timings (``switch``, ``generate`` seconds) and whether it switched.
+    def render(self, prompt: str, seed: int, mix: Sequence[float],
+               schedule: str | None = None) -> tuple[Any, dict[str, float], bool]:
+        """The PIL image of one cell, its timings (``switch``, ``generate`` seconds) and whether it switched;
+        ``schedule`` (sd-webui-loractl keyframes, ``"1@0,0@0.6"``) multiplies every LoRA's weight over the steps.
         >>> renderer.render("a cat", 0, [1.0])[2]                                          # doctest: +SKIP
         True
         """
@@ -49,7 +51,10 @@ class CellRenderer:
         self.mix = mix
         ready = time.perf_counter()
         generator = np.random.Generator(np.random.PCG64(int(seed)))
-        image = first_picture(self.pipe(prompt, generator=generator, **self.settings.call_kwargs()))  # (a video: a strip)
+        kwargs = self.settings.call_kwargs()
+        if schedule and self.names:
+            kwargs["lora_schedule"] = {name: schedule for name in self.names}
+        image = first_picture(self.pipe(prompt, generator=generator, **kwargs))  # (a video: a strip)
         timings = {"switch": round(ready - started, 6), "generate": round(time.perf_counter() - ready, 6)}
         return image, timings, switched
 

@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="with --engine ray: GPUs per worker (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when the worker sees one)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--schedule", action="append", default=None, metavar="W@P,W@P",
+                   help="a schedule axis: keyframes (sd-webui-loractl) multiplying every LoRA's weight over the steps, "
+                        "e.g. 1@0,0@0.6 (--schedule=-1@0,... when it starts with a minus); 1 for constant weights; repeat for "
+                        "several (default: constant only)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
 
 
@@ -63,6 +67,12 @@ def numbers(text: str, flag: str, kind: Any = float) -> list:
     return values
 
 
+def _schedule(text: str) -> str:
+    """A ``--schedule`` value as the plan records it: "" for constant weights ("1", "const", "")."""
+    text = text.strip()
+    return "" if text in ("", "1", "1.0", "const", "constant") else text
+
+
 def from_arguments(args: argparse.Namespace, progress: bool) -> tuple[SweepSettings, SweepRunSettings]:
     """The sweep the flags describe, and how to run it. >>> spec, run = from_arguments(args, False)  # doctest: +SKIP"""
     from ..images.generate import adapter_names
@@ -70,7 +80,8 @@ def from_arguments(args: argparse.Namespace, progress: bool) -> tuple[SweepSetti
     names = adapter_names([(path, 1.0) for path in args.lora])
     spec = SweepSettings(args.model, list(zip(args.lora, names)), numbers(args.weights, "--weights"), args.prompt,
                      numbers(args.seeds, "--seeds", int), steps=args.steps, width=args.width, height=args.height,
-                     guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
+                     guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                     schedules=[_schedule(s) for s in (args.schedule or [""])])
     run = SweepRunSettings(engine=args.engine, workers=args.workers, address=args.address,
                    gpus_per_worker=args.gpus_per_worker, device=args.device, dtype=args.dtype, progress=progress)
     return spec, run

@@ -1,5 +1,5 @@
-"""What a sweep makes, decided before any model is loaded: every cell (prompt × seed × LoRA mix), its key and file
-name, and the order in which workers take them (grouped by mix, so a worker switches adapters once per group).
+"""What a sweep makes, decided before any model is loaded: every cell (prompt × seed × LoRA mix × schedule), its key
+and file name, and the order in which workers take them (grouped by mix, so a worker switches adapters once per group).
 
 A cell's key is a hash of everything that decides its image (model, settings, prompt, seed, mix), so a rerun
 recognises the cells it already made whatever the order or the number of workers.
@@ -41,6 +41,17 @@ class SweepSettings:
     height: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    # how the weights move over the steps: sd-webui-loractl keyframes "W@P,W@P" that multiply every LoRA's weight
+    # of the cell (runtime/schedule.py), "" for constant weights; each schedule is one more column per mix
+    schedules: list[str] = field(default_factory=lambda: [""])
+
+    def columns(self) -> list[tuple[tuple[float, ...], str]]:
+        """Every (mix, schedule) pair, mix-major: the grid's columns.
+
+        >>> SweepSettings("m", [("a", "a")], [1], ["p"], [0], schedules=["", "1@0,0@1"]).columns()
+        [((1.0,), ''), ((1.0,), '1@0,0@1')]
+        """
+        return [(mix, schedule) for mix in self.mixes() for schedule in self.schedules]
 
     def mixes(self) -> list[tuple[float, ...]]:
         """Every combination of the weights, one per LoRA (one empty mix without LoRAs). >>> see the class"""
@@ -58,9 +69,12 @@ class SweepSettings:
         >>> SweepSettings("m", [], [1], ["p"], [0], steps=2).settings()["steps"]
         2
         """
-        return {"model": str(self.model), "loras": [[os.path.abspath(p), n] for p, n in self.loras],
-                "steps": self.steps, "width": self.width, "height": self.height,
-                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
+        settings = {"model": str(self.model), "loras": [[os.path.abspath(p), n] for p, n in self.loras],
+                    "steps": self.steps, "width": self.width, "height": self.height,
+                    "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
+        if list(self.schedules) != [""]:  # (absent when constant: a sweep made before schedules resumes as it was)
+            settings["schedules"] = list(self.schedules)
+        return settings
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a worker in another process. >>> SweepSettings("m", [], [1], ["p"], [0]).to_dict()["seeds"]
@@ -83,10 +97,12 @@ class Cell:
     mix: tuple[float, ...]
     names: tuple[str, ...] = field(default=())
     key: str = ""
+    schedule: str = ""  # keyframes multiplying the mix's weights over the steps ("": constant)
 
     @property
     def label(self) -> str:
-        return " ".join(f"{n}={w:g}" for n, w in zip(self.names, self.mix)) or "no LoRA"
+        mix = " ".join(f"{n}={w:g}" for n, w in zip(self.names, self.mix)) or "no LoRA"
+        return f"{mix} @ {self.schedule}" if self.schedule else mix
 
     @property
     def file(self) -> str:
@@ -96,6 +112,8 @@ class Cell:
         'images/p001-s7-a0.5-b1-0123456789.png'
         """
         mix = "-".join(f"{_safe(n)}{w:g}" for n, w in zip(self.names, self.mix)) or "base"
+        if self.schedule:
+            mix += "-sched"
         return f"images/p{self.prompt_index:03d}-s{self.seed}-{mix}-{self.key[:10]}.png"
 
     def record(self) -> dict[str, Any]:
@@ -104,43 +122,54 @@ class Cell:
         >>> Cell(0, "a cat", 3, (0.5,), ("ink",), key="k").record()["loras"]
         {'ink': 0.5}
         """
-        return {"key": self.key, "prompt": self.prompt, "prompt_index": self.prompt_index, "seed": self.seed,
-                "loras": dict(zip(self.names, self.mix)), "file": self.file}
+        record = {"key": self.key, "prompt": self.prompt, "prompt_index": self.prompt_index, "seed": self.seed,
+                  "loras": dict(zip(self.names, self.mix)), "file": self.file}
+        if self.schedule:
+            record["schedule"] = self.schedule
+        return record
 
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_." else "_" for ch in name)[:32]
 
 
-def cell_key(settings: dict[str, Any], prompt: str, seed: int, mix: Sequence[float]) -> str:
-    """A hash of what decides a cell's image (LoRA paths count through ``settings``).
+def cell_key(settings: dict[str, Any], prompt: str, seed: int, mix: Sequence[float], schedule: str = "") -> str:
+    """A hash of what decides a cell's image (LoRA paths count through ``settings``; a constant cell's key is the
+    one it had before schedules existed).
 
     >>> len(cell_key({"steps": 2}, "a cat", 0, [1.0]))
     32
     """
-    text = json.dumps([settings, prompt, int(seed), [float(w) for w in mix]], sort_keys=True)
+    what = [settings, prompt, int(seed), [float(w) for w in mix]] + ([schedule] if schedule else [])
+    text = json.dumps(what, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _cell(spec: SweepSettings, settings: dict[str, Any], p: int, seed: int, mix: tuple[float, ...]) -> Cell:
-    prompt = spec.prompts[p]
-    return Cell(p, prompt, int(seed), mix, tuple(spec.names()), cell_key(settings, prompt, seed, mix))
+def _cell(spec: SweepSettings, settings: dict[str, Any], p: int, seed: int, column: tuple) -> Cell:
+    prompt, (mix, schedule) = spec.prompts[p], column
+    return Cell(p, prompt, int(seed), mix, tuple(spec.names()), cell_key(settings, prompt, seed, mix, schedule),
+                schedule)
+
+
+def _key_settings(spec: SweepSettings) -> dict[str, Any]:
+    """What every cell's key hashes: the settings less the schedule axis (each cell's own schedule is its part)."""
+    return {k: v for k, v in spec.settings().items() if k != "schedules"}
 
 
 def plan_cells(spec: SweepSettings) -> list[Cell]:
     """Every cell, mix-major (then prompt, then seed): consecutive cells share a mix, so a worker that takes
     them in this order switches once per mix. >>> see the module"""
-    settings = spec.settings()
-    return [_cell(spec, settings, p, s, mix) for mix in spec.mixes() for p in range(len(spec.prompts))
+    settings = _key_settings(spec)
+    return [_cell(spec, settings, p, s, column) for column in spec.columns() for p in range(len(spec.prompts))
             for s in spec.seeds]
 
 
 def naive_order(spec: SweepSettings) -> list[Cell]:
     """The same cells in the order of the obvious nested loop (prompt, seed, then mix innermost): the baseline
     that switches at nearly every cell. >>> see the module"""
-    settings = spec.settings()
-    return [_cell(spec, settings, p, s, mix) for p in range(len(spec.prompts)) for s in spec.seeds
-            for mix in spec.mixes()]
+    settings = _key_settings(spec)
+    return [_cell(spec, settings, p, s, column) for p in range(len(spec.prompts)) for s in spec.seeds
+            for column in spec.columns()]
 
 
 def switches(cells: Sequence[Cell]) -> int:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 from ..outputs import atomic_write, refuse_input
 from .manifest import append_line, done_cells, read_manifest, rewrite_manifest
 from .plan import Cell, SweepSettings, group_cells, naive_order, plan_cells, switches
+from ..runtime.schedule import parse_keyframes
 
 ENGINES = ("local", "ray")
 
@@ -90,6 +91,11 @@ def check_spec(spec: SweepSettings, out: str | os.PathLike) -> None:
     refuse_input(out, inputs, what="an input of the sweep")
     if spec.steps <= 0:
         raise ValueError(f"--steps {spec.steps}: must be a positive integer")
+    if not spec.schedules:
+        raise ValueError("--schedule: give at least one (\"\" or 1 for constant weights, e.g. 1@0,0@0.6)")
+    for schedule in spec.schedules:
+        if schedule:
+            parse_keyframes(schedule, "--schedule")
     for flag, v in (("--width", spec.width), ("--height", spec.height)):
         if v is not None and (v <= 0 or v % 8):
             raise ValueError(f"{flag} {v}: must be a positive multiple of 8")
@@ -204,7 +210,7 @@ def run_sweep(spec: SweepSettings, out: str | os.PathLike, run: SweepRunSettings
 
 
 def _plain(cell: Cell) -> dict[str, Any]:
-    return {"key": cell.key, "prompt": cell.prompt, "seed": cell.seed, "mix": list(cell.mix)}
+    return {"key": cell.key, "prompt": cell.prompt, "seed": cell.seed, "mix": list(cell.mix), "schedule": cell.schedule}
 
 
 def _engine(spec: SweepSettings, groups: list, writer: _Writer, run: SweepRunSettings) -> dict[str, Any]:
@@ -222,7 +228,7 @@ def _engine(spec: SweepSettings, groups: list, writer: _Writer, run: SweepRunSet
 
 
 def write_grid(spec: SweepSettings, cells: Sequence[Cell], out: Path) -> Path:
-    """``OUT/grid.png``: one column per mix, a block of rows per prompt (one row per seed), every cell's image
+    """``OUT/grid.png``: one column per mix (and schedule), a block of rows per prompt (one row per seed), every cell's image
     read back from its file (``generate.render_grid`` draws the sheet).
 
     >>> write_grid(spec, plan_cells(spec), Path("sweep-out"))                           # doctest: +SKIP
@@ -232,18 +238,18 @@ def write_grid(spec: SweepSettings, cells: Sequence[Cell], out: Path) -> Path:
 
     from ..images.drawing import render_grid, save_png
 
-    mixes = spec.mixes()
-    by = {(c.prompt_index, c.seed, c.mix): c for c in cells}
+    mixes = spec.columns()
+    by = {(c.prompt_index, c.seed, c.mix, c.schedule): c for c in cells}
     rows, labels = [], []
     for p, prompt in enumerate(spec.prompts):
         for seed in spec.seeds:
             row = []
             for mix in mixes:
-                with Image.open(out / by[(p, int(seed), mix)].file) as image:
+                with Image.open(out / by[(p, int(seed), *mix)].file) as image:
                     row.append(image.convert("RGB"))
             rows.append(row)
             labels.append(f"{prompt} · seed {seed}")
-    columns = [by[(0, int(spec.seeds[0]), mix)].label for mix in mixes]
+    columns = [by[(0, int(spec.seeds[0]), *mix)].label for mix in mixes]
     title = f"{Path(str(spec.model)).name}: {spec.steps} steps; columns: LoRA weights, rows: prompt and seed"
     return save_png(render_grid(rows, columns, labels, title), out / "grid.png", overwrite=True)
 

@@ -66,7 +66,8 @@ class SweepWorker:
         return [self._one(cell) for cell in cells]
 
     def _one(self, cell: dict[str, Any]) -> dict[str, Any]:
-        image, timings, switched = self.renderer.render(cell["prompt"], cell["seed"], cell["mix"])
+        image, timings, switched = self.renderer.render(cell["prompt"], cell["seed"], cell["mix"],
+                                                        schedule=cell.get("schedule") or None)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         png = buffer.getvalue()

@@ -26,20 +26,25 @@ function setImage(img, file) {
   imageUrl(file).then((url) => { img.src = url; }).catch(() => { img.alt = "image not readable"; });
 }
 
-function mixLabel(loras) {
-  return Object.entries(loras).map(([n, w]) => `${n}=${w}`).join(" ") || "no LoRA";
+function mixLabel(cell) {  // the LoRA weights, and the schedule that moves them over the steps (a sweep axis)
+  const mix = Object.entries(cell.loras).map(([n, w]) => `${n}=${w}`).join(" ") || "no LoRA";
+  return cell.schedule ? `${mix} @ ${cell.schedule}` : mix;
 }
 
 function axes(cells, names) {
   const uniq = (values) => [...new Set(values)];
   const out = { prompt: uniq(cells.map((c) => c.prompt)), seed: uniq(cells.map((c) => c.seed)).sort((a, b) => a - b) };
   for (const name of names) out[`lora:${name}`] = uniq(cells.map((c) => c.loras[name])).sort((a, b) => a - b);
+  if (cells.some((c) => c.schedule)) out.schedule = uniq(cells.map((c) => value(c, "schedule")));
   return out;
 }
 
 function axisName(axis) { return axis.startsWith("lora:") ? `${axis.slice(5)} weight` : axis; }
 
-function value(cell, axis) { return axis.startsWith("lora:") ? cell.loras[axis.slice(5)] : cell[axis]; }
+function value(cell, axis) {
+  if (axis === "schedule") return cell.schedule || "constant";
+  return axis.startsWith("lora:") ? cell.loras[axis.slice(5)] : cell[axis];
+}
 
 function renderFilters(all) {
   const box = $("filters");
@@ -70,7 +75,7 @@ function visible(cell) {
 function renderGrid() {
   const data = view.data;
   const cells = data.cells.filter(visible);
-  const mixes = [...new Map(cells.map((c) => [mixLabel(c.loras), c.loras])).keys()];
+  const mixes = [...new Map(cells.map((c) => [mixLabel(c), c.loras])).keys()];
   const rows = [...new Map(cells.map((c) => [`${c.prompt_index}|${c.seed}`, c])).values()];
   const grid = $("grid");
   grid.replaceChildren();
@@ -81,7 +86,7 @@ function renderGrid() {
     head.setAttribute("role", "columnheader");
     grid.append(head);
   }
-  const byKey = new Map(cells.map((c) => [`${c.prompt_index}|${c.seed}|${mixLabel(c.loras)}`, c]));
+  const byKey = new Map(cells.map((c) => [`${c.prompt_index}|${c.seed}|${mixLabel(c)}`, c]));
   for (const row of rows) {
     const head = Object.assign(document.createElement("div"), { className: "head",
                                                                 textContent: `${row.prompt} · seed ${row.seed}` });
@@ -117,8 +122,8 @@ function select(cell) {
   $("detail").classList.remove("hidden");
   $("detail-line").classList.remove("hidden");
   setImage($("detail-image"), cell.file);
-  $("detail-image").alt = `${cell.prompt}, seed ${cell.seed}, ${mixLabel(cell.loras)}`;
-  $("detail-caption").textContent = `${cell.prompt} · seed ${cell.seed} · ${mixLabel(cell.loras)}`;
+  $("detail-image").alt = `${cell.prompt}, seed ${cell.seed}, ${mixLabel(cell)}`;
+  $("detail-caption").textContent = `${cell.prompt} · seed ${cell.seed} · ${mixLabel(cell)}`;
   $("detail-line").textContent = JSON.stringify(cell.line || cell, null, 2);
 }
 
