@@ -113,3 +113,42 @@ def test_a_fuse_by_rows_with_nan_raises_and_installs_nothing(monkeypatch):
     with pytest.raises(ValueError, match="transformer.x"):
         write_fused(layer, [(1.0, LowRankDelta(torch.ones(1, 96), up))], safe=True)
     assert layer.module.weight is before and layer.quant_snapshot is None
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "scaled-fp8", "gguf-Q8_0", "torchao-int8"])
+def test_a_fuse_into_a_float_copy_computes_with_the_exact_sum_and_leaves_the_quantized_objects(method, monkeypatch):
+    """``quantized_fuse_dtype``: the fused layer computes with ``W0 + Σ c·ΔW`` in that float dtype (no requantizing
+    rounding: fp32 here, so within fp32 matmul error of the float reference); its quantized objects are the very
+    ones it had, so unfuse gives the original forward back bit for bit; a later fuse in the default mode
+    requantizes again."""
+    from lorablend.quant import fuse
+
+    monkeypatch.setattr(fuse, "BLOCK_BYTES", 4 * 128 * 20)  # (several blocks of rows where the format allows)
+    layer, _ = _pair(method, width=128)
+    module, fmt = layer.module, layer.quant
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(7))
+    before_out = module(x)
+    objects = {k: v for k, v in fmt.stored_state(module).items() if isinstance(v, torch.Tensor)}
+    w0 = dequantized_weight(layer)
+    g = torch.Generator().manual_seed(5)
+    delta = LowRankDelta(torch.randn(4, 128, generator=g) * 0.1, torch.randn(96, 4, generator=g) * 0.1)
+    layer.table.quantized_fuse_dtype = torch.float32
+    write_fused(layer, [(0.8, delta)], safe=True)
+    want = torch.nn.functional.linear(x, w0 + 0.8 * delta.delta_weight(), module.bias.float())
+    assert (module(x).float() - want).abs().max() <= 1e-4 * want.abs().max(), "not the float sum"
+    assert "lorablend_fused_weight" not in module.state_dict()  # (a float copy, not a saved weight)
+    for k, v in fmt.stored_state(module).items():
+        if k in objects:
+            assert v.data_ptr() == objects[k].data_ptr(), f"{method}: {k} was replaced while fused into a float copy"
+    layer.table.quantized_fuse_dtype = torch.bfloat16
+    write_fused(layer, [(0.8, delta)], safe=False)  # re-fused in bf16: within bf16's rounding of the sum
+    assert (module(x).float() - want).abs().max() <= 2 ** -7 * (x.abs().sum(1).max() * want.abs().max())
+    write_fused(layer, [], safe=False)
+    assert "forward" not in vars(module) and "lorablend_fused_weight" not in module._buffers
+    assert torch.equal(module(x), before_out)
+    layer.table.quantized_fuse_dtype = None  # the default again: requantized into the format
+    write_fused(layer, [(0.8, delta)], safe=False)
+    first = next(iter(objects))  # (the weight's bytes: "weight", torchao's "qdata")
+    assert "forward" not in vars(module) and fmt.stored_state(module)[first].data_ptr() != objects[first].data_ptr()
+    write_fused(layer, [], safe=False)
+    assert torch.equal(module(x), before_out)

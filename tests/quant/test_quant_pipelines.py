@@ -215,3 +215,28 @@ def test_pristine_weight_of_a_quantized_layer_is_its_dequantized_original(float_
                      if k not in adapter.deltas and i.kind == "linear" and k.startswith("unet.")
                      and type(pipe.model_view.module(k)).__name__ == "GGUFLinear")
     assert pipe.runtime.pristine_weight(untouched).shape == pipe.model_view.index.modules[untouched].weight_shape
+
+
+@pytest.mark.parametrize("method", ["nf4", "layerwise-fp8", "gguf-Q8_0"])
+def test_fuse_into_float_copies_matches_the_unfused_pipeline_and_unfuses_exactly(float_pipe, method):
+    """``pipe.runtime.layers.quantized_fuse_dtype = torch.float32``: fuse_lora keeps each touched layer's fused
+    weight as a float copy (no requantizing rounding), so the picture is the unfused pipeline's within the format's
+    own forward error; unfuse gives back the stored state bit for bit and the base picture exactly."""
+    pipe = float_pipe("sdxl")
+    adapter = random_adapter(pipe, "a", rank=4, seed=1, strength=0.3, components=["unet"], targets="attn")
+    quantized(pipe, method)
+    pipe = DiffusionPipeline(pipe)
+    base = generate(pipe)
+    pipe.load_lora_weights(adapter, adapter_name="a")
+    layers = quant_layers(pipe)
+    original = {k: copy.copy(layer.quant.stored_state(layer.module)) for k, layer in layers.items()}
+    unfused = generate(pipe)
+    pipe.runtime.layers.quantized_fuse_dtype = torch.float32
+    pipe.fuse_lora()
+    assert all("lorablend_fused_weight" in layer.module._buffers for layer in layers.values())
+    fused = generate(pipe)
+    assert np.abs(fused - unfused).max() <= IMAGE_TOL.get(method, 1e-4), method
+    pipe.unfuse_lora()
+    assert all(same_state(original[k], layer.quant.stored_state(layer.module)) for k, layer in layers.items())
+    pipe.unload_lora_weights()
+    assert np.array_equal(generate(pipe), base)

@@ -425,6 +425,9 @@ class LayerTable:
         # fp8 fuses round stochastically: each layer's generator is seeded from this and its name (reproducible;
         # set another value to draw other roundings, e.g. to check they are unbiased)
         self.rounding_seed = 0
+        # a quantized layer's fuse: None requantizes into its own format; a float dtype (torch.bfloat16 …) keeps the
+        # fused weight as a float copy of that dtype instead, the quantized objects untouched (quant/fuse.py)
+        self.quantized_fuse_dtype: torch.dtype | None = None
         # per-sample adapter weights of the call in progress (a :class:`SampleWeights`, or None: one mix for all)
         self.sample_var: contextvars.ContextVar = contextvars.ContextVar(f"lorablend_samples_{id(self)}", default=None)
         self.low_rank_only = False  # True once per-sample weights were asked for: they need every term low-rank
