@@ -19,3 +19,59 @@ def test_quantize_then_dequantize_gives_float_linears_close_to_the_original():
     assert type(model[0]) is torch.nn.Linear
     rel = float((model[0].weight - reference[0]).norm() / reference[0].norm())
     assert 0 < rel < 0.1  # fp8's rounding, no more
+
+
+def test_a_single_gguf_denoiser_file_serves_the_whole_guide(tmp_path):
+    """A tiny Flux transformer written to a .gguf (gguf-py's writer, diffusers' names: its Flux converter assumes
+    FLUX.1's 3072 widths for BFL names) and loaded by ``load_denoiser_file`` (diffusers' from_single_file with
+    GGUFQuantizationConfig and a local config) is the same model as quantizing the float one in memory: the same
+    pictures with a LoRA, unfused and fused; unfuse gives every GGUF layer its bytes back."""
+    import copy
+
+    import numpy as np
+    import pytest
+
+    gguf = pytest.importorskip("gguf")
+    from conftest import GEN_KW
+
+    from lorablend import DiffusionPipeline
+    from lorablend.fixtures.tiny_transformers import tiny_flux_pipeline
+    from lorablend.fixtures.tiny_unets import random_adapter
+    from lorablend.quant.convert import load_denoiser_file, quantize_pipeline
+    from lorablend.quant.gguf import quantize_gguf
+
+    float_pipe = tiny_flux_pipeline()
+    adapter = random_adapter(float_pipe, "a", rank=4, seed=1, strength=0.3, components=["transformer"])
+    writer = gguf.GGUFWriter(str(tmp_path / "flux-Q8_0.gguf"), "flux")
+    for name, t in float_pipe.transformer.state_dict().items():
+        a = t.float().numpy()
+        if a.ndim == 2 and a.shape[1] % 32 == 0:
+            writer.add_tensor(name, quantize_gguf(a, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, a)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    float_pipe.transformer.save_config(str(tmp_path / "model" / "transformer"))
+
+    in_memory = DiffusionPipeline(copy.deepcopy(float_pipe))
+    quantize_pipeline(in_memory, "gguf-Q8_0")
+    from_file = DiffusionPipeline(float_pipe)
+    name = load_denoiser_file(from_file, str(tmp_path / "flux-Q8_0.gguf"), config=str(tmp_path / "model"))
+    assert name == "transformer"
+    layers = {k: m for k, m in from_file.denoiser.named_modules() if format_of(m) is not None}
+    assert layers and all(format_of(m).label(m) == "gguf-Q8_0" for m in layers.values())
+
+    kw = dict(GEN_KW, num_inference_steps=1)
+    pictures = []
+    for pipe in (in_memory, from_file):
+        pipe.load_lora_weights(adapter, adapter_name="a")
+        stored = {k: format_of(m).stored_state(m)["weight"].clone() for k, m in layers.items()}  # (from_file's)
+        unfused = pipe(**kw, generator=np.random.Generator(np.random.PCG64(0)))[0]
+        pipe.fuse_lora()
+        fused = pipe(**kw, generator=np.random.Generator(np.random.PCG64(0)))[0]
+        pipe.unfuse_lora()
+        pictures.append((unfused, fused))
+        if pipe is from_file:
+            assert all(torch.equal(format_of(m).stored_state(m)["weight"], stored[k]) for k, m in layers.items())
+    assert np.array_equal(pictures[0][0], pictures[1][0]) and np.array_equal(pictures[0][1], pictures[1][1])
+    assert np.abs(pictures[1][0] - pictures[1][1]).max() < 0.05  # fused ≈ unfused (Q8_0's requantizing)

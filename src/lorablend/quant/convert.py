@@ -154,4 +154,40 @@ def quantize_pipeline(pipeline: Any, method: str, *, compute_dtype: torch.dtype 
     return done
 
 
-__all__ = ["METHODS", "dequantize_model", "quantize_model", "quantize_pipeline"]
+def load_denoiser_file(pipeline: Any, path: str, *, config: str | None = None,
+                       compute_dtype: torch.dtype | None = None) -> str:
+    """Replace a ``lorablend.DiffusionPipeline``'s denoiser by the one in a single GGUF file (city96-style
+    ``flux-Q8_0.gguf``): diffusers' ``from_single_file`` with ``GGUFQuantizationConfig(compute_dtype)`` and a local
+    ``config`` (a folder holding ``<denoiser>/config.json``, e.g. the pipeline's own model folder; default: the
+    current denoiser's config, written to a temporary folder), on the current denoiser's device. Before any LoRA
+    is loaded; the runtime re-indexes the new layers. Returns the denoiser's component name. What
+    ``lorablend.quant`` then does with its layers is what it does with any GGUF linear (fuse, bake, unfuse exact).
+
+    >>> load_denoiser_file(pipeline, "flux1-dev-Q8_0.gguf", config="FLUX.1-dev/")  # doctest: +SKIP
+    'transformer'
+    """
+    import tempfile
+    from pathlib import Path
+
+    from diffusers import GGUFQuantizationConfig
+
+    from ..naming import components_of
+
+    if pipeline.runtime.adapters:
+        raise ValueError(f"load the denoiser file before loading LoRAs (loaded: {sorted(pipeline.runtime.adapters)})")
+    if Path(path).suffix.lower() != ".gguf" or not Path(path).is_file():
+        raise ValueError(f"--denoiser {path}: expected a .gguf file (an fp8 .safetensors single file loads through "
+                         "diffusers' from_single_file as floats: quantize it with quantize_pipeline(pipe, 'fp8'))")
+    name, old = pipeline.denoiser_name, pipeline.denoiser
+    dtype = compute_dtype or next(p.dtype for p in old.parameters() if p.dtype.is_floating_point)
+    with tempfile.TemporaryDirectory() as tmp:
+        if config is None:
+            old.save_config(str(Path(tmp) / name))
+        new = type(old).from_single_file(str(path), config=str(config or tmp), subfolder=name, torch_dtype=dtype,
+                                         quantization_config=GGUFQuantizationConfig(compute_dtype=dtype))
+    setattr(pipeline, name, new.to(next(old.parameters()).device))
+    pipeline.runtime.follow(components_of(pipeline), reindex=True)  # (the view found the old layers)
+    return name
+
+
+__all__ = ["METHODS", "dequantize_model", "load_denoiser_file", "quantize_model", "quantize_pipeline"]
