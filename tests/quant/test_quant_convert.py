@@ -31,26 +31,18 @@ def test_a_single_gguf_denoiser_file_serves_the_whole_guide(tmp_path):
     import numpy as np
     import pytest
 
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     from conftest import GEN_KW
+    from quant_support import write_gguf_file
 
     from lorablend import DiffusionPipeline
     from lorablend.fixtures.tiny_transformers import tiny_flux_pipeline
     from lorablend.fixtures.tiny_unets import random_adapter
     from lorablend.quant.convert import load_denoiser_file, quantize_pipeline
-    from lorablend.quant.gguf import quantize_gguf
 
     float_pipe = tiny_flux_pipeline()
     adapter = random_adapter(float_pipe, "a", rank=4, seed=1, strength=0.3, components=["transformer"])
-    writer = gguf.GGUFWriter(str(tmp_path / "flux-Q8_0.gguf"), "flux")
-    for name, t in float_pipe.transformer.state_dict().items():
-        a = t.float().numpy()
-        if a.ndim == 2 and a.shape[1] % 32 == 0:
-            writer.add_tensor(name, quantize_gguf(a, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, a)
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    write_gguf_file(tmp_path / "flux-Q8_0.gguf", float_pipe.transformer.state_dict(), "Q8_0")
     float_pipe.transformer.save_config(str(tmp_path / "model" / "transformer"))
 
     in_memory = DiffusionPipeline(copy.deepcopy(float_pipe))

@@ -34,3 +34,24 @@ def bnb4_bytes(weight: torch.Tensor, snap) -> torch.Tensor:
     data, _ = quantize_4bit(weight.to(dtype), blocksize=state.blocksize, compress_statistics=nested,
                             quant_type=state.quant_type, quant_storage=snap.weight.quant_storage)
     return data
+
+
+def write_gguf_file(path, state_dict: dict, qname: str = "Q8_0") -> None:
+    """A single-file GGUF denoiser as city96's files hold one: 2-D weights whose rows are whole blocks in ``qname``
+    (gguf-py's quantizer), everything else F32; the names as given (diffusers' for the tiny models)."""
+    import gguf
+
+    from lorablend.quant.gguf import quantize_gguf
+
+    qtype = gguf.GGMLQuantizationType[qname]
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for name, t in state_dict.items():
+        a = t.float().numpy()
+        if a.ndim == 2 and a.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+            writer.add_tensor(name, quantize_gguf(a, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

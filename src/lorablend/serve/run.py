@@ -32,9 +32,11 @@ def check_compile() -> None:
 
 
 def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | None = None,
-               compile: bool = False, quantize: str | None = None) -> tuple[Any, Any]:
+               compile: bool = False, quantize: str | None = None, denoiser: str | None = None) -> tuple[Any, Any]:
     """The ``lorablend.DiffusionPipeline`` to serve, from a folder or hub id, on ``device`` (CUDA when present),
-    and, with ``compile``, the handle of its compiled denoiser (``compile_denoiser()``; else None).
+    and, with ``compile``, the handle of its compiled denoiser (``compile_denoiser()``; else None). ``denoiser``:
+    a single-file GGUF denoiser (``flux1-dev-Q8_0.gguf``) replacing the model's, with the model's own config
+    (``lorablend.quant.convert.load_denoiser_file``).
 
     >>> pipe, compiled = load_model("sd15/", device="cpu")                  # doctest: +SKIP
     """
@@ -43,6 +45,12 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
     if compile:
         check_compile()  # before seconds of loading
     pipe, _ = load_pipeline(model, [], device=device, dtype=dtype)
+    if denoiser:  # a single GGUF file in place of the model's denoiser (its config: the model folder's)
+        from pathlib import Path
+
+        from ..quant.convert import load_denoiser_file
+
+        load_denoiser_file(pipe, denoiser, config=model if Path(model).is_dir() else None)
     if quantize:  # the denoiser's linears quantized in place (lorablend.quant.convert: nf4, int8, fp8, gguf-Q8_0 …)
         from ..quant.convert import quantize_pipeline
 
@@ -53,7 +61,7 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
 
 def serve(model: str, config: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           dtype: torch.dtype | None = None, compile: bool = False, log_level: str = "info",
-          quantize: str | None = None) -> None:
+          quantize: str | None = None, denoiser: str | None = None) -> None:
     """Load ``model`` and serve it until interrupted (uvicorn, one process: the pipeline is not shared).
 
     >>> serve("sd15/", ServeSettings(lora_dir="loras/"), port=8000)          # doctest: +SKIP
@@ -66,7 +74,8 @@ def serve(model: str, config: ServeSettings, *, host: str = "127.0.0.1", port: i
     if host not in LOOPBACK and config.token is None:
         print(f"lorablend serve: warning: listening on {host} without a token; anyone who reaches this port can "
               "use the server (pass --token or set LORABLEND_TOKEN)", file=sys.stderr)
-    pipe, compiled = load_model(model, device=device, dtype=dtype, compile=compile, quantize=quantize)
+    pipe, compiled = load_model(model, device=device, dtype=dtype, compile=compile, quantize=quantize,
+                                denoiser=denoiser)
     app = create_app(pipe, config, compiled=compiled)
     print(f"lorablend serve: {model} on http://{host}:{port} (LoRAs from {config.lora_dir})", file=sys.stderr)
     server = draining_server(uvicorn.Config(app, host=host, port=port, log_level=log_level),
