@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lorablend.serve.metrics import SWITCH_BUCKETS, Metrics
 
 
@@ -32,3 +34,24 @@ def test_gauges_are_read_when_rendered_and_every_metric_has_help():
     depth[0] = 5
     assert "lorablend_queue_depth 5" in m.render()
     assert m.render().startswith("# HELP")
+
+
+def test_several_servers_texts_sum_into_one_valid_exposition():
+    from lorablend.serve.metrics import merge_texts
+
+    a, b = Metrics(), Metrics()
+    for m, n in ((a, 2), (b, 3)):
+        for _ in range(n):
+            m.count("lorablend_requests_total", route="/v1/images", method="POST", code="200")
+            m.observe("lorablend_generate_seconds", 0.3)
+        m.gauge("lorablend_queue_depth", lambda n=n: n)
+    b.count("lorablend_requests_total", route="/health", method="GET", code="200")  # a series only b has
+    merged = merge_texts([a.render(), b.render()])
+    lines = merged.splitlines()
+    assert 'lorablend_requests_total{code="200",method="POST",route="/v1/images"} 5' in lines
+    assert 'lorablend_requests_total{code="200",method="GET",route="/health"} 1' in lines
+    assert "lorablend_generate_seconds_count 5" in lines and "lorablend_queue_depth 5" in lines
+    assert lines.count("# TYPE lorablend_requests_total counter") == 1
+    prometheus = pytest.importorskip("prometheus_client.parser")
+    families = {f.name: f for f in prometheus.text_string_to_metric_families(merged)}
+    assert sum(s.value for s in families["lorablend_requests"].samples) == 6

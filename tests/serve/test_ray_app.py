@@ -26,3 +26,22 @@ def test_settings_are_checked_by_name():
     assert RayServeSettings(replicas=2).check().replicas == 2
     with pytest.raises(ValueError, match="replicas"):
         RayServeSettings(replicas=0).check()
+
+
+def test_a_replica_compiles_its_denoiser_when_asked(tmp_path):
+    """``serve --engine ray --compile``: each replica loads its pipeline with the compiled denoiser (static mode,
+    mixed batches kept); the compile itself runs at the first request (tests/serve/test_mixed_batch.py)."""
+    pytest.importorskip("httpx")
+    from serve_support import make_world
+
+    from lorablend.serve.ray_app import PipelineReplica
+
+    world = make_world(tmp_path)
+    replica = PipelineReplica(str(world.model), {"lora_dir": str(world.loras)}, "cpu", None, compile=True)
+    try:
+        state = replica.app.state.lorablend
+        assert state.worker._run_batch.compiled is not None and state.worker.mixed
+        assert replica.pipe.runtime.layers.static  # the denoiser's layers belong to static mode
+        assert replica.app.state.lorablend.worker._run_batch.compiled.per_sample
+    finally:
+        replica.app.state.lorablend.close()

@@ -66,6 +66,28 @@ def test_two_ray_replicas_give_the_images_of_the_local_server(ray_server, local_
     assert all(len(seen) == 1 for seen in replicas.values()), replicas
 
 
+def _images_answered(url: str) -> float:
+    """``/metrics``' count of 200 answers on /v1/images (the router sums the replicas)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return sum(s.value for s in families["lorablend_requests"].samples if s.name == "lorablend_requests_total"
+               and s.labels.get("route") == "/v1/images" and s.labels.get("status") == "200")
+
+
+def test_metrics_sum_every_replica(ray_server):
+    pytest.importorskip("prometheus_client")
+    before, sent, replicas = _images_answered(ray_server), 0, set()
+    while len(replicas) < 2 and sent < 12:  # new mixes until both replicas have answered some
+        r = _post(ray_server, {"prompt": "x", "loras": {"ink": round(0.1 + 0.05 * sent, 2)}, "seed": 1, **GEN})
+        assert r.status_code == 200, r.text
+        sent += 1
+        replicas.add(r.headers["x-lorablend-replica"])
+    assert len(replicas) == 2, "the router sent every mix to one replica"
+    assert _images_answered(ray_server) - before == sent  # one replica's metrics would miss the other's
+
+
 def test_the_same_api_answers_and_refuses_on_ray(ray_server):
     assert httpx.get(f"{ray_server}/health").json() == {"status": "ok"}
     assert httpx.get(f"{ray_server}/v1/loras").status_code == 401

@@ -108,12 +108,12 @@ def _serve_on_ray(args: argparse.Namespace, config: Any, dtype: Any) -> int:
         import ray.serve  # noqa: F401
     except ImportError:
         raise UsageError("--engine ray needs Ray Serve: pip install 'lorablend[ray]' (or use --engine local)") from None
-    if args.compile or args.quantize:
-        raise UsageError("--compile and --quantize are not available with --engine ray yet; use --engine local")
+    if args.quantize:
+        raise UsageError("--quantize is not available with --engine ray yet; use --engine local")
     from .ray_app import RayServeSettings, deploy
 
     options = RayServeSettings(replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, address=args.address,
-                              device=args.device, dtype=args.dtype).check()
+                              device=args.device, dtype=args.dtype, compile=args.compile).check()
     print(f"lorablend serve: {args.model} on Ray, {args.replicas} replica(s), http://{args.host}:{args.port} "
           f"(LoRAs from {config.lora_dir})", file=sys.stderr)
     deploy(args.model, config, options, host=args.host, port=args.port, blocking=True)

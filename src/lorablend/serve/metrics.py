@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SWITCH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -145,6 +145,36 @@ class Metrics:
 
 
 
+def merge_texts(texts: Sequence[str]) -> str:
+    r"""Several servers' Prometheus texts as one: each series (name and labels) summed over them — counters and
+    histograms add up, and so do the gauges (queue depth, cache bytes, LoRAs loaded: totals of the fleet). Each
+    family's ``# HELP`` / ``# TYPE`` once, its series together, in the order first seen. What ``--engine ray``'s
+    ``/metrics`` answers.
+
+    >>> print(merge_texts(["# TYPE x counter\nx{a=\"1\"} 2\n", "# TYPE x counter\nx{a=\"1\"} 3\nx 1\n"]), end="")
+    # TYPE x counter
+    x{a="1"} 5
+    x 1
+    """
+    families: dict[str, tuple[list[str], dict[str, float]]] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("#"):
+                parts = line.split()
+                family = parts[2] if len(parts) > 2 else family
+                comments, _ = families.setdefault(family, ([], {}))
+                if line not in comments:
+                    comments.append(line)
+            elif line.strip():
+                series, _, value = line.rpartition(" ")
+                _, samples = families.setdefault(family, ([], {}))
+                samples[series] = samples.get(series, 0.0) + float(value)
+    lines: list[str] = []
+    for comments, samples in families.values():
+        lines += comments + [f"{k} {int(v) if float(v).is_integer() else repr(v)}" for k, v in samples.items()]
+    return "\n".join(lines) + "\n"
+
 
 class MetricsMiddleware:
     """ASGI wrapper: count every answer by route template (never the raw path: names in URLs would make a
@@ -187,4 +217,4 @@ class MetricsMiddleware:
             self.metrics.observe("lorablend_request_seconds", time.perf_counter() - started, route=route)
 
 
-__all__ = ["HELP", "Metrics", "MetricsMiddleware"]
+__all__ = ["HELP", "Metrics", "MetricsMiddleware", "merge_texts"]

@@ -12,8 +12,9 @@ replica. Ray is imported only when ``deploy`` runs.
 What differs from one process: registering a path (``POST /v1/loras`` JSON) would change one replica only, so it
 is refused (501): put LoRA files in ``--lora-dir``, which every replica reads (on a cluster: a folder every node
 sees at the same path). Uploads (multipart ``POST /v1/loras``) and ``DELETE /v1/loras/{name}`` reach every replica
-when the server has a shared ``--upload-dir`` (refused without one). ``/metrics`` is one replica's; ``--compile``
-is refused.
+when the server has a shared ``--upload-dir`` (refused without one). ``/metrics`` sums every replica's counters,
+histograms and gauges (:func:`metrics.merge_texts`): each replica leaves its text with one small named actor
+(``lorablend-metrics``) after every answer, the router adds them up. ``--compile`` compiles each replica's denoiser.
 
 >>> deploy("sd15/", ServeSettings(lora_dir="loras/"), RayServeSettings(replicas=2))      # doctest: +SKIP
 """
@@ -69,7 +70,8 @@ class PipelineReplica:
     >>> replica = PipelineReplica("sd15/", {"lora_dir": "loras/"}, "cpu", None)          # doctest: +SKIP
     """
 
-    def __init__(self, model: str, config: dict[str, Any], device: str | None, dtype: str | None) -> None:
+    def __init__(self, model: str, config: dict[str, Any], device: str | None, dtype: str | None,
+                 compile: bool = False) -> None:
         import httpx
 
         from ..io.write import parse_dtype
@@ -77,7 +79,8 @@ class PipelineReplica:
         from .run import load_model
 
         self.config = ServeSettings(**config).check()
-        self.pipe, compiled = load_model(model, device=device, dtype=parse_dtype(dtype) if dtype else None)
+        self.pipe, compiled = load_model(model, device=device, dtype=parse_dtype(dtype) if dtype else None,
+                                         compile=compile)
         self.app = create_app(self.pipe, self.config, compiled=compiled)
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://replica",
                                         timeout=None)
@@ -107,6 +110,7 @@ class PipelineReplica:
         if model_id:
             await self.hold(model_id)
         response = await self.client.request(method, path, headers=headers, content=body)
+        await metrics_hub().put.remote(self.pid, self.app.state.lorablend.metrics.render())  # before the answer
         kept = [(k, v) for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS]
         return response.status_code, kept + [("x-lorablend-replica", str(self.pid))], response.content
 
@@ -114,6 +118,35 @@ class PipelineReplica:
         state = getattr(getattr(self, "app", None), "state", None)
         if state is not None:
             state.lorablend.close()  # stop the worker thread, remove the uploads folder
+
+
+class MetricsHub:
+    r"""Each replica's latest ``/metrics`` text, by process id (a Ray actor: see :func:`metrics_hub`).
+
+    >>> hub = MetricsHub(); hub.put(1, "x 1\n"); hub.snapshot()
+    {1: 'x 1\n'}
+    """
+
+    def __init__(self) -> None:
+        self.by_replica: dict[int, str] = {}
+
+    def put(self, pid: int, text: str) -> None:
+        self.by_replica[pid] = text
+
+    def snapshot(self) -> dict[int, str]:
+        return dict(self.by_replica)
+
+
+def metrics_hub() -> Any:
+    """The one ``MetricsHub`` actor of this Ray namespace, made by whoever asks first (detached: it outlives the
+    replica that made it, so a replaced replica's counts are still summed).
+
+    >>> metrics_hub().snapshot.remote()                                         # doctest: +SKIP
+    """
+    import ray
+
+    return ray.remote(MetricsHub).options(name="lorablend-metrics", get_if_exists=True, lifetime="detached",
+                                          num_cpus=0).remote()
 
 
 class Router:
@@ -151,6 +184,8 @@ class Router:
         try:
             status, headers, content = await handle.handle.remote(request.method, target,
                                                                    list(request.headers.items()), body)
+            if path.rstrip("/") == "/metrics" and request.method == "GET" and status == 200:
+                content = await self._all_metrics(content, dict(headers).get("x-lorablend-replica"))
         except Exception as exc:
             if not isinstance(exc, _ray_gone()):
                 raise
@@ -158,6 +193,15 @@ class Router:
             return JSONResponse({"detail": f"the replica running this request stopped ({type(exc).__name__}); "
                                            "no image was made: send the request again"}, status_code=503)
         return Response(content, status_code=status, headers=dict(headers))
+
+    @staticmethod
+    async def _all_metrics(answered: bytes, pid: str | None) -> bytes:
+        """The replica's fresh text summed with every other replica's latest (the hub's)."""
+        from .metrics import merge_texts
+
+        latest = await metrics_hub().snapshot.remote()
+        others = [text for replica, text in latest.items() if str(replica) != pid]  # (its own: fresher here)
+        return merge_texts([answered.decode()] + others).encode()
 
 
 @dataclass
@@ -178,6 +222,7 @@ class RayServeSettings:
     mixes_per_replica: int = 16
     device: str | None = None
     dtype: str | None = None
+    compile: bool = False  # each replica's denoiser under torch.compile (serve --compile)
 
     def check(self) -> "RayServeSettings":
         """Raise ``ValueError`` naming the bad setting. >>> RayServeSettings(replicas=0).check()
@@ -211,7 +256,7 @@ def build_app(model: str, config: ServeSettings, options: RayServeSettings) -> A
     if settings.get("upload_dir") is not None:
         settings["upload_dir"] = os.path.abspath(settings["upload_dir"])
     model = os.path.abspath(model) if os.path.exists(model) else model
-    return router.bind(pipeline.bind(model, settings, options.device, options.dtype), settings)
+    return router.bind(pipeline.bind(model, settings, options.device, options.dtype, options.compile), settings)
 
 
 def deploy(model: str, config: ServeSettings, options: RayServeSettings, *, host: str = "127.0.0.1",
