@@ -111,3 +111,20 @@ def test_pairs_are_refused_where_they_cannot_go(tmp_path, wan22, pair):
     with pytest.raises(LoraCompatibilityError, match="belongs to no expert"):
         ours.load_lora_weights(high=pair[0], low=text, adapter_name="x")
     assert ours.get_list_adapters() == {}
+
+
+def test_the_expert_split_as_a_schedule_equals_one_weight_per_expert(wan22, pair):
+    from lorablend.runtime.schedule import expert_keyframes, weight_at
+
+    ours = lorablend.DiffusionPipeline(copy.deepcopy(wan22))
+    ours.load_lora_weights(high=pair[0], low=pair[1], adapter_name="lightning")
+    steps = KW["num_inference_steps"]
+    split = expert_keyframes(ours, steps, high=1.0, low=0.25)
+    assert [weight_at(split, i, steps) for i in range(steps)][0] == 1.0 and weight_at(split, steps - 1, steps) == 0.25
+    ours.set_adapters("lightning", {"transformer": 1.0, "transformer_2": 0.25})
+    per_expert = _frames(ours)
+    ours.set_adapters(["lightning"], [1.0])
+    scheduled = _frames(ours, lora_schedule={"lightning": split})
+    torch.testing.assert_close(scheduled, per_expert, **TOL)
+    assert float((scheduled - _frames(ours)).abs().max()) > 10 * TOL["atol"]  # the low expert's weight moved
+    assert expert_keyframes(lorablend.DiffusionPipeline(tiny_2026_pipeline("wan")), steps, 0.5) == ((0.0, 0.5),)

@@ -94,6 +94,33 @@ class StepSchedule:
         return on_step_end
 
 
+def expert_keyframes(pipeline: Any, steps: int, high: float = 1.0, low: float = 0.0) -> Keyframes:
+    """Wan 2.2's high / low expert split as a schedule: keyframes giving ``high`` on the steps the high-noise
+    ``transformer`` runs (timestep at or above ``boundary_ratio × num_train_timesteps``) and ``low`` on the
+    low-noise ``transformer_2``'s, read from ``pipeline``'s own scheduler for ``steps`` steps (a copy: the
+    pipeline's is untouched). On a one-expert pipeline (no ``boundary_ratio``) every step is ``high``'s.
+
+    >>> pipeline(prompt, num_inference_steps=30,
+    ...          lora_schedule={"lightning": expert_keyframes(pipeline, 30, high=1.0, low=0.3)})   # doctest: +SKIP
+    """
+    import copy
+
+    ratio = getattr(pipeline.config, "boundary_ratio", None)
+    if ratio is None:
+        return ((0.0, float(high)),)
+    scheduler = copy.deepcopy(pipeline.scheduler)
+    scheduler.set_timesteps(int(steps))
+    boundary = ratio * scheduler.config.num_train_timesteps
+    timesteps = [float(t) for t in scheduler.timesteps]
+    first_low = next((i for i, t in enumerate(timesteps) if t < boundary), len(timesteps))
+    if first_low == 0:
+        return ((0.0, float(low)),)
+    if first_low == len(timesteps):
+        return ((0.0, float(high)),)
+    n = len(timesteps)  # (positions as fractions: step k is at k / n, so the change lands between two steps)
+    return ((0.0, float(high)), ((first_low - 1) / n, float(high)), (first_low / n, float(low)))
+
+
 def scheduled_call(runtime: Any, schedule: Mapping[str, Any], call: Callable[..., Any], kwargs: dict,
                    steps: int) -> Any:
     """``call(**kwargs)`` with the active adapters named in ``schedule`` weighted per step (keyframes times their
@@ -113,4 +140,4 @@ def scheduled_call(runtime: Any, schedule: Mapping[str, Any], call: Callable[...
         return call(**kwargs)
 
 
-__all__ = ["Keyframes", "StepSchedule", "parse_keyframes", "scheduled_call", "weight_at"]
+__all__ = ["Keyframes", "StepSchedule", "expert_keyframes", "parse_keyframes", "scheduled_call", "weight_at"]
