@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run the denoiser under torch.compile (DiffusionPipeline.compile_denoiser), when this build has it")
     p.add_argument("--quantize", default=None, help="quantize the denoiser's linears after loading: nf4, fp4, int8, "
                    "fp8, scaled-fp8, gguf-Q8_0, gguf-Q4_0 or torchao-int8 (LoRAs then run on the quantized base)")
+    p.add_argument("--denoiser", default=None, metavar="FILE.gguf",
+                   help="a single-file GGUF denoiser (city96's flux1-dev-Q8_0.gguf …) in place of --model's, read "
+                   "with --model's config; LoRAs then run on it")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: one process, one pipeline (default); ray: Ray Serve replicas routed by LoRA mix")
     p.add_argument("--address", default=None,
@@ -76,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.lora_dir = args.model or str(base_dir()), args.lora_dir or str(DRAWING_DIR / "loras")
     if not args.model or not args.lora_dir:
         raise UsageError("lorablend serve needs --model and --lora-dir (or --demo: the shipped drawing model)")
+    if args.denoiser and (not os.path.isfile(args.denoiser) or not args.denoiser.lower().endswith(".gguf")):
+        raise UsageError(f"--denoiser {args.denoiser}: expected an existing .gguf file (a single-file GGUF denoiser)")
     dtype = None
     if args.dtype:
         from ..io.write import parse_dtype
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     hf_progress_bars(False)  # a server's log: no loading bars
     serve(args.model, config, host=args.host, port=args.port, device=args.device, dtype=dtype, compile=args.compile,
-          quantize=args.quantize)
+          quantize=args.quantize, denoiser=args.denoiser)
     return 0
 
 
@@ -108,8 +113,8 @@ def _serve_on_ray(args: argparse.Namespace, config: Any, dtype: Any) -> int:
         import ray.serve  # noqa: F401
     except ImportError:
         raise UsageError("--engine ray needs Ray Serve: pip install 'lorablend[ray]' (or use --engine local)") from None
-    if args.quantize:
-        raise UsageError("--quantize is not available with --engine ray yet; use --engine local")
+    if args.quantize or args.denoiser:
+        raise UsageError("--quantize and --denoiser are not available with --engine ray yet; use --engine local")
     from .ray_app import RayServeSettings, deploy
 
     options = RayServeSettings(replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, address=args.address,
