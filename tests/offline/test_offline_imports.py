@@ -1,7 +1,8 @@
 """Offline work starts fast: ``import lorablend``, ``inspect``, ``convert``, ``merge`` and ``load_adapter`` without a
 model never import diffusers or transformers (seconds of start-up that only a pipeline needs).
 
-Each case runs in a fresh interpreter, since this test process has imported everything long before.
+The cases run in one fresh interpreter (this test process has imported everything long before), lightest
+first, and it reports the heavy modules after each: one start-up of torch instead of five.
 """
 
 from __future__ import annotations
@@ -58,44 +59,57 @@ def files(tmp_path_factory):
             "out": str(d)}
 
 
-def _heavy_after(code: str) -> list[str]:
-    """The heavy modules a fresh interpreter holds after running ``code`` (which must succeed)."""
-    probe = textwrap.dedent(code) + textwrap.dedent(f"""
-        import json, sys
-        print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))
-    """)
+def _stage_code(family: str, files: dict) -> dict[str, str]:
+    """The cases of one family, by name: ``load_adapter`` without a model, then the CLI's offline commands."""
+    src, out = files[family], files["out"]
+    return {
+        f"load_adapter[{family}]": f"""
+            adapter = lorablend.load_adapter({src!r})
+            assert adapter.family == {family!r}, adapter.family
+            assert adapter.report.counts()["mapped"] == len(adapter.report.records), adapter.report.summary()
+        """,
+        f"cli[{family}]": f"""
+            from lorablend.cli import main
+            assert main(["inspect", {src!r}]) == 0
+            assert main(["inspect", {src!r}, "--json"]) == 0
+            assert main(["convert", {src!r}, {out + f"/{family}_k.safetensors"!r}, "--to", "kohya", "--overwrite"]) == 0
+            assert main(["convert", {src!r}, {out + f"/{family}_d.safetensors"!r}, "--to", "diffusers",
+                         "--overwrite"]) == 0
+            for method in ("cat", "svd"):
+                assert main(["merge", {src!r}, {src + ":0.5"!r}, "-o", {out + f"/{family}_m.safetensors"!r},
+                             "--method", method, "--overwrite"]) == 0
+        """,
+    }
+
+
+@pytest.fixture(scope="module")
+def heavy_after(files) -> dict[str, list[str]]:
+    """{case: the heavy modules a fresh interpreter holds after it}: the cases run in order in one interpreter,
+    ``import lorablend`` first, then every ``load_adapter``, then the commands (a case that imports a heavy module
+    shows it, and so does every later one: the first case that shows it is the one to fix)."""
+    stages = {"import": "import lorablend"}
+    for family in ("sd1", "sdxl"):
+        stages.update({k: v for k, v in _stage_code(family, files).items() if k.startswith("load_adapter")})
+    for family in ("sd1", "sdxl"):
+        stages.update({k: v for k, v in _stage_code(family, files).items() if k.startswith("cli")})
+    probe = "import json, sys\nimport lorablend\nheavy = {}\n"
+    for name, code in stages.items():
+        probe += textwrap.dedent(code) + f"\nheavy[{name!r}] = [m for m in {HEAVY!r} if m in sys.modules]\n"
+    probe += "print(json.dumps(heavy))\n"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_import_lorablend_is_light():
-    assert _heavy_after("import lorablend") == []
+def test_import_lorablend_is_light(heavy_after):
+    assert heavy_after["import"] == []
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_load_adapter_without_a_model_is_light(files, family):
-    heavy = _heavy_after(f"""
-        import lorablend
-        adapter = lorablend.load_adapter({files[family]!r})
-        assert adapter.family == {family!r}, adapter.family
-        assert adapter.report.counts()["mapped"] == len(adapter.report.records), adapter.report.summary()
-    """)
-    assert heavy == []
+def test_load_adapter_without_a_model_is_light(heavy_after, family):
+    assert heavy_after[f"load_adapter[{family}]"] == []
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_cli_inspect_convert_merge_are_light(files, family):
-    src, out = files[family], files["out"]
-    heavy = _heavy_after(f"""
-        from lorablend.cli import main
-        assert main(["inspect", {src!r}]) == 0
-        assert main(["inspect", {src!r}, "--json"]) == 0
-        assert main(["convert", {src!r}, {out + f"/{family}_k.safetensors"!r}, "--to", "kohya", "--overwrite"]) == 0
-        assert main(["convert", {src!r}, {out + f"/{family}_d.safetensors"!r}, "--to", "diffusers",
-                     "--overwrite"]) == 0
-        for method in ("cat", "svd"):
-            assert main(["merge", {src!r}, {src + ":0.5"!r}, "-o", {out + f"/{family}_m.safetensors"!r},
-                         "--method", method, "--overwrite"]) == 0
-    """)
-    assert heavy == []
+def test_cli_inspect_convert_merge_are_light(heavy_after, family):
+    assert heavy_after[f"cli[{family}]"] == []
