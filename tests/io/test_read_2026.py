@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from keylists_2026 import (KEYLISTS_2026, expected_family, layout, layouts, requires_2026, shape_from_family,
                            state_dict)
@@ -39,11 +40,14 @@ def test_every_layout_reads_as_its_family(stem):
         with pytest.raises(LoraFormatError, match="does not cover HiDream-I1"):
             load_adapter(sd)
         return
-    adapter = load_adapter(sd)
     entry = layout(stem)
     excerpt = entry.get("complete") is False
-    if adapter.family != family:  # only an excerpt whose every layer other families have as well may tie
-        assert excerpt and family in adapter.also_fits, (adapter.family, adapter.also_fits)
+    try:
+        adapter = load_adapter(sd)
+    except LoraFormatError as err:  # only an excerpt whose every layer other models have as well may be ambiguous
+        assert excerpt and "ambiguous" in str(err) and family in str(err), str(err)
+        adapter = load_adapter(sd, family=family)
+    assert adapter.family == family, (adapter.family, adapter.also_fits)
     records = {r.key: r for r in adapter.report.records}
     assert set(records) == set(sd), "every key is accounted for"
     idx = standard_index(adapter.family)
@@ -146,9 +150,32 @@ def test_hunyuanvideo():
     # double block or its token refiner, which no covered family has: refused by name.
     sd = _layout_file("hunyuanvideo_comfy-diff__hyvideowrapper-issue468")
     assert load_adapter(sd).family == "flux"
-    sd["diffusion_model.double_blocks.19.img_attn.qkv.lora_down.weight"] = torch.zeros(2, 3072)
-    with pytest.raises(LoraFormatError, match="a HunyuanVideo LoRA .* does not cover HunyuanVideo"):
+    for key in ("diffusion_model.double_blocks.19.img_attn.qkv.lora_down.weight",
+                "diffusion_model.img_in.proj.lora_down.weight", "lora_unet_img_in_proj.lora_down.weight"):
+        with pytest.raises(LoraFormatError, match="a HunyuanVideo LoRA .* does not cover HunyuanVideo"):
+            load_adapter({**sd, key: torch.zeros(2, 3072)})
+
+
+def test_a_file_that_fits_several_models_is_refused_and_read_with_family(tmp_path):
+    # InvokeAI's Qwen-Image fixture: to_q / to_k of two blocks at width 3072, which Flux.1, Qwen-Image, Flux.2 klein 4B
+    # and Chroma all have: never read as the first of them; family= says which
+    sd = _layout_file("qwenimage_diffusers-bare-downup__invokeai-testfixture")
+    with pytest.raises(LoraFormatError, match=r"ambiguous: its layers fit flux, qwen-image, flux2-klein-4b, chroma .*"
+                                              r"family='qwen-image'"):
         load_adapter(sd)
+    adapter = load_adapter(sd, family="qwen-image")
+    assert adapter.family == "qwen-image" and adapter.report.counts()["mapped"] == len(sd)
+    assert load_adapter(sd, family="flux").family == "flux"  # the caller's word is taken
+    with pytest.raises(ValueError, match="family='qwen' is not a family lorablend covers; choose one of sd1"):
+        load_adapter(sd, family="qwen")
+    with pytest.raises(LoraFormatError, match="none of its layers is a layer of sd1"):
+        load_adapter(sd, family="sd1")
+    # a file that says its model in its metadata (kohya's / lorablend's modelspec.architecture) is read as that model
+    save_file(sd, str(tmp_path / "q.safetensors"), metadata={"modelspec.architecture": "qwen-image/lora"})
+    assert load_adapter(tmp_path / "q.safetensors").family == "qwen-image"
+    # a tie inside one model's line is no ambiguity: a Wan 2.1 T2V 14B file fits the I2V 14B too and reads as T2V
+    wan = load_adapter(_layout_file("wan21-t2v-14b_kohya__musubi-tuner-expanded"))
+    assert wan.family == "wan-14b" and wan.also_fits == ("wan-i2v-14b",)
 
 
 def test_distillation_deltas():

@@ -189,7 +189,7 @@ def test_lokr_over_fused_rows_splits_exactly(w1, w2, kind):
     # (96, 48) x (96, 64): w2's 96 rows divide 3072, so q/k/v take w1's rows and stay LoKr; (32, 96) x (288, 32):
     # 288 rows do not divide 3072 (3072 = 10 2/3 x 288), so q/k/v are the exact rows of ΔW as dense diffs
     name, sd = _lokr(w1, w2)
-    adapter = load_adapter(sd)
+    adapter = load_adapter(sd, family="flux")  # (one double block's qkv: Flux.2 klein 4B and Chroma have it too)
     full = torch.kron(sd[f"{name}.lokr_w1"].float(), sd[f"{name}.lokr_w2"].float())  # full-dim LoKr: scale 1
     for i, proj in enumerate(("to_q", "to_k", "to_v")):
         delta = adapter.deltas[f"{T}transformer_blocks.2.attn.{proj}"]
@@ -248,7 +248,7 @@ def test_a_fused_layer_of_the_wrong_height_is_refused_with_why():
           "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(6144, 2),
           "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.zeros(2, 3072),
           "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.zeros(3072, 2)}
-    adapter = load_adapter(sd)
+    adapter = load_adapter(sd, family="flux")  # (block 0's attention alone: Flux.2 klein 4B has it too)
     bad = adapter.report.unsupported
     assert [r.key for r in bad] == list(sd)[:2]
     assert "its ΔW has 6144 rows but lora_unet_double_blocks_0_img_attn_qkv has 9216" in bad[0].reason
@@ -260,7 +260,7 @@ def test_same_module_from_two_spellings_is_claimed_once():
           "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(9216, 2, generator=g),
           "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.randn(2, 3072, generator=g),
           "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.randn(3072, 2, generator=g)}
-    adapter = load_adapter(sd)
+    adapter = load_adapter(sd, family="flux")  # (block 0's attention alone: Flux.2 klein 4B has it too)
     assert adapter.report.counts()["mapped"] == 2 and "already targets transformer.transformer_blocks.0.attn.to_k" in (
         adapter.report.unsupported[0].reason)
 

@@ -76,10 +76,13 @@ def test_every_invokeai_key_list(stem):
         with pytest.raises(LoraFormatError, match="shapes fit no"):
             load_adapter(sd)
         return
-    adapter = load_adapter(sd)
     if stem.startswith("qwen_image_"):  # attention of blocks 0-1 only: Flux.1, Chroma, Flux.2 klein 4B have it too
-        assert "qwen-image" in (adapter.family, *adapter.also_fits)
+        with pytest.raises(LoraFormatError, match="ambiguous: its layers fit flux, qwen-image"):
+            load_adapter(sd)  # refused, never read as the first family that fits
+        adapter = load_adapter(sd, family="qwen-image")
+        assert adapter.family == "qwen-image"
     else:
+        adapter = load_adapter(sd)
         assert adapter.family == "flux", stem
     _accounted(adapter, sd)
     assert adapter.report.complete, adapter.report.summary()

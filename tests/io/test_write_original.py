@@ -81,7 +81,7 @@ def test_separate_q_k_v_become_one_block_diagonal_lora():
     assert torch.equal(fused_up[:3072, :2], up[0]) and torch.equal(fused_up[6144:, 2:], up[1])
     assert not fused_up[3072:6144].any() and not fused_up[:3072, 2:].any() and not fused_up[6144:, :2].any()
     assert float(sd[name + ".alpha"]) == 2.5
-    again = load_adapter(sd)
+    again = load_adapter(sd, family="flux")  # (block 0's attention alone: Flux.2 klein 4B and Chroma have it too)
     assert set(again.deltas) == {t + "to_q", t + "to_k", t + "to_v"}
     assert not again.deltas[t + "to_k"].delta_weight().any()
     for key, delta in adapter.deltas.items():
@@ -143,7 +143,7 @@ def test_lokr_whole_layers_round_trip_and_lokr_on_parts_of_a_fused_layer_is_refu
     sd = _lokr_qkv((96, 48), (96, 64))  # q / k / v each a LoKr on w1's rows: no LoKr spelling of the three at once
     sd.update({"diffusion_model.double_blocks.2.img_attn.proj." + k.rsplit(".", 1)[1]: v
                for k, v in _lokr_qkv((48, 48), (64, 64)).items() if "alpha" not in k})
-    adapter = load_adapter(sd)
+    adapter = load_adapter(sd, family="flux")  # (one block's attention: Flux.2 klein 4B has it too)
     with pytest.raises(ValueError, match=r"double_blocks\.2\.img_attn\.qkv.*lokr.*merge"):
         adapter_state_dict(adapter, "kohya")
     proj = Adapter("p", "flux", {k: d for k, d in adapter.deltas.items() if k.endswith("to_out.0")})
@@ -157,12 +157,12 @@ def test_full_differences_of_a_fused_layer_are_stacked_exactly():
           "lora_unet_double_blocks_0_img_attn_qkv.diff_b": torch.randn(9216, generator=g).bfloat16(),
           "lora_unet_double_blocks_0_img_attn_norm_key_norm.diff": torch.randn(128, generator=g).bfloat16(),
           "lora_unet_single_blocks_3_linear2.diff_b": torch.randn(3072, generator=g).bfloat16()}
-    written, _ = adapter_state_dict(load_adapter(sd), "kohya")
+    written, _ = adapter_state_dict(load_adapter(sd, family="flux"), "kohya")
     assert set(written) == set(sd)
     for key, t in sd.items():
         assert written[key].dtype == t.dtype and torch.equal(written[key], t), key
-    lokr = load_adapter(_lokr_qkv((32, 96), (288, 32)))  # rows that do not split as LoKr: the reader's dense rows
-    again = load_adapter(adapter_state_dict(lokr, "kohya")[0])
+    lokr = load_adapter(_lokr_qkv((32, 96), (288, 32)), family="flux")  # rows that do not split as LoKr: dense rows
+    again = load_adapter(adapter_state_dict(lokr, "kohya")[0], family="flux")
     for key, delta in lokr.deltas.items():
         assert torch.equal(again.deltas[key].delta_weight(), delta.delta_weight()), key  # fp32 rows kept
 

@@ -38,7 +38,7 @@ import torch
 
 from ..adapter import FAMILIES, Adapter, Delta
 from ..errors import LoraFormatError
-from ..naming import FamilyEvidence, ModuleIndex, detect_family, module_index, standard_index
+from ..naming import DENOISER_COMPONENTS, FamilyEvidence, ModuleIndex, detect_family, module_index, standard_index
 from ..naming.family import uncovered_family
 from ..naming.configs import DENOISER_ARCHITECTURES
 from ..naming.fused import WIDENED_INPUTS
@@ -51,6 +51,7 @@ from .legacy import is_cloneofsimo, refuse_cloneofsimo
 from .read_diffusers import parse_diffusers
 from .read_kohya import parse_kohya
 from .read_original import parse_original
+from .write_kohya import architecture_family
 
 _FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3 medium",
                  "sd35-medium": "SD3.5 medium", "sd35-large": "SD3.5 large", "qwen-image": "Qwen-Image",
@@ -70,6 +71,7 @@ def load_adapter(
     name: str | None = None,
     weight_name: str | None = None,
     device: torch.device | str | None = None,
+    family: str | None = None,
 ) -> Adapter:
     """Read a LoRA file, folder or state dict into an :class:`Adapter` whose report accounts for every key.
 
@@ -79,6 +81,9 @@ def load_adapter(
     ``format``: ``"diffusers"``, ``"kohya"`` or ``"original"`` to skip detection (never needed for a well-formed file).
     ``name`` defaults to the file's stem. ``device`` puts the adapter's tensors there (e.g. ``"cuda"``): the file
     is then mapped, not copied on the host, and goes to the device in one transfer per span of bytes.
+    ``family`` (one of ``lorablend.adapter.FAMILIES``; without ``target``): read the file as that family's standard
+    model. Needed only where the file cannot tell: its layers fit families of different models alike (an
+    attention-only excerpt fits Flux.1, Qwen-Image and Flux.2 klein 4B), which is refused as ambiguous, never guessed.
 
     >>> adapter = load_adapter("pytorch_lora_weights.safetensors")           # doctest: +SKIP
     >>> adapter.family, adapter.report.counts()                             # doctest: +SKIP
@@ -94,14 +99,7 @@ def load_adapter(
     fmt, groups, leftovers = _parse(raw, format)
     built = [_build(g, raw.tensors) for g in groups]
 
-    also_fits: tuple[str, ...] = ()
-    if target is not None:
-        idx = module_index(target)
-        family = idx.family if idx.family in FAMILIES else "sd1"
-        _require_some_name(raw, groups, idx)
-    else:
-        family, also_fits = _choose_family(raw, groups, built)
-        idx = standard_index(family)
+    family, idx, also_fits = _family_and_index(raw, groups, built, target, family)
 
     report = LoadReport(source=raw.label, format=fmt)
     status: dict[str, tuple[str, str | None, str]] = {k: (s, None, r) for k, s, r in leftovers}
@@ -364,6 +362,57 @@ def _fits(idx: ModuleIndex, delta: Delta, targets: Targets) -> bool:
     rows = max(stop for _, spans in targets if spans for _, stop in spans)
     return delta.out_features == rows and all(
         tuple(idx.modules[key].weight_shape[1:]) == tuple(delta.shape[1:]) for key, _ in targets)
+
+
+def _family_and_index(raw: RawSource, groups: list[ModuleGroup], built: list[tuple[Delta | None, str | None]],
+                      target: Any, family: str | None) -> tuple[str, ModuleIndex, tuple[str, ...]]:
+    """The family the file is read as, the index its names resolve against, and the families it fits as well: the
+    target's, else the caller's ``family=``, else the one its layers fit best (a tie across models refused unless
+    the file's ``modelspec.architecture`` settles it)."""
+    if target is not None:
+        idx = module_index(target)
+        _require_some_name(raw, groups, idx)
+        return (idx.family if idx.family in FAMILIES else "sd1"), idx, ()
+    if family is not None:
+        if family not in FAMILIES:
+            raise ValueError(f"family={family!r} is not a family lorablend covers; choose one of {', '.join(FAMILIES)}")
+        idx = standard_index(family)
+        if not any(_resolve(idx, g) for g in groups):
+            raise LoraFormatError(f"{raw.label}: none of its layers is a layer of {family} (family={family!r}); "
+                                  "leave family out to let the file's names and shapes tell")
+        return family, idx, ()
+    family, also_fits = _choose_family(raw, groups, built)
+    declared = architecture_family(raw.metadata.get("modelspec.architecture", "").split("/")[0])
+    if declared in also_fits:  # a tie the file's own metadata settles (kohya / lorablend write model-spec ids)
+        family, also_fits = declared, tuple(f for f in (family, *also_fits) if f != declared)
+    idx = standard_index(family)
+    if declared != family:
+        _refuse_ambiguous(raw, family, also_fits, groups, idx)
+    return family, idx, also_fits
+
+
+def _lineage(family: str) -> str:
+    """The model a family's LoRAs are for, as far as a tie between families is harmless: the same denoiser
+    architecture (Wan 2.1 T2V / I2V 14B, SD3 / SD3.5 medium), and Chroma with Flux.1 (Flux.1 schnell retrained:
+    the same block names and widths; an attention-only Flux.1 LoRA fits both). The UNet families tie as they always
+    did, to SD1.x (a file of layers SD1.x and SD2.x share, e.g. resnets only, reads as sd1 with ``also_fits`` sd2:
+    a known limit, left as it was)."""
+    return "flux" if family == "chroma" else DENOISER_ARCHITECTURES.get(family, "unet")
+
+
+def _refuse_ambiguous(raw: RawSource, family: str, also_fits: tuple[str, ...], groups: list[ModuleGroup],
+                      idx: ModuleIndex) -> None:
+    """A file whose every layer fits families of different models just as well is refused, never read as the first
+    of them (a Qwen-Image excerpt read as Flux.1 would half-apply to the wrong model). A file of text-encoder layers
+    only is not: those encoders (CLIP-L, OpenCLIP bigG) are the same module in every family that has them."""
+    others = [f for f in also_fits if _lineage(f) != _lineage(family)]
+    denoises = any((key := _resolve(idx, g)) and key.split(".", 1)[0] in DENOISER_COMPONENTS for g in groups)
+    if others and denoises:
+        fits = ", ".join([family, *also_fits])
+        raise LoraFormatError(
+            f"{raw.label}: ambiguous: its layers fit {fits} alike (the same names and shapes in each), so the file "
+            f"cannot tell which model it is for. Pass family=… (load_adapter(file, family={others[0]!r}), one of "
+            f"{fits}) or load it into its pipeline (pipeline.load_lora_weights(file))")
 
 
 def _refuse_uncovered(raw: RawSource) -> None:

@@ -144,6 +144,17 @@ def _family_of_architecture(arch: str) -> str | None:
     return None
 
 
+def architecture_family(arch: str) -> str | None:
+    """The family a model-spec architecture id names (``modelspec.architecture`` without its ``/lora``): the ids
+    this writer gives exactly, sd-scripts' by prefix; None for another.
+
+    >>> architecture_family("qwen-image"), architecture_family("flux-1-schnell"), architecture_family("x") is None
+    ('qwen-image', 'flux', True)
+    """
+    exact = {a: f for f, a in _ARCHITECTURE.items()}
+    return exact.get(arch) or _family_of_architecture(arch)
+
+
 def kohya_metadata(adapter: Adapter, index: ModuleIndex) -> dict[str, str]:
     """Header metadata: the adapter's own (kept), the ss_network_* / base-model / modelspec keys made true for
     what is written. ``sshs_*`` hashes are left to the writer (they depend on the written bytes)."""

@@ -44,9 +44,10 @@ NEW_ARCHITECTURE_WIDTHS = {
 # with the same widths, so without these a HunyuanVideo file would half-apply to Flux.1.
 UNCOVERED_FAMILIES = {
     "HiDream-I1": ("double_stream_blocks", "single_stream_blocks", "ff_i.experts", "ff_i_experts"),
-    # 20 double blocks (Flux.1 has 19: double_blocks.19 is HunyuanVideo's), the token refiner, the text time embedder
+    # 20 double blocks (Flux.1 has 19: double_blocks.19 is HunyuanVideo's), the token refiner, the text time embedder,
+    # the video patch embedding (a Conv3d ``img_in.proj``; Flux.1's ``img_in`` is a Linear)
     "HunyuanVideo": ("individual_token_refiner", "txt_in.t_embedder", "txt_in_t_embedder", "double_blocks.19.",
-                     "double_blocks_19_"),
+                     "double_blocks_19_", "img_in.proj.", "img_in_proj."),
 }
 
 
