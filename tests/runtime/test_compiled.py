@@ -67,7 +67,7 @@ def test_sdxl_twenty_adapters_one_graph_no_break_no_recompile(make_pipe, make_ad
 
     rng = random.Random(0)
     steps = []
-    for i in range(22):
+    for i in range(10):  # random mixes of 1-3 (ranks up to 15 of the 18); 22 took 12 more image pairs, no new path
         names = rng.sample([a.name for a in adapters[:20] if a.name != "lora3"], rng.randint(1, 3))
         steps.append(lambda p, n=names, w=[rng.uniform(-1.0, 1.5) for _ in names]: p.set_adapters(n, w))
     steps[3:3] = [lambda p: p.disable_lora(), lambda p: p.enable_lora()]
