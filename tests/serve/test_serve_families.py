@@ -52,3 +52,31 @@ def test_a_lora_request_answers_the_librarys_picture(family, tmp_path):
     want = np.clip(np.asarray(first_picture(out), dtype=np.float32), 0, 1)
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1.5 / 255  # one 8-bit level (PNG rounding) plus float noise
+
+
+def _kohya_pair(module: str, rows: int, cols: int, rank: int = 2) -> dict:
+    import torch
+
+    return {f"lora_unet_{module}.lora_down.weight": torch.zeros(rank, cols),
+            f"lora_unet_{module}.lora_up.weight": torch.zeros(rows, rank), f"lora_unet_{module}.alpha": torch.tensor(2.0)}
+
+
+def test_the_catalog_names_the_family_of_each_file_before_it_is_parsed(tmp_path):
+    # GET /v1/loras lists a file from its header alone: load_adapter's rule on its names and shapes (musubi-tuner's
+    # kohya names at the real widths), not only the SD UNets' cross-attention width; an ambiguous file shows None
+    from safetensors.torch import save_file
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file({**_kohya_pair("transformer_blocks_0_img_mod_1", 18432, 3072),
+               **_kohya_pair("transformer_blocks_0_attn_to_q", 3072, 3072)}, str(loras / "qwen.safetensors"))
+    save_file({**_kohya_pair("blocks_0_self_attn_q", 5120, 5120), **_kohya_pair("blocks_0_ffn_0", 13824, 5120)},
+              str(loras / "wan.safetensors"))
+    save_file(_kohya_pair("blocks_0_self_attn_q", 1536, 1536), str(loras / "wan_small.safetensors"))
+    save_file(_kohya_pair("transformer_blocks_0_attn_to_q", 3072, 3072), str(loras / "either.safetensors"))
+    pipe = DiffusionPipeline(tiny_2026_pipeline("wan"))
+    app = create_app(pipe, ServeSettings(lora_dir=loras, token="t"))
+    with TestClient(app) as client:
+        listed = client.get("/v1/loras", headers={"Authorization": "Bearer t"}).json()["loras"]
+    families = {x["name"]: x["family"] for x in listed}
+    assert families == {"qwen": "qwen-image", "wan": "wan-14b", "wan_small": "wan-1.3b", "either": None}

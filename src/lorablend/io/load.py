@@ -481,6 +481,27 @@ class UnplacedLayers:
     names_known: dict[str, int]
 
 
+def family_from_header(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> str | None:
+    """The family ``load_adapter`` reads a file as, from its key names and shapes alone (no tensor read: what a
+    listing shows before a file is parsed); None where it would refuse the file (no family places it, an uncovered
+    or an ambiguous one).
+
+    >>> family_from_header({"transformer.blocks.0.attn1.to_q.lora_A.weight": (4, 5120),
+    ...                     "transformer.blocks.0.attn1.to_q.lora_B.weight": (5120, 4)})
+    'wan-14b'
+    """
+    # every tensor on the meta device (shapes only); a scalar (an alpha) as a real one: its value decides no family
+    tensors = {k: torch.ones(()) if len(s) == 0 else torch.empty(tuple(s), device="meta") for k, s in shapes.items()}
+    raw = RawSource(tensors, dict(metadata or {}), label="<header>")
+    try:
+        _refuse_uncovered(raw)
+        _, groups, _ = _parse(raw, None)
+        built = [_build(g, tensors) for g in groups]
+        return _family_and_index(raw, groups, built, None, None)[0]
+    except (LoraFormatError, ValueError):
+        return None
+
+
 def read_layers(source: Any, *, format: str | None = None, weight_name: str | None = None) -> UnplacedLayers:
     """Read a LoRA file's layers without placing them on any model: what ``lorablend inspect`` shows for a file
     whose family is not known. Raises ``LoraFormatError`` for what is no LoRA at all (unreadable bytes, NaN /

@@ -188,14 +188,15 @@ class Catalog:
 
 def header_info(path: Path) -> dict[str, Any]:
     """Format, family and rank of a LoRA file from its header alone (no tensor read): what ``GET /v1/loras``
-    shows for a file not parsed yet. ``None`` where the header cannot tell (a pickle; a family without evidence).
+    shows for a file not parsed yet. ``None`` where the header cannot tell (a pickle; a file no family places, or one
+    that fits several models alike).
 
     >>> header_info(Path("style.safetensors"))                              # doctest: +SKIP
     {'format': 'kohya', 'family': 'sd1', 'rank': 16}
     """
     from ..io.detect import detect_format
+    from ..io.load import family_from_header
     from ..io.safetensors import read_header
-    from ..naming import FamilyEvidence, detect_family
 
     with open(path, "rb") as f:
         head = f.read(9)
@@ -204,10 +205,8 @@ def header_info(path: Path) -> dict[str, Any]:
     header = read_header(path)
     names = [e.name for e in header.entries]
     downs = [e for e in header.entries if e.name.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight"))]
-    width = next((e.shape[1] for e in downs if "attn2" in e.name and "to_k" in e.name
-                  and len(e.shape) >= 2), None)
-    second = any(n.startswith(("lora_te2_", "text_encoder_2.", "te2.")) for n in names)
-    family = detect_family(FamilyEvidence(second_text_encoder=second, cross_attention_width=width))
+    # load_adapter's own rule on the names and shapes (every family: Qwen-Image, Wan … too), no tensor read
+    family = family_from_header({e.name: tuple(e.shape) for e in header.entries}, dict(header.metadata))
     return {"format": detect_format(names), "family": family,
             "rank": max((e.shape[0] for e in downs if e.shape), default=None)}
 
