@@ -67,3 +67,52 @@ def test_a_single_gguf_denoiser_file_serves_the_whole_guide(tmp_path):
             assert all(torch.equal(format_of(m).stored_state(m)["weight"], stored[k]) for k, m in layers.items())
     assert np.array_equal(pictures[0][0], pictures[1][0]) and np.array_equal(pictures[0][1], pictures[1][1])
     assert np.abs(pictures[1][0] - pictures[1][1]).max() < 0.05  # fused ≈ unfused (Q8_0's requantizing)
+
+
+def test_a_single_fp8_safetensors_denoiser_keeps_the_files_bytes(tmp_path):
+    """A plain fp8 single file (float8_e4m3fn linear weights, float the rest): ``load_denoiser_file`` reads it
+    through diffusers' from_single_file and stores those linears in fp8 again — the file's bytes exactly — so the
+    pictures, with a LoRA too, are those of the float model holding the fp8 values; a fuse / unfuse gives the file's
+    bytes back. A scaled-fp8 file is refused naming its scale_weight."""
+    import numpy as np
+    import pytest
+    from conftest import GEN_KW
+    from safetensors.torch import save_file
+
+    from lorablend import DiffusionPipeline
+    from lorablend.fixtures.tiny_transformers import tiny_flux_pipeline
+    from lorablend.fixtures.tiny_unets import random_adapter
+    from lorablend.quant.convert import load_denoiser_file
+
+    float_pipe = tiny_flux_pipeline()
+    adapter = random_adapter(float_pipe, "a", rank=4, seed=1, strength=0.3, components=["transformer"])
+    tensors = {k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 else v.contiguous())
+               for k, v in float_pipe.transformer.state_dict().items()}
+    save_file(tensors, str(tmp_path / "flux-fp8.safetensors"))
+    float_pipe.transformer.save_config(str(tmp_path / "model" / "transformer"))
+    from_file = DiffusionPipeline(tiny_flux_pipeline())
+    load_denoiser_file(from_file, str(tmp_path / "flux-fp8.safetensors"), config=str(tmp_path / "model"))
+    layers = {k: m for k, m in from_file.denoiser.named_modules() if format_of(m) is not None}
+    assert layers and {format_of(m).label(m) for m in layers.values()} == {"scaled-fp8-e4m3fn"}  # (scale 1)
+    for k, m in layers.items():
+        assert torch.equal(m.weight.view(torch.uint8), tensors[k + ".weight"].view(torch.uint8)), k
+    with torch.no_grad():  # the float model holding the fp8 values
+        for k, p in float_pipe.transformer.named_parameters():
+            if p.dim() == 2:
+                p.copy_(tensors[k].float())
+    reference = DiffusionPipeline(float_pipe)
+    kw = dict(GEN_KW, num_inference_steps=1)
+    pictures = []
+    for pipe in (reference, from_file):
+        pictures.append(pipe(**kw, generator=np.random.Generator(np.random.PCG64(0)))[0])
+        pipe.load_lora_weights(adapter, adapter_name="a")
+        pictures.append(pipe(**kw, generator=np.random.Generator(np.random.PCG64(0)))[0])
+    assert np.array_equal(pictures[0], pictures[2]) and np.array_equal(pictures[1], pictures[3])
+    from_file.fuse_lora()
+    from_file.unfuse_lora()
+    assert all(torch.equal(m.weight.view(torch.uint8), tensors[k + ".weight"].view(torch.uint8))
+               for k, m in layers.items())
+    tensors["x_embedder.scale_weight"] = torch.ones(())
+    save_file(tensors, str(tmp_path / "scaled.safetensors"))
+    with pytest.raises(ValueError, match="scale_weight"):
+        load_denoiser_file(DiffusionPipeline(tiny_flux_pipeline()), str(tmp_path / "scaled.safetensors"))

@@ -156,12 +156,14 @@ def quantize_pipeline(pipeline: Any, method: str, *, compute_dtype: torch.dtype 
 
 def load_denoiser_file(pipeline: Any, path: str, *, config: str | None = None,
                        compute_dtype: torch.dtype | None = None) -> str:
-    """Replace a ``lorablend.DiffusionPipeline``'s denoiser by the one in a single GGUF file (city96-style
-    ``flux-Q8_0.gguf``): diffusers' ``from_single_file`` with ``GGUFQuantizationConfig(compute_dtype)`` and a local
-    ``config`` (a folder holding ``<denoiser>/config.json``, e.g. the pipeline's own model folder; default: the
-    current denoiser's config, written to a temporary folder), on the current denoiser's device. Before any LoRA
-    is loaded; the runtime re-indexes the new layers. Returns the denoiser's component name. What
-    ``lorablend.quant`` then does with its layers is what it does with any GGUF linear (fuse, bake, unfuse exact).
+    """Replace a ``lorablend.DiffusionPipeline``'s denoiser by the one in a single file, through diffusers'
+    ``from_single_file`` with a local ``config`` (a folder holding ``<denoiser>/config.json``, e.g. the pipeline's
+    own model folder; default: the current denoiser's config, written to a temporary folder), on the current
+    denoiser's device. A ``.gguf`` (city96's ``flux1-dev-Q8_0.gguf``) loads with ``GGUFQuantizationConfig``: GGUF
+    linears. A ``.safetensors`` with ``float8_e4m3fn`` weights (a plain fp8 single file) loads as floats, then every
+    linear whose weights are all fp8 values is stored in fp8 again (:class:`~lorablend.quant.fp8.ScaledFp8Linear`,
+    scale 1: the file's bytes exactly; its bias stays in the compute dtype). Before any LoRA is loaded; the runtime
+    re-indexes the new layers. Returns the denoiser's component name.
 
     >>> load_denoiser_file(pipeline, "flux1-dev-Q8_0.gguf", config="FLUX.1-dev/")  # doctest: +SKIP
     'transformer'
@@ -169,25 +171,49 @@ def load_denoiser_file(pipeline: Any, path: str, *, config: str | None = None,
     import tempfile
     from pathlib import Path
 
-    from diffusers import GGUFQuantizationConfig
-
     from ..naming import components_of
 
     if pipeline.runtime.adapters:
         raise ValueError(f"load the denoiser file before loading LoRAs (loaded: {sorted(pipeline.runtime.adapters)})")
-    if Path(path).suffix.lower() != ".gguf" or not Path(path).is_file():
-        raise ValueError(f"--denoiser {path}: expected a .gguf file (an fp8 .safetensors single file loads through "
-                         "diffusers' from_single_file as floats: quantize it with quantize_pipeline(pipe, 'fp8'))")
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".gguf", ".safetensors") or not Path(path).is_file():
+        raise ValueError(f"--denoiser {path}: expected a .gguf file or an fp8 .safetensors single file")
+    if suffix == ".safetensors":
+        _check_fp8_file(path)
     name, old = pipeline.denoiser_name, pipeline.denoiser
     dtype = compute_dtype or next(p.dtype for p in old.parameters() if p.dtype.is_floating_point)
+    kwargs: dict[str, Any] = {}
+    if suffix == ".gguf":
+        from diffusers import GGUFQuantizationConfig
+
+        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         if config is None:
             old.save_config(str(Path(tmp) / name))
         new = type(old).from_single_file(str(path), config=str(config or tmp), subfolder=name, torch_dtype=dtype,
-                                         quantization_config=GGUFQuantizationConfig(compute_dtype=dtype))
+                                         **kwargs)
+    if suffix == ".safetensors":  # (diffusers read the fp8 weights as floats: exact, so fp8 holds them exactly)
+        fp8 = {n for n, m in new.named_modules() if type(m) is nn.Linear and torch.equal(
+            m.weight.to(torch.float8_e4m3fn).to(m.weight.dtype), m.weight)}
+        quantize_model(new, "fp8", compute_dtype=dtype, skip=lambda n: n not in fp8)
     setattr(pipeline, name, new.to(next(old.parameters()).device))
     pipeline.runtime.follow(components_of(pipeline), reindex=True)  # (the view found the old layers)
     return name
+
+
+def _check_fp8_file(path: str) -> None:
+    """Refuse a .safetensors denoiser that is not a plain float8_e4m3fn single file, naming what it holds."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        dtypes = {f.get_slice(k).get_dtype() for k in keys}
+    if any(k.endswith("scale_weight") for k in keys):
+        raise ValueError(f"--denoiser {path}: a scaled-fp8 file (ComfyUI's scale_weight), which diffusers' "
+                         "from_single_file does not read; bake LoRAs into it with lorablend bake instead")
+    if "F8_E4M3" not in dtypes:
+        raise ValueError(f"--denoiser {path}: no float8_e4m3fn weight in it ({sorted(dtypes)}); load a float "
+                         "checkpoint with the pipeline itself, and quantize it with --quantize")
 
 
 __all__ = ["METHODS", "dequantize_model", "load_denoiser_file", "quantize_model", "quantize_pipeline"]

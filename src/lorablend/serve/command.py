@@ -49,9 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run the denoiser under torch.compile (DiffusionPipeline.compile_denoiser), when this build has it")
     p.add_argument("--quantize", default=None, help="quantize the denoiser's linears after loading: nf4, fp4, int8, "
                    "fp8, scaled-fp8, gguf-Q8_0, gguf-Q4_0 or torchao-int8 (LoRAs then run on the quantized base)")
-    p.add_argument("--denoiser", default=None, metavar="FILE.gguf",
-                   help="a single-file GGUF denoiser (city96's flux1-dev-Q8_0.gguf …) in place of --model's, read "
-                   "with --model's config; LoRAs then run on it")
+    p.add_argument("--denoiser", default=None, metavar="FILE",
+                   help="a single-file denoiser in place of --model's, read with --model's config: GGUF (city96's "
+                   "flux1-dev-Q8_0.gguf …) or a plain fp8 .safetensors; LoRAs then run on it")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: one process, one pipeline (default); ray: Ray Serve replicas routed by LoRA mix")
     p.add_argument("--address", default=None,
@@ -79,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.lora_dir = args.model or str(base_dir()), args.lora_dir or str(DRAWING_DIR / "loras")
     if not args.model or not args.lora_dir:
         raise UsageError("lorablend serve needs --model and --lora-dir (or --demo: the shipped drawing model)")
-    if args.denoiser and (not os.path.isfile(args.denoiser) or not args.denoiser.lower().endswith(".gguf")):
-        raise UsageError(f"--denoiser {args.denoiser}: expected an existing .gguf file (a single-file GGUF denoiser)")
+    if args.denoiser and (not os.path.isfile(args.denoiser)
+                          or not args.denoiser.lower().endswith((".gguf", ".safetensors"))):
+        raise UsageError(f"--denoiser {args.denoiser}: expected an existing .gguf or fp8 .safetensors file (a "
+                         "single-file denoiser)")
     dtype = None
     if args.dtype:
         from ..io.write import parse_dtype

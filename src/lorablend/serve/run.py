@@ -35,8 +35,8 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
                compile: bool = False, quantize: str | None = None, denoiser: str | None = None) -> tuple[Any, Any]:
     """The ``lorablend.DiffusionPipeline`` to serve, from a folder or hub id, on ``device`` (CUDA when present),
     and, with ``compile``, the handle of its compiled denoiser (``compile_denoiser()``; else None). ``denoiser``:
-    a single-file GGUF denoiser (``flux1-dev-Q8_0.gguf``) replacing the model's, with the model's own config
-    (``lorablend.quant.convert.load_denoiser_file``).
+    a single-file denoiser (GGUF ``flux1-dev-Q8_0.gguf``, or plain fp8 ``.safetensors``) replacing the model's,
+    read with the model's config (``lorablend.quant.convert.load_denoiser_file``).
 
     >>> pipe, compiled = load_model("sd15/", device="cpu")                  # doctest: +SKIP
     """
@@ -45,7 +45,7 @@ def load_model(model: str, *, device: str | None = None, dtype: torch.dtype | No
     if compile:
         check_compile()  # before seconds of loading
     pipe, _ = load_pipeline(model, [], device=device, dtype=dtype)
-    if denoiser:  # a single GGUF file in place of the model's denoiser (its config: the model folder's)
+    if denoiser:  # a single file in place of the model's denoiser (its config: the model folder's)
         from pathlib import Path
 
         from ..quant.convert import load_denoiser_file
