@@ -36,6 +36,8 @@ QWEN_TARGETS = ("attn.to_q", "attn.to_k", "attn.add_v_proj", "attn.to_out.0", "a
                 "txt_mlp.net.0.proj", "img_mod.1")
 WAN_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
                "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out")
+# Wan 2.1 I2V / FLF2V 14B: the CLIP image branch of cross-attention too (Wan's k_img / v_img)
+WAN_I2V_TARGETS = (*WAN_TARGETS, "attn2.add_k_proj", "attn2.add_v_proj")
 FLUX2_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_v_proj", "attn.to_out.0",
                  "attn.to_add_out", "attn.to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
                  "ff_context.linear_out", "attn.to_out", "proj_out")
@@ -80,6 +82,9 @@ FAMILIES = [
     FamilySpec("wan", lambda: tiny_2026_pipeline("wan"), WAN_TARGETS, "attention_kwargs", ()),
     FamilySpec("wan22-a14b", lambda: tiny_2026_pipeline("wan22-a14b"), WAN_TARGETS, "attention_kwargs", ()),
     FamilySpec("wan22-ti2v-5b", lambda: tiny_2026_pipeline("wan22-ti2v-5b"), WAN_TARGETS, "attention_kwargs", ()),
+    # image-to-video (WanImageToVideoPipeline): Wan 2.1 I2V 14B's structure, Wan 2.2 I2V A14B's two experts
+    FamilySpec("wan-i2v", lambda: tiny_2026_pipeline("wan-i2v"), WAN_I2V_TARGETS, "attention_kwargs", ()),
+    FamilySpec("wan22-i2v-a14b", lambda: tiny_2026_pipeline("wan22-i2v-a14b"), WAN_TARGETS, "attention_kwargs", ()),
     FamilySpec("flux2", lambda: tiny_2026_pipeline("flux2"), FLUX2_TARGETS, "attention_kwargs", ()),
     FamilySpec("flux2-klein", lambda: tiny_2026_pipeline("flux2-klein"), FLUX2_TARGETS, "attention_kwargs", ()),
     FamilySpec("z-image", lambda: tiny_2026_pipeline("zimage"), ZIMAGE_TARGETS, "joint_attention_kwargs", ()),

@@ -1,5 +1,5 @@
 """The guide's properties, written once, run on every family of ``family_specs.FAMILIES`` (sd1, sdxl, flux, sd3,
-sd35-medium, Qwen-Image, Wan 2.1 / 2.2 A14B (videos: 5 frames), Flux.2 dev / klein, Z-Image, Chroma): a tiny pipeline of the family, LoRA files in diffusers / PEFT names over its real module names,
+sd35-medium, Qwen-Image, Wan 2.1 / 2.2 A14B (videos: 5 frames) and their image-to-video pipelines, Flux.2 dev / klein, Z-Image, Chroma): a tiny pipeline of the family, LoRA files in diffusers / PEFT names over its real module names,
 and diffusers + PEFT beside it as the oracle where it reads the file.
 
 1. the load report is complete (every key mapped);
@@ -23,6 +23,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lorablend import DiffusionPipeline
 
@@ -56,6 +57,8 @@ def _run(pipe, **kw):
     extra = {"num_frames": 5} if video else {}
     if "max_sequence_length" in params:  # (T5 / Qwen3 / Mistral prompts are padded to 256-512 tokens by default)
         extra["max_sequence_length"] = 32
+    if "image" in params and params["image"].default is inspect.Parameter.empty:  # image-to-video: a start image
+        extra["image"] = Image.new("RGB", (GEN["width"], GEN["height"]), (160, 96, 48))
     out = pipe(**GEN, **kw, **extra, generator=torch.manual_seed(0))
     return out.frames if video else out.images  # (a video: its frames, as many images)
 
