@@ -52,6 +52,13 @@ def test_a_single_gguf_denoiser_file_serves_the_whole_guide(tmp_path):
     assert name == "transformer"
     layers = {k: m for k, m in from_file.denoiser.named_modules() if format_of(m) is not None}
     assert layers and all(format_of(m).label(m) == "gguf-Q8_0" for m in layers.values())
+    whole = (tmp_path / "flux-Q8_0.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[: len(whole) // 2])  # a truncated download
+    untouched = DiffusionPipeline(tiny_flux_pipeline())
+    before = untouched.denoiser
+    with pytest.raises(ValueError, match="cut.gguf"):
+        load_denoiser_file(untouched, str(tmp_path / "cut.gguf"), config=str(tmp_path / "model"))
+    assert untouched.denoiser is before
 
     kw = dict(GEN_KW, num_inference_steps=1)
     pictures = []

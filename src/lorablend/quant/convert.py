@@ -190,8 +190,13 @@ def load_denoiser_file(pipeline: Any, path: str, *, config: str | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         if config is None:
             old.save_config(str(Path(tmp) / name))
-        new = type(old).from_single_file(str(path), config=str(config or tmp), subfolder=name, torch_dtype=dtype,
-                                         **kwargs)
+        try:
+            new = type(old).from_single_file(str(path), config=str(config or tmp), subfolder=name, torch_dtype=dtype,
+                                             **kwargs)
+        except (ValueError, KeyError, OSError, RuntimeError, IndexError) as e:  # (the pipeline is untouched so far)
+            raise ValueError(f"--denoiser {path}: diffusers could not read it as a {type(old).__name__} "
+                             f"({type(e).__name__}: {str(e)[:200]}); check that the file is whole and made for this "
+                             "model (re-download or re-convert it)") from e
     if suffix == ".safetensors":  # (diffusers read the fp8 weights as floats: exact, so fp8 holds them exactly)
         fp8 = {n for n, m in new.named_modules() if type(m) is nn.Linear and torch.equal(
             m.weight.to(torch.float8_e4m3fn).to(m.weight.dtype), m.weight)}
