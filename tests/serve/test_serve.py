@@ -1,18 +1,14 @@
 """``lorablend serve`` on a real uvicorn server (loopback, a thread): every image equals the library's for the
 same seed and mix, in any order, batched or not, beside other clients; the A1111 and OpenAI endpoints (the
-``openai`` package as the client) give the same image as ``/v1/images``; metrics and the command line.
+``openai`` package as the client) give the same image as ``/v1/images``; metrics. The command line: ``test_command.py``.
 Bad input, security and resource limits: ``test_serve_inputs.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -214,57 +210,6 @@ def test_a_compiled_denoiser_switches_mixes_with_one_graph_and_the_same_images(w
     finally:
         compiled.stop()
         torch._dynamo.reset()
-
-
-def test_the_command_serves_binds_loopback_and_checks_the_token(world, tmp_path):
-    port = free_port()
-    env = {**os.environ, "LORABLEND_TOKEN": "cli-token", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorablend", "serve", "--model", str(world.model), "--lora-dir",
-                             str(world.loras), "--port", str(port), "--max-batch", "2"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(1200):  # start-up: import and model load; not a timing assertion
-            if proc.poll() is not None:
-                pytest.fail(f"lorablend serve exited: {proc.stderr.read()}")
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert httpx.get(f"{url}/v1/loras").status_code == 401
-        r = httpx.post(f"{url}/v1/images", headers={"Authorization": "Bearer cli-token"}, timeout=120,
-                       json={"prompt": "x", "loras": {"ink": 1.0}, "seed": 1, **GEN})
-        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
-def test_the_command_binds_loopback_unless_told():
-    from lorablend.cli import build_parser
-
-    args = build_parser().parse_args(["serve", "--model", "m", "--lora-dir", "."])
-    assert (args.host, args.port, args.compile) == ("127.0.0.1", 8000, False)
-
-
-def test_compile_on_a_build_without_it_is_a_clear_usage_error(monkeypatch, capsys, tmp_path):
-    from lorablend.cli import main
-
-    monkeypatch.delattr(DiffusionPipeline, "compile_denoiser", raising=False)
-    assert main(["serve", "--model", "m", "--lora-dir", str(tmp_path), "--compile"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("lorablend: error: --compile") and "not available in this build" in err, err
-
-
-def test_the_command_line_imports_without_the_serve_extra():
-    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
-            "from lorablend.cli import main\n"
-            "assert main(['serve', '--help']) == 0\n"
-            "assert main(['serve', '--model', 'm', '--lora-dir', '.']) == 2\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "pip install 'lorablend[serve]'" in done.stderr
 
 
 def _engine_batches(build, asks: list[tuple[str, int, str | None, int]], mix: dict[str, float]):
