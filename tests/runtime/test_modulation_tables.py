@@ -107,3 +107,25 @@ def test_a_table_view_is_its_owners_parameter():
     owner.scale_shift_table = torch.nn.Parameter(torch.zeros(1, 2, 3))
     view = ModulationTable.of(owner, "scale_shift_table")
     assert view.weight is owner.scale_shift_table and list(owner.children()) == []
+
+
+def test_static_mode_refuses_an_unfused_table_delta_and_runs_a_fused_one(base):
+    from lorablend.runtime.compiled import compile_denoiser
+
+    sd = {k: v for k, v in _distill_file(base.transformer, seed=5).items() if k.endswith("diff_m")}
+    pipe = DiffusionPipeline(copy.deepcopy(base))
+    pipe.load_lora_weights(sd, adapter_name="lightning")
+    pipe.set_adapters(["lightning"], [0.5])
+    with pytest.raises(ValueError, match="modulation table, which static mode has no buffer for. Fuse it"):
+        compile_denoiser(pipe.runtime, max_rank=4, backend=None)  # (no table gets a static layer: never dropped)
+    pipe.fuse_lora()
+    static = compile_denoiser(pipe.runtime, max_rank=4, backend=None)
+    torch.testing.assert_close(_run(pipe.transformer), _run(_by_hand(base, sd | _no_lora(base), 0.5)), **COMPUTED_TOL)
+    static.close()
+
+
+def _no_lora(base) -> dict[str, torch.Tensor]:
+    """The LoRA pair _by_hand adds, as zeros (a file of tables only)."""
+    width = base.transformer.blocks[0].attn1.to_q.in_features
+    q = "diffusion_model.blocks.0.self_attn.q."
+    return {q + "lora_down.weight": torch.zeros(2, width), q + "lora_up.weight": torch.zeros(width, 2)}

@@ -331,8 +331,8 @@ class StaticDenoiser:
             if state.component == self.component and key not in self.layers and state.contributors:
                 name = state.contributors[0][0]
                 raise ValueError(
-                    f"compiled {self.component}: adapter {name!r} changes {key}, a norm's scale, which static mode "
-                    f"has no buffer for. Fuse it (fuse_lora(adapter_names=[{name!r}])): fused weights work compiled")
+                    f"compiled {self.component}: adapter {name!r} changes {key}, a norm's scale or a modulation "
+                    f"table, which static mode has no buffer for. Fuse it (fuse_lora(adapter_names=[{name!r}])): fused weights work compiled")
         todo: list[tuple[_PairLayer, tuple, list]] = []
         need, worst = 0, ""
         for key, layer in self.layers.items():
@@ -498,8 +498,9 @@ def compile_denoiser(runtime: Any, *, max_rank: int = 64, grow: bool = True, com
     name = component or denoiser_name(list(view.components))
     if name in runtime.layers.static:
         raise ValueError(f"compile_denoiser: the {name} is already compiled; close() its StaticDenoiser first")
-    # Linear / Conv2d layers only: a norm's scale (Flux q/k RMSNorm deltas) is refused at the switch (_write_mix)
-    keys = [k for k, info in view.index.modules.items() if info.component == name and info.kind != "norm"]
+    # Linear / Conv2d layers only: a norm's scale (Flux q/k RMSNorm deltas) or a modulation table (Wan's diff_m) is
+    # refused at the switch (_write_mix): no forward of theirs adds a term
+    keys = [k for k, info in view.index.modules.items() if info.component == name and info.kind in ("linear", "conv")]
     modules = {k: view.module(k) for k in keys}
     static = StaticDenoiser(runtime.layers, modules, view.components[name], component=name,
                             max_rank=max_rank, grow=grow, per_sample=per_sample)
