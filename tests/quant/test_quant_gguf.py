@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
@@ -24,3 +25,24 @@ def test_quantize_then_dequantize_is_close_and_idempotent(qtype, rel):
     assert once.shape == w.shape and np.linalg.norm(once - w) / np.linalg.norm(w) < rel
     again = dequantize_gguf(quantize_gguf(once, qtype), qtype)
     np.testing.assert_array_equal(again, once)  # values already on the grid stay put
+
+
+def test_an_f32_gguf_layer_unfuses_to_its_own_bytes():
+    """gguf-py decodes F32 "blocks" as the very array it was given: a fuse summing in place on it would overwrite
+    the layer's original bytes (unfuse would put back a fused weight). The decoded array is always a copy."""
+    import contextvars
+
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    from lorablend.kinds import LowRankDelta
+    from lorablend.runtime.layer_state import LayerTable
+
+    layer = GGUFLinear(64, 32, bias=False, compute_dtype=torch.float32, device="meta")
+    layer.weight = GGUFParameter(torch.randn(32, 64), quant_type=T.F32)
+    original = torch.Tensor.as_subclass(layer.weight.detach(), torch.Tensor).clone()
+    state = LayerTable(contextvars.ContextVar("s", default=1.0)).add("transformer.x", "transformer", layer)
+    state.write_fused([(1.0, LowRankDelta(torch.ones(1, 64), torch.ones(32, 1)))])
+    fused = torch.Tensor.as_subclass(layer.weight.detach(), torch.Tensor)
+    assert torch.equal(fused, original + 1.0)
+    state.write_fused([])
+    assert torch.equal(torch.Tensor.as_subclass(layer.weight.detach(), torch.Tensor), original)

@@ -35,7 +35,9 @@ def fused_quant_type(qtype: Any) -> Any:
 
 
 def dequantize_gguf(raw: np.ndarray, qtype: Any) -> np.ndarray:
-    """gguf-py's fp32 decoding of GGML blocks ``raw`` (uint8 rows, or the element array of a float type).
+    """gguf-py's fp32 decoding of GGML blocks ``raw`` (uint8 rows, or the element array of a float type), as a NEW
+    writable array: for F32 gguf-py hands back ``raw`` itself, which a fuse summing in place would overwrite (the
+    layer's original bytes).
 
     >>> from gguf import GGMLQuantizationType as T
     >>> dequantize_gguf(quantize_gguf(np.ones((2, 32), np.float32), T.Q8_0), T.Q8_0).shape
@@ -43,7 +45,8 @@ def dequantize_gguf(raw: np.ndarray, qtype: Any) -> np.ndarray:
     """
     from gguf.quants import dequantize
 
-    return np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32)
+    out = np.ascontiguousarray(dequantize(raw, qtype), dtype=np.float32)
+    return out.copy() if np.shares_memory(out, raw) or not out.flags.writeable else out
 
 
 def quantize_gguf(weight: np.ndarray, qtype: Any) -> np.ndarray:
