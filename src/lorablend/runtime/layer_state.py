@@ -77,6 +77,7 @@ class LayerState:
     pristine_bias: torch.Tensor | None = None
     quant: Any = None  # the weight's quantized format (lorablend.quant; found on creation), None for a float weight
     quant_snapshot: Any = None  # a quantized weight's original stored state, while fused
+    sample_index: tuple | None = None  # (svec, columns, each rank's column): SampleWeights.vector's gather, kept
 
     def __post_init__(self) -> None:
         self.quant = format_of(self.module)
@@ -246,9 +247,10 @@ class LayerState:
         out_f, in_flat = shape[0], math.prod(shape[1:])
         pairs = [d.low_rank_factors() for _, d in terms]
         rank = sum(int(p[0].shape[1]) for p in pairs) if all(p is not None for p in pairs) else 0
-        if any(d.changes_bias for _, d in terms):
+        if any(d.changes_bias for _, d in terms):  # H19TMP
             # A bias delta (control LoRA lora_B.bias, kohya diff_b) would need re-weighing beside svec on every
-            # weights-only switch: such layers take the dense term, which carries the weighted bias exactly.
+            # weights-only switch: such layers take the dense term, which carries the weighted bias exactly. A
+            # modulation table's owner reads the dense term (a merge may hand it a LoRA over its flattened rows).
             rank = 0
         with torch.no_grad():
             if rank and (self.table.low_rank_only or rank * (out_f + in_flat) < out_f * in_flat):
@@ -397,10 +399,20 @@ class SampleWeights:
         if rows % batch:
             raise ValueError(f"{layer.key}: a forward of {rows} rows does not tile the {batch} samples given "
                              "per-sample weights; pass one weight row per image of the call")
-        padded = torch.cat([self.matrix, self.matrix.new_zeros(batch, 1)], dim=1)  # the last column: not in the mix
-        cols = torch.tensor([self.columns.get(name, len(self.columns)) for name, _ in layer.contributors])
-        per_rank = padded.index_select(1, cols).repeat_interleave(torch.tensor(layer.ranks), dim=1)
-        vec = (per_rank.to(layer.svec.device) * layer.svec.float()).to(layer.svec.dtype).repeat(rows // batch, 1)
+        # few small ops per layer and call: on a busy machine each one can wait for a core (the index of each rank's
+        # column is kept on the layer across calls; the padded matrix is made once per step for every layer)
+        padded = self._cache.get("padded")
+        if padded is None or padded[0] != self.generation:
+            padded = (self.generation, torch.cat([self.matrix, self.matrix.new_zeros(batch, 1)], dim=1).to(
+                device=layer.svec.device, dtype=torch.float32))  # the last column: not in the mix
+            self._cache["padded"] = padded
+        order = tuple(self.columns.items())
+        if layer.sample_index is None or layer.sample_index[0] is not layer.svec or layer.sample_index[1] != order:
+            cols = [self.columns.get(name, len(self.columns)) for name, _ in layer.contributors]
+            index = torch.tensor([c for c, r in zip(cols, layer.ranks) for _ in range(r)], device=layer.svec.device)
+            layer.sample_index = (layer.svec, order, index)
+        vec = (padded[1].index_select(1, layer.sample_index[2]) * layer.svec).to(layer.svec.dtype)
+        vec = vec.repeat(rows // batch, 1) if rows != batch else vec
         self._cache[id(layer)] = (layer.svec, self.generation, vec)
         return vec
 
