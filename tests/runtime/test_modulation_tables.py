@@ -129,3 +129,27 @@ def _no_lora(base) -> dict[str, torch.Tensor]:
     width = base.transformer.blocks[0].attn1.to_q.in_features
     q = "diffusion_model.blocks.0.self_attn.q."
     return {q + "lora_down.weight": torch.zeros(2, width), q + "lora_up.weight": torch.zeros(width, 2)}
+
+
+def test_a_merge_of_table_deltas_applies_as_their_blend(base):
+    # merge(method="cat") gives a table an exact LoRA over its flattened rows (1, 6·width): the owner still reads it
+    from lorablend import merge
+    from lorablend.io import load_adapter
+
+    files = [{k: v for k, v in _distill_file(base.transformer, seed=s).items() if k.endswith("diff_m")} for s in (6, 7)]
+    width = base.transformer.blocks[0].attn1.to_q.in_features
+    adapters = [load_adapter(f, target=base, name=f"l{i}") for i, f in enumerate(files)]
+    assert {d.kind for d in adapters[0].deltas.values()} == {"table"}
+    merged = merge(adapters, [0.5, 0.5], method="cat")
+    assert {d.kind for d in merged.deltas.values()} == {"lora"}
+    pipe = DiffusionPipeline(copy.deepcopy(base))
+    pipe.load_lora_weights(merged, adapter_name="both")
+    blend = {k: 0.5 * files[0][k] + 0.5 * files[1][k] for k in files[0]}
+    q = "diffusion_model.blocks.0.self_attn.q."
+    blend |= {q + "lora_down.weight": torch.zeros(2, width), q + "lora_up.weight": torch.zeros(width, 2)}
+    want = _run(_by_hand(base, blend, 1.0))
+    torch.testing.assert_close(_run(pipe.transformer), want, **COMPUTED_TOL)
+    # once per-sample weights were asked for, layers build low-rank pairs: a table's owner still gets its dense term
+    pipe.runtime.layers.low_rank_only = True
+    pipe.set_adapters(["both"], [1.0])
+    torch.testing.assert_close(_run(pipe.transformer), want, **COMPUTED_TOL)

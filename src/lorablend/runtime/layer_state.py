@@ -247,7 +247,7 @@ class LayerState:
         out_f, in_flat = shape[0], math.prod(shape[1:])
         pairs = [d.low_rank_factors() for _, d in terms]
         rank = sum(int(p[0].shape[1]) for p in pairs) if all(p is not None for p in pairs) else 0
-        if any(d.changes_bias for _, d in terms):  # H19TMP
+        if any(d.changes_bias for _, d in terms) or self.is_table:
             # A bias delta (control LoRA lora_B.bias, kohya diff_b) would need re-weighing beside svec on every
             # weights-only switch: such layers take the dense term, which carries the weighted bias exactly. A
             # modulation table's owner reads the dense term (a merge may hand it a LoRA over its flattened rows).
