@@ -79,12 +79,17 @@ class DiffusionPipeline:
     weight tensors after ``unfuse_lora`` and writes the next ``fuse_lora`` into them: for switching LoRA
     combinations often (no allocation, and on a CPU no page faults, per switch), at the cost of holding one
     copy of the touched weights while unfused too (never more than one copy at any time).
+    On quantized layers (README, "Quantized bases"), ``fuse_lora`` requantizes into the layer's own format unless
+    ``quantized_fuse_dtype`` names a float dtype (``torch.bfloat16``): then each touched layer computes with a float
+    copy of its fused weight, its quantized bytes untouched. ``rounding_seed`` seeds fp8's stochastic rounding
+    (the same seed, the same fused bytes).
 
     >>> from diffusers import StableDiffusionXLPipeline                      # doctest: +SKIP
     >>> pipeline = DiffusionPipeline(StableDiffusionXLPipeline.from_pretrained(path))   # doctest: +SKIP
     """
 
-    def __init__(self, pipe: Any, *, pristine_device: str | torch.device | None = UNSET, keep_fuse_buffers: bool = UNSET):
+    def __init__(self, pipe: Any, *, pristine_device: str | torch.device | None = UNSET, keep_fuse_buffers: bool = UNSET,
+                 quantized_fuse_dtype: torch.dtype | None = UNSET, rounding_seed: int = UNSET):
         if isinstance(pipe, DiffusionPipeline):
             pipe = pipe.pipe
         if denoiser_component(pipe) is None:
@@ -94,7 +99,8 @@ class DiffusionPipeline:
             )
         object.__setattr__(self, "pipe", pipe)
         components = components_of(pipe)
-        runtime = runtime_for(components, pristine_device=pristine_device, keep_fuse_buffers=keep_fuse_buffers)
+        runtime = runtime_for(components, pristine_device=pristine_device, keep_fuse_buffers=keep_fuse_buffers,
+                              quantized_fuse_dtype=quantized_fuse_dtype, rounding_seed=rounding_seed)
         object.__setattr__(self, "_rt", runtime)
         object.__setattr__(self, "_seen", weakref.ref(components[denoiser_component(components)]))
 
@@ -121,7 +127,8 @@ class DiffusionPipeline:
         """
         import diffusers
 
-        own = {k: kwargs.pop(k) for k in ("pristine_device", "keep_fuse_buffers") if k in kwargs}
+        own = {k: kwargs.pop(k) for k in ("pristine_device", "keep_fuse_buffers", "quantized_fuse_dtype",
+                                           "rounding_seed") if k in kwargs}
         pipe = diffusers.DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
         from .io.saved_adapters import reload_saved_adapters
 

@@ -134,18 +134,19 @@ def test_fp8_fuse_reproducible_with_the_same_seed(float_pipe):
     pipe = float_pipe("sdxl")
     adapter = random_adapter(pipe, "a", rank=4, seed=1, components=["unet"])
     quantized(pipe, "scaled-fp8")
-    pipe = DiffusionPipeline(pipe)
+    pipe = DiffusionPipeline(pipe, rounding_seed=3)
     pipe.load_lora_weights(adapter, adapter_name="a")
     layers = quant_layers(pipe)
 
-    def fused_bytes(seed: int) -> dict:
-        pipe.runtime.layers.rounding_seed = seed
+    def fused_bytes(seed: int | None = None) -> dict:
+        if seed is not None:  # (else the seed the pipeline was wrapped with)
+            pipe.runtime.layers.rounding_seed = seed
         pipe.fuse_lora()
         out = {k: layer.module.weight.detach().view(torch.uint8).clone() for k, layer in layers.items()}
         pipe.unfuse_lora()
         return out
 
-    first, again, other = fused_bytes(3), fused_bytes(3), fused_bytes(4)
+    first, again, other = fused_bytes(), fused_bytes(3), fused_bytes(4)
     assert all(torch.equal(first[k], again[k]) for k in layers)
     assert any(not torch.equal(first[k], other[k]) for k in layers)
 
@@ -219,19 +220,20 @@ def test_pristine_weight_of_a_quantized_layer_is_its_dequantized_original(float_
 
 @pytest.mark.parametrize("method", ["nf4", "layerwise-fp8", "gguf-Q8_0"])
 def test_fuse_into_float_copies_matches_the_unfused_pipeline_and_unfuses_exactly(float_pipe, method):
-    """``pipe.runtime.layers.quantized_fuse_dtype = torch.float32``: fuse_lora keeps each touched layer's fused
+    """``DiffusionPipeline(pipe, quantized_fuse_dtype=torch.float32)``: fuse_lora keeps each touched layer's fused
     weight as a float copy (no requantizing rounding), so the picture is the unfused pipeline's within the format's
     own forward error; unfuse gives back the stored state bit for bit and the base picture exactly."""
     pipe = float_pipe("sdxl")
     adapter = random_adapter(pipe, "a", rank=4, seed=1, strength=0.3, components=["unet"], targets="attn")
     quantized(pipe, method)
-    pipe = DiffusionPipeline(pipe)
+    pipe = DiffusionPipeline(pipe, quantized_fuse_dtype=torch.float32)
+    with pytest.raises(ValueError, match="quantized_fuse_dtype"):  # a second wrapper cannot fuse the other way
+        DiffusionPipeline(pipe.pipe, quantized_fuse_dtype=None)
     base = generate(pipe)
     pipe.load_lora_weights(adapter, adapter_name="a")
     layers = quant_layers(pipe)
     original = {k: copy.copy(layer.quant.stored_state(layer.module)) for k, layer in layers.items()}
     unfused = generate(pipe)
-    pipe.runtime.layers.quantized_fuse_dtype = torch.float32
     pipe.fuse_lora()
     assert all("lorablend_fused_weight" in layer.module._buffers for layer in layers.values())
     fused = generate(pipe)

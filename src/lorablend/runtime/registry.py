@@ -81,22 +81,26 @@ def find_runtime(denoiser: nn.Module) -> LoraRuntime | None:
 
 
 def runtime_for(components: Mapping[str, nn.Module], *, pristine_device: Any = UNSET,
-                keep_fuse_buffers: Any = UNSET) -> LoraRuntime:
+                keep_fuse_buffers: Any = UNSET, quantized_fuse_dtype: Any = UNSET,
+                rounding_seed: Any = UNSET) -> LoraRuntime:
     """The runtime of these components' denoiser: the one already serving it, else a new one registered for it.
 
-    A setting given (``pristine_device``, ``keep_fuse_buffers``) must match a shared runtime's: two wrappers
-    cannot keep fused weights in two ways on the same modules.
+    A setting given (``pristine_device``, ``keep_fuse_buffers``, the quantized layers' ``quantized_fuse_dtype``
+    and ``rounding_seed``) must match a shared runtime's: two wrappers cannot fuse in two ways into the same
+    modules.
 
     >>> runtime_for(components_of(pipe)) is runtime_for(components_of(pipe))          # doctest: +SKIP
     True
     """
     denoiser = components[denoiser_component(components)]
     runtime = find_runtime(denoiser)
+    asked = {"pristine_device": pristine_device, "keep_fuse_buffers": keep_fuse_buffers,
+             "quantized_fuse_dtype": quantized_fuse_dtype, "rounding_seed": rounding_seed}
     if runtime is not None:
-        asked = {"pristine_device": pristine_device, "keep_fuse_buffers": keep_fuse_buffers}
-        clash = {k: v for k, v in asked.items() if v is not UNSET and v != getattr(runtime, k)}
+        held = _settings(runtime)
+        clash = {k: v for k, v in asked.items() if v is not UNSET and v != held[k]}
         if clash:
-            have = {k: getattr(runtime, k) for k in clash}
+            have = {k: held[k] for k in clash}
             raise ValueError(
                 f"these components are already wrapped with {have} (their adapters and fused weights are shared by "
                 f"every wrapper); asked for {clash}: drop that setting, or build the pipeline on its own components")
@@ -104,10 +108,20 @@ def runtime_for(components: Mapping[str, nn.Module], *, pristine_device: Any = U
         return runtime
     runtime = LoraRuntime(components, pristine_device=None if pristine_device is UNSET else pristine_device,
                           keep_fuse_buffers=False if keep_fuse_buffers is UNSET else keep_fuse_buffers)
+    for name in ("quantized_fuse_dtype", "rounding_seed"):  # the quantized layers' fuse settings live on the table
+        if asked[name] is not UNSET:
+            setattr(runtime.layers, name, asked[name])
     _RUNTIMES[denoiser] = weakref.ref(runtime)
     _serve(runtime, components)
     weakref.finalize(runtime, _release_hooks, runtime.layers, runtime._release_hooks)
     return runtime
+
+
+def _settings(runtime: LoraRuntime) -> dict[str, Any]:
+    """How ``runtime`` fuses: the settings a second wrapper of the same modules must not contradict."""
+    return {"pristine_device": runtime.pristine_device, "keep_fuse_buffers": runtime.keep_fuse_buffers,
+            "quantized_fuse_dtype": runtime.layers.quantized_fuse_dtype,
+            "rounding_seed": runtime.layers.rounding_seed}
 
 
 def move_runtime(runtime: LoraRuntime, denoiser: nn.Module) -> None:
