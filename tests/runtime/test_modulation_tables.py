@@ -153,3 +153,13 @@ def test_a_merge_of_table_deltas_applies_as_their_blend(base):
     pipe.runtime.layers.low_rank_only = True
     pipe.set_adapters(["both"], [1.0])
     torch.testing.assert_close(_run(pipe.transformer), want, **COMPUTED_TOL)
+
+
+def test_per_block_weights_reach_each_blocks_table_and_the_heads(base):
+    pipe = DiffusionPipeline(copy.deepcopy(base))
+    pipe.load_lora_weights({k: v for k, v in _distill_file(base.transformer).items() if k.endswith("diff_m")},
+                           adapter_name="lightning")
+    pipe.set_adapters(["lightning"], [{"transformer": {"B00": 0.0, "B01": 0.5, "FINAL": 0.25}}])
+    assert pipe.runtime.layers.weights["lightning"] == {"transformer.blocks.0.scale_shift_table": 0.0,
+                                                         "transformer.blocks.1.scale_shift_table": 0.5,
+                                                         "transformer.scale_shift_table": 0.25}

@@ -69,7 +69,7 @@ _DOUBLE_HEAD = {"flux": "D", "flux2": "D", "chroma": "D", "sd3": "J", "qwen": "B
 _STACK_HEAD = {"single_transformer_blocks": "S", "blocks": "B", "layers": "L", "noise_refiner": "NR",
                "context_refiner": "CR"}
 _TOP_LABELS = {"time_text_embed": "TIME", "x_embedder": "EMBED", "context_embedder": "EMBED", "pos_embed": "EMBED",
-               "norm_out": "FINAL", "proj_out": "FINAL",
+               "norm_out": "FINAL", "proj_out": "FINAL", "scale_shift_table": "FINAL",  # (Wan's head modulation)
                # Qwen-Image, Wan, Flux.2, Chroma, Z-Image
                "img_in": "EMBED", "txt_in": "EMBED", "txt_norm": "EMBED", "cap_embedder": "EMBED",
                "all_x_embedder": "EMBED", "all_final_layer": "FINAL", "time_guidance_embed": "TIME",
@@ -88,6 +88,8 @@ def transformer_block_label(path: str, denoiser: str) -> str:
     ('J03', 'FINAL')
     >>> transformer_block_label("blocks.12.attn2.add_k_proj", "wan"), transformer_block_label("noise_refiner.1.attention.to_q", "zimage")
     ('B12', 'NR01')
+    >>> transformer_block_label("blocks.3.scale_shift_table", "wan"), transformer_block_label("scale_shift_table", "wan")
+    ('B03', 'FINAL')
     """
     m = _BLOCK_PATH.match(path)
     if m:
