@@ -163,3 +163,16 @@ def test_per_block_weights_reach_each_blocks_table_and_the_heads(base):
     assert pipe.runtime.layers.weights["lightning"] == {"transformer.blocks.0.scale_shift_table": 0.0,
                                                          "transformer.blocks.1.scale_shift_table": 0.5,
                                                          "transformer.scale_shift_table": 0.25}
+
+
+def test_an_adapter_on_a_table_takes_no_per_sample_weights(base):
+    # a cat merge gives a table a LoRA (low-rank factors): still a blocker, so a server batches it by its mix
+    from lorablend import merge
+    from lorablend.io import load_adapter
+
+    files = [{k: v for k, v in _distill_file(base.transformer, seed=s).items() if k.endswith("diff_m")} for s in (8, 9)]
+    merged = merge([load_adapter(f, target=base, name=f"l{i}") for i, f in enumerate(files)], [0.5, 0.5], method="cat")
+    pipe = DiffusionPipeline(copy.deepcopy(base))
+    pipe.load_lora_weights(merged, adapter_name="both")
+    pipe.load_lora_weights(files[0], adapter_name="one")
+    assert pipe.runtime.sample_weight_blockers(["both", "one"]) == ["both", "one"]

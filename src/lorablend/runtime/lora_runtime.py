@@ -26,7 +26,7 @@ from torch import nn
 
 from ..adapter import Delta
 from .layer_state import LayerState, LayerTable, SampleWeights
-from .model_view import COMPONENT_ORDER, ModelView
+from .model_view import COMPONENT_ORDER, ModelView, ModulationTable
 from .binding import BoundAdapter
 from .weight_specs import layer_weights
 from .transfer import deltas_to
@@ -380,12 +380,13 @@ class LoraRuntime:
 
     def sample_weight_blockers(self, names: Iterable[str]) -> list[str]:
         """The adapters among ``names`` that cannot take per-sample weights: a layer that is not one low-rank pair
-        (LoHa, LoKr, full, a norm) or that changes a bias.
+        (LoHa, LoKr, full, a norm), that changes a bias, or that is a modulation table.
 
         >>> pipeline.runtime.sample_weight_blockers(["ink"])                  # doctest: +SKIP
         []
         """
         return [n for n in names if any(b.delta.low_rank_factors() is None or b.delta.changes_bias
+                                        or isinstance(b.module, ModulationTable)  # (its owner reads a dense term)
                                         for b in self.adapters[n].layers.values())]
 
     @contextmanager
