@@ -87,8 +87,8 @@ def test_the_worker_batches_different_mixes_and_keeps_dense_ones_apart(loaded):
     metrics = Metrics()
     worker = Worker(pipe, AdapterCache(pipe, budget_bytes=2**30, metrics=metrics), metrics, max_batch=4)
     asks = [*MIXES, {"dense": 0.5}]
-    with worker.lock:  # every request queues before the worker may run the first
-        worker.start()
+    worker.start()
+    with worker._cond:  # every request queues before the worker may take the first (it forms a batch under _cond)
         jobs = [worker.submit(Generation(f"prompt {i}", seed=i, steps=2, loras=m, width=32, height=32,
                                          guidance_scale=7.5), [entries[n] for n in m]) for i, m in enumerate(asks)]
     results = [job.future.result(timeout=300) for job in jobs]
@@ -177,8 +177,8 @@ def test_the_worker_runs_a_scheduled_request_beside_a_constant_one(loaded):
     constant = Generation("c", seed=2, steps=4, loras={"c": 0.8}, width=32, height=32, guidance_scale=7.5)
     metrics = Metrics()
     worker = Worker(pipe, AdapterCache(pipe, budget_bytes=2**30, metrics=metrics), metrics, max_batch=4)
-    with worker.lock:
-        worker.start()
+    worker.start()
+    with worker._cond:  # both queue before the worker takes the first
         jobs = [worker.submit(g, [entries[n] for n in g.loras]) for g in (scheduled, constant)]
     results = [job.future.result(timeout=300) for job in jobs]
     worker.stop()
@@ -218,7 +218,7 @@ def test_the_compiled_worker_batches_mixes_and_schedules_with_no_recompile(loade
     try:
         worker.start()
         for r, asks in enumerate(rounds):
-            with worker.lock:  # both queue before the worker runs: one batch
+            with worker._cond:  # both queue before the worker takes the first: one batch
                 jobs = [worker.submit(Generation(f"p{i}", seed=i, loras=m, schedules=s, **kw), [entries[n] for n in m])
                         for i, (m, s) in enumerate(asks)]
             results = [job.future.result(timeout=300) for job in jobs]
