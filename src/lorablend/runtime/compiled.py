@@ -30,6 +30,10 @@ Kinds: a LoRA/LoCon is a low-rank pair; LoHa/LoKr use their exact factors (rank 
 capacity; a full diff, a DoRA, or a bias change is represented exactly on dense layers only, and refused on a
 pair layer (fuse such an adapter: a fused adapter is part of the weights, which the compiled graph reads).
 
+Quantized layers (``lorablend.quant``): the static layer calls the layer's own quantized forward and adds the term,
+cast to its output dtype; buffers take the logical ``out × in``; the weight is never folded into (there is no
+float weight). diffusers' layerwise casting is refused (it re-types weights in place per call: untraceable).
+
 >>> handle = pipeline.compile_denoiser(max_rank=64)                         # doctest: +SKIP
 >>> pipeline.set_adapters(["ikea", "feng"], [0.7, 0.8])                     # doctest: +SKIP
 >>> image = pipeline(prompt, num_inference_steps=30)[0][0]                  # doctest: +SKIP
@@ -48,7 +52,8 @@ from torch import nn
 from .fusion import concat_factors, delta_weight_fp32, low_rank_factors
 from ..errors import CapacityError
 from ..kinds import Delta
-from ..quant import format_of
+from ..quant import format_of, weight_shape
+from ..quant.fuse import dequantized_weight
 from ..naming import DENOISER_COMPONENTS, denoiser_component
 
 logger = logging.getLogger(__name__)
@@ -87,6 +92,22 @@ def _run(m: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(x, weight, bias)
 
 
+def _placement(m: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype a layer's static buffers live: its weight's, or for a quantized layer the dtype its
+    forward computes in (its packed storage is bytes)."""
+    fmt = format_of(m)
+    return m.weight.device, (m.weight.dtype if fmt is None else fmt.compute_dtype(m))
+
+
+def _quantized_base(m: nn.Module, own: Callable | None) -> Callable | None:
+    """A quantized layer's own forward (its instance forward, e.g. diffusers' layerwise-casting hook, else its
+    class's): the static layer adds its term to what that returns, never to a dequantized weight. None for a float
+    layer (its static forward computes with ``m.weight`` itself)."""
+    if format_of(m) is None:
+        return None
+    return own if own is not None else type(m).forward.__get__(m, type(m))
+
+
 def _tokens(m: nn.Module, x: torch.Tensor) -> int:
     """How many output positions the layer computes (rows of its GEMM); an estimate for strided convs."""
     if isinstance(m, nn.Conv2d):
@@ -107,17 +128,21 @@ class _PairLayer:
     written: tuple = ()  # the deltas whose factors the buffers hold, in order
     ranks: tuple = ()  # each one's rank: its block of columns
     used: int = 0  # how many rank columns they fill
+    base: Callable | None = None  # a quantized layer's own forward (``_quantized_base``); None: a float weight
+    shape: tuple = ()  # the logical weight shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m, weight = self.module, self.module.weight
+        m = self.module
         sv = self.shared.svecs[:, self.row] * self.shared.scale  # (1, R): one mix; (images, R): each its own
         out_f, rank = self.up.shape
         in_flat = self.down.shape[1]
         # Shapes are static inside a graph, so these choices are made once per trace (dynamo guards on the shapes
         # anyway): folding the pair into the weight costs out·in·R, applying it to x costs tokens·R·(in+out).
+        # A quantized layer has no float weight to fold into: its own forward, plus the term in the compute dtype.
         if sv.shape[0] == 1:
             sv = sv[0]
-            if out_f * in_flat * (rank + 1) <= _tokens(m, x) * rank * (in_flat + out_f):
+            if self.base is None and out_f * in_flat * (rank + 1) <= _tokens(m, x) * rank * (in_flat + out_f):
+                weight = m.weight
                 merged = torch.addmm(weight.reshape(out_f, in_flat), self.up * sv, self.down)
                 return _run(m, x, merged.view(weight.shape), m.bias)
         else:  # each row of x gets its image's vector; CFG's [uncond; cond] sees the images twice
@@ -125,14 +150,20 @@ class _PairLayer:
                 raise ValueError(f"{self.key}: a forward of {x.shape[0]} rows does not tile the {sv.shape[0]} "
                                  "images given per-sample weights; pass one weight row per image of the call")
             sv = sv.repeat(x.shape[0] // sv.shape[0], 1)
-        out = _run(m, x, weight, m.bias)
+        if self.base is not None:
+            out = self.base(x)
+            x = x.to(self.down.dtype)
+        else:
+            out = _run(m, x, m.weight, m.bias)
         if isinstance(m, nn.Conv2d):
-            h = F.conv2d(x, self.down.view(rank, *weight.shape[1:]), None, m.stride, m.padding, m.dilation)
-            return out + F.conv2d(h * sv[..., None, None], self.up.view(out_f, rank, 1, 1))
-        h = F.linear(x, self.down)
-        if sv.dim() == 2:
-            sv = sv.view(sv.shape[0], *([1] * (h.dim() - 2)), rank)
-        return out + F.linear(h * sv, self.up)
+            h = F.conv2d(x, self.down.view(rank, *self.shape[1:]), None, m.stride, m.padding, m.dilation)
+            term = F.conv2d(h * sv[..., None, None], self.up.view(out_f, rank, 1, 1))
+        else:
+            h = F.linear(x, self.down)
+            if sv.dim() == 2:
+                sv = sv.view(sv.shape[0], *([1] * (h.dim() - 2)), rank)
+            term = F.linear(h * sv, self.up)
+        return out + (term if self.base is None else term.to(out.dtype))
 
 
 @dataclass(eq=False)
@@ -145,9 +176,14 @@ class _DenseLayer:
     delta: torch.Tensor  # the weight's shape and dtype
     dbias: torch.Tensor | None  # (out,) when the module has a bias
     written: tuple = ()  # ((delta, weight), ...) the buffers hold
+    base: Callable | None = None  # a quantized layer's own forward; None: a float weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, scale = self.module, self.shared.scale
+        if self.base is not None:  # its own forward + ΔW x (+ Δb) in the compute dtype
+            out = self.base(x)
+            term = _run(m, x.to(self.delta.dtype), self.delta * scale, None if self.dbias is None else self.dbias * scale)
+            return out + term.to(out.dtype)
         bias = m.bias if self.dbias is None else m.bias + self.dbias * scale
         return _run(m, x, m.weight + self.delta * scale, bias)
 
@@ -155,8 +191,8 @@ class _DenseLayer:
 def _pair_fits(module: nn.Module, rank: int, always: bool = False) -> bool:
     """The layer is one the pair formulas cover, and a pair of capacity ``rank`` is cheaper than the matrix (or
     ``always``: per-sample weights need a pair wherever one can be)."""
-    weight = module.weight
-    out_f, in_flat = int(weight.shape[0]), int(weight[0].numel())
+    shape = weight_shape(module)  # (a quantized layer's logical out × in, not its packed bytes)
+    out_f, in_flat = int(shape[0]), int(torch.Size(shape[1:]).numel())
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
         return False
     return always or rank * (out_f + in_flat) < out_f * in_flat
@@ -192,10 +228,18 @@ class StaticDenoiser:
             raise ValueError(f"compile_denoiser: max_rank must be at least 1, got {max_rank}")
         if not modules:
             raise ValueError(f"compile_denoiser: the {component} has no adaptable Linear/Conv2d layer")
-        quantized = [k for k, m in modules.items() if format_of(m) is not None]
-        if quantized:  # (its buffers are sized and typed by the float weight a quantized layer does not have)
-            raise ValueError(f"compile_denoiser: the {component} is quantized ({quantized[0]}, …); static mode "
-                             "does not run on quantized layers yet: use the unfused runtime (no compile) or fuse")
+        copies = [k for k, m in modules.items() if "lorablend_fused_weight" in m._buffers]
+        if copies:  # (a float-copy fuse computes through its own instance forward, which static mode would replace)
+            raise ValueError(f"compile_denoiser: {copies[0]} (and {len(copies) - 1} more) is fused into a float copy "
+                             "(quantized_fuse_dtype); unfuse_lora() first, or fuse with quantized_fuse_dtype=None "
+                             "(requantized fused weights work compiled)")
+        cast = next((n for n, m in model.named_modules()
+                     if "layerwise_casting" in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})), None)
+        if cast is not None:  # (its hook re-types the module's parameters in place around every forward: untraceable)
+            raise ValueError(f"compile_denoiser: the {component} uses diffusers' layerwise casting ({cast or 'itself'}"
+                             ", …), which converts its weights in place around each forward; torch.compile cannot "
+                             "trace that. Store fp8 weights with lorablend.quant.convert.quantize_model(denoiser, "
+                             "'scaled-fp8') instead (it compiles), or run uncompiled")
         self.table, self.modules, self.model = table, modules, model
         self.component, self.capacity, self.grow = component, int(max_rank), bool(grow)
         self.per_sample = bool(per_sample)  # every layer that can be a pair is one (per-sample weights need it)
@@ -209,7 +253,7 @@ class StaticDenoiser:
     def _allocate(self) -> None:
         """(Re)make every layer's buffers at the current capacity, on the weights' device and dtype, and point
         each module's forward at its static layer. A compiled graph made before sees new objects: one recompile."""
-        kinds = {(m.weight.device, m.weight.dtype) for m in self.modules.values()}
+        kinds = {_placement(m) for m in self._placed_by()}
         if len(kinds) != 1:
             raise ValueError(f"compile_denoiser: the {self.component}'s layers are on several devices/dtypes "
                              f"{sorted(map(str, kinds))}; move it to one (pipe.to(device, dtype)) first")
@@ -220,26 +264,34 @@ class StaticDenoiser:
         self.layers = {}
         rows = {k: i for i, k in enumerate(pair_keys)}
         for key, m in self.modules.items():
-            w = m.weight
+            shape, base = weight_shape(m), _quantized_base(m, self._own_forwards[key])
             if key in rows:
-                layer: Any = _PairLayer(key, m, self.shared, rows[key], torch.zeros(w.shape[0], self.capacity, **zeros),
-                                        torch.zeros(self.capacity, w[0].numel(), **zeros))
+                layer: Any = _PairLayer(key, m, self.shared, rows[key], torch.zeros(shape[0], self.capacity, **zeros),
+                                        torch.zeros(self.capacity, torch.Size(shape[1:]).numel(), **zeros),
+                                        base=base, shape=shape)
             else:
-                layer = _DenseLayer(key, m, self.shared, torch.zeros_like(w, memory_format=torch.contiguous_format),
-                                    None if m.bias is None else torch.zeros_like(m.bias))
+                layer = _DenseLayer(key, m, self.shared, torch.zeros(shape, **zeros),
+                                    None if m.bias is None else torch.zeros(shape[0], **zeros), base=base)
             self.layers[key] = layer
             m.forward = layer.forward  # (an instance attribute: the module's state_dict is unchanged)
         if device.type == "cuda":  # CUDA graphs (mode="reduce-overhead") read them in place instead of copying
             for t in self._tensors():
                 torch._dynamo.mark_static_address(t)
         self.built_for = (device, dtype)
-        self._shapes = {k: tuple(m.weight.shape) for k, m in self.modules.items()}
+        self._shapes = {k: weight_shape(m) for k, m in self.modules.items()}
         self._version: int | None = None
         self._scale_value: float | None = None
         self._gather: torch.Tensor | None = None
         self._values: torch.Tensor | None = None  # each contributor's set weight, pair layers in row order, then 0
         self._columns: list[str] = []  # the adapter of each of those values ("" for the 0)
         self._samples_written: dict = {}  # images -> what its per-sample table holds (SampleWeights, generation, …)
+
+    def _placed_by(self) -> list[nn.Module]:
+        """The layers whose device / dtype the buffers take: the float ones (the activations' dtype; a quantized
+        layer's own compute dtype may differ, e.g. bnb int8's fp16, and its term is cast to its output), else all."""
+        if not hasattr(self, "_floats"):
+            self._floats = [m for m in self.modules.values() if format_of(m) is None]
+        return self._floats or list(self.modules.values())
 
     @property
     def pair_layers(self) -> int:
@@ -264,13 +316,12 @@ class StaticDenoiser:
 
         >>> static.sync()                                                           # doctest: +SKIP
         """
-        weight = next(iter(self.modules.values())).weight
-        if (weight.device, weight.dtype) != self.built_for:
-            logger.info("static %s: moved to %s / %s: buffers remade (one recompile)", self.component,
-                        weight.device, weight.dtype)
+        place = _placement(self._placed_by()[0])
+        if place != self.built_for:
+            logger.info("static %s: moved to %s / %s: buffers remade (one recompile)", self.component, *place)
             self._allocate()
         if self._version != self.table.version:
-            if any(tuple(m.weight.shape) != self._shapes[k] for k, m in self.modules.items()):
+            if any(weight_shape(m) != self._shapes[k] for k, m in self.modules.items()):
                 logger.warning("static %s: a layer's weight changed shape: buffers remade (one recompile)",
                                self.component)
                 self._allocate()  # (e.g. an input layer widened for a control LoRA)
@@ -399,9 +450,12 @@ class StaticDenoiser:
     def _write_dense(self, layer: _DenseLayer, terms: tuple) -> None:
         """``Σ w·ΔW`` (and ``Σ w·Δb``) in fp32, one cast: the eager dense term's formula."""
         m = layer.module
-        shape, device = tuple(m.weight.shape), m.weight.device
+        shape, device = weight_shape(m), m.weight.device
         state = self.table.by_key.get(layer.key)
-        base = state.pristine_weight if state is not None and state.pristine_weight is not None else m.weight
+        if layer.base is not None:  # (DoRA is relative to the weight the quantized bytes stand for)
+            base = dequantized_weight(state) if any(d.needs_base for d, _ in terms) else None
+        else:
+            base = state.pristine_weight if state is not None and state.pristine_weight is not None else m.weight
         dense = torch.zeros(shape, dtype=torch.float32, device=device)
         factors = low_rank_factors([(w, d) for d, w in terms], device)
         if factors is not None:

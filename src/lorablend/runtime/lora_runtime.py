@@ -526,6 +526,13 @@ class LoraRuntime:
                 if comp == layer.component and layer.key in f.deltas
             ]
 
+        if self._layers.quantized_fuse_dtype is not None:  # (a float copy computes through its own forward, which
+            static = [k for k in keys  # static mode has replaced: it would never run)
+                      if self._layers.by_key[k].quant is not None and self._layers.by_key[k].component in self._layers.static]
+            if static:
+                raise ValueError(f"fuse_lora: {static[0]} is quantized and its component is compiled (static mode); a "
+                                 "float-copy fuse (quantized_fuse_dtype) does not run there. Set quantized_fuse_dtype="
+                                 "None (requantized fused weights work compiled), or close() the compiled denoiser first")
         written: list[tuple[LayerState, bool]] = []
         try:
             for key in keys:
