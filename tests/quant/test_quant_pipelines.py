@@ -188,14 +188,22 @@ def test_block_weights_and_call_scale_on_a_quantized_base(float_pipe, family, me
     assert any(terms) and not all(terms), "the zero-weight block's quantized layers add no term, the others do"
 
 
-def test_compile_is_refused_on_a_quantized_denoiser(float_pipe):
-    """Static (compiled) mode sizes its buffers by float weights: on quantized layers it refuses, naming one."""
+def test_static_mode_installs_on_a_quantized_denoiser_but_not_on_layerwise_casting(float_pipe):
+    """Static (compiled) mode runs on quantized layers (their buffers take the logical shape; compiled pictures:
+    tests/runtime/test_compiled_quantized.py); diffusers' layerwise casting, which re-types weights in place per
+    forward, is refused and nothing is handed to a static owner."""
     pipe = float_pipe("sdxl")
     quantized(pipe, "scaled-fp8")
     pipe = DiffusionPipeline(pipe)
-    with pytest.raises(ValueError, match="quantized"):
-        pipe.compile_denoiser()
-    assert not pipe.runtime.layers.static  # nothing handed to a static owner
+    static = pipe.compile_denoiser(max_rank=4, backend=None)
+    layer = next(k for k, m in static.modules.items() if type(m).__name__ == "ScaledFp8Linear")
+    assert static.layers[layer].base is not None  # the layer's own fp8 forward, plus the term
+    lw = float_pipe("sdxl")
+    quantized(lw, "layerwise-fp8")
+    lw = DiffusionPipeline(lw)
+    with pytest.raises(ValueError, match="layerwise casting"):
+        lw.compile_denoiser()
+    assert not lw.runtime.layers.static
 
 
 def test_pristine_weight_of_a_quantized_layer_is_its_dequantized_original(float_pipe):
