@@ -250,3 +250,34 @@ def test_fuse_into_float_copies_matches_the_unfused_pipeline_and_unfuses_exactly
     assert all(same_state(original[k], layer.quant.stored_state(layer.module)) for k, layer in layers.items())
     pipe.unload_lora_weights()
     assert np.array_equal(generate(pipe), base)
+
+
+def test_from_pretrained_with_a_diffusers_quantization_config_runs_the_guide(tiny_pipes, tmp_path):
+    """``DiffusionPipeline.from_pretrained(folder, quantization_config=PipelineQuantizationConfig(...))``: diffusers
+    quantizes the UNet while loading (torchao int8 weight-only: the config that runs on a CPU; diffusers refuses
+    BitsAndBytesConfig without a GPU), and the guide works on what it built — the report is complete, the LoRA
+    reaches the quantized layers and changes the picture, fuse ≈ unfused within int8's rounding, unfuse gives the
+    stored state back bit for bit, unload gives the base picture back exactly."""
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+
+    tiny_pipes["sdxl"].save_pretrained(tmp_path)
+    config = PipelineQuantizationConfig(
+        quant_mapping={"unet": TorchAoConfig(torchao_quantization.Int8WeightOnlyConfig())})
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path), quantization_config=config, dtype=torch.float32)
+    adapter = random_adapter(pipe, "a", rank=4, seed=1, strength=0.3, components=["unet"], targets="attn")
+    base = generate(pipe)
+    report = pipe.load_lora_weights(adapter, adapter_name="a")
+    assert not report.unsupported and not report.unknown and len(report.mapped) == len(adapter.deltas)
+    layers = quant_layers(pipe)
+    assert layers and all(layer.quant.name.startswith("torchao") for layer in layers.values())
+    original = {k: copy.copy(layer.quant.stored_state(layer.module)) for k, layer in layers.items()}
+    pipe.set_adapters(["a"], [0.8])
+    unfused = generate(pipe)
+    assert np.abs(unfused - base).max() > 1e-3
+    pipe.fuse_lora()
+    assert np.abs(generate(pipe) - unfused).max() <= 2e-2  # int8 requantizing rounding, ½/127 of a row's max
+    pipe.unfuse_lora()
+    assert all(same_state(original[k], layer.quant.stored_state(layer.module)) for k, layer in layers.items())
+    pipe.unload_lora_weights()
+    assert np.array_equal(generate(pipe), base)
