@@ -208,11 +208,10 @@ def load_denoiser_file(pipeline: Any, path: str, *, config: str | None = None,
 
 def _check_fp8_file(path: str) -> None:
     """Refuse a .safetensors denoiser that is not a plain float8_e4m3fn single file, naming what it holds."""
-    from safetensors import safe_open
+    from ..io.safetensors import read_header  # (the project's one header parser: a hostile header is refused)
 
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-        dtypes = {f.get_slice(k).get_dtype() for k in keys}
+    entries = read_header(path).entries
+    keys, dtypes = [e.name for e in entries], {e.dtype for e in entries}
     if any(k.endswith("scale_weight") for k in keys):
         raise ValueError(f"--denoiser {path}: a scaled-fp8 file (ComfyUI's scale_weight), which diffusers' "
                          "from_single_file does not read; bake LoRAs into it with lorablend bake instead")
