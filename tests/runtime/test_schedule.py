@@ -1,6 +1,6 @@
 """runtime/schedule.py on its own (no model): keyframes read from every spelling, the weight of each step
 (positions as fractions or step numbers, linear between, flat beyond), refusals that name the input, and the
-per-image weight matrix a step callback writes (the model-level checks: tests/serve/test_mixed_batch.py)."""
+per-image weight matrix a step callback writes (the model-level checks: tests/serve/test_batch_mixed.py)."""
 
 from __future__ import annotations
 

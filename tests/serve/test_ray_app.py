@@ -30,7 +30,7 @@ def test_settings_are_checked_by_name():
 
 def test_a_replica_compiles_its_denoiser_when_asked(tmp_path):
     """``serve --engine ray --compile``: each replica loads its pipeline with the compiled denoiser (static mode,
-    mixed batches kept); the compile itself runs at the first request (tests/serve/test_mixed_batch.py)."""
+    mixed batches kept); the compile itself runs at the first request (tests/serve/test_batch_mixed.py)."""
     pytest.importorskip("httpx")
     from serve_support import make_world
 

@@ -90,7 +90,7 @@ def test_concurrent_clients_get_their_own_images(server, library):
         assert status == 200
         # two levels: whichever requests meet in the queue share a batch whatever their mixes (per-sample weights,
         # another summation order), and these strength-2 LoRAs at weights up to ±1.5 turn that into up to 1.1
-        # levels (seen once in 3 runs); the per-sample exactness itself is tests/serve/test_mixed_batch.py's (1e-4)
+        # levels (seen once in 3 runs); the per-sample exactness itself is tests/serve/test_batch_mixed.py's (1e-4)
         assert_same_image(decode_png(content), library.image(prompt, mix, seed)[0], f"{prompt}: {mix}", levels=2)
 
 

@@ -4,7 +4,7 @@ refusal it always had), every key accounted for, none read as one of the new fam
 Walked: the real files of ../shared/realdata/loras (SD1.x / SD2.x / SDXL), the key lists of real files in
 newfamily_loras/keylists_invokeai (Flux.1, Qwen-Image, and the uncovered Anima / Krea 2) and the stripped headers of
 real kohya files (newfamily_loras/invokeai_stripped_headers), as seeded synthetic files in their names and shapes.
-The 2026 layouts are walked by test_read_2026.py. (keymaps/ holds checkpoint key maps, not LoRA layouts.)
+The 2026 layouts are walked by test_load_2026.py. (keymaps/ holds checkpoint key maps, not LoRA layouts.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lorablend.errors import LoraFormatError
 from lorablend.io.load import load_adapter
 
 HEADERS = SHARED / "newfamily_loras" / "invokeai_stripped_headers"
-# a real file the readers refuse, and why (tests/io/test_read_realdata.py says more about each)
+# a real file the readers refuse, and why (tests/io/test_load_realdata.py says more about each)
 _REFUSED = {"MALFORMED": "lora_unet_unet_", "cloneofsimo": "cloneofsimo", "TRUNCATED": "(?i)truncat|shorter|ends",
             ".pt": "(?i)pickle|tensor list|cloneofsimo"}
 _FAMILY_OF_FOLDER = {"sd1x": "sd1", "sd2x": "sd2", "sdxl": "sdxl"}
@@ -65,14 +65,14 @@ def test_every_invokeai_key_list(stem):
     sd = flux_state_dict(stem)
     if stem == "flux_lokr_bfl_format":
         # real BFL names, but factor shapes that multiply to no Flux layer: refused offline, key by key with a
-        # target (tests/io/test_read_flux.py::test_the_lokr_excerpt_is_reported_key_by_key)
+        # target (tests/io/test_load_flux.py::test_the_lokr_excerpt_is_reported_key_by_key)
         with pytest.raises(LoraFormatError, match="shapes fit no"):
             load_adapter(sd)
         return
     if stem == "qwen_image_lora_kohya_format":
         # InvokeAI's mock LoKr shapes ([3072, 16] x [16, 3072] is no Kronecker factorisation of 3072 x 3072): the
         # names are Qwen-Image's, the shapes fit no model, and the refusal says so (the same names with real
-        # shapes: tests/io/test_read_2026.py)
+        # shapes: tests/io/test_load_2026.py)
         with pytest.raises(LoraFormatError, match="shapes fit no"):
             load_adapter(sd)
         return
