@@ -51,3 +51,31 @@ def test_bad_input_is_json_with_the_same_exit_code(capsys, tmp_path, argv):
 
 def test_every_subcommand_is_covered():
     assert len(_commands()) >= len(SUBCOMMANDS)
+
+
+def test_family_flag_reads_a_file_that_fits_several_models(capsys, tmp_path):
+    """A file whose layers fit several models alike (InvokeAI's Qwen-Image fixture: to_q / to_k at width 3072, which
+    Flux.1, Qwen-Image, Flux.2 klein 4B and Chroma all have) is not read as any of them; the error names --family,
+    and inspect / convert / merge read it as the family it names."""
+    from keylists_2026 import KEYLISTS_2026, shape_from_family, state_dict
+    from safetensors.torch import save_file
+
+    if not KEYLISTS_2026.is_dir():
+        pytest.skip("../shared/realdata/newfamily_loras/2026 is not beside the checkout")
+    path = tmp_path / "q.safetensors"
+    save_file(state_dict("qwenimage_diffusers-bare-downup__invokeai-testfixture", shape_from_family("qwen-image")),
+              str(path))
+    code, out, _ = _run(capsys, ["inspect", str(path), "--json"])
+    info = json.loads(out)
+    assert code == 0 and info["family"] == "unknown" and "--family qwen-image" in json.dumps(info)
+    code, out, _ = _run(capsys, ["inspect", str(path), "--json", "--family", "qwen-image"])
+    assert code == 0 and json.loads(out)["family"] == "qwen-image"
+    code, out, _ = _run(capsys, ["convert", str(path), str(tmp_path / "k.safetensors"), "--to", "kohya", "--json",
+                                 "--family", "qwen-image"])
+    result = json.loads(out)
+    assert code == 0 and result["family"] == "qwen-image" and result["report"]["unknown"] == 0
+    code, out, _ = _run(capsys, ["merge", f"{path}:0.5", f"{path}:0.5", "-o", str(tmp_path / "m.safetensors"),
+                                 "--method", "cat", "--json", "--family", "qwen-image"])
+    assert code == 0 and json.loads(out)["layers"] > 0
+    code, _, err = _run(capsys, ["inspect", str(path), "--family", "qwen"])
+    assert code == 2 and "invalid choice: 'qwen'" in err

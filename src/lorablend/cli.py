@@ -57,6 +57,15 @@ def _one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- inspect
 
 
+def _add_family_flag(p: argparse.ArgumentParser) -> None:
+    """``--family``: read a file whose layers fit several models alike as this one (``load_adapter(family=)``)."""
+    from .adapter import FAMILIES
+
+    p.add_argument("--family", default=None, choices=FAMILIES, metavar="FAMILY",
+                   help="read the file(s) as this family's LoRA when the layers fit several models alike (one of "
+                        + ", ".join(FAMILIES) + "; default: from the file)")
+
+
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
@@ -71,6 +80,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="also draw a heatmap PNG: ||dW|| per block and layer type (or, with FILE2, their cosine similarity)")
     p.add_argument("--overwrite", action="store_true", help="with --plot: replace OUT.png if it exists")
+    _add_family_flag(p)
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -79,7 +89,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.other is not None or args.plot is not None:
         return _cmd_inspect_plot(args)
-    info = inspect_file(args.file, max_keys=args.keys)
+    info = inspect_file(args.file, max_keys=args.keys, family=args.family)
     if args.json:
         _print_json(info)
     else:
@@ -97,11 +107,11 @@ def _cmd_inspect_plot(args: argparse.Namespace) -> int:
     if args.json:
         data = {"plot": str(out), **heat.to_dict()}
         if args.other is None:
-            data["inspect"] = inspect_file(args.file, max_keys=args.keys)
+            data["inspect"] = inspect_file(args.file, max_keys=args.keys, family=args.family)
         _print_json(data)
     else:
         if args.other is None:
-            print(render_text(inspect_file(args.file, max_keys=args.keys)))
+            print(render_text(inspect_file(args.file, max_keys=args.keys, family=args.family)))
         print(f"wrote {out}: {heat.title} ({len(heat.rows)} blocks x {len(heat.cols)} layer types)")
     return 0
 
@@ -129,6 +139,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast the weights (default: keep)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    _add_family_flag(p)
     p.set_defaults(func=_cmd_convert)
 
 
@@ -136,7 +147,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .offline.jobs import convert_file
 
     result = convert_file(args.input, args.output, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
-                          progress=not args.json)
+                          progress=not args.json, family=args.family)
     if args.json:
         _print_json(result)
     else:
@@ -186,6 +197,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", default=None, metavar="JSON_FILE", help="also write the per-layer merge report (rank, relative error) here")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and the report file) if they exist")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    _add_family_flag(p)
     p.set_defaults(func=_cmd_merge)
 
 
@@ -220,7 +232,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         specs, args.output, method=args.method, format=args.format, dtype=args.dtype, device=args.device,
         name=args.name, report_path=args.report, overwrite=args.overwrite, progress=progress, rank=args.rank,
         energy=args.energy, clamp=args.clamp, density=args.density, majority_sign=args.majority_sign, seed=args.seed,
-        block_weights=block_weights,
+        block_weights=block_weights, family=args.family,
     )
     result = merged.data
     if args.json:

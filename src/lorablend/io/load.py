@@ -412,7 +412,8 @@ def _refuse_ambiguous(raw: RawSource, family: str, also_fits: tuple[str, ...], g
         raise LoraFormatError(
             f"{raw.label}: ambiguous: its layers fit {fits} alike (the same names and shapes in each), so the file "
             f"cannot tell which model it is for. Pass family=… (load_adapter(file, family={others[0]!r}), one of "
-            f"{fits}) or load it into its pipeline (pipeline.load_lora_weights(file))")
+            f"{fits}; on the command line --family {others[0]}) or load it into its pipeline "
+            "(pipeline.load_lora_weights(file))")
 
 
 def _refuse_uncovered(raw: RawSource) -> None:

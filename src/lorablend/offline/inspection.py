@@ -183,8 +183,9 @@ def inspect_adapter(adapter: Adapter, *, file: str | os.PathLike | None = None, 
     return info
 
 
-def inspect_file(path: str | os.PathLike, *, max_keys: int = 10) -> dict[str, Any]:
+def inspect_file(path: str | os.PathLike, *, max_keys: int = 10, family: str | None = None) -> dict[str, Any]:
     """Read a LoRA file (any supported format) and summarise it; raises ``LoraFormatError`` if it cannot be read.
+    ``family`` reads a file whose layers fit several models alike as that family's (``load_adapter(family=)``).
 
     >>> inspect_file("style.safetensors")["format"]                        # doctest: +SKIP
     'kohya'
@@ -194,7 +195,7 @@ def inspect_file(path: str | os.PathLike, *, max_keys: int = 10) -> dict[str, An
     from ..io.load import read_layers
 
     try:
-        adapter = load_adapter(path)
+        adapter = load_adapter(path, family=family)
     except LoraFormatError as err:  # no family places it: describe its layers (none that make a delta: raise)
         try:
             layers = read_layers(path)

@@ -24,7 +24,7 @@ PathLike = str | os.PathLike
 
 def convert_file(
     input: PathLike, output: PathLike, *, to: str, dtype: str | None = None, overwrite: bool = False,
-    progress: bool = False,
+    progress: bool = False, family: str | None = None,
 ) -> dict[str, Any]:
     """Read a LoRA file in any format we read and write it in ``to`` (``"diffusers"`` or ``"kohya"``) format.
 
@@ -32,6 +32,7 @@ def convert_file(
     they are when ``to`` spells keys as the input does (kohya -> kohya, diffusers -> diffusers), else dropped:
     ``unplaced`` in the result says which, how many and why. Returns what was done: input, output, formats,
     family, layers, kinds, bytes, the output's sshs hash, the input's key report counts and ``unplaced``.
+    ``family`` reads a file whose layers fit several models alike as that family's (``load_adapter(family=)``).
 
     >>> convert_file("a.safetensors", "a.safetensors", to="kohya")                  # doctest: +SKIP
     Traceback (most recent call last):
@@ -46,7 +47,7 @@ def convert_file(
     if same_file(input, output):
         raise ValueError(f"{output}: OUTPUT is the INPUT file; lorablend never overwrites an input")
     try:
-        adapter = load_adapter(input)
+        adapter = load_adapter(input, family=family)
     except LoraFormatError as err:  # no family places it: in its own spelling, every key can still be kept
         return _convert_unplaced(input, output, to=to, dtype=dtype, overwrite=overwrite, err=err)
     unplaced = [r.key for r in adapter.report.records if r.status != "mapped"]
@@ -144,11 +145,13 @@ def merge_files(
     report_path: PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    family: str | None = None,
     **options: Any,
 ) -> MergedFile:
     """Merge LoRA files, ``(path, weight)`` pairs, into one LoRA file; ``options`` are ``merge``'s (``rank``,
     ``energy``, ``clamp``, ``density``, ``majority_sign``, ``seed``, ``block_weights``). ``dtype`` defaults to
     the inputs' common dtype (fp32 when they differ). ``report_path`` also writes the per-layer report (JSON).
+    ``family`` reads every input as that family's LoRA (files whose layers fit several models alike).
 
     >>> merge_files([("a.safetensors", 0.7), ("b.safetensors", 0.8)], "ab.safetensors", rank=16)  # doctest: +SKIP
     """
@@ -158,7 +161,7 @@ def merge_files(
 
     _check_merge_options(device, options)  # cheap checks first: a typo fails before minutes of loading
     _check_merge_inputs(inputs, output, format=format, name=name, report_path=report_path, overwrite=overwrite)
-    adapters = [load_adapter(path) for path, _ in inputs]
+    adapters = [load_adapter(path, family=family) for path, _ in inputs]
     merged, report = merge_with_report(adapters, [w for _, w in inputs], method, name=name, device=device,
                                        progress=progress, **options)
     dtype = dtype or _input_dtype(adapters)
