@@ -11,6 +11,7 @@ no term is rebuilt, nothing recompiles.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -121,6 +122,30 @@ def expert_keyframes(pipeline: Any, steps: int, high: float = 1.0, low: float = 
     return ((0.0, float(high)), ((first_low - 1) / n, float(high)), (first_low / n, float(low)))
 
 
+@dataclass(frozen=True)
+class ExpertSplit:
+    """One LoRA's weight per Wan 2.2 A14B expert, as a request gives it (``{"high": 1.0, "low": 0.3}``, or
+    WanGP's phase multipliers ``1.0;0.3``) before the pipeline and step count are known; ``keyframes`` turns it
+    into a schedule (:func:`expert_keyframes`), and refuses a pipeline without two experts (``ValueError``)
+    rather than silently giving every step ``high``. ``given``: the request field it came from (for errors).
+
+    >>> ExpertSplit(1.0, 0.3).keyframes(pipeline, 30)                        # doctest: +SKIP
+    ((0.0, 1.0), (0.8, 1.0), (0.8333333333333334, 0.3))
+    """
+
+    high: float
+    low: float
+    given: str = field(default="loras", compare=False)
+
+    def keyframes(self, pipeline: Any, steps: int) -> Keyframes:
+        """The schedule of this split on ``pipeline`` for ``steps`` steps."""
+        if getattr(pipeline.config, "boundary_ratio", None) is None:
+            raise ValueError(f"a high/low expert split needs Wan 2.2 A14B's two experts (transformer and "
+                             f"transformer_2, a boundary_ratio); {type(getattr(pipeline, 'pipe', pipeline)).__name__} "
+                             "here has one denoiser: give one weight")
+        return expert_keyframes(pipeline, steps, self.high, self.low)
+
+
 def scheduled_call(runtime: Any, schedule: Mapping[str, Any], call: Callable[..., Any], kwargs: dict,
                    steps: int) -> Any:
     """``call(**kwargs)`` with the active adapters named in ``schedule`` weighted per step (keyframes times their
@@ -140,4 +165,5 @@ def scheduled_call(runtime: Any, schedule: Mapping[str, Any], call: Callable[...
         return call(**kwargs)
 
 
-__all__ = ["Keyframes", "StepSchedule", "expert_keyframes", "parse_keyframes", "scheduled_call", "weight_at"]
+__all__ = ["ExpertSplit", "Keyframes", "StepSchedule", "expert_keyframes", "parse_keyframes", "scheduled_call",
+           "weight_at"]

@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any
 
-from ..runtime.schedule import parse_keyframes
+from ..runtime.schedule import ExpertSplit, parse_keyframes
 from .errors import PromptTokenError
 
 _TOKEN = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
@@ -50,10 +50,30 @@ def block_weights(token: str, text: str) -> list[float] | dict[str, float]:
     return labels
 
 
+def expert_split(token: str, name: str, text: str) -> ExpertSplit:
+    """Wan 2.2 A14B's per-expert weights in a token's weight field, as WanGP writes its phase multipliers:
+    ``HIGH;LOW`` (the high-noise expert's weight, then the low-noise one's).
+
+    >>> expert_split("<lora:x:1;0.3>", "x", "1;0.3")
+    ExpertSplit(high=1.0, low=0.3, given='prompt')
+    """
+    parts = text.split(";")
+    try:
+        high, low = (float(p) for p in parts) if len(parts) == 2 else (math.nan, math.nan)
+    except ValueError:
+        high = low = math.nan
+    if not (math.isfinite(high) and math.isfinite(low)):
+        raise PromptTokenError(f"{token}: a Wan 2.2 expert split is two finite weights, the high-noise expert's "
+                               f"then the low-noise one's, e.g. <lora:{name}:1.0;0.3>")
+    return ExpertSplit(high, low, given="prompt")
+
+
 def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float], dict[str, Any], dict[str, Any]]:
     """``(prompt without the tokens, {name: summed weight}, {name: block weights}, {name: keyframes})``; raises
     :class:`PromptTokenError` naming the token. A weight ``W@P,W@P`` is an sd-webui-loractl schedule (weight
-    ``W`` at position ``P`` of the steps, linear between). A third field ``lbw=…`` gives the LoRA block weights
+    ``W`` at position ``P`` of the steps, linear between); a weight ``HIGH;LOW`` is Wan 2.2 A14B's weight per
+    expert (:func:`expert_split`, an :class:`ExpertSplit` in the schedules). A third field ``lbw=…`` gives the
+    LoRA block weights
     (:func:`block_weights`); another third field (A1111's separate text-encoder / UNet weights,
     ``<lora:name:te:unet>``) is refused rather than half applied.
 
@@ -81,7 +101,10 @@ def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float], dict[str, Any
                 raise PromptTokenError(f"{token}: {name!r} has other block weights in another token; give one")
             blocks[name] = spec
         weight = 1.0
-        if len(fields) >= 2 and "@" in fields[1]:
+        if len(fields) >= 2 and ";" in fields[1]:  # WanGP's phases: the high-noise expert's weight; the low's
+            schedules[name] = expert_split(token, name, fields[1])
+            fields = fields[:1]
+        elif len(fields) >= 2 and "@" in fields[1]:
             try:
                 schedules[name] = parse_keyframes(fields[1], token)
             except ValueError as exc:
@@ -99,4 +122,4 @@ def split_lora_tokens(prompt: str) -> tuple[str, dict[str, float], dict[str, Any
     return " ".join(_TOKEN.sub(" ", prompt).split()), mix, blocks, schedules
 
 
-__all__ = ["block_weights", "split_lora_tokens"]
+__all__ = ["block_weights", "expert_split", "split_lora_tokens"]

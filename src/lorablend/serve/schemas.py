@@ -23,7 +23,7 @@ from .config import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_WEIG
 from .batch import Generation
 from .errors import PromptTokenError
 from .prompts import split_lora_tokens
-from ..runtime.schedule import parse_keyframes
+from ..runtime.schedule import ExpertSplit, parse_keyframes
 
 Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 Side = Annotated[int, Field(ge=8, le=MAX_SIDE, multiple_of=8)]
@@ -34,6 +34,19 @@ KeyframeList = Annotated[list[Annotated[list[Annotated[float, Field(allow_inf_na
                                         Field(min_length=2, max_length=2)]], Field(min_length=1, max_length=32)]
 _STRICT = ConfigDict(strict=True, extra="forbid")
 _COMPAT = ConfigDict(strict=True, extra="ignore")
+
+
+class ExpertWeights(BaseModel):
+    """A LoRA's weight on each Wan 2.2 A14B expert: ``high`` on the high-noise ``transformer``'s steps, ``low`` on
+    the low-noise ``transformer_2``'s (a server whose pipeline has one denoiser answers 422).
+
+    >>> ExpertWeights(high=1.0, low=0.3).low
+    0.3
+    """
+
+    model_config = _STRICT
+    high: Weight
+    low: Weight
 
 
 def invalid(field: str, message: str, value: Any = None) -> RequestValidationError:
@@ -54,7 +67,9 @@ def _mix(prompt: str, loras: dict[str, Any]) -> tuple[str, dict[str, float], dic
         raise invalid("prompt", str(exc), prompt) from None
     mix = {}
     for name, value in loras.items():
-        if isinstance(value, list):
+        if isinstance(value, ExpertWeights):  # the pipeline turns it into keyframes (ServerState.check_experts)
+            schedules[name], value = ExpertSplit(value.high, value.low), 1.0
+        elif isinstance(value, list):
             try:
                 schedules[name] = parse_keyframes(value, f"loras[{name!r}]")
             except ValueError as exc:
@@ -68,7 +83,8 @@ def _mix(prompt: str, loras: dict[str, Any]) -> tuple[str, dict[str, float], dic
             raise invalid("loras", f"LoRA {name!r}: weight {weight:g} (with its prompt tokens) is over "
                                    f"{MAX_WEIGHT:g}; use a weight in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]", weight)
     for name, points in schedules.items():
-        if mix.get(name) != 1.0 or any(abs(w) > MAX_WEIGHT for _, w in points):
+        weights = (points.high, points.low) if isinstance(points, ExpertSplit) else [w for _, w in points]
+        if mix.get(name) != 1.0 or any(abs(w) > MAX_WEIGHT for w in weights):
             raise invalid("loras", f"LoRA {name!r}: give a schedule once (no other weight for it), with weights in "
                                    f"[-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]", name)
     return text, mix, blocks, schedules
@@ -92,18 +108,21 @@ class ImageRequest(BaseModel):
     >>> ImageRequest(prompt="a cat", loras={"ink": float("nan")})          # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    pydantic_core._pydantic_core.ValidationError: 2 validation errors for ImageRequest
+    pydantic_core._pydantic_core.ValidationError: 3 validation errors for ImageRequest
     loras.ink.constrained-float
       Input should be a finite number ...
 
     A LoRA's value may be keyframes instead of a weight, ``[[position, weight], ...]``: its weight over the steps
-    (runtime/schedule.py).
+    (runtime/schedule.py); or, on Wan 2.2 A14B, one weight per expert ``{"high": 1.0, "low": 0.3}``
+    (:class:`ExpertWeights`).
     """
 
     model_config = _STRICT
     prompt: Prompt
     negative_prompt: Prompt | None = None
-    loras: dict[LoraName, Weight | KeyframeList] = Field(default_factory=dict, max_length=64)
+    loras: dict[LoraName, Weight | KeyframeList | ExpertWeights] = Field(
+        default_factory=dict, max_length=64, description="LoRA name -> a weight, keyframes [[position, weight], ...] "
+        "(its weight over the steps), or {high, low}: one weight per Wan 2.2 A14B expert")
     scale: Weight = 1.0
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     steps: Annotated[int, Field(ge=1)] | None = None
@@ -223,4 +242,4 @@ class OpenAIImageRequest(BaseModel):
                           width, height, n, self.scale, blocks=blocks, schedules=schedules)
 
 
-__all__ = ["ImageRequest", "LoraRegistration", "OpenAIImageRequest", "Txt2ImgRequest", "invalid"]
+__all__ = ["ExpertWeights", "ImageRequest", "LoraRegistration", "OpenAIImageRequest", "Txt2ImgRequest", "invalid"]

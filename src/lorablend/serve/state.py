@@ -26,6 +26,7 @@ from .worker import Worker
 from .metrics import Metrics
 from .errors import ClientGone
 from .schemas import invalid
+from ..runtime.schedule import ExpertSplit
 
 
 class ServerState:
@@ -119,6 +120,26 @@ class ServerState:
                 raise invalid("prompt", f"<lora:{name}:…:lbw=…>: {exc}", name) from None
         return replace(gen, blocks=spelled)
 
+    def check_experts(self, gen: Generation) -> Generation:
+        """``gen`` with each Wan 2.2 expert split (``{"high", "low"}`` / ``<lora:x:H;L>``) turned into the
+        keyframes of this pipeline's boundary for its steps; 422 naming the field where the pipeline has one
+        denoiser.
+
+        >>> gen = Generation("x", 1, 4, {"x": 1.0}, schedules={"x": ExpertSplit(1.0, 0.3)})
+        >>> state.check_experts(gen).schedules                                 # doctest: +SKIP
+        {'x': ((0.0, 1.0), (0.5, 1.0), (0.75, 0.3))}
+        """
+        splits = {n: s for n, s in gen.schedules.items() if isinstance(s, ExpertSplit)}
+        if not splits:
+            return gen
+        schedules = dict(gen.schedules)
+        for name, split in splits.items():
+            try:
+                schedules[name] = split.keyframes(self.pipe, gen.steps)
+            except ValueError as exc:
+                raise invalid(split.given, f"LoRA {name!r}: {exc}", name) from None
+        return replace(gen, schedules=schedules)
+
     def check_size(self, gen: Generation) -> Generation:
         """``gen`` with the pipeline's defaults filled in; 422 past ``--max-pixels``.
 
@@ -150,7 +171,7 @@ async def generate(state: ServerState, gen: Generation, request: Request) -> tup
 
     >>> gen, result = await generate(state, body.generation(config), request)   # doctest: +SKIP
     """
-    gen = state.check_blocks(state.check_size(gen))
+    gen = state.check_experts(state.check_blocks(state.check_size(gen)))
     entries = await run_in_threadpool(state.adapters_for, list(gen.loras))
     if gen.schedules and (not state.worker.mixed or not all(e.low_rank for e in entries)):
         raise invalid("loras", "a weight schedule needs per-sample weights: LoRA (low-rank) files, and a server "

@@ -1,0 +1,123 @@
+"""Wan 2.2 A14B's high / low expert split in a request (tiny ``wan22-a14b`` pipeline, a LoRA on both experts):
+``"loras": {"x": {"high": 1.0, "low": 0.3}}`` and the prompt token ``<lora:x:1.0;0.3>`` (WanGP's phase
+multipliers) each answer the image of per-expert ``set_adapters`` within one 8-bit level; a split request shares a
+batch with another mix (per-sample weights), each image its own call's; on a one-denoiser pipeline the split is a
+422 naming the field."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from lorablend import DiffusionPipeline  # noqa: E402
+from lorablend.fixtures.tiny_2026 import tiny_2026_pipeline  # noqa: E402
+from lorablend.images.drawing import first_picture  # noqa: E402
+from lorablend.serve import ServeSettings, create_app  # noqa: E402
+from lorablend.serve.schemas import ImageRequest  # noqa: E402
+
+AUTH = {"Authorization": "Bearer t"}
+BODY = {"prompt": "a red circle", "seed": 3, "steps": 4, "width": 16, "height": 16}  # 4 steps: both experts run
+LEVEL = 1.5 / 255  # one 8-bit level (PNG rounding) plus float noise
+
+
+def _lora(path, pipe, seed: int, experts=("transformer", "transformer_2")) -> None:
+    """A diffusers-format LoRA on the attention of the given experts (``transformer.…`` / ``transformer_2.…``)."""
+    g, sd = torch.Generator().manual_seed(seed), {}
+    for expert in experts:
+        for name, m in getattr(pipe, expert).named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("blocks.") and ".attn1." in name:
+                sd[f"{expert}.{name}.lora_A.weight"] = torch.randn(2, m.in_features, generator=g) * 0.4
+                sd[f"{expert}.{name}.lora_B.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.4
+    save_file(sd, str(path))
+
+
+@pytest.fixture(scope="module")
+def wan22(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experts")
+    (root / "loras").mkdir()
+    base = tiny_2026_pipeline("wan22-a14b")
+    _lora(root / "loras" / "both.safetensors", base, 1)
+    _lora(root / "loras" / "other.safetensors", base, 2)
+    pipe = DiffusionPipeline(base)
+    pipe.set_progress_bar_config(disable=True)
+    app = create_app(pipe, ServeSettings(lora_dir=root / "loras", token="t", max_batch=4))
+    with TestClient(app) as client:
+        yield root, app, client
+
+
+def _library(root, weights: dict, seed: int, prompt: str = "a red circle") -> np.ndarray:
+    """The library's picture: each LoRA loaded the plain way, per-expert weights through ``set_adapters``."""
+    pipe = _library.pipe
+    for name in weights:
+        if name not in pipe.runtime.adapters:
+            pipe.load_lora_weights(str(root / "loras" / f"{name}.safetensors"), adapter_name=name)
+    pipe.set_adapters(list(weights), list(weights.values()))
+    out = pipe(prompt=prompt, num_inference_steps=4, width=16, height=16, output_type="np",
+               generator=np.random.Generator(np.random.PCG64(seed)))
+    return np.clip(np.asarray(first_picture(out), dtype=np.float32), 0, 1)
+
+
+def _png(answer) -> np.ndarray:
+    assert answer.status_code == 200, answer.text
+    return np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"), dtype=np.float32) / 255
+
+
+@pytest.fixture(scope="module")
+def library():
+    _library.pipe = DiffusionPipeline(tiny_2026_pipeline("wan22-a14b"))
+    _library.pipe.set_progress_bar_config(disable=True)
+    return _library
+
+
+def test_a_split_equals_per_expert_set_adapters(wan22, library):
+    root, _, client = wan22
+    want = library(root, {"both": {"transformer": 1.0, "transformer_2": 0.3}}, 3)
+    got = _png(client.post("/v1/images", json={**BODY, "loras": {"both": {"high": 1.0, "low": 0.3}}}, headers=AUTH))
+    assert got.shape == want.shape and np.abs(got - want).max() <= LEVEL
+    token = _png(client.post("/v1/images", json={**BODY, "prompt": "a red circle <lora:both:1.0;0.3>"}, headers=AUTH))
+    assert np.abs(token - want).max() <= LEVEL
+    plain = library(root, {"both": 1.0}, 3)  # the low expert's weight did change the picture
+    assert np.abs(plain - want).max() > 10 * LEVEL
+
+
+def test_a_split_shares_a_batch_with_another_mix(wan22, library):
+    root, app, _ = wan22
+    state = app.state.lorablend
+    asks = [ImageRequest(**{**BODY, "loras": {"both": {"high": 0.2, "low": 1.1}}}),
+            ImageRequest(**{**BODY, "seed": 4, "prompt": "a blue square", "loras": {"other": 0.7, "both": 0.5}})]
+    gens = [state.check_experts(state.check_size(a.generation(state.config))) for a in asks]
+    entries = [state.adapters_for(list(g.loras)) for g in gens]
+    with state.worker._cond:  # both queue before the worker takes the first
+        jobs = [state.worker.submit(g, e) for g, e in zip(gens, entries)]
+    results = [job.future.result(timeout=300) for job in jobs]
+    assert [r.batch_images for r in results] == [2, 2]
+    wants = [library(root, {"both": {"transformer": 0.2, "transformer_2": 1.1}}, 3),
+             library(root, {"other": 0.7, "both": 0.5}, 4, "a blue square")]
+    for result, want in zip(results, wants):
+        assert result.images[0].shape == want.shape and np.abs(np.clip(result.images[0], 0, 1) - want).max() <= 1e-3
+
+
+def test_a_split_on_one_denoiser_is_a_422_naming_the_field(tmp_path):
+    (tmp_path / "loras").mkdir()
+    base = tiny_2026_pipeline("wan")
+    _lora(tmp_path / "loras" / "x.safetensors", base, 1, experts=("transformer",))
+    app = create_app(DiffusionPipeline(base), ServeSettings(lora_dir=tmp_path / "loras", token="t"))
+    with TestClient(app) as client:
+        for body, field in (({**BODY, "loras": {"x": {"high": 1.0, "low": 0.3}}}, "loras"),
+                            ({**BODY, "prompt": "a <lora:x:1;0.3>"}, "prompt")):
+            r = client.post("/v1/images", json=body, headers=AUTH)
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], r.text
+            assert "two experts" in r.text and "give one weight" in r.text
+        for bad in ("<lora:x:1;a>", "<lora:x:1;2;3>", "<lora:x:1;inf>"):
+            r = client.post("/v1/images", json={**BODY, "prompt": bad}, headers=AUTH)
+            assert r.status_code == 422 and "expert split" in r.text, r.text
+        r = client.post("/v1/images", json={**BODY, "loras": {"x": {"high": 1.0}}}, headers=AUTH)
+        assert r.status_code == 422 and "low" in r.text
