@@ -335,7 +335,7 @@ class StaticDenoiser:
         self.shared.svecs = self.shared.uniform if samples is None else self._write_samples(samples)
 
     def _write_samples(self, samples: Any) -> torch.Tensor:
-        """The ``(images, pair layers, R)`` table of ``samples`` (a ``layer_state.SampleWeights``): image ``b``'s
+        """The ``(images, pair layers, R)`` table of ``samples`` (a ``sample_weights.SampleWeights``): image ``b``'s
         vector is each contributor's set weight times ``samples.matrix[b, its column]`` (0 where the adapter has no
         column), laid out as the uniform vectors are. Rewritten in place when the weights or the mix move."""
         if not self.per_sample:

@@ -77,7 +77,7 @@ class LayerState:
     pristine_bias: torch.Tensor | None = None
     quant: Any = None  # the weight's quantized format (lorablend.quant; found on creation), None for a float weight
     quant_snapshot: Any = None  # a quantized weight's original stored state, while fused
-    sample_index: tuple | None = None  # (svec, columns, each rank's column): SampleWeights.vector's gather, kept
+    sample_index: tuple | None = None  # (svec, columns, each rank's column): sample_weights' gather, kept
 
     def __post_init__(self) -> None:
         self.quant = format_of(self.module)
@@ -195,7 +195,17 @@ class LayerState:
         samples = self.table.sample_var.get()
         return self.svec if samples is None else samples.vector(self, rows)
 
+    def _own_rank(self, x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """A mixed batch's term through each image's own ranks (``sample_weights``), or None: the union's rank."""
+        samples = self.table.sample_var.get()
+        if samples is None or torch.is_grad_enabled():
+            return None
+        return samples.add_own_rank(self, x, out, scale)
+
     def _add_linear_pair(self, x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
+        done = self._own_rank(x, out, scale)
+        if done is not None:
+            return done
         h = F.linear(x, self.down)
         svec = self._weight_vector(h.shape[0])
         if svec.dim() == 2:  # per sample: (rows, R) against h's (rows, …, R)
@@ -210,6 +220,9 @@ class LayerState:
         return out.add_(F.linear(h, self.up), alpha=scale)
 
     def _add_conv_pair(self, m: nn.Module, x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
+        done = self._own_rank(x, out, scale)
+        if done is not None:
+            return done
         # channel matmuls: 1×1 convs through conv2d take a slow path on CPU
         if self.down.dim() == 2:  # pointwise conv: down is a channel matmul too
             n, c, hh, ww = x.shape
@@ -372,51 +385,6 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"a weight delta on a {type(module).__name__} is not supported (RMSNorm and LayerNorm are)")
 
 
-@dataclass(eq=False)
-class SampleWeights:
-    """Each sample's own adapter weights for one call (a batch of different mixes, Punica / S-LoRA style):
-    ``matrix[b, columns[name]]`` multiplies adapter ``name``'s set weight for sample ``b``. A layer's hook takes
-    its (rows, R) weight vector from here: each contributor's column repeated over its rank, times ``svec``, and
-    tiled when the layer sees the batch twice (classifier-free guidance runs [uncond; cond]). Contributors not
-    in ``columns`` get 0 for every sample. ``matrix`` may be rewritten between steps (a schedule) if
-    ``generation`` is bumped.
-
-    >>> sw = SampleWeights({"a": 0}, torch.tensor([[1.0], [0.5]])); sw.matrix.shape
-    torch.Size([2, 1])
-    """
-
-    columns: dict[str, int]
-    matrix: torch.Tensor  # (batch, adapters) float32
-    generation: int = 0
-    _cache: dict = field(default_factory=dict)
-
-    def vector(self, layer: "LayerState", rows: int) -> torch.Tensor:
-        """The (rows, R) weight vector of ``layer`` for this call."""
-        hit = self._cache.get(id(layer))
-        if hit is not None and hit[0] is layer.svec and hit[1] == self.generation and hit[2].shape[0] == rows:
-            return hit[2]
-        batch = self.matrix.shape[0]
-        if rows % batch:
-            raise ValueError(f"{layer.key}: a forward of {rows} rows does not tile the {batch} samples given "
-                             "per-sample weights; pass one weight row per image of the call")
-        # few small ops per layer and call: on a busy machine each one can wait for a core (the index of each rank's
-        # column is kept on the layer across calls; the padded matrix is made once per step for every layer)
-        padded = self._cache.get("padded")
-        if padded is None or padded[0] != self.generation:
-            padded = (self.generation, torch.cat([self.matrix, self.matrix.new_zeros(batch, 1)], dim=1).to(
-                device=layer.svec.device, dtype=torch.float32))  # the last column: not in the mix
-            self._cache["padded"] = padded
-        order = tuple(self.columns.items())
-        if layer.sample_index is None or layer.sample_index[0] is not layer.svec or layer.sample_index[1] != order:
-            cols = [self.columns.get(name, len(self.columns)) for name, _ in layer.contributors]
-            index = torch.tensor([c for c, r in zip(cols, layer.ranks) for _ in range(r)], device=layer.svec.device)
-            layer.sample_index = (layer.svec, order, index)
-        vec = (padded[1].index_select(1, layer.sample_index[2]) * layer.svec).to(layer.svec.dtype)
-        vec = vec.repeat(rows // batch, 1) if rows != batch else vec
-        self._cache[id(layer)] = (layer.svec, self.generation, vec)
-        return vec
-
-
 class LayerTable:
     """The touched layers of one pipeline, the adapters' per-layer weights, and the ONE version number.
 
@@ -518,4 +486,4 @@ class LayerTable:
                 layer.build(self.version, self.weights, place)
 
 
-__all__ = ["LayerState", "LayerTable", "SampleWeights", "WeightVectors"]
+__all__ = ["LayerState", "LayerTable", "WeightVectors"]

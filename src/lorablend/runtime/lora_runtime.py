@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..adapter import Delta
-from .layer_state import LayerState, LayerTable, SampleWeights
+from .layer_state import LayerState, LayerTable
+from .sample_weights import SampleWeights
 from .model_view import COMPONENT_ORDER, ModelView, ModulationTable
 from .binding import BoundAdapter
 from .weight_specs import layer_weights
