@@ -207,3 +207,53 @@ def test_a_schedule_axis_makes_the_librarys_scheduled_images(world, tmp_path, ca
     constant = library.image("a fox", {"ink": 1.0}, 3)[0]
     assert_same_image(_image(out, lines[""]), constant, "constant")
     assert float(np.abs(_image(out, lines["-1@0,1@0.5"]) - constant).max()) > 2 / 255  # the schedule shows
+
+
+def _dense_lora(world, path: Path, kind: str) -> Path:
+    """A LoHa or full-matrix (``diff``) kohya file on one attention layer of the tiny UNet (its shape read from the
+    saved weights)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    with safe_open(str(world.model / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        rows, cols = f.get_slice(f"{module}.weight").get_shape()
+    key, g = "lora_unet_" + module.replace(".", "_"), torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.5  # noqa: E731
+    tensors = ({f"{key}.hada_w1_a": r(rows, 2), f"{key}.hada_w1_b": r(2, cols), f"{key}.hada_w2_a": r(rows, 2),
+                f"{key}.hada_w2_b": r(2, cols), f"{key}.alpha": torch.tensor(2.0)} if kind == "loha"
+               else {f"{key}.diff": r(rows, cols)})
+    save_file(tensors, str(path))
+    return path
+
+
+def test_every_bad_input_is_refused_before_the_folder_exists(world, tmp_path, capsys, monkeypatch):
+    # a quick hostile pass (issue 20, Deliver 8): each exits 2 naming the input, and OUT/ never appears, so the
+    # corrected command starts clean; a schedule over dense deltas (LoHa, full) is refused up front, not after
+    # sweep.json is written
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (no network in tests: a hub id not in the cache is "not there")
+    (tmp_path / "empty").mkdir()
+    loha = _dense_lora(world, tmp_path / "loha.safetensors", "loha")
+    full = _dense_lora(world, tmp_path / "f.safetensors", "full")
+    ok = dict(model=str(world.model), lora=str(world.files["ink"]), seeds="3", extra=[])
+    cases = [(dict(model="nobody/no-such-model-xyz"), "--model nobody/no-such-model-xyz"),
+             (dict(model=str(tmp_path / "empty")), "no model_index.json"), (dict(model=str(loha)), "a file"),
+             (dict(lora=str(tmp_path / "missing.safetensors")), "--lora"), (dict(seeds="-1"), "--seeds -1"),
+             (dict(extra=["--guidance-scale", "nan"]), "--guidance-scale nan"),
+             (dict(extra=["--device", "cudax"]), "--device cudax"),
+             (dict(extra=["--schedule", "1@0,0@x"]), "--schedule"),
+             (dict(lora=str(loha), extra=["--schedule", "1@0,0@0.5"]), "loha.safetensors holds layers that are not"),
+             (dict(lora=str(full), extra=["--schedule", "1", "--schedule", "1@0,0@0.5"]), "not LoRA pairs")]
+    for i, (given, says) in enumerate(cases):
+        o = {**ok, **given}
+        out = tmp_path / f"out{i}"
+        args = ["sweep", "--model", o["model"], "--lora", o["lora"], "--weights", "1", "--prompt", "a fox", "--seeds",
+                o["seeds"], "--steps", "2", "--width", "32", "--height", "32", "-o", str(out), *o["extra"]]
+        assert main(args) == 2, given
+        err = capsys.readouterr().err
+        assert says in err and not out.exists(), (given, err)
+    out = tmp_path / "dense-constant"  # the same dense file with constant weights runs
+    assert main(["sweep", "--model", str(world.model), "--lora", str(loha), "--weights", "1", "--prompt", "a fox",
+                 "--seeds", "3", "--steps", "2", "--width", "32", "--height", "32", "-o", str(out)]) == 0
+    assert len(_lines(out)) == 1

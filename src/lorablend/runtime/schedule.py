@@ -45,6 +45,17 @@ def parse_keyframes(value: Any, what: str = "schedule") -> Keyframes:
     return tuple(sorted(points))
 
 
+def takes_sample_weights(adapter: Any) -> bool:
+    """Whether every delta of ``adapter`` (an ``Adapter``, not loaded) is one low-rank pair without a bias delta:
+    what per-sample weights, and so schedules and mixed batches, need (``LoraRuntime.sample_weight_blockers`` asks
+    the same of loaded adapters). LoHa, LoKr, full matrices and bias deltas are dense per layer.
+
+    >>> takes_sample_weights(adapter)                                      # doctest: +SKIP
+    True
+    """
+    return all(d.low_rank_factors() is not None and not d.changes_bias for d in adapter.deltas.values())
+
+
 def weight_at(points: Keyframes, step: int, steps: int) -> float:
     """The weight of step ``step`` (0-based) of ``steps``: its position is ``step / steps``; a keyframe position
     above 1 is an absolute step number.
@@ -166,4 +177,4 @@ def scheduled_call(runtime: Any, schedule: Mapping[str, Any], call: Callable[...
 
 
 __all__ = ["ExpertSplit", "Keyframes", "StepSchedule", "expert_keyframes", "parse_keyframes", "scheduled_call",
-           "weight_at"]
+           "takes_sample_weights", "weight_at"]

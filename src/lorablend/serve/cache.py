@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from .catalog import LoraSource
 from .metrics import Metrics
+from ..runtime.schedule import takes_sample_weights  # (what per-sample weights need; re-exported)
 
 
 @dataclass(eq=False)
@@ -43,12 +44,6 @@ class CachedAdapter:
     path: Path
     low_rank: bool = False  # every layer one low-rank pair, no bias delta: it can share a batch with other mixes
     bound: Any = None  # the binding checked at parse: what the worker adds to the pipeline (no second check)
-
-
-def takes_sample_weights(adapter: Any) -> bool:
-    """Whether every delta of ``adapter`` is one low-rank pair without a bias delta (what per-sample weights need:
-    ``LoraRuntime.sample_weight_blockers`` asks the same of loaded adapters). >>> takes_sample_weights(adapter)  # doctest: +SKIP"""
-    return all(d.low_rank_factors() is not None and not d.changes_bias for d in adapter.deltas.values())
 
 
 def adapter_bytes(adapter: Any) -> int:

@@ -15,6 +15,7 @@ the manifest with its file present and intact, and makes the rest.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any, Callable, Sequence
 from ..outputs import atomic_write, refuse_input
 from .manifest import append_line, done_cells, read_manifest, rewrite_manifest
 from .plan import Cell, SweepSettings, group_cells, naive_order, plan_cells, switches
-from ..runtime.schedule import parse_keyframes
+from ..runtime.schedule import parse_keyframes, takes_sample_weights
 
 ENGINES = ("local", "ray")
 
@@ -66,7 +67,23 @@ class SweepRunSettings:
             raise ValueError(f"--address {self.address}: joining a cluster needs --engine ray")
         if self.gpus_per_worker < 0:
             raise ValueError(f"--gpus-per-worker {self.gpus_per_worker}: must be 0 or more")
+        if self.device is not None:
+            _check_device(self.device, local=self.engine == "local")
         return self
+
+
+def _check_device(device: str, local: bool) -> None:
+    """``--device`` names a torch device (and, run here, one this machine has: Ray workers may have others)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device}: not a torch device; write cpu, cuda, cuda:1 or mps") from None
+    if local and kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; pass --device cpu")
+    if local and kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: this machine has no MPS device; pass --device cpu")
 
 
 def check_spec(spec: SweepSettings, out: str | os.PathLike) -> None:
@@ -91,6 +108,13 @@ def check_spec(spec: SweepSettings, out: str | os.PathLike) -> None:
     refuse_input(out, inputs, what="an input of the sweep")
     if spec.steps <= 0:
         raise ValueError(f"--steps {spec.steps}: must be a positive integer")
+    if any(int(seed) < 0 for seed in spec.seeds):
+        raise ValueError(f"--seeds {','.join(map(str, spec.seeds))}: seeds are integers from 0 (numpy's PCG64 "
+                         "takes no negative seed)")
+    if not all(math.isfinite(w) for w in spec.weights):
+        raise ValueError(f"--weights {spec.weights}: finite numbers, e.g. --weights 0,0.5,1")
+    if spec.guidance_scale is not None and not (math.isfinite(spec.guidance_scale) and spec.guidance_scale >= 0):
+        raise ValueError(f"--guidance-scale {spec.guidance_scale}: a finite number from 0, e.g. 7.5")
     if not spec.schedules:
         raise ValueError("--schedule: give at least one (\"\" or 1 for constant weights, e.g. 1@0,0@0.6)")
     for schedule in spec.schedules:
@@ -114,7 +138,45 @@ def check_inputs(spec: SweepSettings) -> None:
     """
     from ..images.generate import read_loras
 
-    read_loras(str(spec.model), [(path, 1.0) for path, _ in spec.loras], [name for _, name in spec.loras])
+    model = model_configs(str(spec.model))
+    adapters = read_loras(str(model), [(path, 1.0) for path, _ in spec.loras], [name for _, name in spec.loras])
+    dense = [path for (path, _), adapter in zip(spec.loras, adapters)
+             if adapter is not None and not takes_sample_weights(adapter)]
+    scheduled = [s for s in spec.schedules if s]
+    if scheduled and dense:
+        verb = "holds" if len(dense) == 1 else "hold"
+        raise ValueError(f"--schedule {scheduled[0]}: {', '.join(map(str, dense))} {verb} layers that are not LoRA "
+                         "pairs (LoHa, LoKr, full matrices or bias deltas); a weight that changes per step needs "
+                         "low-rank pairs: drop --schedule, or sweep those files with constant weights")
+
+
+def model_configs(model: str) -> Path:
+    """The folder with ``--model``'s config files: the pipeline folder itself, or a hub id's ``model_index.json``
+    and component ``config.json`` files (downloaded, or from the cache offline: no weight is fetched). A model
+    that is not there fails here, naming the flag, before the output folder gets a byte.
+
+    >>> model_configs("/no/such/folder")                                   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: --model /no/such/folder: no such pipeline folder, and the hub has no pipeline of that name ...
+    """
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"--model {model}: the folder has no model_index.json, so it holds no diffusers "
+                                    "pipeline; pass a pipeline folder (save_pretrained) or a hub id like 'org/name'")
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"--model {model}: a file; pass a diffusers pipeline folder (save_pretrained) or "
+                                 "a hub id like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:  # (OSError: offline and not cached, no such repo, gated; ValueError: not a repo id at all)
+        return Path(snapshot_download(model, allow_patterns=["model_index.json", "*/config.json"]))
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"--model {model}: no such pipeline folder, and the hub has no pipeline of that name "
+                                f"({type(exc).__name__}); pass a diffusers pipeline folder (save_pretrained) or a "
+                                "hub id like 'org/name'") from None
 
 
 def _claim_folder(spec: SweepSettings, out: Path) -> None:
@@ -254,7 +316,7 @@ def write_grid(spec: SweepSettings, cells: Sequence[Cell], out: Path) -> Path:
     return save_png(render_grid(rows, columns, labels, title), out / "grid.png", overwrite=True)
 
 
-__all__ = ["ENGINES", "SweepRunSettings", "check_inputs", "check_spec", "run_sweep", "write_grid"]
+__all__ = ["ENGINES", "SweepRunSettings", "check_inputs", "check_spec", "model_configs", "run_sweep", "write_grid"]
 
 # Old names (settings classes all end in ...Settings since 0.2), importable until 0.3 with a warning.
 from ..errors import renamed_names  # noqa: E402  (only for the old names below)
