@@ -38,3 +38,12 @@ def test_a_zero_alpha_is_written_as_the_rank_so_every_loader_reads_scale_one():
 
 def test_every_registered_kind_is_a_deltakind_with_its_roles():
     assert all(issubclass(k, DeltaKind) and k.roles for k in KINDS)
+
+
+def test_by_default_a_delta_has_a_lora_form_and_is_not_summed_in_its_own_kind():
+    from lorablend.kinds import DeltaProblem, LowRankDelta
+
+    d = LowRankDelta(torch.ones(2, 3), torch.ones(4, 2))
+    assert d.has_lora_form and d.changes_weight
+    with pytest.raises(DeltaProblem, match="merged as a LoRA"):
+        d.with_sum(torch.zeros(4, 3), None)

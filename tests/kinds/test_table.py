@@ -17,7 +17,19 @@ def test_the_delta_is_the_table_difference_itself():
     assert d.shape == (1, 6, 8) and d.rank is None and d.alpha is None and d.scale == 1.0
     assert torch.equal(d.delta_weight(), diff.float()) and d.delta_weight().dtype == torch.float32
     assert d.low_rank_factors() is None and not d.changes_bias and not d.needs_base
-    assert d.peft_problem() == "table"  # a diffusers / PEFT file holds no table: kohya / original names do
+    # a diffusers / PEFT file holds no table: ComfyUI names do (io/write_diffusers.py names that layout)
+    assert d.peft_problem() == "modulation table (diff_m)"
+
+
+def test_no_lora_form_so_merge_sums_it_in_its_own_kind():
+    d = TableDelta(torch.randn(1, 6, 8, generator=g))
+    assert not d.has_lora_form and d.changes_weight
+    total = torch.randn(1, 6, 8, generator=g)
+    summed = d.with_sum(total, None)
+    assert isinstance(summed, TableDelta) and summed.diff_m is total
+    for weight, bias in ((None, None), (torch.zeros(1, 2, 24), None), (total, torch.zeros(6))):
+        with pytest.raises(DeltaProblem, match=r"one tensor of shape \(1, 6, 8\)"):
+            d.with_sum(weight, bias)
 
 
 def test_only_the_tables_own_shape_fits():

@@ -397,10 +397,14 @@ def test_report_records_and_provenance(pair):
     assert "svd merge of a, b" in report.summary()
 
 
-def test_full_diff_bias_is_dropped_and_reported():
-    full = FullDelta(diff=torch.randn(8, 6), diff_b=torch.randn(8))
-    merged, report = merge_with_report([Adapter("f", "sd1", {KEY_Q: full})], [1.0], method="svd", rank=6)
-    assert report.dropped and merged.report.unsupported[0].key == KEY_Q + ".diff_b"
+def test_full_diff_bias_is_carried_as_the_exact_weighted_sum():
+    # a bias difference is summed exactly (merge/sums.py) and carried as the merged LoRA's diff_b, never dropped
+    a = FullDelta(diff=torch.randn(8, 6), diff_b=torch.randn(8))
+    b = FullDelta(diff=torch.randn(8, 6), diff_b=torch.randn(8))
+    merged, report = merge_with_report([Adapter("f", "sd1", {KEY_Q: a}), Adapter("g", "sd1", {KEY_Q: b})],
+                                       [0.5, -2.0], method="svd", rank=6)
+    assert not report.dropped and merged.report.complete
+    torch.testing.assert_close(merged.deltas[KEY_Q].delta_bias(), 0.5 * a.diff_b - 2.0 * b.diff_b, rtol=0, atol=1e-6)
 
 
 def test_dora_needs_the_base_weight():

@@ -45,12 +45,20 @@ def check_diffusers_compatible(adapter: Adapter) -> None:
     bad = [(k, why) for k, d in adapter.deltas.items() if (why := d.peft_problem()) is not None]
     if bad:
         kinds = collections.Counter(why for _, why in bad)
-        summary = ", ".join(f"{n} {why}" for why, n in sorted(kinds.items()))
+        first = {why: key for key, why in reversed(bad)}
+        summary = ", ".join(f"{n} {why} (first: {first[why]})" for why, n in sorted(kinds.items()))
+        if any(not adapter.deltas[key].has_lora_form for key, _ in bad):
+            # a table / a norm's vector: no LoRA holds it, so no merge can make it one either
+            fix = ("Save with format='ai-toolkit' (ComfyUI's diffusion_model. names, with diff_m / diff / diff_b as "
+                   "lightx2v files have them; transformer families) or 'onetrainer'")
+        elif any(adapter.deltas[key].changes_bias for key, _ in bad):  # merge keeps bias differences: no way out there
+            fix = "Save with format='kohya' or 'ai-toolkit' (transformer families), which write diff_b as it is"
+        else:
+            fix = ("Save with format='kohya' (lossless; ComfyUI, A1111 and lorablend load it), or reduce it to a "
+                   "low-rank LoRA first with lorablend.merge(..., method='svd')")
         raise ValueError(
-            f"adapter {adapter.name!r} cannot be written in diffusers format: it has {summary} layer(s) "
-            f"(first: {bad[0][0]}), and diffusers' LoRA format holds only low-rank (lora_A/lora_B) layers and "
-            f"PEFT DoRA. Save with format='kohya' (lossless; ComfyUI, A1111 and lorablend load it), or reduce it "
-            f"to a low-rank LoRA first with lorablend.merge(..., method='svd')"
+            f"adapter {adapter.name!r} cannot be written in diffusers format: it has {summary} layer(s), and "
+            f"diffusers' LoRA format holds only low-rank (lora_A/lora_B) layers and PEFT DoRA. {fix}"
         )
     for component in adapter.components():
         dora = [d.kind == "dora" for k, d in adapter.deltas.items() if k.split(".", 1)[0] == component]

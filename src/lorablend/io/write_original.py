@@ -19,6 +19,11 @@ the final modulation's swapped halves) gets ONE delta over its rows, exactly:
   alpha/rank and alpha is left out (scale 1);
 * full differences (``diff`` / ``diff_b``): stacked at their rows, zeros elsewhere.
 
+A modulation table's difference (Wan ``blocks.N.diff_m``, ``head.diff_m``: lightx2v / Lightning distillation LoRAs,
+what ``merge`` keeps as a table) is written in ComfyUI names only, ``diffusion_model.blocks.N.diff_m``; ``"kohya"``
+refuses it with the key and that layout (no kohya / musubi name holds a table). ``.diff`` / ``.diff_b`` are written in
+both (LyCORIS' suffixes, which ComfyUI reads after either name).
+
 LoHa, LoKr, DoRA and replacement weights of a module that is only PART of a fused layer cannot be put back into
 one delta of the same kind: refused with the layer's name (save ``format="onetrainer"``, one module each, or
 reduce them to a LoRA with ``merge(..., method="svd")``). On a layer a module has whole, every kind is written as
@@ -216,6 +221,25 @@ def _text_name(index: ModuleIndex, key: str, style: str) -> str:
     return f"text_encoders.{model}.transformer.{info.path}"
 
 
+def _kohya_can_hold(adapter: str, name: str, suffix: str) -> None:
+    """Refuse, naming the key and the layout that holds it, a tensor kohya names have no spelling for.
+
+    >>> _kohya_can_hold("x", "lora_unet_blocks_0", "diff_m")
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter 'x': lora_unet_blocks_0.diff_m is a modulation table difference, which kohya / musubi names cannot hold (a lora_unet_ name is a Linear's; musubi's converter drops the key): save with format='ai-toolkit', which writes it as diffusion_model.<block>.diff_m (diffusion_model.blocks.0.diff_m), the lightx2v / Kijai spelling
+    """
+    if suffix == "lora_B.bias":
+        raise ValueError(f"adapter {adapter!r}: layer {name} has a LoRA bias (lora_B.bias, a BFL control LoRA), "
+                         f"which kohya files cannot hold; save with format='ai-toolkit' or 'diffusers'")
+    if suffix == "diff_m":
+        raise ValueError(
+            f"adapter {adapter!r}: {name}.diff_m is a modulation table difference, which kohya / musubi names cannot "
+            f"hold (a lora_unet_ name is a Linear's; musubi's converter drops the key): save with "
+            f"format='ai-toolkit', which writes it as diffusion_model.<block>.diff_m "
+            f"(diffusion_model.blocks.0.diff_m), the lightx2v / Kijai spelling")
+
+
 def original_state_dict(
     adapter: Adapter, index: ModuleIndex, style: str = "kohya", progress: Callable[[Iterable], Iterable] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -246,10 +270,8 @@ def original_state_dict(
             name = _text_name(index, key, style)
             pairs = delta.kohya_tensors(index.modules[key].weight_shape)
         for suffix, tensor in pairs:
-            if style == "kohya" and suffix == "lora_B.bias":
-                raise ValueError(
-                    f"adapter {adapter.name!r}: layer {name} has a LoRA bias (lora_B.bias, a BFL control LoRA), "
-                    f"which kohya files cannot hold; save with format='ai-toolkit' or 'diffusers'")
+            if style == "kohya":
+                _kohya_can_hold(adapter.name, name, suffix)
             suffix = _AITK_FACTORS.get(suffix, suffix) if style == "ai-toolkit" else suffix
             out[f"{name}.{suffix}"] = tensor
     return out

@@ -237,6 +237,24 @@ class DeltaKind:
         """The fp32 bias difference, or None."""
         return None
 
+    @property
+    def changes_weight(self) -> bool:
+        """Whether the delta changes the weight at all (a full diff holding only a bias difference does not)."""
+        return True
+
+    @property
+    def has_lora_form(self) -> bool:
+        """Whether a LoRA can hold this delta's ΔW: a Linear's or a conv's weight matrix. A modulation table or a
+        norm's scale vector has no matrix to factor: merge sums such deltas exactly, in their own kind
+        (:meth:`with_sum`)."""
+        return True
+
+    def with_sum(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> "DeltaKind":
+        """A delta of this kind holding exactly ``weight`` (a weighted sum of ΔWs of this delta's shape, or None when
+        only biases change) and ``bias``: what merge gives a layer whose kind has no LoRA form. Kinds whose
+        ``has_lora_form`` is False give it."""
+        raise DeltaProblem(f"a {self.kind} delta is merged as a LoRA, not summed in its own kind")
+
     def base_free(self) -> "DeltaKind":
         """The part of this delta whose ΔW needs no base weight (itself; DoRA: its inner delta) — what an
         offline view (inspect, plots) can show without a model."""

@@ -45,6 +45,23 @@ class FullDelta(DeltaKind):
     def delta_bias(self) -> torch.Tensor | None:
         return None if self.diff_b is None else self.diff_b.float()
 
+    @property
+    def changes_weight(self) -> bool:
+        return self.diff is not None
+
+    @property
+    def has_lora_form(self) -> bool:
+        """A weight matrix has one; a norm's scale vector (``norm_k_img.diff``) or a bias alone has none."""
+        return self.diff is not None and self.diff.dim() >= 2
+
+    def with_sum(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> "FullDelta":
+        """A full diff of ``weight`` (None: a bias difference alone) and ``bias``.
+
+        >>> FullDelta(torch.ones(3)).with_sum(torch.full((3,), 2.0), None).diff.tolist()
+        [2.0, 2.0, 2.0]
+        """
+        return FullDelta(diff=None if weight is None else weight.reshape(self.shape), diff_b=bias)
+
     def fit_problem(self, weight_shape: Shape) -> str | None:
         if self.diff is None:
             return None if self.diff_b.numel() == int(weight_shape[0]) else (

@@ -42,6 +42,26 @@ class TableDelta(DeltaKind):
             return f"its table difference is {self.shape} but the table is {weight_shape}: made for another model"
         return None
 
+    @property
+    def has_lora_form(self) -> bool:
+        """No: a table is one parameter, not a matrix a module multiplies; ComfyUI, WanVideoWrapper and lightx2v
+        exchange it as the table difference itself (``diffusion_model.blocks.N.diff_m``), never as LoRA factors."""
+        return False
+
+    def with_sum(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> "TableDelta":
+        """The table difference ``weight`` (a weighted sum of tables of this shape: what merge gives, exact).
+
+        >>> TableDelta(torch.ones(1, 6, 4)).with_sum(torch.zeros(1, 6, 4), None).shape
+        (1, 6, 4)
+        """
+        if weight is None or bias is not None or tuple(weight.shape) != self.shape:
+            raise DeltaProblem(f"a modulation table difference is one tensor of shape {self.shape}; got weight "
+                               f"{None if weight is None else tuple(weight.shape)} and a bias {bias is not None}")
+        return TableDelta(diff_m=weight)
+
+    def peft_problem(self) -> str | None:
+        return "modulation table (diff_m)"
+
     def take_rows(self, spans: RowSpans) -> "TableDelta":
         raise DeltaProblem("a modulation table is one parameter of its block: it is never split over modules")
 

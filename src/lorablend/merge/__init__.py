@@ -44,8 +44,10 @@ layer order and are the same on every run for a given ``seed`` (default 0).
 
 Layers present in only some adapters are merged with the missing ones as zero. DoRA layers depend
 on the base weight: they merge only when ``base_weights`` gives it (then through their dense ΔW).
-A full diff's bias difference cannot be carried by a LoRA: it is dropped and listed in the result's
-``report`` as ``unsupported``.
+What no LoRA holds is summed exactly whatever the method (:mod:`.sums`): a layer whose delta has no LoRA form
+(a Wan modulation table's ``diff_m``, a norm's scale vector ``.diff``) stays that kind, ``Σ c_i ΔT_i``; bias
+differences (``diff_b``, a LoRA's ``lora_B.bias``) are summed as ``Σ c_i Δb_i`` and carried as the merged LoRA's
+``diff_b``.
 
 The package: :mod:`.options` (the frozen :class:`MergeSettings`, checked once), :mod:`.methods` (one function per
 method and the ``{method: function}`` table), :mod:`.task` (PEFT's prune / elect sign / disjoint mean steps),
@@ -64,12 +66,13 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import LoraCompatibilityError
-from ..kinds import LowRankDelta
+from ..kinds import Delta, LowRankDelta
 from ..report import KeyRecord, LoadReport
 from .fused import fused_groups, merge_fused_svd
 from .methods import METHOD_TABLE, Layer, LayerResult, LayerTerm, layer_seed
 from .options import METHODS, BaseWeights, BlockWeights, MergeSettings, block_tables, check_weights
 from .report import LayerMerge, MergeReport
+from .sums import exact_bias, summed_layer
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +99,8 @@ def merge(
     """Merge adapters into one LoRA Adapter (see the module docstring for every method's math).
 
     ``weights`` has one float per adapter (``None``: all 1). The result holds ``LowRankDelta`` layers
-    in float32 with ``alpha == rank`` (scale 1), provenance in ``metadata`` (``modelspec.merged_from``,
+    in float32 with ``alpha == rank`` (scale 1) — layers no LoRA can hold (modulation tables, norms' vectors,
+    bias differences alone) as the exact weighted sum in their own kind —, provenance in ``metadata`` (``modelspec.merged_from``,
     ``lorablend.merge.*``) and one ``report`` record per layer whose reason reads
     ``"rank 32, rel_err 1.2e-03"``. Use :func:`merge_with_report` for the structured per-layer report.
 
@@ -145,20 +149,27 @@ def merge_with_report(
         from tqdm.auto import tqdm
 
         keys = tqdm(keys, desc=f"merge ({method})", unit="layer")
-    deltas: dict[str, LowRankDelta] = {}
-    layers: dict[str, tuple[Layer, torch.device]] = {}
+    deltas: dict[str, Delta] = {}
+    layers: dict[str, tuple[Layer, torch.device, torch.Tensor | None]] = {}
     for key in keys:
         terms = tuple(
             LayerTerm(a.name, a.deltas[key], weights[i] * _block_multiplier(tables, i, key, a.family))
             for i, a in enumerate(adapters) if key in a.deltas
         )
-        _drop_bias_changes(terms, key, report, load_report)
-        out_device = next(iter(terms[0].delta.tensors())).device
-        layer = Layer(key, terms, opts.device or out_device, _model_shape(adapters[0].family, key), fallback_rank)
+        summed = summed_layer(key, terms)
+        if summed is not None:  # a table, a norm's vector, biases alone: the exact sum in its own kind (merge/sums.py)
+            deltas[key], note = summed
+            report.layers.append(LayerMerge(key, 0, 0.0, tuple(t.name for t in terms), "exact", note))
+            load_report.add(key, "mapped", target=key, reason=note)
+            continue
+        bias = exact_bias(key, terms)  # carried exactly beside the merged LoRA (its diff_b)
+        changing = tuple(t for t in terms if t.delta.changes_weight)
+        out_device = next(iter(changing[0].delta.tensors())).device
+        layer = Layer(key, changing, opts.device or out_device, _model_shape(adapters[0].family, key), fallback_rank)
         result = METHOD_TABLE[method](layer, opts)
-        layers[key] = (layer, out_device)
+        layers[key] = (layer, out_device, bias)
         k = int(result.down.shape[0])
-        deltas[key] = _as_lowrank(result, out_device)
+        deltas[key] = _as_lowrank(result, out_device, bias)
         report.layers.append(LayerMerge(key, k, result.rel_error, tuple(t.name for t in terms), result.path, result.note))
         note = f", {result.note}" if result.note else ""
         load_report.add(key, "mapped", target=key, reason=f"rank {k}, rel_err {result.rel_error:.1e}{note}")
@@ -169,7 +180,7 @@ def merge_with_report(
     return merged, report
 
 
-def _one_rank_per_fused_layer(layers: dict[str, tuple[Layer, torch.device]], deltas: dict[str, LowRankDelta],
+def _one_rank_per_fused_layer(layers: dict[str, tuple[Layer, torch.device, torch.Tensor | None]], deltas: dict[str, Delta],
                               report: MergeReport, load_report: LoadReport, opts: MergeSettings, family: str) -> None:
     """``svd``: the modules of one fused original layer (Flux qkv / linear1 …) merged again as one, so that a file
     in original names gets ``rank`` over the fused rows, not one rank per module stacked (merge/fused.py)."""
@@ -181,7 +192,7 @@ def _one_rank_per_fused_layer(layers: dict[str, tuple[Layer, torch.device]], del
         results = merge_fused_svd([layers[key][0] for key in group], opts)
         for key, result in (results or {}).items():
             k = int(result.down.shape[0])
-            deltas[key] = _as_lowrank(result, layers[key][1])
+            deltas[key] = _as_lowrank(result, layers[key][1], layers[key][2])
             at = next(i for i, m in enumerate(report.layers) if m.key == key)
             report.layers[at] = LayerMerge(key, k, result.rel_error, report.layers[at].sources, result.path, result.note)
             at = next(i for i, r in enumerate(load_report.records) if r.key == key)
@@ -211,14 +222,6 @@ def _require_one_family(adapters: list[Adapter]) -> None:
         )
 
 
-def _drop_bias_changes(terms: tuple[LayerTerm, ...], key: str, report: MergeReport, load_report: LoadReport) -> None:
-    """A LoRA carries no bias: a full diff's bias difference is dropped, and said so in both reports."""
-    for t in terms:
-        if t.delta.changes_bias:
-            report.dropped.append(f"{key}.diff_b ({t.name})")
-            load_report.add(f"{key}.diff_b", "unsupported", reason=f"bias difference of {t.name} dropped: a LoRA carries no bias")
-            logger.warning("merge: dropped the bias difference of %s at %s (a LoRA carries no bias)", t.name, key)
-
 
 # The model vocabulary: the single place that talks to lorablend.naming.
 def _standard_index(family: str):
@@ -243,14 +246,15 @@ def _model_shape(family: str, key: str) -> tuple[int, ...] | None:
     return tuple(info.weight_shape) if info is not None else None
 
 
-def _as_lowrank(result: LayerResult, device: torch.device) -> LowRankDelta:
-    """A LoRA layer with alpha = rank (scale 1): conv layers get (r, in, kh, kw) / (out, r, 1, 1) factors."""
+def _as_lowrank(result: LayerResult, device: torch.device, bias: torch.Tensor | None = None) -> LowRankDelta:
+    """A LoRA layer with alpha = rank (scale 1): conv layers get (r, in, kh, kw) / (out, r, 1, 1) factors; ``bias``
+    (the exact weighted sum of the inputs' bias differences) as its ``diff_b``."""
     k = int(result.down.shape[0])
     up, down = result.up.to(device).float().contiguous(), result.down.to(device).float().contiguous()
     if len(result.shape) == 4:
         down = down.reshape(k, *result.shape[1:])
         up = up.reshape(result.shape[0], k, 1, 1)
-    return LowRankDelta(down=down, up=up, alpha=float(k))
+    return LowRankDelta(down=down, up=up, alpha=float(k), diff_b=None if bias is None else bias.to(device))
 
 
 # Metadata worth carrying from the first input: they describe the base model, not the training run.
@@ -259,13 +263,13 @@ _CARRIED_METADATA = ("modelspec.architecture", "modelspec.implementation", "ss_b
 
 def _provenance(adapters: list[Adapter], weights: list[float], options: MergeSettings, report: MergeReport) -> dict[str, str]:
     meta = {k: adapters[0].metadata[k] for k in _CARRIED_METADATA if k in adapters[0].metadata}
-    ranks = sorted({layer.rank for layer in report.layers})
+    ranks = sorted({layer.rank for layer in report.layers if layer.path != "exact"})
     meta.update(
         {
             "modelspec.merged_from": ", ".join(a.name for a in adapters),
             "lorablend.merge.method": options.method,
             "lorablend.merge.weights": json.dumps(list(weights)),
-            "lorablend.merge.rank": str(ranks[0]) if len(ranks) == 1 else "dynamic",
+            "lorablend.merge.rank": str(ranks[0]) if len(ranks) == 1 else "dynamic" if ranks else "none",
             "lorablend.merge.max_rel_error": f"{report.max_rel_error:.3e}",
         }
     )

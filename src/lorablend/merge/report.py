@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 class LayerMerge:
     """One merged layer: the rank written, the relative Frobenius error ``‖M - result‖ / ‖M‖`` against
     the exact weighted sum ``M`` (0 when ``M`` is 0), which adapters contributed and how it was computed
-    (``"factors"``: from the low-rank factors only; ``"dense"``: through the dense ΔW)."""
+    (``"factors"``: from the low-rank factors only; ``"dense"``: through the dense ΔW; ``"exact"``: the weighted sum
+    kept in its own kind, rank 0, where no LoRA can hold the layer: merge/sums.py)."""
 
     key: str
     rank: int
@@ -44,7 +45,7 @@ class MergeReport:
         return {layer.key: layer.rank for layer in self.layers}
 
     def summary(self) -> str:
-        ranks = sorted({layer.rank for layer in self.layers})
+        ranks = sorted({layer.rank for layer in self.layers if layer.path != "exact"})
         rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}" if ranks else "-"
         errors = [layer.rel_error for layer in self.layers]
         mean = sum(errors) / len(errors) if errors else 0.0
