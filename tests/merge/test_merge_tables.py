@@ -182,3 +182,41 @@ def test_the_real_kijai_layout_merged_written_and_read_back(kijai_files, method,
     back = load_adapter(path)
     assert back.family == "wan-i2v-14b"
     _same_back(back, merged)
+
+
+def _wan_single_file(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    """The tiny transformer in Wan's own names (``blocks.0.self_attn.q.weight``, ``head.head.bias``), its tables as
+    ``blocks.N.modulation`` / ``head.modulation``: what a ComfyUI Wan file holds (Wan has no fused layers)."""
+    out = {}
+    for name, tensor in pipe.transformer.state_dict().items():
+        module, _, part = name.rpartition(".")
+        original = pipe.model_view.index.original_name(f"transformer.{module}")
+        if name.endswith("scale_shift_table"):
+            name = (module + ".modulation") if module else "head.modulation"
+        elif original is not None and original[1] is None:
+            name = f"{original[0]}.{part}"
+        out[name] = tensor.detach().clone().contiguous()
+    return out
+
+
+def test_a_merged_distillation_file_bakes_as_the_pipeline_fuses_it(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lorablend.offline.bake import bake
+
+    merged = merge(_adapters(base), WEIGHTS, "cat")
+    lora = save_adapter(merged, tmp_path / "merged.safetensors", format="ai-toolkit", target=base)
+    pipe = DiffusionPipeline(copy.deepcopy(base))
+    state = _wan_single_file(pipe)
+    save_file(state, str(tmp_path / "wan.safetensors"))
+    report = bake(tmp_path / "wan.safetensors", [(str(lora), 1.0)], tmp_path / "baked.safetensors")
+    assert not report.skipped
+    pipe.load_lora_weights(str(lora), adapter_name="merged")
+    pipe.set_adapters(["merged"], [1.0])
+    pipe.fuse_lora()
+    baked, fused = load_file(str(tmp_path / "baked.safetensors")), _wan_single_file(pipe)
+    changed = {k for k in state if not torch.equal(baked[k], state[k])}
+    # every table, the norm, both biases and both weights the merged file touches: baked as fused, bit for bit
+    assert changed >= {"blocks.0.modulation", "blocks.1.modulation", "head.modulation", "blocks.0.norm3.weight",
+                       "blocks.0.self_attn.q.weight", "blocks.0.self_attn.q.bias", "head.head.weight", "head.head.bias"}
+    assert all(torch.equal(baked[k], fused[k]) for k in state), [k for k in state if not torch.equal(baked[k], fused[k])]
