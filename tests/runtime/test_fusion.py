@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorablend.runtime.fusion import fused_bias, fused_weight, has_bias_terms
+from lorablend.runtime.fusion import fused_bias, fused_weight, has_bias_terms, low_rank_factors, one_thread
 from lorablend.kinds import DoRADelta, FullDelta, LoHaDelta, LoKrDelta, LowRankDelta
 
 from conftest import assert_same_computed
@@ -70,3 +70,31 @@ def test_bias_terms():
     assert has_bias_terms([(0.5, full)]) and not has_bias_terms([(0.5, plain), (0.0, full)])
     b = fused_bias(torch.zeros(3, dtype=torch.bfloat16), [(0.5, full), (1.0, plain)])
     assert b.dtype == torch.bfloat16 and b.tolist() == [0.5, 1.0, 1.5]
+
+
+def test_factor_work_runs_on_one_thread_and_the_count_comes_back():
+    # the small factor casts / scales / copies of a fuse run single-threaded (parallel ops on them only wait for
+    # busy cores: issue 19's Wan 14B fuse); the caller's thread count is put back, also when the block raises
+    seen = []
+
+    class Recording(LowRankDelta):
+        def low_rank_factors(self):
+            seen.append(torch.get_num_threads())
+            return super().low_rank_factors()
+
+    g = torch.Generator().manual_seed(6)
+    d = Recording(torch.randn(2, 6, generator=g), torch.randn(8, 2, generator=g))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w0 = torch.randn(8, 6, generator=g)
+        fused = fused_weight(w0, [(0.5, d)])
+        assert seen == [1] and torch.get_num_threads() == 2
+        assert torch.equal(fused, torch.addmm(w0, 0.5 * d.up, d.down))  # the same bits as the plain formula
+        assert low_rank_factors([(0.5, d)]) is not None and seen == [1, 1] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"), one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

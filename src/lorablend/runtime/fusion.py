@@ -24,7 +24,8 @@ The functions read their inputs and return new tensors (or write into the ``out`
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 
@@ -32,6 +33,37 @@ from ..adapter import Delta
 from .transfer import map_tensors
 
 WeightedDeltas = Sequence[tuple[float, Delta]]  # (coef, delta) pairs, applied in order
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block's CPU tensor ops on the calling thread alone (``torch.set_num_threads(1)``, put back after).
+
+    For the small factor work of a fuse: casting, scaling and concatenating ``(out, r)`` / ``(r, in)`` factors
+    (a few hundred kB each, ~0.1 ms on one core even at Wan 14B's width). Spread over threads it gains nothing,
+    and each parallel op waits at a barrier for every thread of the team: on a machine whose cores are busy
+    that wait is a scheduler time slice, 3–7 ms per op measured on a loaded 2-core box — about 1 s of the
+    ~280 small ops of a 20-layer fuse, where the layers' own ``addmm`` took 2 s (benchmarks/RESULTS.md,
+    issue 19's Wan 14B fuse). With OpenMP (torch's CPU backend) the count set here is the calling thread's
+    own; other threads already running torch ops keep theirs (one whose very first torch op falls inside the
+    block would start with one thread). GPU ops are not affected.
+
+    >>> before = torch.get_num_threads()
+    >>> with one_thread():
+    ...     torch.get_num_threads()
+    1
+    >>> torch.get_num_threads() == before
+    True
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def delta_weight_fp32(
@@ -69,8 +101,9 @@ def low_rank_factors(
     >>> [t.shape for t in low_rank_factors([(1.0, a), (0.5, b)])]
     [torch.Size([2, 3]), torch.Size([3, 3])]
     """
-    pairs = [(float(c), pair) for c, d in terms if c != 0.0 and (pair := d.low_rank_factors()) is not None]
-    return concat_factors(pairs, device)
+    with one_thread():  # small tensors: see one_thread
+        pairs = [(float(c), pair) for c, d in terms if c != 0.0 and (pair := d.low_rank_factors()) is not None]
+        return concat_factors(pairs, device)
 
 
 def concat_factors(
@@ -90,13 +123,14 @@ def concat_factors(
     U = torch.empty(out_f, rank, dtype=torch.float32, device=device)
     D = torch.empty(rank, in_flat, dtype=torch.float32, device=device)
     at = 0
-    for coef, (up, down) in pairs:
-        r = int(up.shape[1])
-        U[:, at:at + r].copy_(up)
-        if coef != 1.0:
-            U[:, at:at + r].mul_(coef)
-        D[at:at + r].copy_(down)
-        at += r
+    with one_thread():  # small copies: see one_thread
+        for coef, (up, down) in pairs:
+            r = int(up.shape[1])
+            U[:, at:at + r].copy_(up)
+            if coef != 1.0:
+                U[:, at:at + r].mul_(coef)
+            D[at:at + r].copy_(down)
+            at += r
     return U, D
 
 
@@ -131,8 +165,9 @@ def fused_weight(
     rows = shape[0] if shape else 1
     direct = out is not None and out.dtype == torch.float32 and out.is_contiguous() and not safe
     with torch.no_grad():
-        pairs = [d.low_rank_factors() if c != 0.0 else None for c, d in terms]  # (asked once per delta)
-        factors = concat_factors([(float(c), p) for (c, _), p in zip(terms, pairs) if p is not None], device)
+        with one_thread():  # the factors' casts, scales and copies are small: parallel ops would only wait
+            pairs = [d.low_rank_factors() if c != 0.0 else None for c, d in terms]  # (asked once per delta)
+            factors = concat_factors([(float(c), p) for (c, _), p in zip(terms, pairs) if p is not None], device)
         src = pristine if pristine.device == device else pristine.to(device)
         if factors is not None and src.dtype == torch.float32 and src.is_contiguous():
             # one pass: read W0, write W0 + U @ D (addmm copies W0 into the result, then one gemm with beta=1:
@@ -196,4 +231,5 @@ def fused_bias(
         return bias.to(out_dtype)
 
 
-__all__ = ["concat_factors", "delta_weight_fp32", "fused_bias", "fused_weight", "has_bias_terms", "low_rank_factors"]
+__all__ = ["concat_factors", "delta_weight_fp32", "fused_bias", "fused_weight", "has_bias_terms", "low_rank_factors",
+           "one_thread"]
