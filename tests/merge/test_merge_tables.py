@@ -220,3 +220,37 @@ def test_a_merged_distillation_file_bakes_as_the_pipeline_fuses_it(base, tmp_pat
     assert changed >= {"blocks.0.modulation", "blocks.1.modulation", "head.modulation", "blocks.0.norm3.weight",
                        "blocks.0.self_attn.q.weight", "blocks.0.self_attn.q.bias", "head.head.weight", "head.head.bias"}
     assert all(torch.equal(baked[k], fused[k]) for k in state), [k for k in state if not torch.equal(baked[k], fused[k])]
+
+
+def _lightx2v_file(path, seed: int):
+    """A lightx2v-style file at Wan 14B's real width (5120): two blocks' and the head's tables, one LoRA + diff_b."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"diffusion_model.blocks.{i}.diff_m": torch.randn(1, 6, 5120, generator=g) for i in (0, 1)}
+    sd["diffusion_model.head.diff_m"] = torch.randn(1, 2, 5120, generator=g)
+    q = "diffusion_model.blocks.0.self_attn.q."
+    sd.update({q + "lora_down.weight": torch.randn(2, 5120, generator=g), q + "lora_up.weight": torch.randn(5120, 2, generator=g),
+               q + "diff_b": torch.randn(5120, generator=g)})
+    save_file(sd, str(path))
+    return path, sd
+
+
+def test_the_merge_command_writes_tables_in_comfyui_names_and_refuses_a_layout_without_them(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from lorablend.cli import main
+
+    (a, sa), (b, sb) = _lightx2v_file(tmp_path / "a.safetensors", 1), _lightx2v_file(tmp_path / "b.safetensors", 2)
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", f"{a}:0.7", f"{b}:-0.4", "-o", str(out), "--method", "svd", "--format", "ai-toolkit"]) == 0
+    written = load_file(str(out))
+    for key in ("diffusion_model.blocks.0.diff_m", "diffusion_model.blocks.1.diff_m", "diffusion_model.head.diff_m",
+                "diffusion_model.blocks.0.self_attn.q.diff_b"):
+        torch.testing.assert_close(written[key], 0.7 * sa[key] - 0.4 * sb[key], **EXACT, msg=key)
+    assert load_adapter(out).report.complete
+    capsys.readouterr()
+    refused = tmp_path / "refused.safetensors"
+    assert main(["merge", str(a), str(b), "-o", str(refused), "--format", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert "modulation table (diff_m)" in err and "format='ai-toolkit'" in err and not refused.exists()
