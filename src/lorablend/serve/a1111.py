@@ -58,10 +58,17 @@ def progress(state: ServerState, with_image: bool) -> dict[str, Any]:
     running = bool(worker.running)
     done, steps = (now.done, now.steps) if running else (0, 0)
     return {"progress": round(done / steps, 4) if steps else 0.0, "eta_relative": now.eta() if running else 0.0,
-            "state": {"skipped": False, "interrupted": worker.interrupted(), "job": "txt2img" if running else "",
+            "state": {"skipped": False, "interrupted": worker.interrupted(), "job": _job(worker.running),
                       "job_count": worker.waiting(), "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
                       "job_no": 0, "sampling_step": done, "sampling_steps": steps},
             "current_image": preview_png(now.latents) if with_image and running else None, "textinfo": None}
+
+
+def _job(running: tuple) -> str:
+    """A1111's name of the running job: "txt2img", "img2img", or "" when nothing runs."""
+    if not running:
+        return ""
+    return "txt2img" if running[0].generation.strength is None else "img2img"
 
 
 def memory() -> dict[str, Any]:

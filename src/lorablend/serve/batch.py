@@ -10,12 +10,13 @@ layer (LoHa, LoKr, a bias delta) batches only with its own mix. A compiled denoi
 data (``runtime.compiled``): mixes and schedules change with no recompile.
 
 >>> batch_key(Generation("a cat", seed=1, steps=2, width=64, height=64, guidance_scale=7.0), [], mixed=True)
-(None, 1.0, 2, 7.0, 64, 64, True)
+(None, 1.0, 2, 7.0, 64, 64, True, None)
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -26,6 +27,7 @@ from ..images.drawing import pictures
 from .cache import AdapterCache, CachedAdapter
 from ..runtime.schedule import StepSchedule
 from .errors import BatchStopped
+from .img2img import image_pipeline
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Generation:
     seed_per_image: bool = False
     blocks: dict[str, Any] = field(default_factory=dict)  # name -> LoRA Block Weight spec (at weight 1)
     schedules: dict[str, Any] = field(default_factory=dict)  # name -> keyframes (runtime/schedule.py)
+    init_images: tuple = ()  # img2img: the init images (base64 as sent; PIL images once checked), image i's: [i % n]
+    strength: float | None = None  # img2img's denoising strength; None: txt2img
 
     def weight_spec(self, name: str) -> Any:
         """What ``set_adapters`` takes for ``name``: its weight, or its block weights times it.
@@ -130,7 +134,8 @@ def batch_key(gen: Generation, entries: Sequence[CachedAdapter], *, mixed: bool)
     """
     per_sample = (mixed and all(e.low_rank for e in entries) and not gen.blocks) or bool(gen.schedules)
     mix = None if per_sample else frozenset((e.name, e.version, repr(gen.weight_spec(e.name))) for e in entries)
-    return (mix, gen.scale, gen.steps, gen.guidance_scale, gen.width, gen.height, gen.negative_prompt is None)
+    return (mix, gen.scale, gen.steps, gen.guidance_scale, gen.width, gen.height, gen.negative_prompt is None,
+            gen.strength)
 
 
 @dataclass
@@ -166,6 +171,14 @@ class BatchRun:
 
     def __init__(self, pipe: Any, cache: AdapterCache, compiled: Any, progress: Progress) -> None:
         self.pipe, self.cache, self.compiled, self.progress = pipe, cache, compiled, progress
+        self._image_pipe: Any = None
+
+    def image_pipeline(self) -> Any:
+        """diffusers' image-to-image pipeline over the same components, built on first use (``img2img.py``;
+        ``ValueError`` where the family has none). >>> run.image_pipeline()  # doctest: +SKIP"""
+        if self._image_pipe is None:
+            self._image_pipe = image_pipeline(self.pipe)
+        return self._image_pipe
 
     def run(self, batch: list[Job], should_stop: Any, interrupt: Any) -> tuple[list[np.ndarray], float, float]:
         """The batch's images in job order, the switch and the generate seconds."""
@@ -215,17 +228,40 @@ class BatchRun:
         if g.negative_prompt is not None:  # (Flux.2 and Flux.1 take none; a request that gives one there is a 422)
             kwargs["negative_prompt"] = negatives
         callback = self._callback(should_stop, interrupt)
-        if g.scale != 1.0:
+        call, steps = self.pipe, g.steps
+        if g.strength is not None:  # img2img: the same components through diffusers' image-to-image pipeline
+            call, steps = self._image_call(batch, kwargs), min(int(g.steps * g.strength), g.steps)
+        elif g.scale != 1.0:
             kwargs["cross_attention_kwargs"] = {"scale": g.scale}
-        self.progress.steps, self.progress.done, self.progress.images = g.steps, 0, len(prompts)
+        self.progress.steps, self.progress.done, self.progress.images = steps, 0, len(prompts)
         self.progress.started, self.progress.latents = time.perf_counter(), None
-        if rows is None:
-            out = self.pipe(**kwargs, callback_on_step_end=callback)  # (diffusers' __call__: no_grad)
-        else:  # each image its own weights, set again after every step (a schedule moves them)
-            first = [rows.row_at(b, 0, g.steps) for b in range(len(rows.rows))]
-            with self.pipe.runtime.call_sample_weights(first) as samples:
-                out = self.pipe(**kwargs, callback_on_step_end=rows.callback(samples, g.steps, then=callback))
+        # (the facade takes the scale in cross_attention_kwargs; a pipeline of its components takes it from here)
+        with self.pipe.runtime.call_scale(g.scale) if call is not self.pipe else contextlib.nullcontext():
+            if rows is None:
+                out = call(**kwargs, callback_on_step_end=callback)  # (diffusers' __call__: no_grad)
+            else:  # each image its own weights, set again after every step (a schedule moves them)
+                first = [rows.row_at(b, 0, g.steps) for b in range(len(rows.rows))]
+                with self.pipe.runtime.call_sample_weights(first) as samples:
+                    out = call(**kwargs, callback_on_step_end=rows.callback(samples, g.steps, then=callback))
         return [np.asarray(img, dtype=np.float32) for img in pictures(out)]
+
+    def _image_call(self, batch: list[Job], kwargs: dict) -> Any:
+        """``kwargs`` made img2img's (each image its init image, noise from torch generators seeded ``seed + i``:
+        diffusers' image-to-image pipelines draw with torch); the pipeline to call."""
+        import inspect
+
+        import torch
+
+        pipe = self.image_pipeline()
+        kwargs["image"] = [job.generation.init_images[i % len(job.generation.init_images)]
+                           for job in batch for i in range(job.generation.num_images)]
+        kwargs["generator"] = [torch.Generator().manual_seed(s) for job in batch for s in job.generation.seeds()]
+        kwargs["strength"] = batch[0].generation.strength
+        takes = inspect.signature(pipe.__call__).parameters
+        for name in ("height", "width"):  # (SD's img2img takes the init image's size; Flux's takes them)
+            if name not in takes:
+                kwargs.pop(name)
+        return pipe
 
     def _callback(self, should_stop: Any, interrupt: Any) -> Any:
         progress = self.progress

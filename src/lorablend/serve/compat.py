@@ -1,5 +1,5 @@
 """The APIs front-ends already speak, on the same runtime, queue and isolation as ``/v1/images``:
-AUTOMATIC1111's web API (``POST /sdapi/v1/txt2img``, ``GET /sdapi/v1/loras``, and the listings front-ends read at
+AUTOMATIC1111's web API (``POST /sdapi/v1/txt2img`` and ``/sdapi/v1/img2img``, ``GET /sdapi/v1/loras``, and the listings front-ends read at
 start-up: ``sd-models``, ``samplers``; the others in ``a1111``) and OpenAI's images API (``POST /v1/images/generations``,
 ``GET /v1/models``). For the same seed and mix they give the image ``/v1/images`` gives.
 
@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from . import responses
 from .a1111 import add_a1111_routes
 from .catalog import LoraSource
-from .schemas import OpenAIImageRequest, Txt2ImgRequest
+from .schemas import Img2ImgRequest, OpenAIImageRequest, Txt2ImgRequest
 from .state import ServerState, generate
 
 SAMPLER = "DDIM / the pipeline's own scheduler"  # one sampler: the model's scheduler as loaded
@@ -35,6 +35,12 @@ def add_compat_routes(app: FastAPI, state: ServerState) -> None:
         """AUTOMATIC1111's txt2img (LoRAs as ``<lora:name:weight>`` in the prompt)."""
         gen, result = await generate(state, body.generation(state.config), request)
         return responses.a1111(gen, result, body.model_dump())
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2ImgRequest, request: Request) -> dict:
+        """AUTOMATIC1111's img2img (``init_images`` base64, ``denoising_strength``; LoRAs as in txt2img)."""
+        gen, result = await generate(state, body.generation(state.config), request)
+        return responses.a1111(gen, result, {**body.model_dump(), "init_images": None, "mask": None})
 
     @app.get("/sdapi/v1/loras")
     async def a1111_loras() -> list:

@@ -24,7 +24,7 @@ ERROR = {"type": "object", "required": ["detail"],
 WHY = {401: "missing or wrong token", 403: "a path outside --lora-dir", 404: "unknown LoRA or route",
        405: "method not allowed", 409: "name taken, or a file of --lora-dir", 413: "body over the limit",
        422: "invalid request or LoRA file", 499: "client left", 503: "stopping or queue full: send it again (Retry-After)"}
-GENERATION = ("/v1/images", "/sdapi/v1/txt2img", "/v1/images/generations")
+GENERATION = ("/v1/images", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations")
 
 
 def open_path(path: str) -> bool:
@@ -54,7 +54,7 @@ def _bounds(schemas: dict[str, Any], config: ServeSettings) -> None:
     side = min(MAX_SIDE, config.max_pixels // 8 // 8 * 8)
     limits = {"steps": config.max_steps, "num_images": config.max_images, "n": config.max_images,
               "batch_size": config.max_images, "n_iter": config.max_images, "width": side, "height": side}
-    for name in ("ImageRequest", "Txt2ImgRequest", "OpenAIImageRequest"):
+    for name in ("ImageRequest", "Txt2ImgRequest", "Img2ImgRequest", "OpenAIImageRequest"):
         for field, props in schemas.get(name, {}).get("properties", {}).items():
             if field in limits:
                 for option in props.get("anyOf", [props]):

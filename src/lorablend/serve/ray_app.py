@@ -29,7 +29,7 @@ from typing import Any
 from .config import ServeSettings
 
 GENERATION_ROUTES = {"/v1/images": "ImageRequest", "/sdapi/v1/txt2img": "Txt2ImgRequest",
-                     "/v1/images/generations": "OpenAIImageRequest"}
+                     "/sdapi/v1/img2img": "Img2ImgRequest", "/v1/images/generations": "OpenAIImageRequest"}
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection"}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -192,6 +193,36 @@ class Txt2ImgRequest(BaseModel):
                           self.width, self.height, images, seed_per_image=True, blocks=blocks, schedules=schedules)
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    """``POST /sdapi/v1/img2img``: AUTOMATIC1111's img2img body: txt2img's fields, the ``init_images`` (base64 PNG /
+    JPEG, resized to ``width`` × ``height``: A1111's "just resize"; image ``i`` starts from ``init_images[i % n]``)
+    and ``denoising_strength`` (diffusers' ``strength``: the last ``steps × strength`` steps run). No inpainting: a
+    ``mask`` is a 422.
+
+    >>> Img2ImgRequest(prompt="x", init_images=["aGk="], steps=4).generation(ServeSettings(".")).strength
+    0.75
+    """
+
+    init_images: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=16)]
+    denoising_strength: Annotated[float, Field(allow_inf_nan=False, ge=0.0, le=1.0)] = 0.75
+    mask: str | None = None
+
+    def generation(self, config: ServeSettings) -> Generation:
+        """The request in the library's terms: txt2img's, with the init images (checked by the server) and the
+        strength; 422 for a mask, a strength that runs no step, or a schedule."""
+        if self.mask:
+            raise invalid("mask", "inpainting is not served here; send init_images without a mask")
+        if int(self.steps * self.denoising_strength) < 1:
+            raise invalid("denoising_strength", f"{self.steps} steps x denoising_strength {self.denoising_strength:g} "
+                                                "runs no step; raise either so that their product is at least 1",
+                          self.denoising_strength)
+        gen = super().generation(config)
+        if gen.schedules:
+            raise invalid("prompt", "weight schedules and expert splits are for txt2img (img2img runs the last "
+                                    "steps only); give constant weights", sorted(gen.schedules))
+        return replace(gen, init_images=tuple(self.init_images), strength=self.denoising_strength)
+
+
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 
 
@@ -242,4 +273,5 @@ class OpenAIImageRequest(BaseModel):
                           width, height, n, self.scale, blocks=blocks, schedules=schedules)
 
 
-__all__ = ["ExpertWeights", "ImageRequest", "LoraRegistration", "OpenAIImageRequest", "Txt2ImgRequest", "invalid"]
+__all__ = ["ExpertWeights", "ImageRequest", "Img2ImgRequest", "LoraRegistration", "OpenAIImageRequest",
+           "Txt2ImgRequest", "invalid"]

@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .errors import ClientGone
 from .schemas import invalid
 from ..runtime.schedule import ExpertSplit
+from .img2img import decode_init_images
 
 
 class ServerState:
@@ -140,6 +141,22 @@ class ServerState:
                 raise invalid(split.given, f"LoRA {name!r}: {exc}", name) from None
         return replace(gen, schedules=schedules)
 
+    def check_init_images(self, gen: Generation) -> Generation:
+        """An img2img ``gen`` with its init images decoded and resized (``img2img.py``); 422 naming ``init_images``
+        for an image that is none, or a pipeline without an image-to-image pipeline in diffusers.
+
+        >>> state.check_init_images(state.check_size(gen)).init_images[0].size      # doctest: +SKIP
+        (512, 512)
+        """
+        if gen.strength is None:
+            return gen
+        try:
+            self.worker.image_pipeline()
+            images = decode_init_images(gen.init_images, gen.width, gen.height)
+        except ValueError as exc:
+            raise invalid("init_images", str(exc)) from None
+        return replace(gen, init_images=images)
+
     def check_size(self, gen: Generation) -> Generation:
         """``gen`` with the pipeline's defaults filled in; 422 past ``--max-pixels``.
 
@@ -172,6 +189,7 @@ async def generate(state: ServerState, gen: Generation, request: Request) -> tup
     >>> gen, result = await generate(state, body.generation(config), request)   # doctest: +SKIP
     """
     gen = state.check_experts(state.check_blocks(state.check_size(gen)))
+    gen = await run_in_threadpool(state.check_init_images, gen)  # (decoding images: off the event loop)
     entries = await run_in_threadpool(state.adapters_for, list(gen.loras))
     if gen.schedules and (not state.worker.mixed or not all(e.low_rank for e in entries)):
         raise invalid("loras", "a weight schedule needs per-sample weights: LoRA (low-rank) files, and a server "

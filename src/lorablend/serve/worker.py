@@ -197,6 +197,11 @@ class Worker:
     def _should_stop(self) -> bool:
         return self._halted or all(job.gone for job in self.running)
 
+    def image_pipeline(self) -> Any:
+        """diffusers' image-to-image pipeline over the served components (built once; ``ValueError`` where the
+        family has none). >>> worker.image_pipeline()  # doctest: +SKIP"""
+        return self._run_batch.image_pipeline()
+
     def interrupted(self) -> bool:
         """Whether the running batch was interrupted. >>> worker.interrupted()  # doctest: +SKIP"""
         return self._interrupt
