@@ -121,3 +121,44 @@ def test_a_split_on_one_denoiser_is_a_422_naming_the_field(tmp_path):
             assert r.status_code == 422 and "expert split" in r.text, r.text
         r = client.post("/v1/images", json={**BODY, "loras": {"x": {"high": 1.0}}}, headers=AUTH)
         assert r.status_code == 422 and "low" in r.text
+
+
+def test_split_requests_on_the_compiled_denoiser_make_no_new_graph(tmp_path, library):
+    """``serve --compile`` on Wan 2.2 A14B (the high-noise ``transformer`` compiled, dynamo with the eager backend):
+    split requests batched with another mix give their own calls' images, and a second round of other splits and
+    weights makes no new graph."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    (tmp_path / "loras").mkdir()
+    base = tiny_2026_pipeline("wan22-a14b")
+    _lora(tmp_path / "loras" / "both.safetensors", base, 1)
+    _lora(tmp_path / "loras" / "other.safetensors", base, 2)
+    pipe = DiffusionPipeline(base)
+    pipe.set_progress_bar_config(disable=True)
+    dynamo.reset()
+    backend = CompileCounterWithBackend("eager")  # dynamo's tracing and guards, without inductor's C++ build
+    app = create_app(pipe, ServeSettings(lora_dir=tmp_path / "loras", token="t", max_batch=4),
+                     compiled=pipe.compile_denoiser(backend=backend, per_sample=True))
+    rounds = [[{"both": {"high": 1.0, "low": 0.3}}, {"other": 0.7}],
+              [{"both": {"high": -0.5, "low": 1.2}, "other": 0.4}, {"both": 0.9}]]
+    try:
+        with TestClient(app):
+            state = app.state.lorablend
+            for r, mixes in enumerate(rounds):
+                gens = [state.check_experts(state.check_size(ImageRequest(**{**BODY, "seed": 5 + i, "loras": m})
+                                                             .generation(state.config))) for i, m in enumerate(mixes)]
+                entries = [state.adapters_for(list(g.loras)) for g in gens]
+                with state.worker._cond:
+                    jobs = [state.worker.submit(g, e) for g, e in zip(gens, entries)]
+                results = [job.future.result(timeout=300) for job in jobs]
+                assert [res.batch_images for res in results] == [2, 2]
+                graphs = backend.frame_count if r == 0 else graphs
+                for i, (mix, res) in enumerate(zip(mixes, results)):
+                    weights = {n: ({"transformer": w["high"], "transformer_2": w["low"]} if isinstance(w, dict) else w)
+                               for n, w in mix.items()}
+                    want = library(tmp_path, weights, 5 + i)
+                    assert np.abs(np.clip(res.images[0], 0, 1) - want).max() <= 1e-3, f"round {r}, request {i}"
+        assert backend.frame_count == graphs >= 1  # compiled once, in round 0
+    finally:
+        dynamo.reset()
