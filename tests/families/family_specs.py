@@ -2,8 +2,9 @@
 
 Adding a family is adding a row to ``FAMILIES``: a function that builds its tiny pipeline offline (in
 ``lorablend.fixtures``), the suffixes of the denoiser / text-encoder layers its test LoRAs cover (real module names,
-every block that has them), and the keyword diffusers takes the call-time LoRA scale in. Nothing else: the suite's
-properties run on every row. Set ``oracle_reads_file=False`` where diffusers + PEFT cannot load a PEFT-named file of
+every block that has them), the keyword diffusers takes the call-time LoRA scale in, and what a call of that
+pipeline needs beyond the suite's own arguments (``call_kwargs``: an input image, a size the VAE divides). Nothing
+else: the suite's properties run on every row. Set ``oracle_reads_file=False`` where diffusers + PEFT cannot load a PEFT-named file of
 that family (the parity test then says so and skips; every other property still runs).
 
 >>> [spec.name for spec in FAMILIES][:2]
@@ -12,14 +13,14 @@ that family (the parity test then says so and skips; every other property still 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
 
-from lorablend.fixtures.tiny_2026 import tiny_2026_pipeline
+from lorablend.fixtures.tiny_2026 import call_kwargs, input_image, tiny_2026_pipeline
 from lorablend.fixtures.tiny_transformers import tiny_flux_pipeline, tiny_sd3_pipeline
 from lorablend.fixtures.tiny_unets import tiny_pipeline
 from lorablend.naming import denoiser_component
@@ -55,6 +56,7 @@ class FamilySpec:
     scale_kwarg: str  # where diffusers takes the call-time scale: cross_attention_kwargs / joint_attention_kwargs
     text_targets: tuple[str, ...] = TEXT_TARGETS  # suffixes in the first text encoder (() for none)
     oracle_reads_file: bool = True  # diffusers + PEFT load the suite's PEFT-named files for this family
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # added to (and over) the suite's call arguments
 
     def lora_file(self, pipe: Any, path: Path, seed: int, rank: int = 4) -> str:
         """A diffusers / PEFT-named LoRA file over the targets of ``pipe`` (random, seeded), written to ``path``."""
@@ -83,8 +85,16 @@ FAMILIES = [
     FamilySpec("wan22-a14b", lambda: tiny_2026_pipeline("wan22-a14b"), WAN_TARGETS, "attention_kwargs", ()),
     FamilySpec("wan22-ti2v-5b", lambda: tiny_2026_pipeline("wan22-ti2v-5b"), WAN_TARGETS, "attention_kwargs", ()),
     # image-to-video (WanImageToVideoPipeline): Wan 2.1 I2V 14B's structure, Wan 2.2 I2V A14B's two experts
-    FamilySpec("wan-i2v", lambda: tiny_2026_pipeline("wan-i2v"), WAN_I2V_TARGETS, "attention_kwargs", ()),
-    FamilySpec("wan22-i2v-a14b", lambda: tiny_2026_pipeline("wan22-i2v-a14b"), WAN_TARGETS, "attention_kwargs", ()),
+    FamilySpec("wan-i2v", lambda: tiny_2026_pipeline("wan-i2v"), WAN_I2V_TARGETS, "attention_kwargs", (),
+               call_kwargs={"image": input_image(32, 32)}),
+    FamilySpec("wan22-i2v-a14b", lambda: tiny_2026_pipeline("wan22-i2v-a14b"), WAN_TARGETS, "attention_kwargs", (),
+               call_kwargs={"image": input_image(32, 32)}),
+    # Qwen-Image-Edit (QwenImageEditPipeline) and Edit-2509 (QwenImageEditPlusPipeline): Qwen-Image's transformer,
+    # an input image through the text encoder's vision tower and the VAE; 128 x 128 px out
+    FamilySpec("qwen-image-edit", lambda: tiny_2026_pipeline("qwen-edit"), QWEN_TARGETS, "attention_kwargs", (),
+               call_kwargs=call_kwargs("qwen-edit")),
+    FamilySpec("qwen-image-edit-2509", lambda: tiny_2026_pipeline("qwen-edit-2509"), QWEN_TARGETS,
+               "attention_kwargs", (), call_kwargs=call_kwargs("qwen-edit-2509")),
     FamilySpec("flux2", lambda: tiny_2026_pipeline("flux2"), FLUX2_TARGETS, "attention_kwargs", ()),
     FamilySpec("flux2-klein", lambda: tiny_2026_pipeline("flux2-klein"), FLUX2_TARGETS, "attention_kwargs", ()),
     FamilySpec("z-image", lambda: tiny_2026_pipeline("zimage"), ZIMAGE_TARGETS, "joint_attention_kwargs", ()),

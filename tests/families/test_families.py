@@ -1,6 +1,8 @@
 """The guide's properties, written once, run on every family of ``family_specs.FAMILIES`` (sd1, sdxl, flux, sd3,
-sd35-medium, Qwen-Image, Wan 2.1 / 2.2 A14B (videos: 5 frames) and their image-to-video pipelines, Flux.2 dev / klein, Z-Image, Chroma): a tiny pipeline of the family, LoRA files in diffusers / PEFT names over its real module names,
-and diffusers + PEFT beside it as the oracle where it reads the file.
+sd35-medium, Qwen-Image and its edit pipelines (Edit, Edit-2509), Wan 2.1 / 2.2 A14B (videos: 5 frames) and their
+image-to-video pipelines, Flux.2 dev / klein, Z-Image, Chroma): a tiny pipeline of the family, LoRA files in
+diffusers / PEFT names over its real module names, and diffusers + PEFT beside it as the oracle where it reads the
+file. What a family's call needs beyond ``GEN`` (an input image, a size) is its row's ``call_kwargs``.
 
 1. the load report is complete (every key mapped);
 2. a blend and a call-time scale give diffusers + PEFT's images (≤ 1e-3, images in [0, 1]);
@@ -23,7 +25,6 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lorablend import DiffusionPipeline
 
@@ -51,15 +52,13 @@ def files(family, tmp_path_factory):
     return {name: spec.lora_file(base, folder / f"{name}.safetensors", seed) for name, seed in (("a", 1), ("b", 2))}
 
 
-def _run(pipe, **kw):
+def _run(pipe, spec, **kw):
     params = inspect.signature(type(getattr(pipe, "pipe", pipe)).__call__).parameters
     video = "num_frames" in params
     extra = {"num_frames": 5} if video else {}
     if "max_sequence_length" in params:  # (T5 / Qwen3 / Mistral prompts are padded to 256-512 tokens by default)
         extra["max_sequence_length"] = 32
-    if "image" in params and params["image"].default is inspect.Parameter.empty:  # image-to-video: a start image
-        extra["image"] = Image.new("RGB", (GEN["width"], GEN["height"]), (160, 96, 48))
-    out = pipe(**GEN, **kw, **extra, generator=torch.manual_seed(0))
+    out = pipe(**{**GEN, **extra, **spec.call_kwargs}, **kw, generator=torch.manual_seed(0))
     return out.frames if video else out.images  # (a video: its frames, as many images)
 
 
@@ -88,12 +87,12 @@ def test_a_blend_and_a_call_time_scale_give_diffusers_peft_images(family, files)
         theirs.load_lora_weights(path, adapter_name=name)
     ours.set_adapters(*MIX)
     theirs.set_adapters(*MIX)
-    got = _run(ours)
-    np.testing.assert_allclose(got, _run(theirs), atol=IMAGE_TOL, rtol=0)
+    got = _run(ours, spec)
+    np.testing.assert_allclose(got, _run(theirs, spec), atol=IMAGE_TOL, rtol=0)
     scale = {spec.scale_kwarg: {"scale": 0.5}}
-    np.testing.assert_allclose(_run(ours, **scale), _run(theirs, **scale), atol=IMAGE_TOL, rtol=0)
+    np.testing.assert_allclose(_run(ours, spec, **scale), _run(theirs, spec, **scale), atol=IMAGE_TOL, rtol=0)
     ours.disable_lora()
-    assert np.abs(got - _run(ours)).max() > 20 * IMAGE_TOL  # the LoRAs move the image far beyond the tolerance
+    assert np.abs(got - _run(ours, spec)).max() > 20 * IMAGE_TOL  # the LoRAs move the image far beyond the tolerance
 
 
 def test_one_blend_four_ways_scaled_call_cat_merge_fuse_and_bit_exact_unfuse(family, files):
@@ -103,17 +102,17 @@ def test_one_blend_four_ways_scaled_call_cat_merge_fuse_and_bit_exact_unfuse(fam
     pipe, _ = _ours(family, files)
     pristine = params_of(pipe)
     pipe.set_adapters(*MIX)
-    blend = _run(pipe)
-    scaled = _run(pipe, **{spec.scale_kwarg: {"scale": 0.3}})
+    blend = _run(pipe, spec)
+    scaled = _run(pipe, spec, **{spec.scale_kwarg: {"scale": 0.3}})
     assert np.abs(scaled - blend).max() > 10 * IMAGE_TOL
-    assert_same_computed(_run(pipe), blend, "the call-time scale left state behind")
+    assert_same_computed(_run(pipe, spec), blend, "the call-time scale left state behind")
     pipe.add_weighted_adapter(*MIX, "ab", combination_type="cat")
     pipe.set_adapters("ab")
-    np.testing.assert_allclose(_run(pipe), blend, atol=IMAGE_TOL, rtol=0, err_msg="cat merge != blend")
+    np.testing.assert_allclose(_run(pipe, spec), blend, atol=IMAGE_TOL, rtol=0, err_msg="cat merge != blend")
     pipe.set_adapters(*MIX)
     pipe.fuse_lora(adapter_names=MIX[0])
     assert pipe.num_fused_loras == 2
-    np.testing.assert_allclose(_run(pipe), blend, atol=IMAGE_TOL, rtol=0, err_msg="fused != unfused blend")
+    np.testing.assert_allclose(_run(pipe, spec), blend, atol=IMAGE_TOL, rtol=0, err_msg="fused != unfused blend")
     pipe.unfuse_lora()
     assert_params_equal(pipe, pristine)
 
