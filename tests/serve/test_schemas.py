@@ -31,3 +31,21 @@ def test_the_servers_limits_refuse_what_pydantic_lets_through(tmp_path):
 def test_an_a1111_body_speaks_the_same_generation(tmp_path):
     gen = Txt2ImgRequest(prompt="a cat <lora:ink:0.7>", seed=5, steps=3).generation(ServeSettings(tmp_path))
     assert gen.loras == {"ink": 0.7} and gen.seed == 5 and gen.steps == 3
+
+
+def test_expert_splits_and_their_refusals(tmp_path):
+    from lorablend.runtime.schedule import ExpertSplit
+
+    settings = ServeSettings(tmp_path)
+    gen = ImageRequest(prompt="a <lora:ink:1;0.25>", loras={"paper": {"high": 0.5, "low": 2.0}}).generation(settings)
+    assert gen.loras == {"ink": 1.0, "paper": 1.0}
+    assert gen.schedules == {"ink": ExpertSplit(1.0, 0.25), "paper": ExpertSplit(0.5, 2.0)}
+    assert gen.schedules["ink"].given == "prompt" and gen.schedules["paper"].given == "loras"
+    for body, says in ((dict(prompt="a <lora:ink:1;0.3> <lora:ink:0.5>"), "give a schedule once"),
+                       (dict(prompt="a <lora:ink:1;0.3>", loras={"ink": 1.0}), "give a schedule once"),
+                       (dict(prompt="a <lora:ink:1;11>"), "weights in"),
+                       (dict(prompt="a <lora:ink:1;0.3> <lora:paper:0.5:lbw=IN04>"), "cannot share a request")):
+        with pytest.raises(Exception, match=says):
+            ImageRequest(**body).generation(settings)
+    with pytest.raises(ValidationError):
+        ImageRequest(prompt="a", loras={"ink": {"high": 1.0, "low": 0.3, "mid": 1.0}})

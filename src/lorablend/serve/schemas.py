@@ -88,6 +88,10 @@ def _mix(prompt: str, loras: dict[str, Any]) -> tuple[str, dict[str, float], dic
         if mix.get(name) != 1.0 or any(abs(w) > MAX_WEIGHT for w in weights):
             raise invalid("loras", f"LoRA {name!r}: give a schedule once (no other weight for it), with weights in "
                                    f"[-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]", name)
+    if blocks and schedules:  # (the per-sample path sets every LoRA at weight 1: block weights would be lost)
+        raise invalid("prompt", f"block weights (lbw=) for {sorted(blocks)} and a schedule or expert split for "
+                                f"{sorted(schedules)} cannot share a request: a schedule gives each LoRA one weight "
+                                "per step; drop one of them", sorted(blocks))
     return text, mix, blocks, schedules
 
 
