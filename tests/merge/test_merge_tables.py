@@ -112,6 +112,23 @@ def test_merge_keeps_tables_and_writes_them_in_every_layout_that_holds_them(base
     rest = Adapter("rest", merged.family, {k: d for k, d in merged.deltas.items() if k not in tables})
     path = save_adapter(rest, tmp_path / "kohya.safetensors", format="kohya", target=base)  # diff / diff_b: kohya holds them
     _same_back(load_adapter(path, target=base), rest)
+    # the LoRA layers with their diff_b: diffusers holds them (diff_b as lora_B.bias, scale 1)
+    loras = Adapter("loras", merged.family, {k: d for k, d in merged.deltas.items() if d.kind == "lora"})
+    path = save_adapter(loras, tmp_path / "peft.safetensors", format="diffusers", target=base)
+    _same_back(load_adapter(path, target=base), loras)
+
+
+def test_diffusers_reads_the_merged_bias_differences_we_write(base, tmp_path):
+    # the oracle: diffusers' own loader puts the merged diff_b into PEFT's lora_B.bias (lora_bias in the config)
+    merged = merge(_adapters(base), WEIGHTS, "cat")
+    key = "transformer.blocks.0.attn1.to_q"
+    path = save_adapter(Adapter("loras", merged.family, {key: merged.deltas[key]}), tmp_path / "peft.safetensors",
+                        format="diffusers", target=base)
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(str(path), adapter_name="m")
+    layer = pipe.transformer.blocks[0].attn1.to_q
+    assert layer.scaling["m"] == 1.0 and torch.equal(layer.lora_B["m"].bias.detach(), merged.deltas[key].diff_b)
+    assert torch.equal(layer.lora_B["m"].weight.detach(), merged.deltas[key].up)
 
 
 def test_cat_is_the_exact_weighted_sum_on_every_layer(base):

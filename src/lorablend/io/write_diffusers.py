@@ -10,6 +10,10 @@ it; diffusers builds the LoraConfig from it, so PEFT's scale ``lora_alpha / r`` 
 Pattern keys are module paths relative to the component (text encoders without ``text_model.``): PEFT matches
 them as suffixes, so they fit both transformers 4 (``text_model.encoder…``) and 5 (``encoder…``) CLIP trees.
 
+A LoRA's bias (``lora_B.bias``) and a bias difference beside a LoRA (lightx2v's ``diff_b``, written as
+``lora_B.bias = diff_b / scale`` where that is exact, as diffusers' Wan converter reads it) set ``lora_bias`` in the
+component's config: without it PEFT builds ``lora_B`` with no bias and diffusers drops the key.
+
 Low-rank deltas fit (LoRA, LoCon, Tucker LoCon, the last contracted exactly into a k×k ``lora_A``), and PEFT
 DoRA (``lora_magnitude_vector``, ``use_dora``) when a whole component is DoRA with per-output-row magnitudes.
 LoHa, LoKr, full diffs, DoRA on those, per-input DoRA and DoRA mixed with plain LoRA in one component are
@@ -87,6 +91,7 @@ def diffusers_state_dict(
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
     dora_components: set[str] = set()
+    bias_components: set[str] = set()
     items: Iterable = adapter.deltas.items()
     if progress is not None:
         items = progress(items)
@@ -98,6 +103,8 @@ def diffusers_state_dict(
         # PEFT's DoRA key has no ".weight"; set_peft_model_state_dict maps it onto the DoRA layer
         if "lora_magnitude_vector" in peft:
             dora_components.add(component)
+        if "lora_B.bias" in peft:  # PEFT builds lora_B without a bias unless the config says lora_bias
+            bias_components.add(component)
         tensors.update({f"{target_key}.{suffix}": t for suffix, t in peft.items()})
         rank = int(peft["lora_A.weight"].shape[0])
         alpha = written_alpha(delta)
@@ -122,6 +129,8 @@ def diffusers_state_dict(
         }
         if component in dora_components:
             config["use_dora"] = True
+        if component in bias_components:
+            config["lora_bias"] = True
         metadata.update({f"{component}.{k}": v for k, v in config.items()})
     return tensors, metadata
 

@@ -160,8 +160,19 @@ class LowRankDelta(DeltaKind):
     def lycoris_algo(self) -> str | None:
         return None if self.mid is None else "locon"  # Tucker cores are LyCORIS' LoCon
 
+    def _diff_b_as_up_bias(self) -> torch.Tensor | None:
+        """``diff_b`` as PEFT's ``lora_B.bias`` (which PEFT adds times alpha/rank): ``diff_b / scale``, where that
+        gives ``diff_b`` back bit for bit (scale 1 — what merge writes —, or a power of two); else None. diffusers'
+        Wan converter reads lightx2v's ``diff_b`` the same way."""
+        up_bias = self.diff_b / self.scale
+        return up_bias if torch.equal(up_bias * self.scale, self.diff_b) else None
+
     def peft_problem(self) -> str | None:
-        return None if self.diff_b is None else "LoRA with a bias difference (diff_b)"
+        if self.diff_b is None:
+            return None
+        if self.bias is not None or self._diff_b_as_up_bias() is None:
+            return "LoRA with a bias difference (diff_b)"
+        return None
 
     def peft_tensors(self, weight_shape: Shape | None) -> dict[str, torch.Tensor]:
         """``lora_A`` / ``lora_B`` with the dims PEFT builds for the module: 2-D for Linear, 4-D for Conv2d."""
@@ -175,6 +186,8 @@ class LowRankDelta(DeltaKind):
         out = {"lora_A.weight": down, "lora_B.weight": up}
         if self.bias is not None:
             out["lora_B.bias"] = self.bias
+        elif self.diff_b is not None:  # peft_problem refuses a diff_b that does not divide exactly
+            out["lora_B.bias"] = self._diff_b_as_up_bias()
         return out
 
     @classmethod
