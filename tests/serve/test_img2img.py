@@ -1,7 +1,8 @@
 """``POST /sdapi/v1/img2img`` (tiny SD1.5, a real server on loopback, the ``webuiapi`` client): each image is
 diffusers' img2img pipeline over the same components with the LoRA set the plain way (seed + i, within one 8-bit
-level), the LoRA changes the result and ``<lora:x:0>`` equals no LoRA; a bad init image, a mask, a strength that
-runs no step and a family without an image-to-image pipeline (Wan) are 422s naming the field."""
+level), the LoRA changes the result and ``<lora:x:0>`` equals no LoRA; the same on tiny SDXL and Flux; a bad init
+image, a mask, a strength that runs no step and a family without an image-to-image pipeline (Wan) are 422s naming
+the field."""
 
 from __future__ import annotations
 
@@ -102,3 +103,45 @@ def test_a_family_without_img2img_answers_422(tmp_path, init):
             "prompt": "x", "init_images": [base64.b64encode(buffer.getvalue()).decode()], "steps": 4, "width": 16,
             "height": 16})
     assert r.status_code == 422 and "no image-to-image pipeline" in r.text and "WanPipeline" in r.text, r.text
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_img2img_on_other_families_equals_diffusers_img2img(family, tmp_path, init):
+    """SDXL (a UNet with two text encoders) and Flux (a transformer whose img2img takes height / width): the
+    server's image is diffusers' img2img pipeline over the library pipeline with the LoRA set, within a level."""
+    import inspect
+
+    from diffusers import AutoPipelineForImage2Image
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from lorablend import DiffusionPipeline
+    from lorablend.fixtures.tiny_transformers import tiny_flux_pipeline
+    from lorablend.fixtures.tiny_unets import random_adapter, tiny_pipeline
+    from lorablend.io import save_adapter
+    from lorablend.serve import ServeSettings, create_app
+
+    build = {"sdxl": lambda: tiny_pipeline("sdxl"), "flux": tiny_flux_pipeline}[family]
+    pipe = DiffusionPipeline(build())
+    pipe.set_progress_bar_config(disable=True)
+    (tmp_path / "loras").mkdir()
+    adapter = random_adapter(pipe.pipe, "ink", rank=2, strength=1.0, targets="attn", components=[pipe.denoiser_name])
+    save_adapter(adapter, tmp_path / "loras" / "ink.safetensors", format="diffusers", target=pipe.pipe)
+    buffer = io.BytesIO()
+    init.save(buffer, format="PNG")
+    app = create_app(pipe, ServeSettings(lora_dir=tmp_path / "loras", token="t"))
+    with TestClient(app) as client:
+        r = client.post("/sdapi/v1/img2img", headers={"Authorization": "Bearer t"}, json={
+            "prompt": "a fox <lora:ink:0.8>", "init_images": [base64.b64encode(buffer.getvalue()).decode()],
+            "steps": 4, "width": SIDE, "height": SIDE, "seed": 3, "cfg_scale": 3.5, "denoising_strength": 0.6})
+        assert r.status_code == 200, r.text
+    ref = DiffusionPipeline(build())
+    ref.load_lora_weights(str(tmp_path / "loras" / "ink.safetensors"), adapter_name="ink")
+    ref.set_adapters(["ink"], [0.8])
+    i2i = AutoPipelineForImage2Image.from_pipe(ref.pipe)
+    i2i.set_progress_bar_config(disable=True)
+    sized = {"height": SIDE, "width": SIDE} if "height" in inspect.signature(i2i.__call__).parameters else {}
+    image = init.convert("RGB").resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+    want = i2i(["a fox"], image=[image], strength=0.6, num_inference_steps=4, guidance_scale=3.5, output_type="np",
+               generator=[torch.Generator().manual_seed(3)], **sized).images[0]
+    assert_same_image(decode_b64(r.json()["images"][0]), np.clip(want, 0, 1), family)
