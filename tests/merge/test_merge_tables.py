@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lorablend import DiffusionPipeline
-from lorablend.adapter import Adapter
+from lorablend.adapter import Adapter, LowRankDelta
 from lorablend.fixtures.tiny_2026 import tiny_2026_pipeline
 from lorablend.io.load import load_adapter
 from lorablend.io.write import save_adapter
@@ -29,7 +29,7 @@ from keylists_2026 import requires_2026, shape_from_family, state_dict
 
 EXACT = dict(rtol=0, atol=1e-6)
 WEIGHTS = [0.7, -0.4]
-HEAD = "transformer.proj_out"  # head.head: a 2-D full diff, which factor-wise methods (PEFT's) cannot take
+HEAD = "transformer.proj_out"  # head.head: a 2-D full diff, no factors for the factor-wise methods (PEFT's)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,13 @@ def _same_back(back: Adapter, merged: Adapter, keys=None) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_keeps_tables_and_writes_them_in_every_layout_that_holds_them(base, method, tmp_path):
-    inputs = _adapters(base, head=method not in FACTORWISE)
+    inputs = _adapters(base)
     merged = merge(inputs, WEIGHTS, method, **_options(method))
     _check_sums(merged, inputs)
+    if method in FACTORWISE:  # head.head.diff has no factors to combine: the exact weighted sum, a full diff
+        hand = sum(w * a.deltas[HEAD].delta_weight() for w, a in zip(WEIGHTS, inputs))
+        assert merged.deltas[HEAD].kind == "full"
+        torch.testing.assert_close(merged.deltas[HEAD].delta_weight(), hand, **EXACT)
     tables = {k for k, d in merged.deltas.items() if d.kind == "table"}
     assert len(tables) == len(base.transformer.blocks) + 1 and merged.report.complete
     for fmt in ("ai-toolkit", "onetrainer"):
@@ -142,9 +146,15 @@ def test_cat_is_the_exact_weighted_sum_on_every_layer(base):
     assert merged.metadata["lorablend.merge.rank"] != "0" and "rank 0" not in report.summary()
 
 
-def test_factorwise_methods_refuse_a_whole_weight_difference_by_name(base):
-    with pytest.raises(ValueError, match=rf"'linear' combines LoRA factors.*{HEAD}.*full.*'linear_svd'"):
-        merge(_adapters(base), WEIGHTS, "linear")
+def test_factorwise_methods_refuse_a_whole_weight_difference_beside_a_lora_by_name(base):
+    # one file's head.head.diff where the other has a LoRA: factors and no factors, nothing to combine factor-wise
+    a, b = _adapters(base)
+    out, width = a.deltas[HEAD].shape
+    mixed = Adapter("lora-head", b.family, {**b.deltas, HEAD: LowRankDelta(torch.ones(2, width), torch.ones(out, 2))})
+    with pytest.raises(ValueError, match=rf"'linear' combines LoRA factors.*{HEAD}.*full: use method='svd' or 'cat', wh"):
+        merge([a, mixed], WEIGHTS, "linear")
+    with pytest.raises(ValueError, match=r"'ties' combines LoRA factors.*or 'ties_svd'"):
+        merge([a, mixed], WEIGHTS, "ties", density=0.5)
 
 
 def test_add_weighted_adapter_runs_like_the_two_adapters_at_their_weights(base):

@@ -57,3 +57,14 @@ def test_tables_of_other_models_are_refused_by_key_and_adapter():
                      (LayerTerm("a", TableDelta(_t(1, 6, 8)), 1.0), LayerTerm("b", TableDelta(_t(1, 6, 4)), 1.0)))
     with pytest.raises(LoraCompatibilityError, match=r"bias differences of different shapes.*a: \(8,\), b: \(4,\)"):
         exact_bias("k", (LayerTerm("a", FullDelta(None, _t(8)), 1.0), LayerTerm("b", FullDelta(None, _t(4)), 1.0)))
+
+
+def test_a_factorwise_method_sums_whole_weight_differences_and_leaves_factors_to_itself():
+    d1, d2 = _t(8, 6), _t(8, 6)
+    terms = (LayerTerm("a", FullDelta(d1), 0.5), LayerTerm("b", FullDelta(d2), 2.0))
+    assert summed_layer("k", terms) is None  # cat / svd make a LoRA of it
+    summed, note = summed_layer("k", terms, factorwise=True)
+    assert summed.kind == "full" and "factor-wise" in note
+    torch.testing.assert_close(summed.diff, 0.5 * d1 + 2.0 * d2, **EXACT)
+    mixed = (terms[0], LayerTerm("b", LowRankDelta(_t(2, 6), _t(8, 2)), 1.0))
+    assert summed_layer("k", mixed, factorwise=True) is None  # the method refuses the mix by name

@@ -27,7 +27,9 @@ Methods (``METHODS``):
   ``add_weighted_adapter`` definitions, applied to the *factors* separately: ``down' = Σ
   sign(c_i s_i)·√|c_i s_i|·D_i`` and ``up' = Σ √|c_i s_i|·U_i`` (with pruning / sign election per
   method). These are approximations of ``M`` (the product has cross terms ``U_i D_j``); they need equal
-  ranks at each layer and LoRA/LoCon inputs. Kept for parity with PEFT and the diffusers guide.
+  ranks at each layer and LoRA/LoCon inputs. Kept for parity with PEFT and the diffusers guide. A layer whose
+  every input is a whole-weight difference (a full ``diff``, lightx2v's ``head.head.diff``) has no factors: these
+  methods (and ``della``, ``breadcrumbs``) give it the exact weighted sum, a full diff, said so in the report.
 * ``della``, ``breadcrumbs`` — mergekit's DELLA (MagPrune: per row, keep-probability from ``density - 0.15``
   for the smallest magnitude to ``density + 0.15`` for the largest, L1 rescale; then TIES' sign election and
   disjoint mean) and Model Breadcrumbs (drop the 1 % largest and then the smallest entries down to
@@ -70,7 +72,7 @@ from ..kinds import Delta, LowRankDelta
 from ..report import KeyRecord, LoadReport
 from .fused import fused_groups, merge_fused_svd
 from .methods import METHOD_TABLE, Layer, LayerResult, LayerTerm, layer_seed
-from .options import METHODS, BaseWeights, BlockWeights, MergeSettings, block_tables, check_weights
+from .options import FACTORWISE, METHODS, BaseWeights, BlockWeights, MergeSettings, block_tables, check_weights
 from .report import LayerMerge, MergeReport
 from .sums import exact_bias, summed_layer
 
@@ -156,7 +158,7 @@ def merge_with_report(
             LayerTerm(a.name, a.deltas[key], weights[i] * _block_multiplier(tables, i, key, a.family))
             for i, a in enumerate(adapters) if key in a.deltas
         )
-        summed = summed_layer(key, terms)
+        summed = summed_layer(key, terms, factorwise=method in FACTORWISE)
         if summed is not None:  # a table, a norm's vector, biases alone: the exact sum in its own kind (merge/sums.py)
             deltas[key], note = summed
             report.layers.append(LayerMerge(key, 0, 0.0, tuple(t.name for t in terms), "exact", note))

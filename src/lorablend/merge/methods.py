@@ -215,18 +215,20 @@ def merge_factorwise(layer: Layer, options: MergeSettings) -> LayerResult:
     and ``up' = Σ √|c_i s_i|·U_i`` (pruned and sign-elected per method). An approximation of ``M`` (cross terms
     ``U_i D_j``) that needs LoRA inputs of equal rank."""
     method = options.method
+    # the same pruning on the dense ΔW_i, where the method has such a twin ('linear' has none: 'svd' is its twin)
+    twin = f", or {method + '_svd'!r}" if method + "_svd" in DENSE_TASK else ""
     for t in layer.terms:
         if t.delta.low_rank_factors() is None:
             raise ValueError(
                 f"method={method!r} combines LoRA factors, but {t.name!r} layer {layer.key!r} is {t.delta.kind}: "
-                f"use method='svd' or {method + '_svd'!r}, which work on the exact ΔW"
+                f"use method='svd' or 'cat'{twin}, which work on the exact ΔW"
             )
     ranks = {t.name: t.delta.rank for t in layer.terms}
     if len(set(ranks.values())) > 1:
         listed = ", ".join(f"{n}: rank {r}" for n, r in ranks.items())
         raise ValueError(
             f"method={method!r} needs equal ranks (it sums factors), but layer {layer.key!r} has {listed}: "
-            f"use method='svd' or 'cat', or {method + '_svd'!r}"
+            f"use method='svd' or 'cat'{twin}"
         )
     shape = agreed_shape(layer, [(t.name, tuple(t.delta.shape)) for t in layer.terms])
     dev = layer.device

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from ..errors import LoraCompatibilityError
-from ..kinds import Delta
+from ..kinds import Delta, DeltaProblem
 from .methods import LayerTerm
 
 
@@ -51,16 +51,23 @@ def exact_bias(key: str, terms: Sequence[LayerTerm]) -> torch.Tensor | None:
     return total
 
 
-def summed_layer(key: str, terms: Sequence[LayerTerm]) -> tuple[Delta, str] | None:
+def summed_layer(key: str, terms: Sequence[LayerTerm], factorwise: bool = False) -> tuple[Delta, str] | None:
     """The layer as an exact weighted sum in its own kind, and a note for the report, where no LoRA can hold it
-    (a term without LoRA form, or only bias differences); None where the method merges it."""
+    (a term without LoRA form, or only bias differences); None where the method merges it. ``factorwise`` (PEFT's
+    ``linear``, ``ties`` …, which combine LoRA factors): a layer whose every term has no factors and whose kind holds
+    a sum (a whole-weight ``diff``: lightx2v's ``head.head.diff``) is summed too, rather than refused."""
     weights = [t for t in terms if t.delta.changes_weight]
-    if weights and all(t.delta.has_lora_form for t in weights):
-        return None
     bias = exact_bias(key, terms)
     if not weights:
         return terms[0].delta.with_sum(None, bias), "exact weighted sum of bias differences"
-    owner = next(t.delta for t in weights if not t.delta.has_lora_form)
+    owner = next((t.delta for t in weights if not t.delta.has_lora_form), None)
+    note = "" if owner is None else f"exact weighted sum: a {owner.kind} delta of shape {owner.shape} has no LoRA form"
+    if owner is None:
+        if not factorwise or any(t.delta.low_rank_factors() is not None or t.delta.needs_base for t in weights):
+            return None
+        owner = weights[0].delta
+        note = (f"exact weighted sum: a factor-wise method combines LoRA factors, and a {owner.kind} delta of shape "
+                f"{owner.shape} has none")
     total = torch.zeros(owner.shape, dtype=torch.float32, device=next(owner.tensors()).device)
     for t in weights:
         problem = t.delta.fit_problem(owner.shape)
@@ -68,7 +75,12 @@ def summed_layer(key: str, terms: Sequence[LayerTerm]) -> tuple[Delta, str] | No
             raise LoraCompatibilityError(f"layer {key!r} of {t.name!r} does not fit the {owner.kind} delta of the "
                                          f"other adapters: {problem}; merge adapters of one model")
         total += t.coeff * t.delta.delta_weight(owner.shape).to(total.device)
-    return owner.with_sum(total, bias), f"exact weighted sum: a {owner.kind} delta of shape {owner.shape} has no LoRA form"
+    try:
+        return owner.with_sum(total, bias), note
+    except DeltaProblem:
+        if owner.has_lora_form:  # a factor-wise method on a kind that holds no sum (LoKr …): it refuses it by name
+            return None
+        raise
 
 
 __all__ = ["exact_bias", "summed_layer"]
