@@ -20,8 +20,12 @@ phase), RSS growth of the server process from after the warm-up (one pass that t
 the largest pixel difference between the two systems' images of the same request (8-bit levels).
 
 Then the cost of mixing inside one batch, in-process on the same pipeline: one call of B images with B different
-mixes (`LoraRuntime.call_sample_weights`, the union of their LoRAs set at weight 1) against one call of B images of
-one mix (the first of them), median of `--repeat` calls each (target: ≤ 1.15× at B = 4 on CPU).
+mixes (`LoraRuntime.call_sample_weights`, the union of their LoRAs set at weight 1; each layer through each image's
+own ranks where that is cheaper, and again with every layer on the union's rank) against B images of one mix (the
+mean over the B mixes: the issue's target, ≤ 1.15× at B = 4 on CPU), B one-image calls (per-mix batching when mixes
+never repeat), B images of the first mix only, and the union as one mix; medians of `--repeat`, wall and CPU seconds.
+
+    python benchmarks/bench_serve.py --system batchcost --model sd15 --latent 32 --repeat 3   # that table alone
 
     python benchmarks/bench_serve.py                                  # defaults: a few minutes on 2 CPU cores
     python benchmarks/bench_serve.py --requests 200 --sd15-requests 200 --threads 2
@@ -254,9 +258,13 @@ def child(args) -> dict:
 
 
 def batch_cost(pipe, lora_dir: Path, names: list[str], settings: dict, args) -> dict:
-    """Seconds of one B-image call with B different mixes vs B images of one mix (the first), and vs B images of
-    the union of the B mixes as one mix (the same low-rank work without per-sample weights: what mixing itself
-    costs), median of ``--repeat``."""
+    """Seconds of one B-image call with B different mixes, against: B images of the FIRST mix (its rank only: the
+    row kept from before), B images of ONE mix averaged over the B mixes (the fair "B mixes vs B images of one mix":
+    the mix drawn from the same distribution), B one-image calls, one per mix (what per-mix batching pays when mixes
+    never repeat), and B images of the union of the mixes as one mix (the same low-rank work without per-sample
+    weights). The mixed call twice: as the runtime runs it (each layer through each image's own ranks where its cost
+    model says so) and with every layer on the union's rank (``SampleWeights.own_rank = False``, the code before).
+    Medians of ``--repeat`` interleaved rounds; wall and this process's CPU seconds."""
     from lorablend import DiffusionPipeline
 
     ours = DiffusionPipeline(pipe)
@@ -270,40 +278,72 @@ def batch_cost(pipe, lora_dir: Path, names: list[str], settings: dict, args) -> 
               width=settings["width"], height=settings["height"], output_type="np")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
 
-    def seeds() -> list:
-        return [np.random.Generator(np.random.PCG64(i)) for i in range(b)]
+    def seeds(n: int = b, first: int = 0) -> list:
+        return [np.random.Generator(np.random.PCG64(first + i)) for i in range(n)]
 
-    def one_mix() -> None:
-        ours(prompts, generator=seeds(), **kw)
+    def set_mix(mix: dict) -> None:
+        ours.set_adapters(list(mix), list(mix.values()))
+        ours.prepare()
 
-    def mixed() -> None:
-        with ours.runtime.call_sample_weights(mixes):
-            ours(prompts, generator=seeds(), **kw)
+    def mixed(own_rank: bool):
+        def call() -> None:
+            with ours.runtime.call_sample_weights(mixes) as samples:
+                samples.own_rank = own_rank
+                ours(prompts, generator=seeds(), **kw)
+        return call
 
-    times: dict[str, list] = {"one_mix": [], "mixed": [], "union": []}
-    cpu: dict[str, list] = {k: [] for k in times}
+    labels = ["one_mix", "same_mix", "singles", "union", "mixed", "mixed_union"]
+    times: dict[str, list] = {k: [] for k in labels}
+    cpu: dict[str, list] = {k: [] for k in labels}
 
-    def timed(label: str, call) -> None:
+    def timed(call) -> tuple[float, float]:
         # wall time, and this process's CPU time: on a machine shared with other work the CPU seconds move
         # less with the others' load than the wall seconds do
         w0, c0 = time.perf_counter(), time.process_time()
         call()
-        times[label].append(time.perf_counter() - w0)
-        cpu[label].append(time.process_time() - c0)
+        return time.perf_counter() - w0, time.process_time() - c0
+
+    def record(label: str, wall_cpu: tuple[float, float]) -> None:
+        times[label].append(wall_cpu[0])
+        cpu[label].append(wall_cpu[1])
 
     for _ in range(args.repeat):  # interleaved, so that the machine's drift falls on all alike
-        ours.set_adapters(list(mixes[0]), list(mixes[0].values()))
-        ours.prepare()
-        timed("one_mix", one_mix)
-        ours.set_adapters(union, [1.0] * len(union))
-        ours.prepare()
-        timed("mixed", mixed)
-        timed("union", one_mix)  # (the union set at weight 1, as for the mixed call, but one mix for every image)
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    med_cpu = {k: float(np.median(v)) for k, v in cpu.items()}
-    return {"batch": b, "union": len(union), "mix_sizes": [len(m) for m in mixes], "one_mix": med["one_mix"],
-            "mixed": med["mixed"], "union_mix": med["union"], "cpu_one_mix": med_cpu["one_mix"],
-            "cpu_mixed": med_cpu["mixed"], "cpu_union_mix": med_cpu["union"]}
+        same, single = [], []
+        for i, mix in enumerate(mixes):
+            set_mix(mix)
+            if i == 0:
+                record("one_mix", timed(lambda: ours(prompts, generator=seeds(), **kw)))
+                same.append((times["one_mix"][-1], cpu["one_mix"][-1]))
+            else:
+                same.append(timed(lambda: ours(prompts, generator=seeds(), **kw)))
+            single.append(timed(lambda i=i: ours(prompts[i], generator=seeds(1, i), **kw)))
+        record("same_mix", tuple(float(np.mean(v)) for v in zip(*same)))
+        record("singles", tuple(float(np.sum(v)) for v in zip(*single)))
+        set_mix({n: 1.0 for n in union})
+        record("mixed", timed(mixed(True)))
+        record("mixed_union", timed(mixed(False)))
+        record("union", timed(lambda: ours(prompts, generator=seeds(), **kw)))  # (one mix for every image)
+    return {"batch": b, "union": len(union), "mix_sizes": [len(m) for m in mixes], "repeat": args.repeat,
+            "latent": None if args.model == "tiny" else args.latent,
+            "wall": {k: float(np.median(v)) for k, v in times.items()},
+            "cpu": {k: float(np.median(v)) for k, v in cpu.items()}}
+
+
+def cost_rows(model: str, cost: dict) -> list[list[str]]:
+    """The batch-cost table's two rows of one model (wall, CPU): the seconds, then the mixed call over each."""
+    rows = []
+    for unit in ("wall", "cpu"):
+        t = cost[unit]
+        rows.append([model, unit, str(cost["batch"]), str(cost["union"])]
+                    + [C.fmt_s(t[k]) for k in ("one_mix", "same_mix", "singles", "union", "mixed_union", "mixed")]
+                    + [f"{t['mixed'] / t[k]:.2f}x" for k in ("same_mix", "singles", "one_mix", "union", "mixed_union")])
+    return rows
+
+
+COST_HEADERS = ["model", "seconds", "B", "LoRAs in the union", "first mix only (B images)",
+                "one mix, mean of the B mixes (B images)", "B one-image calls", "union as one mix",
+                "B mixes, union rank", "B mixes, own ranks", "own / one mix (mean)", "own / B one-image calls",
+                "own / first mix only", "own / union", "own / union rank"]
 
 
 # ============================================================================ the table
@@ -359,7 +399,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=["tiny", "sd15"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.system:
-        print(json.dumps(child(args)))
+        result = child(args)
+        if args.system == "batchcost":  # run alone: the table on stderr too (stdout's last line stays the JSON)
+            C.log(C.table(COST_HEADERS, cost_rows(args.model, result)))
+        print(json.dumps(result))
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows, raw, costs = [], {}, []
@@ -375,10 +418,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"bench_serve: the {system} server on {model} failed")
             runs[system] = json.loads(done.stdout.strip().splitlines()[-1])
         cost = runs.pop("batchcost")
-        costs.append([model, str(cost["batch"]), str(cost["union"]), C.fmt_s(cost["one_mix"]),
-                      C.fmt_s(cost["union_mix"]), C.fmt_s(cost["mixed"]), f"{cost['mixed'] / cost['one_mix']:.2f}x",
-                      f"{cost['mixed'] / cost['union_mix']:.2f}x",
-                      f"{cost['cpu_mixed'] / cost['cpu_one_mix']:.2f}x / {cost['cpu_mixed'] / cost['cpu_union_mix']:.2f}x"])
+        costs.extend(cost_rows(model, cost))
         raw[model] = {**runs, "batchcost": cost}
         rows.append(row(model, "lorablend serve (any mix per batch)", runs["ours"]) + ["—"])
         rows.append(row(model, "lorablend serve, per-mix batches", runs["permix"]))
@@ -392,8 +432,7 @@ def main(argv=None) -> int:
           f"{args.loras} LoRAs (ranks {'/'.join(map(str, RANKS))}), mixes of 1-3; loopback\n")
     print(C.table(headers, rows))
     print("\nOne batch of B different mixes vs B images of one mix (same pipeline, in-process, median):\n")
-    print(C.table(["model", "B", "LoRAs in the union", "one mix (first)", "union as one mix", "B mixes",
-                   "B mixes / one mix", "B mixes / union", "in CPU seconds (/ one mix, / union)"], costs))
+    print(C.table(COST_HEADERS, costs))
     (Path(args.out) / "results.json").write_text(json.dumps(
         {m: {s: {k: v for k, v in d.items() if k != "results"} for s, d in r.items()} for m, r in raw.items()},
         indent=2))

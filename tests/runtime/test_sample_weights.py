@@ -77,7 +77,7 @@ def test_each_image_through_its_own_ranks_equals_its_forward_alone(kind):
         with torch.no_grad():
             got = layer.module(x)
         own = samples._cache[("own", id(layer))][2]
-        assert own is not None and own.up.shape[2] == 12  # the own-rank path ran, padded to the largest own rank
+        assert own is not None and own.up_t.shape[1] == 12  # the own-rank path ran, padded to the largest own rank
         torch.testing.assert_close(got, expected, **TOL)
         samples.own_rank = False  # the union's rank gives the same images
         with torch.no_grad():
@@ -138,7 +138,7 @@ def test_a_layer_no_image_adapts_adds_nothing():
             got = layer.module(x)
     finally:
         table.sample_var.reset(token)
-    assert samples._cache[("own", id(layer))][2].up.shape[2] == 0
+    assert samples._cache[("own", id(layer))][2].up_t.shape[1] == 0
     assert torch.equal(got, torch.nn.functional.linear(x, layer.module.weight, layer.module.bias))
 
 

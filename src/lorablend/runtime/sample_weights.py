@@ -30,15 +30,26 @@ OWN_RANK_OVERHEAD = 1.15
 @dataclass(eq=False)
 class OwnFactors:
     """One layer's factors gathered per image for one set of mixes: ``down`` (B, r, in) or None (a k×k conv keeps
-    the union's down conv and gathers its output instead), ``up`` (B, out, r), ``index`` (B, r) each slot's
-    position in the union's rank (``R``: a zero pad), ``columns`` (B, r) each slot's column of the weight matrix."""
+    the union's down conv and gathers its output instead), ``up_t`` (B, r, out), ``index`` (B, r) each slot's
+    position in the union's rank, ``columns`` (B, r) each slot's column of the padded weight matrix (a pad slot:
+    position 0, the zero column)."""
 
-    key: tuple
     down: torch.Tensor | None
-    up: torch.Tensor
+    up_t: torch.Tensor
     index: torch.Tensor
     columns: torch.Tensor
-    weights: tuple = (None, -1, None)  # (svec, generation, (B, r) weights) of the last call
+    weights: dict = field(default_factory=dict)  # k -> (svec, generation, (k·B, r) weights) of the last call
+    _tiles: dict = field(default_factory=dict)  # k -> (down, up, index) repeated k times (CFG's doubled batch)
+
+    def tiled(self, k: int) -> tuple:
+        """``(down, up_t, index)`` for a forward that sees the batch ``k`` times, made once."""
+        hit = self._tiles.get(k)
+        if hit is None:
+            def tile(t: torch.Tensor | None) -> torch.Tensor | None:
+                return t if t is None or k == 1 else t.repeat(k, *([1] * (t.dim() - 1)))
+
+            hit = self._tiles[k] = (tile(self.down), tile(self.up_t), tile(self.index))
+        return hit
 
 
 @dataclass(eq=False)
@@ -99,29 +110,27 @@ class SampleWeights:
         own = self._own_factors(layer)
         if own is None:
             return None
-        if own.up.shape[2] == 0:  # no image of the batch has an adapter on this layer
+        if own.up_t.shape[1] == 0:  # no image of the batch has an adapter on this layer
             return out
         batch = self._check_rows(layer, out.shape[0])
         k = out.shape[0] // batch  # the batch seen k times (classifier-free guidance: 2)
-        weights = self._own_weights(layer, own)
-        up = own.up if k == 1 else own.up.repeat(k, 1, 1)
-        if layer.is_conv:
-            n, _, hh, ww = out.shape
-            if own.down is None:  # k×k conv: the union's down conv, then each image's own rows of it
-                h = torch.nn.functional.conv2d(x, layer.down, None, layer.module.stride, layer.module.padding,
-                                               layer.module.dilation).reshape(n, -1, hh * ww)
-                h = torch.cat([h, h.new_zeros(n, 1, hh * ww)], 1)
-                h = h.gather(1, own.index.repeat(k, 1)[..., None].expand(-1, -1, hh * ww))
-            else:
-                h = torch.matmul(own.down, x.reshape(k, batch, x.shape[1], hh * ww)).reshape(n, -1, hh * ww)
-            h.mul_(weights.repeat(k, 1)[..., None])
-            out.view(n, -1, hh * ww).baddbmm_(up, h, alpha=scale)
-            return out
+        down, up_t, index = own.tiled(k)
+        weights = self._own_weights(layer, own, k)
         n = out.shape[0]
-        xs = x.reshape(k, batch, -1, x.shape[-1])
-        h = torch.matmul(xs, own.down.transpose(1, 2)).reshape(n, -1, own.down.shape[1])
-        h.mul_(weights.repeat(k, 1)[:, None, :])
-        out.view(n, -1, out.shape[-1]).baddbmm_(h, up.transpose(1, 2), alpha=scale)
+        if layer.is_conv:
+            hw = out.shape[2] * out.shape[3]
+            if down is None:  # k×k conv: the union's down conv, then each image's own rows of it (a pad row reads
+                h = torch.nn.functional.conv2d(x, layer.down, None, layer.module.stride,  # row 0, weighted 0)
+                                               layer.module.padding, layer.module.dilation).reshape(n, -1, hw)
+                h = h.gather(1, index[..., None].expand(-1, -1, hw))
+            else:
+                h = torch.bmm(down, x.reshape(n, x.shape[1], hw))
+            h.mul_(weights[..., None])
+            out.view(n, -1, hw).baddbmm_(up_t.transpose(1, 2), h, alpha=scale)
+            return out
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), down.transpose(1, 2))
+        h.mul_(weights[:, None, :])
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, up_t, alpha=scale)
         return out
 
     # ------------------------------------------------------------------------------- helpers
@@ -146,50 +155,70 @@ class SampleWeights:
         """The layer's per-image factors for this call's mixes, or None where the cost model keeps the union's
         rank; decided and gathered once per (layer, factors, support)."""
         support = self.support()
-        key = (id(layer.up), support, tuple(self.columns.items()))
-        hit = self._cache.get(("own", id(layer)))
-        if hit is not None and hit[0] == key and hit[1] is layer.up:
+        hit = self._cache.get(("own", id(layer)))  # (``columns`` is fixed for the call)
+        if hit is not None and hit[1] is layer.up and hit[0] == support:
             return hit[2]
-        own = self._gather(layer, support, key)
-        self._cache[("own", id(layer))] = (key, layer.up, own)
+        own = self._gather(layer, support)
+        self._cache[("own", id(layer))] = (support, layer.up, own)
         return own
 
-    def _gather(self, layer: Any, support: tuple, key: tuple) -> OwnFactors | None:
+    def _gather(self, layer: Any, support: tuple) -> OwnFactors | None:
         union = int(layer.up.shape[1])
-        none = len(self.columns)
-        cols = [self.columns.get(name, none) for name, _ in layer.contributors]
-        starts = [sum(layer.ranks[:i]) for i in range(len(layer.ranks))]
-        slots = [[(s + j, c) for c, s, r in zip(cols, starts, layer.ranks) if c in own for j in range(r)]
-                 for own in support]
-        rank = max(len(s) for s in slots)
+        slots = self._slots(layer, support)
+        if slots is None:  # no image adapts this layer: an empty term
+            return OwnFactors(None, layer.up.new_zeros(len(support), 0, layer.up.shape[0]), *self._slots_empty(
+                support, layer.up.device))
+        index, columns = slots
+        rank = int(index.shape[1])
         out_f, in_f = int(layer.up.shape[0]), int(layer.down[0].numel())
         kxk = layer.is_conv and layer.down.dim() > 2
         cost_union = union * (in_f + out_f)
         cost_own = (union * in_f if kxk else rank * in_f * OWN_RANK_OVERHEAD) + rank * out_f * OWN_RANK_OVERHEAD
-        if rank and cost_own >= cost_union:
+        if cost_own >= cost_union:
             return None
-        slots = [s + [(union, none)] * (rank - len(s)) for s in slots]  # padded with a zero rank
-        device = layer.up.device
-        index = torch.tensor([[p for p, _ in s] for s in slots], dtype=torch.long, device=device).reshape(len(slots), rank)
-        columns = torch.tensor([[c for _, c in s] for s in slots], dtype=torch.long, device=device).reshape(len(slots), rank)
-        up = torch.cat([layer.up, layer.up.new_zeros(out_f, 1)], 1)
-        up = up.index_select(1, index.flatten()).reshape(out_f, len(slots), rank).permute(1, 0, 2).contiguous()
-        down = None
-        if not kxk:
-            flat = layer.down.reshape(union, in_f)
-            flat = torch.cat([flat, flat.new_zeros(1, in_f)], 0)
-            down = flat.index_select(0, index.flatten()).reshape(len(slots), rank, in_f)
-        return OwnFactors(key, down, up, index, columns)
+        flat = index.flatten()  # one copy per factor; (B, r, out): the layout both batched GEMMs read
+        up_t = layer.up.t().index_select(0, flat).view(len(support), rank, out_f)
+        down = None if kxk else layer.down.reshape(union, in_f).index_select(0, flat).view(len(support), rank, in_f)
+        return OwnFactors(down, up_t, index, columns)
 
-    def _own_weights(self, layer: Any, own: OwnFactors) -> torch.Tensor:
-        """(B, r): each image's weights on its own slots (``svec`` times its matrix entry; 0 on padding)."""
-        svec, generation, weights = own.weights
-        if svec is layer.svec and generation == self.generation:
-            return weights
+    def _slots(self, layer: Any, support: tuple) -> tuple | None:
+        """``(index, columns)`` (B, r): each image's rank positions in the layer's union (its adapters' blocks, in
+        contributor order) and their weight columns, padded to the largest own rank with position 0 and the
+        zero column (weight 0); None when no image has an adapter here. Shared by layers with the same
+        contributors and ranks (made once per call, not per layer)."""
+        none = len(self.columns)
+        cols = tuple(self.columns.get(name, none) for name, _ in layer.contributors)
+        key = ("slots", cols, layer.ranks, support)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit[0]
+        starts = [sum(layer.ranks[:i]) for i in range(len(layer.ranks))]
+        slots = [[(s + j, c) for c, s, r in zip(cols, starts, layer.ranks) if c in own for j in range(r)]
+                 for own in support]
+        rank = max(len(s) for s in slots)
+        made = None
+        if rank:
+            slots = [s + [(0, none)] * (rank - len(s)) for s in slots]
+            made = (torch.tensor([[p for p, _ in s] for s in slots], device=layer.up.device),
+                    torch.tensor([[c for _, c in s] for s in slots], device=layer.up.device))
+        self._cache[key] = (made,)
+        return made
+
+    @staticmethod
+    def _slots_empty(support: tuple, device: torch.device) -> tuple:
+        empty = torch.zeros(len(support), 0, dtype=torch.long, device=device)
+        return empty, empty
+
+    def _own_weights(self, layer: Any, own: OwnFactors, k: int) -> torch.Tensor:
+        """(k·B, r): each image's weights on its own slots (``svec`` times its matrix entry; 0 on padding), tiled
+        for a forward that sees the batch ``k`` times; once per step."""
+        hit = own.weights.get(k)
+        if hit is not None and hit[0] is layer.svec and hit[1] == self.generation:
+            return hit[2]
         padded = self._padded(layer.svec.device)
-        full = torch.cat([layer.svec.float(), layer.svec.new_zeros(1, dtype=torch.float32)])
-        weights = (padded.gather(1, own.columns) * full[own.index]).to(layer.svec.dtype)
-        own.weights = (layer.svec, self.generation, weights)
+        weights = (padded.gather(1, own.columns) * layer.svec.float()[own.index]).to(layer.svec.dtype)
+        weights = weights.repeat(k, 1) if k > 1 else weights
+        own.weights[k] = (layer.svec, self.generation, weights)
         return weights
 
 
