@@ -89,6 +89,9 @@ def _bad_requests(rng: random.Random) -> list[tuple[str, str, dict, set[int]]]:
         ("GET", "/no/such/route", {}, {404}),
         ("POST", "/sdapi/v1/txt2img", {"json": {"prompt": "<lora:ink:abc>"}}, {422}),
         ("POST", "/sdapi/v1/txt2img", {"json": {"prompt": "x", "steps": 10**6}}, {422}),
+        ("POST", "/sdapi/v1/img2img", {"json": {"prompt": "x", "init_images": ["%%% not base64"]}}, {422}),
+        ("POST", "/sdapi/v1/img2img", {"json": {"prompt": "x", "init_images": ["R0lGODlh"]}}, {422}),
+        ("POST", "/v1/images", {"json": {"prompt": "x", "loras": {"ink": {"high": 1.0, "low": 0.3}}}}, {422}),
         ("POST", "/sdapi/v1/options", {"json": {"sd_model_checkpoint": "another model"}}, {422}),
         ("POST", "/v1/images/generations", {"json": {"prompt": "x", "size": "99999x1"}}, {422}),
     ]
