@@ -48,6 +48,16 @@ def test_demo_on_a_video_family_writes_frame_strips(tmp_path, capsys):
     assert "tiny Wan 2.2 A14B" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_demo_on_an_edit_family_edits_its_input_image(tmp_path, capsys):
+    """Qwen-Image-Edit: the same guide, each call on the tiny input image (call_kwargs), 128 px out."""
+    from PIL import Image
+
+    assert main(["demo", "--family", "qwen-edit", "--output", str(tmp_path / "out"), "--json"]) == 0
+    assert [s["ok"] for s in json.loads(capsys.readouterr().out)["steps"]] == [True] * 7
+    assert Image.open(tmp_path / "out" / "set_adapters.png").size == (128, 128)
+    assert "tiny Qwen-Image-Edit" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_example_script_runs_the_guide_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("LORABLEND_EXAMPLE_PUSH", None)

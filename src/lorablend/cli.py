@@ -260,7 +260,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--steps", type=int, default=None, help="inference steps per image (default 20 for the drawing "
                    "model, 2 for the random tiny families)")
-    p.add_argument("--family", default="drawing", choices=["drawing", "sdxl", "flux", "sd3", "qwen", "wan", "wan22-a14b", "flux2", "zimage",
+    p.add_argument("--family", default="drawing", choices=["drawing", "sdxl", "flux", "sd3", "qwen", "qwen-edit", "wan", "wan22-a14b", "flux2", "zimage",
                    "chroma"], help="the pipeline's family (default drawing: the trained shapes model; the others are random; wan / wan22-a14b: videos, as frame strips)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.set_defaults(func=_cmd_demo)

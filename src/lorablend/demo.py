@@ -19,7 +19,8 @@ from .fixtures.tiny_unets import tiny_pipeline, random_adapter
 
 TINY_FAMILIES = {"drawing": "drawing model (SD1-style, trained on shapes)",  # what `lorablend demo --family` builds
                  "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3",
-                 "qwen": "Qwen-Image", "wan": "Wan 2.1 (video)", "wan22-a14b": "Wan 2.2 A14B (video, two experts)",
+                 "qwen": "Qwen-Image", "qwen-edit": "Qwen-Image-Edit (an input image)",
+                 "wan": "Wan 2.1 (video)", "wan22-a14b": "Wan 2.2 A14B (video, two experts)",
                  "flux2": "Flux.2", "zimage": "Z-Image", "chroma": "Chroma"}
 
 
@@ -116,9 +117,12 @@ class _DemoRun:
         """One image from the same seed's noise; kept under ``key`` (written as ``key.png``) unless None."""
         import numpy as np
 
-        from .fixtures.tiny_2026 import CALL_KW
+        from .fixtures.tiny_2026 import CALL_KW, call_kwargs
 
-        size = {} if self.family == "sdxl" else CALL_KW.get(self.family, {"height": 32, "width": 32})  # (not 1024²)
+        if self.family in CALL_KW:  # (not 1024²; an edit's input image with its size)
+            size = call_kwargs(self.family)
+        else:
+            size = {} if self.family == "sdxl" else {"height": 32, "width": 32}
         if self.family == "drawing":
             from .fixtures.drawing_model import GUIDANCE
 
