@@ -23,9 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve a pipeline over HTTP: any LoRA mix per request (native, A1111 and OpenAI image APIs)",
         description=(
             "Load a diffusers pipeline once and serve it over HTTP (FastAPI + uvicorn). Each request names its own "
-            "LoRA mix (files under --lora-dir, by stem): requests with the same mix are batched, different mixes "
-            "switch through the unfused runtime (weights set, nothing reloaded). Routes: /health, /metrics, "
-            "/v1/loras, /v1/images, /sdapi/v1/txt2img (A1111), /v1/images/generations (OpenAI). Binds 127.0.0.1 "
+            "LoRA mix (files under --lora-dir, by stem): requests with the same settings are batched whatever their "
+            "mixes (per-sample weights; a LoHa / LoKr mix batches by mix). Routes: /health, /metrics, /v1/loras, "
+            "/v1/images, /sdapi/v1/txt2img and /sdapi/v1/img2img (A1111; the rest of A1111's start-up calls too), "
+            "/v1/images/generations (OpenAI). Binds 127.0.0.1 "
             "unless --host says otherwise."
         ),
     )
