@@ -132,7 +132,7 @@ def _no_lora(base) -> dict[str, torch.Tensor]:
 
 
 def test_a_merge_of_table_deltas_applies_as_their_blend(base):
-    # merge(method="cat") gives a table an exact LoRA over its flattened rows (1, 6·width): the owner still reads it
+    # merge keeps a table delta a table, the exact weighted sum (merge/sums.py): its owner reads the blend
     from lorablend import merge
     from lorablend.io import load_adapter
 
@@ -141,7 +141,7 @@ def test_a_merge_of_table_deltas_applies_as_their_blend(base):
     adapters = [load_adapter(f, target=base, name=f"l{i}") for i, f in enumerate(files)]
     assert {d.kind for d in adapters[0].deltas.values()} == {"table"}
     merged = merge(adapters, [0.5, 0.5], method="cat")
-    assert {d.kind for d in merged.deltas.values()} == {"lora"}
+    assert {d.kind for d in merged.deltas.values()} == {"table"}
     pipe = DiffusionPipeline(copy.deepcopy(base))
     pipe.load_lora_weights(merged, adapter_name="both")
     blend = {k: 0.5 * files[0][k] + 0.5 * files[1][k] for k in files[0]}
