@@ -228,6 +228,18 @@ def _dense_lora(world, path: Path, kind: str) -> Path:
     return path
 
 
+def _with_sdxl_keys(world, path: Path) -> Path:
+    """ink's file plus one layer of SDXL's second text encoder: it reads, but the workers' strict load refuses it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors, key = load_file(str(world.files["ink"])), "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    tensors.update({f"{key}.lora_down.weight": torch.zeros(2, 32), f"{key}.lora_up.weight": torch.zeros(37, 2),
+                    f"{key}.alpha": torch.tensor(2.0)})
+    save_file(tensors, str(path))
+    return path
+
+
 def test_every_bad_input_is_refused_before_the_folder_exists(world, tmp_path, capsys, monkeypatch):
     # a quick hostile pass (issue 20, Deliver 8): each exits 2 naming the input, and OUT/ never appears, so the
     # corrected command starts clean; a schedule over dense deltas (LoHa, full) is refused up front, not after
@@ -236,10 +248,12 @@ def test_every_bad_input_is_refused_before_the_folder_exists(world, tmp_path, ca
     (tmp_path / "empty").mkdir()
     loha = _dense_lora(world, tmp_path / "loha.safetensors", "loha")
     full = _dense_lora(world, tmp_path / "f.safetensors", "full")
+    foreign = _with_sdxl_keys(world, tmp_path / "foreign.safetensors")
     ok = dict(model=str(world.model), lora=str(world.files["ink"]), seeds="3", extra=[])
     cases = [(dict(model="nobody/no-such-model-xyz"), "--model nobody/no-such-model-xyz"),
              (dict(model=str(tmp_path / "empty")), "no model_index.json"), (dict(model=str(loha)), "a file"),
              (dict(lora=str(tmp_path / "missing.safetensors")), "--lora"), (dict(seeds="-1"), "--seeds -1"),
+             (dict(lora=str(foreign)), "3 key(s) do not fit the model"),
              (dict(extra=["--guidance-scale", "nan"]), "--guidance-scale nan"),
              (dict(extra=["--device", "cudax"]), "--device cudax"),
              (dict(extra=["--schedule", "1@0,0@x"]), "--schedule"),

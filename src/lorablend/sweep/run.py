@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..errors import LoraCompatibilityError
 from ..outputs import atomic_write, refuse_input
 from .manifest import append_line, done_cells, read_manifest, rewrite_manifest
 from .plan import Cell, SweepSettings, group_cells, naive_order, plan_cells, switches
@@ -140,6 +141,13 @@ def check_inputs(spec: SweepSettings) -> None:
 
     model = model_configs(str(spec.model))
     adapters = read_loras(str(model), [(path, 1.0) for path, _ in spec.loras], [name for _, name in spec.loras])
+    for (path, _), adapter in zip(spec.loras, adapters):  # the workers load strictly: a key that does not fit fails
+        misfits = [] if adapter is None else [r for r in adapter.report.records if r.status != "mapped"]
+        if misfits:
+            first = misfits[0]
+            raise LoraCompatibilityError(
+                f"--lora {path}: {len(misfits)} key(s) do not fit the model {spec.model} (first: {first.key}: "
+                f"{first.status}{', ' + first.reason if first.reason else ''}); pass a LoRA made for this model")
     dense = [path for (path, _), adapter in zip(spec.loras, adapters)
              if adapter is not None and not takes_sample_weights(adapter)]
     scheduled = [s for s in spec.schedules if s]
