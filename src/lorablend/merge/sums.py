@@ -57,9 +57,8 @@ def summed_layer(key: str, terms: Sequence[LayerTerm], factorwise: bool = False)
     ``linear``, ``ties`` …, which combine LoRA factors): a layer whose every term has no factors and whose kind holds
     a sum (a whole-weight ``diff``: lightx2v's ``head.head.diff``) is summed too, rather than refused."""
     weights = [t for t in terms if t.delta.changes_weight]
-    bias = exact_bias(key, terms)
     if not weights:
-        return terms[0].delta.with_sum(None, bias), "exact weighted sum of bias differences"
+        return terms[0].delta.with_sum(None, exact_bias(key, terms)), "exact weighted sum of bias differences"
     owner = next((t.delta for t in weights if not t.delta.has_lora_form), None)
     note = "" if owner is None else f"exact weighted sum: a {owner.kind} delta of shape {owner.shape} has no LoRA form"
     if owner is None:
@@ -68,6 +67,7 @@ def summed_layer(key: str, terms: Sequence[LayerTerm], factorwise: bool = False)
         owner = weights[0].delta
         note = (f"exact weighted sum: a factor-wise method combines LoRA factors, and a {owner.kind} delta of shape "
                 f"{owner.shape} has none")
+    bias = exact_bias(key, terms)
     total = torch.zeros(owner.shape, dtype=torch.float32, device=next(owner.tensors()).device)
     for t in weights:
         problem = t.delta.fit_problem(owner.shape)
