@@ -53,3 +53,23 @@ def test_the_same_for_flux2_qkv():
     tensors, _ = adapter_state_dict(merge([a, b], [1.0, 1.0], method="svd", rank=4), "kohya")
     assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (4, 3072)
     assert tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (9216, 4)
+
+
+def test_a_fused_layers_bias_difference_survives_one_rank_over_its_rows():
+    # Flux kohya qkv with a diff_b (trainers that train biases): svd keeps rank 4 over the fused rows, and the merged
+    # diff_b is the weighted sum of the inputs' (1e-6: one fp32 multiply-add per term), written back at its rows
+    from lorablend.io.load import load_adapter
+
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+
+    def file(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {f"{name}.lora_down.weight": torch.randn(4, 3072, generator=g), f"{name}.alpha": torch.tensor(4.0),
+                f"{name}.lora_up.weight": torch.randn(9216, 4, generator=g), f"{name}.diff_b": torch.randn(9216, generator=g)}
+
+    merged = merge([load_adapter(file(1), family="flux"), load_adapter(file(2), family="flux")], [0.7, -0.4], "svd", rank=4)
+    tensors, _ = adapter_state_dict(merged, "kohya")
+    assert tensors[f"{name}.lora_down.weight"].shape == (4, 3072)
+    hand = 0.7 * file(1)[f"{name}.diff_b"] - 0.4 * file(2)[f"{name}.diff_b"]
+    torch.testing.assert_close(tensors[f"{name}.diff_b"], hand, rtol=0, atol=1e-6)
+    assert load_adapter(dict(tensors), family="flux").report.complete
