@@ -66,6 +66,10 @@ def test_webuiapi_img2img_equals_the_librarys_and_the_lora_applies(server, libra
     assert_same_image(plain, _img2img(library, init, {}, [11])[0], "no LoRA")
     assert_same_image(zero, plain, "<lora:ink:0>")
     assert float(np.abs(got[0] - plain).max()) > 4 / 255  # the LoRA changed the image
+    # the shared components (the scheduler's begin index included) leave txt2img as it was: the library's image
+    after = api.txt2img(prompt="a fox <lora:ink:0.8>", seed=11, steps=4, width=SIDE, height=SIDE, cfg_scale=7.5)
+    want = library.image("a fox", {"ink": 0.8}, 11, steps=4)[0]
+    assert_same_image(np.asarray(after.image.convert("RGB"), np.float32) / 255, want, "txt2img after img2img")
 
 
 def test_bad_img2img_requests_are_422s_naming_the_field(server, init):
@@ -135,6 +139,9 @@ def test_img2img_on_other_families_equals_diffusers_img2img(family, tmp_path, in
             "prompt": "a fox <lora:ink:0.8>", "init_images": [base64.b64encode(buffer.getvalue()).decode()],
             "steps": 4, "width": SIDE, "height": SIDE, "seed": 3, "cfg_scale": 3.5, "denoising_strength": 0.6})
         assert r.status_code == 200, r.text
+        after = client.post("/sdapi/v1/txt2img", headers={"Authorization": "Bearer t"}, json={
+            "prompt": "a fox <lora:ink:0.8>", "steps": 4, "width": SIDE, "height": SIDE, "seed": 3, "cfg_scale": 3.5})
+        assert after.status_code == 200, after.text
     ref = DiffusionPipeline(build())
     ref.load_lora_weights(str(tmp_path / "loras" / "ink.safetensors"), adapter_name="ink")
     ref.set_adapters(["ink"], [0.8])
@@ -145,3 +152,27 @@ def test_img2img_on_other_families_equals_diffusers_img2img(family, tmp_path, in
     want = i2i(["a fox"], image=[image], strength=0.6, num_inference_steps=4, guidance_scale=3.5, output_type="np",
                generator=[torch.Generator().manual_seed(3)], **sized).images[0]
     assert_same_image(decode_b64(r.json()["images"][0]), np.clip(want, 0, 1), family)
+    ref.set_progress_bar_config(disable=True)  # txt2img after img2img on the shared scheduler: the library's image
+    want = ref("a fox", num_inference_steps=4, width=SIDE, height=SIDE, guidance_scale=3.5, output_type="np",
+               generator=np.random.Generator(np.random.PCG64(3))).images[0]
+    assert_same_image(decode_b64(after.json()["images"][0]), np.clip(want, 0, 1), f"{family} txt2img after")
+
+
+def test_an_init_image_too_large_is_refused_from_its_header():
+    from PIL import Image
+
+    from lorablend.serve.img2img import MAX_INIT_SIDE, decode_init_images
+
+    buffer = io.BytesIO()
+    Image.new("L", (MAX_INIT_SIDE + 8, 8)).save(buffer, format="PNG")  # small file, wide image
+    with pytest.raises(ValueError, match=r"init_images\[0\]: 4104x8 pixels"):
+        decode_init_images([base64.b64encode(buffer.getvalue()).decode()], 32, 32)
+    (image,) = decode_init_images(["data:image/png;base64," + base64.b64encode(_png(Image.new("RGBA", (9, 7))))
+                                   .decode()], 16, 8)
+    assert image.mode == "RGB" and image.size == (16, 8)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

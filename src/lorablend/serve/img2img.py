@@ -17,7 +17,9 @@ import binascii
 import io
 from typing import Any, Sequence
 
-MAX_INIT_SIDE = 8192  # a decoded init image larger than this (either side) is refused before its pixels are read
+# a decoded init image larger than this (either side) is refused before its pixels are read: a 1 MB PNG can hold
+# 8192² pixels; 4096² RGB is 50 MB, decoded one image at a time and resized at once
+MAX_INIT_SIDE = 4096
 
 
 def image_pipeline(pipe: Any) -> Any:
