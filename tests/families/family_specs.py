@@ -4,8 +4,8 @@ Adding a family is adding a row to ``FAMILIES``: a function that builds its tiny
 ``lorablend.fixtures``), the suffixes of the denoiser / text-encoder layers its test LoRAs cover (real module names,
 every block that has them), the keyword diffusers takes the call-time LoRA scale in, and what a call of that
 pipeline needs beyond the suite's own arguments (``call_kwargs``: an input image, a size the VAE divides). Nothing
-else: the suite's properties run on every row. Set ``oracle_reads_file=False`` where diffusers + PEFT cannot load a PEFT-named file of
-that family (the parity test then says so and skips; every other property still runs).
+else: the suite's properties run on every row. Set ``oracle_reads_file=False`` where diffusers + PEFT cannot load a
+PEFT-named file of that family (the parity test then says so and skips; every other property still runs).
 
 >>> [spec.name for spec in FAMILIES][:2]
 ['sd1', 'sdxl']
