@@ -46,6 +46,7 @@ def wan22(tmp_path_factory):
     base = tiny_2026_pipeline("wan22-a14b")
     _lora(root / "loras" / "both.safetensors", base, 1)
     _lora(root / "loras" / "other.safetensors", base, 2)
+    _lora(root / "loras" / "high_only.safetensors", base, 3, experts=("transformer",))
     pipe = DiffusionPipeline(base)
     pipe.set_progress_bar_config(disable=True)
     app = create_app(pipe, ServeSettings(lora_dir=root / "loras", token="t", max_batch=4))
@@ -86,6 +87,11 @@ def test_a_split_equals_per_expert_set_adapters(wan22, library):
     assert np.abs(token - want).max() <= LEVEL
     plain = library(root, {"both": 1.0}, 3)  # the low expert's weight did change the picture
     assert np.abs(plain - want).max() > 10 * LEVEL
+    # a file on the high-noise expert only: a low weight would change nothing (422); low 0 is the plain weight
+    r = client.post("/v1/images", json={**BODY, "loras": {"high_only": {"high": 1.0, "low": 0.3}}}, headers=AUTH)
+    assert r.status_code == 422 and "no layer on the low-noise expert (transformer_2)" in r.text, r.text
+    got = _png(client.post("/v1/images", json={**BODY, "prompt": "a red circle <lora:high_only:0.8;0>"}, headers=AUTH))
+    assert np.abs(got - library(root, {"high_only": 0.8}, 3)).max() <= LEVEL
 
 
 def test_a_split_shares_a_batch_with_another_mix(wan22, library):
@@ -93,8 +99,9 @@ def test_a_split_shares_a_batch_with_another_mix(wan22, library):
     state = app.state.lorablend
     asks = [ImageRequest(**{**BODY, "loras": {"both": {"high": 0.2, "low": 1.1}}}),
             ImageRequest(**{**BODY, "seed": 4, "prompt": "a blue square", "loras": {"other": 0.7, "both": 0.5}})]
-    gens = [state.check_experts(state.check_size(a.generation(state.config))) for a in asks]
+    gens = [state.check_size(a.generation(state.config)) for a in asks]
     entries = [state.adapters_for(list(g.loras)) for g in gens]
+    gens = [state.check_experts(g, e) for g, e in zip(gens, entries)]
     with state.worker._cond:  # both queue before the worker takes the first
         jobs = [state.worker.submit(g, e) for g, e in zip(gens, entries)]
     results = [job.future.result(timeout=300) for job in jobs]

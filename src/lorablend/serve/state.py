@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -121,10 +121,11 @@ class ServerState:
                 raise invalid("prompt", f"<lora:{name}:…:lbw=…>: {exc}", name) from None
         return replace(gen, blocks=spelled)
 
-    def check_experts(self, gen: Generation) -> Generation:
+    def check_experts(self, gen: Generation, entries: Sequence[CachedAdapter] = ()) -> Generation:
         """``gen`` with each Wan 2.2 expert split (``{"high", "low"}`` / ``<lora:x:H;L>``) turned into the
         keyframes of this pipeline's boundary for its steps; 422 naming the field where the pipeline has one
-        denoiser.
+        denoiser, or where a weight other than 0 goes to an expert the LoRA (among ``entries``) has no layer on
+        (a file loaded onto the high-noise ``transformer`` only: its ``low`` weight would change nothing).
 
         >>> gen = Generation("x", 1, 4, {"x": 1.0}, schedules={"x": ExpertSplit(1.0, 0.3)})
         >>> state.check_experts(gen).schedules                                 # doctest: +SKIP
@@ -133,12 +134,20 @@ class ServerState:
         splits = {n: s for n, s in gen.schedules.items() if isinstance(s, ExpertSplit)}
         if not splits:
             return gen
-        schedules = dict(gen.schedules)
+        schedules, held = dict(gen.schedules), {e.name: e.adapter.components() for e in entries}
         for name, split in splits.items():
             try:
                 schedules[name] = split.keyframes(self.pipe, gen.steps)
             except ValueError as exc:
                 raise invalid(split.given, f"LoRA {name!r}: {exc}", name) from None
+            idle = [(side, expert) for side, expert, w in (("high", "transformer", split.high),
+                                                           ("low", "transformer_2", split.low))
+                    if w != 0 and name in held and expert not in held[name]]
+            if idle:
+                side, expert = idle[0]
+                raise invalid(split.given, f"LoRA {name!r} has no layer on the {side}-noise expert ({expert}): its "
+                                           f"{side!r} weight would change nothing; give it 0, or serve a file with "
+                                           f"{expert} layers", name)
         return replace(gen, schedules=schedules)
 
     def check_init_images(self, gen: Generation) -> Generation:
@@ -188,9 +197,10 @@ async def generate(state: ServerState, gen: Generation, request: Request) -> tup
 
     >>> gen, result = await generate(state, body.generation(config), request)   # doctest: +SKIP
     """
-    gen = state.check_experts(state.check_blocks(state.check_size(gen)))
+    gen = state.check_blocks(state.check_size(gen))
     gen = await run_in_threadpool(state.check_init_images, gen)  # (decoding images: off the event loop)
     entries = await run_in_threadpool(state.adapters_for, list(gen.loras))
+    gen = state.check_experts(gen, entries)
     if gen.schedules and (not state.worker.mixed or not all(e.low_rank for e in entries)):
         raise invalid("loras", "a weight schedule needs per-sample weights: LoRA (low-rank) files, and a server "
                                "that batches mixes (mixed_batches on); send constant weights", sorted(gen.schedules))
