@@ -156,6 +156,22 @@ def test_hunyuanvideo():
             load_adapter({**sd, key: torch.zeros(2, 3072)})
 
 
+@pytest.mark.parametrize("name", ["diffusion_model.single_blocks.{}.linear2", "lora_unet_single_blocks_{}_linear2"])
+def test_a_deeper_model_with_flux_names_is_refused_not_half_applied(name):
+    # HunyuanVideo has 40 single blocks at Flux.1's width (Flux.1: 38): a file of single blocks only names no layer
+    # that HunyuanVideo alone has, but its blocks 38 and 39 fit Flux.1's block 0 by shape — refused, nothing read.
+    # Flux.2 dev's single_blocks.38-47 (6144 wide) and a Flux.1 file of blocks 0-37 still read as their models.
+    def single_blocks(n: int, width: int, inputs: int) -> dict:  # linear2 reads attention + MLP: width + mlp
+        return {f"{name.format(i)}.{part}": t for i in range(n) for part, t in
+                (("lora_down.weight", torch.zeros(2, inputs)), ("lora_up.weight", torch.zeros(width, 2)))}
+
+    with pytest.raises(LoraFormatError, match=r"single_blocks.38.linear2' is in a block the Flux.1 model does not "
+                                              r"have.*HunyuanVideo.*nothing is loaded"):
+        load_adapter(single_blocks(40, 3072, 15360))
+    assert load_adapter(single_blocks(38, 3072, 15360)).family == "flux"
+    assert load_adapter(single_blocks(48, 6144, 24576)).family == "flux2-dev"
+
+
 def test_a_file_that_fits_several_models_is_refused_and_read_with_family(tmp_path):
     # InvokeAI's Qwen-Image fixture: to_q / to_k of two blocks at width 3072, which Flux.1, Qwen-Image, Flux.2 klein 4B
     # and Chroma all have: never read as the first of them; family= says which

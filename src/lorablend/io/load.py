@@ -31,6 +31,7 @@ Decisions:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -428,6 +429,42 @@ def _refuse_uncovered(raw: RawSource) -> None:
         )
 
 
+_BLOCK_INDEX = re.compile(r"(blocks[._])(\d+)(?=[._])")
+
+
+def _refuse_blocks_beyond(raw: RawSource, groups: list[ModuleGroup],
+                          built: list[tuple[Delta | None, str | None]], family: str) -> None:
+    """Refuse a file that names a block the chosen transformer family does not have while the same layer of its
+    block 0 fits the shape: a LoRA of a deeper model with the same block names and widths (HunyuanVideo: 40 single
+    blocks at Flux.1's width, Flux.1 has 38), which would otherwise half-apply. UNet families are left out: their
+    blocks differ from one another by design."""
+    if DENOISER_ARCHITECTURES.get(family, "unet") == "unet":
+        return
+    idx = standard_index(family)
+    for group, (delta, _) in zip(groups, built):
+        if delta is None or _targets(idx, group) is not None or not _BLOCK_INDEX.search(group.name):
+            continue
+        first = ModuleGroup(group.name, group.parts, _at_block_zero(group.lookup))
+        targets = _targets(idx, first)
+        if targets is not None and _fits(idx, delta, targets):
+            raise LoraFormatError(
+                f"{raw.label}: its layer {group.name!r} is in a block the {_FAMILY_NAMES[family]} model does not "
+                f"have, though the same layer of block 0 fits its shape: a LoRA of a deeper model with "
+                f"{_FAMILY_NAMES[family]}'s names and widths (HunyuanVideo has 40 single blocks at Flux.1's width), so "
+                "nothing is loaded rather than part of it applied. If it is for this model, remove the keys of the "
+                "blocks it lacks"
+            )
+
+
+def _at_block_zero(lookup: Any) -> Any:
+    """A group's lookup with every block index set to 0 (``single_blocks.38.linear2`` -> ``single_blocks.0.linear2``)."""
+    if isinstance(lookup, str):
+        return _BLOCK_INDEX.sub(r"\g<1>0", lookup)
+    if isinstance(lookup, (tuple, list)):
+        return type(lookup)(_at_block_zero(x) for x in lookup)
+    return lookup
+
+
 def _choose_family(raw: RawSource, groups: list[ModuleGroup],
                    built: list[tuple[Delta | None, str | None]]) -> tuple[str, tuple[str, ...]]:
     """The standard family whose modules the most layers fit (by name and shape), ties to the hints; and the other
@@ -447,6 +484,7 @@ def _choose_family(raw: RawSource, groups: list[ModuleGroup],
     best = max(scores, key=lambda f: scores[f])  # max keeps the first of equals: the hint order
     fit, named = scores[best]
     if fit:
+        _refuse_blocks_beyond(raw, groups, built, best)
         return best, tuple(f for f in scores if f != best and scores[f] == scores[best])
     if not named:
         _no_layer_error(raw)
