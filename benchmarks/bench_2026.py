@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -158,7 +159,7 @@ def _ratio(a: dict | None, b: dict | None) -> str:
 
 
 def report(args, results: dict) -> str:
-    ours, theirs, fl = (results[k]["times"] for k in ("ours", "theirs", "floor"))
+    ours, theirs, fl = (results.get(k, {}).get("times", {}) for k in ("ours", "theirs", "floor"))
     info = C.machine_info()
     head = (f"### {args.model} transformer (real width, {args.blocks} blocks, "
             f"{results['ours']['params'] / 1e9:.2f} B weights, random), cpu float32; PEFT LoRAs rank {args.rank}, "
@@ -175,12 +176,17 @@ def report(args, results: dict) -> str:
                                   ("unfuse_later", "unfuse_lora, later", None)):
         f = fl.get(floor_key) if floor_key else None
         rows.append([label, _cell(ours.get(key)), _cell(theirs.get(key)), _cell(f),
-                     _ratio(ours.get(key), theirs.get(key)), _ratio(ours.get(key), f)])
-    table = C.table(["row", "lorablend", "diffusers+PEFT", "floor", "ours/theirs", "ours/floor"], rows)
+                     _ratio(ours.get(key), theirs.get(key)), _ratio(ours.get(key), f),
+                     _ratio(*(None if r is None or "cpu" not in r else {"median": r["cpu"]}
+                              for r in (ours.get(key), f)))])
+    table = C.table(["row", "lorablend", "diffusers+PEFT", "floor", "ours/theirs", "ours/floor",
+                     "ours/floor cpu"], rows)
     restore = (f"after unfuse: lorablend {results['ours']['restore']['not_bit_exact']} / "
                f"{results['ours']['restore']['of']} touched weights not bit-exact (max |W-W0| "
-               f"{results['ours']['restore']['max_abs']:.1e}); diffusers+PEFT "
-               f"{results['theirs']['restore']['not_bit_exact']} (max {results['theirs']['restore']['max_abs']:.1e})")
+               f"{results['ours']['restore']['max_abs']:.1e})")
+    if "theirs" in results:
+        restore += (f"; diffusers+PEFT {results['theirs']['restore']['not_bit_exact']} "
+                    f"(max {results['theirs']['restore']['max_abs']:.1e})")
     return "\n".join([head, "", table, "", restore, ""])
 
 
@@ -195,6 +201,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(C.REPO / "bench-output" / "lora-cache"))
     p.add_argument("--outdir", default=str(C.REPO / "bench-output"))
+    p.add_argument("--systems", default="ours,theirs,floor",
+                   help="the systems to run, comma-separated, in order (ours,floor: compare code versions quickly)")
     p.add_argument("--system", choices=["ours", "theirs", "floor"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--files", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -206,16 +214,22 @@ def main() -> None:
     files.parent.mkdir(parents=True, exist_ok=True)
     files.write_text(json.dumps(write_files(args, targets)))
     del targets
-    results = {}
-    for system in ("ours", "theirs", "floor"):
+    results, loads = {}, []
+    for system in args.systems.split(","):
         t0 = time.perf_counter()
+        loads.append(os.getloadavg()[0])  # the machine may be shared: say how busy it was
         cmd = [sys.executable, __file__, *sys.argv[1:], "--system", system, "--files", str(files)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
             raise SystemExit(f"{system} failed:\n{done.stderr[-3000:]}")
         results[system] = json.loads(done.stdout.strip().splitlines()[-1])
         C.log(f"{system}: {time.perf_counter() - t0:.0f} s")
+    import lorablend
+
+    loads.append(os.getloadavg()[0])
     print(report(args, results))
+    print(f"load average (1 min) at each system's start and at the end: {' / '.join(f'{x:.1f}' for x in loads)}; "
+          f"lorablend from {Path(lorablend.__file__).parent}")
 
 
 if __name__ == "__main__":

@@ -123,14 +123,15 @@ def concat_factors(
     U = torch.empty(out_f, rank, dtype=torch.float32, device=device)
     D = torch.empty(rank, in_flat, dtype=torch.float32, device=device)
     at = 0
-    with one_thread():  # small copies: see one_thread
-        for coef, (up, down) in pairs:
-            r = int(up.shape[1])
-            U[:, at:at + r].copy_(up)
-            if coef != 1.0:
-                U[:, at:at + r].mul_(coef)
-            D[at:at + r].copy_(down)
-            at += r
+    # (no one_thread here: the callers that fuse put the kinds' casts and this in ONE serial stretch; a serial
+    # stretch between parallel ops costs a wake-up of the other threads, measured worse in LayerState.build)
+    for coef, (up, down) in pairs:
+        r = int(up.shape[1])
+        U[:, at:at + r].copy_(up)
+        if coef != 1.0:
+            U[:, at:at + r].mul_(coef)
+        D[at:at + r].copy_(down)
+        at += r
     return U, D
 
 
