@@ -42,3 +42,21 @@ def test_registration_takes_a_free_valid_name_and_gives_it_back(folder):
     for bad in ("a:b", " lead", ".hidden", "x" * 129):
         with pytest.raises(ValueError):
             check_name(bad)
+
+
+def test_a_folder_with_high_and_low_files_is_one_wan_pair(tmp_path):
+    (tmp_path / "lightning").mkdir()
+    (tmp_path / "lightning" / "high.safetensors").write_bytes(b"hh")
+    (tmp_path / "lightning" / "low.safetensors").write_bytes(b"l")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "high.safetensors").write_bytes(b"x")  # no low: a plain file, by its stem
+    (tmp_path / "lightning.safetensors").write_bytes(b"x")  # a file with the pair's name: by its path
+    catalog = Catalog(tmp_path)
+    assert catalog.names() == ["high", "lightning", "lightning.safetensors"]
+    every = catalog.scan()
+    pair = every["lightning"]
+    assert pair.low == (tmp_path / "lightning" / "low.safetensors").resolve() and pair.path.name == "high.safetensors"
+    assert every["high"].low is None and len(pair.stamp()) == 4  # both files' size and mtime
+    before = pair.stamp()
+    (tmp_path / "lightning" / "low.safetensors").write_bytes(b"changed")
+    assert pair.stamp() != before  # a new low file is a new version of the pair

@@ -169,3 +169,33 @@ def test_split_requests_on_the_compiled_denoiser_make_no_new_graph(tmp_path, lib
         assert backend.frame_count == graphs >= 1  # compiled once, in round 0
     finally:
         dynamo.reset()
+
+
+def test_a_pair_folder_is_one_lora_each_file_on_its_expert(tmp_path, library):
+    """``--lora-dir/lightning/{high,low}.safetensors`` (a Lightning-style pair: two files with the same keys, one
+    per expert) is served as ``lightning``; a split request equals ``load_lora_weights(high=, low=)`` with
+    per-expert ``set_adapters``; on a one-denoiser pipeline the pair is a 422."""
+    base = tiny_2026_pipeline("wan22-a14b")
+    (tmp_path / "loras" / "lightning").mkdir(parents=True)
+    for side, seed in (("high", 5), ("low", 6)):  # both files name `transformer` modules, as real pairs do
+        _lora(tmp_path / "loras" / "lightning" / f"{side}.safetensors", base, seed, experts=("transformer",))
+    pipe = DiffusionPipeline(base)
+    pipe.set_progress_bar_config(disable=True)
+    app = create_app(pipe, ServeSettings(lora_dir=tmp_path / "loras", token="t"))
+    with TestClient(app) as client:
+        assert [row["name"] for row in client.get("/v1/loras", headers=AUTH).json()["loras"]] == ["lightning"]
+        body = {**BODY, "loras": {"lightning": {"high": 1.0, "low": 0.4}}}
+        got = _png(client.post("/v1/images", json=body, headers=AUTH))
+    ref = DiffusionPipeline(tiny_2026_pipeline("wan22-a14b"))
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(high=str(tmp_path / "loras" / "lightning" / "high.safetensors"),
+                          low=str(tmp_path / "loras" / "lightning" / "low.safetensors"), adapter_name="lightning")
+    ref.set_adapters(["lightning"], [{"transformer": 1.0, "transformer_2": 0.4}])
+    out = ref(prompt="a red circle", num_inference_steps=4, width=16, height=16, output_type="np",
+              generator=np.random.Generator(np.random.PCG64(3)))
+    assert np.abs(got - np.clip(np.asarray(first_picture(out), dtype=np.float32), 0, 1)).max() <= LEVEL
+    one = create_app(DiffusionPipeline(tiny_2026_pipeline("wan")),
+                     ServeSettings(lora_dir=tmp_path / "loras", token="t"))
+    with TestClient(one) as client:
+        r = client.post("/v1/images", json={**BODY, "loras": {"lightning": 1.0}}, headers=AUTH)
+        assert r.status_code == 422 and "one denoiser" in r.text, r.text

@@ -121,9 +121,18 @@ class AdapterCache:
         from ..runtime.binding import bind_adapter
 
         view = self.pipe.model_view
-        adapter = load_adapter(str(source.path), target=view.index, name=source.name)
-        # checked=True: read for this very index, so keys, shapes and finite values were checked by the reader
-        bound = bind_adapter(adapter, view, strict=True, checked=True)
+
+        def read(path: Path) -> Any:
+            return load_adapter(str(path), target=view.index, name=source.name)
+        if source.low is None:
+            adapter = read(source.path)
+        else:  # a Wan 2.2 A14B pair: each file on its expert, one adapter (a one-denoiser pipeline refuses it)
+            from ..runtime.experts import pair_of
+
+            adapter = pair_of(self.pipe, None, source.path, source.low, source.name, read)
+        # checked: read for this very index, so keys, shapes and finite values were checked by the reader (a
+        # pair's low side was moved onto transformer_2 after: checked again here)
+        bound = bind_adapter(adapter, view, strict=True, checked=source.low is None)
         plain = not getattr(adapter, "needs_control", False) and not getattr(adapter, "replacements", None)
         return adapter, (bound if plain else None)
 

@@ -1,5 +1,6 @@
 """What the server can serve, by name: every LoRA file under ``--lora-dir`` (by file stem) plus the LoRAs
-registered at run time (``POST /v1/loras``: a path inside the folder under another name, or an upload).
+registered at run time (``POST /v1/loras``: a path inside the folder under another name, or an upload). A folder
+holding ``high.safetensors`` and ``low.safetensors`` is one Wan 2.2 A14B pair, named by the folder.
 
 The folder is rescanned when a name is not known and when the list is asked for, so a file copied in is served
 without a restart. A file whose symlinks lead out of the folder is not served. Two files with one stem are
@@ -31,6 +32,8 @@ NAME_RULE = re.compile(r"^[^\x00-\x1f\x7f:<>/\\.\s][^\x00-\x1f\x7f:<>/\\]{0,127}
 @dataclass(frozen=True)
 class LoraSource:
     """One servable LoRA: its name, the file, and where it came from (``dir``, ``registered``, ``upload``).
+    ``low``: a Wan 2.2 A14B pair's low-noise file (``path`` is then the high-noise one): one adapter, each file on
+    its expert.
 
     >>> LoraSource("ink", Path("loras/ink.safetensors"), "dir").origin
     'dir'
@@ -39,15 +42,20 @@ class LoraSource:
     name: str
     path: Path
     origin: str
+    low: Path | None = None
 
-    def stamp(self) -> tuple[int, int]:
-        """(size, mtime in ns) of the file now: a parsed adapter is reused only while this is unchanged.
+    def stamp(self) -> tuple[int, ...]:
+        """(size, mtime in ns) of the file now (of both files of a pair): a parsed adapter is reused only while
+        this is unchanged.
 
         >>> catalog.lookup("ink").stamp()                                      # doctest: +SKIP
         (584216, 1764500000000000000)
         """
-        info = self.path.stat()
-        return info.st_size, info.st_mtime_ns
+        stamp: tuple[int, ...] = ()
+        for path in (self.path,) if self.low is None else (self.path, self.low):
+            info = path.stat()
+            stamp += (info.st_size, info.st_mtime_ns)
+        return stamp
 
 
 def check_name(name: str) -> str:
@@ -111,17 +119,34 @@ class Catalog:
                 path = Path(folder) / f
                 if path.suffix.lower() in LORA_SUFFIXES and inside(self.root, path):
                     found.append(path)
+        files, found = self._pairs(found)
         stems: dict[str, int] = {}
         for path in found:
             stems[path.stem] = stems.get(path.stem, 0) + 1
-        files = {}
         for path in found:
             rel = path.relative_to(self.root)
             name = path.stem if stems[path.stem] == 1 else rel.with_suffix("").as_posix()
+            name = rel.as_posix() if name in files else name  # (a pair folder of that name: the file keeps its suffix)
             files[name] = LoraSource(name, path, "dir")
         with self._lock:
             self._files = {**files, **self._uploaded()}
             return {**self._files, **self._registered}
+
+    def _pairs(self, found: list[Path]) -> tuple[dict[str, LoraSource], list[Path]]:
+        """Wan 2.2 A14B pairs: a folder holding ``high.<suffix>`` and ``low.<suffix>`` is ONE LoRA named by the
+        folder's path in ``--lora-dir`` (``lightning/high.safetensors`` + ``lightning/low.safetensors`` ->
+        ``lightning``); the other files are returned as they were."""
+        by_folder: dict[Path, dict[str, Path]] = {}
+        for path in found:
+            if path.parent != self.root and path.stem.lower() in ("high", "low"):
+                by_folder.setdefault(path.parent, {})[path.stem.lower()] = path
+        pairs, paired = {}, set()
+        for folder, sides in by_folder.items():
+            if len(sides) == 2:
+                name = folder.relative_to(self.root).as_posix()
+                pairs[name] = LoraSource(name, sides["high"], "dir", low=sides["low"])
+                paired.update(sides.values())
+        return pairs, [p for p in found if p not in paired]
 
     def _uploaded(self) -> dict[str, LoraSource]:
         """The uploads kept in the upload folder (one file per name; a partial upload starts with '.')."""
