@@ -49,3 +49,13 @@ def test_expert_splits_and_their_refusals(tmp_path):
             ImageRequest(**body).generation(settings)
     with pytest.raises(ValidationError):
         ImageRequest(prompt="a", loras={"ink": {"high": 1.0, "low": 0.3, "mid": 1.0}})
+
+
+def test_the_openai_body_takes_the_native_loras_values(tmp_path):
+    from lorablend.runtime.schedule import ExpertSplit
+    from lorablend.serve.schemas import OpenAIImageRequest
+
+    gen = OpenAIImageRequest(prompt="a", loras={"ink": [[0, 1.0], [1, 0.0]], "paper": {"high": 1.0, "low": 0.5},
+                                                "moss": 0.3}).generation(ServeSettings(tmp_path))
+    assert gen.loras == {"ink": 1.0, "paper": 1.0, "moss": 0.3}
+    assert gen.schedules == {"ink": ((0.0, 1.0), (1.0, 0.0)), "paper": ExpertSplit(1.0, 0.5)}

@@ -250,7 +250,8 @@ class OpenAIImageRequest(BaseModel):
     steps: Annotated[int, Field(ge=1)] | None = None
     guidance_scale: Guidance | None = None
     negative_prompt: Prompt | None = None
-    loras: dict[LoraName, Weight] = Field(default_factory=dict, max_length=64)
+    loras: dict[LoraName, Weight | KeyframeList | ExpertWeights] = Field(
+        default_factory=dict, max_length=64, description="as /v1/images: a weight, keyframes, or {high, low}")
     scale: Weight = 1.0
 
     def generation(self, config: ServeSettings) -> Generation:
