@@ -26,6 +26,7 @@ mean over the B mixes: the issue's target, ≤ 1.15× at B = 4 on CPU), B one-im
 never repeat), B images of the first mix only, and the union as one mix; medians of `--repeat`, wall and CPU seconds.
 
     python benchmarks/bench_serve.py --system batchcost --model sd15 --latent 32 --repeat 3   # that table alone
+    python benchmarks/bench_serve.py --system layercost --threads 1    # the same per layer (Linear c×c)
 
     python benchmarks/bench_serve.py                                  # defaults: a few minutes on 2 CPU cores
     python benchmarks/bench_serve.py --requests 200 --sd15-requests 200 --threads 2
@@ -346,6 +347,92 @@ COST_HEADERS = ["model", "seconds", "B", "LoRAs in the union", "first mix only (
                 "own / first mix only", "own / union", "own / union rank"]
 
 
+LAYER_SHAPES = ((64, 256), (320, 1024), (320, 256), (640, 256), (1280, 64))  # (channels, tokens per image)
+
+
+def layer_cost(args) -> list[list[str]]:
+    """Per layer: one ``Linear(c, c)`` with batch_cost's union of LoRAs on it (ranks as the files', every one
+    contributing, as on an attention layer), B images × tokens, through its forward hook: the base alone, one mix
+    (mean over the B mixes), the mixed call on the union's rank, on own ranks (steady: factors gathered), and the
+    one-time gather of a new set of mixes. Median CPU µs of ``--repeat`` × 10 forwards."""
+    import contextvars
+
+    from lorablend.kinds import LowRankDelta
+    from lorablend.runtime.layer_state import LayerTable
+    from lorablend.runtime.sample_weights import SampleWeights
+
+    C.setup_threads(args.threads)
+    names = [f"lora{i:02d}" for i in range(args.loras)]
+    mixes = [body["loras"] for body in make_requests(names, args.max_batch, args.seed + 1, {})]
+    union = sorted({n for m in mixes for n in m})
+    rows = []
+    for channels, tokens in LAYER_SHAPES:
+        torch.manual_seed(0)
+        table = LayerTable(contextvars.ContextVar("scale", default=1.0))
+        layer = table.add("unet.x", "unet", torch.nn.Linear(channels, channels))
+        for name in union:
+            rank = RANKS[names.index(name) % len(RANKS)]
+            layer.loaded[name] = LowRankDelta(down=torch.randn(rank, channels), up=torch.randn(channels, rank))
+            table.weights[name] = {layer.key: 1.0}
+        table.low_rank_only = True
+        x = torch.randn(len(mixes), tokens, channels)
+
+        def contribute(mix) -> None:
+            layer.set_contributors([(n, layer.loaded[n]) for n in mix])
+            table.version += 1
+
+        def cpu_us(call, n: int = 10 * args.repeat) -> float:
+            with torch.no_grad():
+                call()
+                times = []
+                for _ in range(n):
+                    c0 = time.process_time()
+                    call()
+                    times.append(time.process_time() - c0)
+            return float(np.median(times)) * 1e6
+
+        def under(samples) -> float:
+            token = table.sample_var.set(samples)
+            try:
+                return cpu_us(lambda: layer.module(x))
+            finally:
+                table.sample_var.reset(token)
+
+        def fresh(own: bool) -> SampleWeights:
+            sw = SampleWeights({n: i for i, n in enumerate(union)},
+                               torch.tensor([[m.get(n, 0.0) for n in union] for m in mixes]))
+            sw.own_rank = own
+            return sw
+
+        base = cpu_us(lambda: torch.nn.functional.linear(x, layer.module.weight, layer.module.bias))
+        one = []
+        for mix in mixes:
+            contribute(mix)
+            one.append(cpu_us(lambda: layer.module(x)))
+        contribute(union)
+        union_us, own_us = under(fresh(False)), under(fresh(True))
+        token = table.sample_var.set(None)
+        first = []
+        for _ in range(args.repeat * 3):  # a new set of mixes each time: the gather, then one forward
+            token2 = table.sample_var.set(fresh(True))
+            c0 = time.process_time()
+            with torch.no_grad():
+                layer.module(x)
+            first.append(time.process_time() - c0)
+            table.sample_var.reset(token2)
+        table.sample_var.reset(token)
+        gather = max(0.0, float(np.median(first)) * 1e6 - own_us)
+        rows.append([str(channels), str(tokens), f"{len(mixes)}", f"{int(layer.up.shape[1])}", f"{base:.0f}",
+                     f"{float(np.mean(one)):.0f}", f"{union_us:.0f}", f"{own_us:.0f}", f"{gather:.0f}",
+                     f"{own_us / union_us:.2f}x"])
+    return rows
+
+
+LAYER_HEADERS = ["channels", "tokens per image", "B", "union rank", "base linear µs", "one mix µs (mean)",
+                 "B mixes, union rank µs", "B mixes, own ranks µs", "gather µs (once per set of mixes)",
+                 "own / union rank"]
+
+
 # ============================================================================ the table
 
 
@@ -395,9 +482,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=5, help="calls per side of the batch-cost comparison (default 5)")
     p.add_argument("--out", default=str(C.REPO / "bench-output" / "serve"), help="LoRA files and results go here")
-    p.add_argument("--system", choices=["ours", "permix", "baseline", "batchcost"], help=argparse.SUPPRESS)
-    p.add_argument("--model", choices=["tiny", "sd15"], help=argparse.SUPPRESS)
+    p.add_argument("--system", choices=["ours", "permix", "baseline", "batchcost", "layercost"],
+                   help="run one part alone: batchcost (the batch-cost table of --model), layercost (per layer)")
+    p.add_argument("--model", choices=["tiny", "sd15"], help="with --system batchcost: the model")
     args = p.parse_args(argv)
+    if args.system == "layercost":
+        print(C.table(LAYER_HEADERS, layer_cost(args)))
+        return 0
     if args.system:
         result = child(args)
         if args.system == "batchcost":  # run alone: the table on stderr too (stdout's last line stays the JSON)

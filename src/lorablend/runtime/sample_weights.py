@@ -25,6 +25,9 @@ import torch
 # whole batch (measured on CPU, 64–1280 channels, 16–1024 tokens, ranks 16–52: 1.0–1.2×): the own-rank path is taken
 # only where its rank times this factor is below the union's rank.
 OWN_RANK_OVERHEAD = 1.15
+# ... and only where it saves at least this many multiply-adds per token: a narrower layer (the tiny test models' 32–64
+# channels) is bound by the number of small ops, not by its rank, and measured slower end to end on its own ranks
+MIN_SAVED_PER_TOKEN = 16384
 
 
 @dataclass(eq=False)
@@ -59,7 +62,8 @@ class SampleWeights:
     its (rows, R) weight vector from here: each contributor's column repeated over its rank, times ``svec``, and
     tiled when the layer sees the batch twice (classifier-free guidance runs [uncond; cond]). Contributors not
     in ``columns`` get 0 for every sample. ``matrix`` may be rewritten between steps (a schedule) if
-    ``generation`` is bumped. ``own_rank=False`` keeps every layer on the union's rank (for comparisons).
+    ``generation`` is bumped. ``own_rank=False`` keeps every layer on the union's rank (for comparisons);
+    ``min_saved`` is the cost model's threshold (0: own ranks wherever they are fewer multiply-adds).
 
     >>> sw = SampleWeights({"a": 0}, torch.tensor([[1.0], [0.5]])); sw.matrix.shape
     torch.Size([2, 1])
@@ -69,6 +73,7 @@ class SampleWeights:
     matrix: torch.Tensor  # (batch, adapters) float32
     generation: int = 0
     own_rank: bool = True
+    min_saved: int = MIN_SAVED_PER_TOKEN  # the cost model's threshold (multiply-adds per token)
     _cache: dict = field(default_factory=dict)
 
     def vector(self, layer: Any, rows: int) -> torch.Tensor:
@@ -174,7 +179,7 @@ class SampleWeights:
         kxk = layer.is_conv and layer.down.dim() > 2
         cost_union = union * (in_f + out_f)
         cost_own = (union * in_f if kxk else rank * in_f * OWN_RANK_OVERHEAD) + rank * out_f * OWN_RANK_OVERHEAD
-        if cost_own >= cost_union:
+        if cost_union - cost_own < max(1, self.min_saved):
             return None
         flat = index.flatten()  # one copy per factor; (B, r, out): the layout both batched GEMMs read
         up_t = layer.up.t().index_select(0, flat).view(len(support), rank, out_f)
@@ -222,4 +227,4 @@ class SampleWeights:
         return weights
 
 
-__all__ = ["OWN_RANK_OVERHEAD", "OwnFactors", "SampleWeights"]
+__all__ = ["MIN_SAVED_PER_TOKEN", "OWN_RANK_OVERHEAD", "OwnFactors", "SampleWeights"]
