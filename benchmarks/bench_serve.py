@@ -20,13 +20,11 @@ phase), RSS growth of the server process from after the warm-up (one pass that t
 the largest pixel difference between the two systems' images of the same request (8-bit levels).
 
 Then the cost of mixing inside one batch, in-process on the same pipeline: one call of B images with B different
-mixes (`LoraRuntime.call_sample_weights`, the union of their LoRAs set at weight 1; each layer through each image's
-own ranks where that is cheaper, and again with every layer on the union's rank) against B images of one mix (the
+mixes (`LoraRuntime.call_sample_weights`, the union of their LoRAs set at weight 1) against B images of one mix (the
 mean over the B mixes: the issue's target, ≤ 1.15× at B = 4 on CPU), B one-image calls (per-mix batching when mixes
 never repeat), B images of the first mix only, and the union as one mix; medians of `--repeat`, wall and CPU seconds.
 
     python benchmarks/bench_serve.py --system batchcost --model sd15 --latent 32 --repeat 3   # that table alone
-    python benchmarks/bench_serve.py --system layercost --threads 1    # the same per layer (Linear c×c)
 
     python benchmarks/bench_serve.py                                  # defaults: a few minutes on 2 CPU cores
     python benchmarks/bench_serve.py --requests 200 --sd15-requests 200 --threads 2
@@ -263,9 +261,7 @@ def batch_cost(pipe, lora_dir: Path, names: list[str], settings: dict, args) -> 
     row kept from before), B images of ONE mix averaged over the B mixes (the fair "B mixes vs B images of one mix":
     the mix drawn from the same distribution), B one-image calls, one per mix (what per-mix batching pays when mixes
     never repeat), and B images of the union of the mixes as one mix (the same low-rank work without per-sample
-    weights). The mixed call twice: as the runtime runs it (each layer through each image's own ranks where its cost
-    model says so) and with every layer on the union's rank (``SampleWeights.own_rank = False``, the code before).
-    Medians of ``--repeat`` interleaved rounds; wall and this process's CPU seconds."""
+    weights). Medians of ``--repeat`` interleaved rounds; wall and this process's CPU seconds."""
     from lorablend import DiffusionPipeline
 
     ours = DiffusionPipeline(pipe)
@@ -286,14 +282,11 @@ def batch_cost(pipe, lora_dir: Path, names: list[str], settings: dict, args) -> 
         ours.set_adapters(list(mix), list(mix.values()))
         ours.prepare()
 
-    def mixed(own_rank: bool):
-        def call() -> None:
-            with ours.runtime.call_sample_weights(mixes) as samples:
-                samples.own_rank = own_rank
-                ours(prompts, generator=seeds(), **kw)
-        return call
+    def mixed() -> None:
+        with ours.runtime.call_sample_weights(mixes):
+            ours(prompts, generator=seeds(), **kw)
 
-    labels = ["one_mix", "same_mix", "singles", "union", "mixed", "mixed_union"]
+    labels = ["one_mix", "same_mix", "singles", "union", "mixed"]
     times: dict[str, list] = {k: [] for k in labels}
     cpu: dict[str, list] = {k: [] for k in labels}
 
@@ -321,8 +314,7 @@ def batch_cost(pipe, lora_dir: Path, names: list[str], settings: dict, args) -> 
         record("same_mix", tuple(float(np.mean(v)) for v in zip(*same)))
         record("singles", tuple(float(np.sum(v)) for v in zip(*single)))
         set_mix({n: 1.0 for n in union})
-        record("mixed", timed(mixed(True)))
-        record("mixed_union", timed(mixed(False)))
+        record("mixed", timed(mixed))
         record("union", timed(lambda: ours(prompts, generator=seeds(), **kw)))  # (one mix for every image)
     return {"batch": b, "union": len(union), "mix_sizes": [len(m) for m in mixes], "repeat": args.repeat,
             "latent": None if args.model == "tiny" else args.latent,
@@ -336,107 +328,15 @@ def cost_rows(model: str, cost: dict) -> list[list[str]]:
     for unit in ("wall", "cpu"):
         t = cost[unit]
         rows.append([model, unit, str(cost["batch"]), str(cost["union"])]
-                    + [C.fmt_s(t[k]) for k in ("one_mix", "same_mix", "singles", "union", "mixed_union", "mixed")]
-                    + [f"{t['mixed'] / t[k]:.2f}x" for k in ("same_mix", "singles", "one_mix", "union", "mixed_union")])
+                    + [C.fmt_s(t[k]) for k in ("one_mix", "same_mix", "singles", "union", "mixed")]
+                    + [f"{t['mixed'] / t[k]:.2f}x" for k in ("same_mix", "singles", "one_mix", "union")])
     return rows
 
 
 COST_HEADERS = ["model", "seconds", "B", "LoRAs in the union", "first mix only (B images)",
-                "one mix, mean of the B mixes (B images)", "B one-image calls", "union as one mix",
-                "B mixes, union rank", "B mixes, own ranks", "own / one mix (mean)", "own / B one-image calls",
-                "own / first mix only", "own / union", "own / union rank"]
-
-
-LAYER_SHAPES = ((64, 256), (320, 1024), (320, 256), (640, 256), (1280, 64))  # (channels, tokens per image)
-
-
-def layer_cost(args) -> list[list[str]]:
-    """Per layer: one ``Linear(c, c)`` with batch_cost's union of LoRAs on it (ranks as the files', every one
-    contributing, as on an attention layer), B images × tokens, through its forward hook: the base alone, one mix
-    (mean over the B mixes), the mixed call on the union's rank, on own ranks (steady: factors gathered), and the
-    one-time gather of a new set of mixes; and which of the two the cost model picks. Least CPU µs of
-    ``--repeat`` × 10 forwards (the least: the machine is shared, other work only adds)."""
-    import contextvars
-
-    from lorablend.kinds import LowRankDelta
-    from lorablend.runtime.layer_state import LayerTable
-    from lorablend.runtime.sample_weights import MIN_SAVED_PER_TOKEN, SampleWeights
-
-    C.setup_threads(args.threads)
-    names = [f"lora{i:02d}" for i in range(args.loras)]
-    mixes = [body["loras"] for body in make_requests(names, args.max_batch, args.seed + 1, {})]
-    union = sorted({n for m in mixes for n in m})
-    rows = []
-    for channels, tokens in LAYER_SHAPES:
-        torch.manual_seed(0)
-        table = LayerTable(contextvars.ContextVar("scale", default=1.0))
-        layer = table.add("unet.x", "unet", torch.nn.Linear(channels, channels))
-        for name in union:
-            rank = RANKS[names.index(name) % len(RANKS)]
-            layer.loaded[name] = LowRankDelta(down=torch.randn(rank, channels), up=torch.randn(channels, rank))
-            table.weights[name] = {layer.key: 1.0}
-        table.low_rank_only = True
-        x = torch.randn(len(mixes), tokens, channels)
-
-        def contribute(mix) -> None:
-            layer.set_contributors([(n, layer.loaded[n]) for n in mix])
-            table.version += 1
-
-        def cpu_us(call, n: int = 10 * args.repeat) -> float:
-            with torch.no_grad():
-                call()
-                times = []
-                for _ in range(n):
-                    c0 = time.process_time()
-                    call()
-                    times.append(time.process_time() - c0)
-            return float(np.min(times)) * 1e6
-
-        def under(samples) -> float:
-            token = table.sample_var.set(samples)
-            try:
-                return cpu_us(lambda: layer.module(x))
-            finally:
-                table.sample_var.reset(token)
-
-        def fresh(own: bool, min_saved: int = 0) -> SampleWeights:
-            return SampleWeights({n: i for i, n in enumerate(union)},
-                                 torch.tensor([[m.get(n, 0.0) for n in union] for m in mixes]), own_rank=own,
-                                 min_saved=min_saved)
-
-        base = cpu_us(lambda: torch.nn.functional.linear(x, layer.module.weight, layer.module.bias))
-        one = []
-        for mix in mixes:
-            contribute(mix)
-            one.append(cpu_us(lambda: layer.module(x)))
-        contribute(union)
-        union_us, own_us = under(fresh(False)), under(fresh(True))
-        token = table.sample_var.set(None)
-        first = []
-        for _ in range(args.repeat * 3):  # a new set of mixes each time: the gather, then one forward
-            token2 = table.sample_var.set(fresh(True))
-            c0 = time.process_time()
-            with torch.no_grad():
-                layer.module(x)
-            first.append(time.process_time() - c0)
-            table.sample_var.reset(token2)
-        table.sample_var.reset(token)
-        gather = max(0.0, float(np.min(first)) * 1e6 - own_us)
-        picks = fresh(True, MIN_SAVED_PER_TOKEN)
-        token = table.sample_var.set(picks)
-        with torch.no_grad():
-            layer.module(x)
-        table.sample_var.reset(token)
-        picked = "own ranks" if picks._cache[("own", id(layer))][2] is not None else "union rank"
-        rows.append([str(channels), str(tokens), f"{len(mixes)}", f"{int(layer.up.shape[1])}", f"{base:.0f}",
-                     f"{float(np.mean(one)):.0f}", f"{union_us:.0f}", f"{own_us:.0f}", f"{gather:.0f}",
-                     f"{own_us / union_us:.2f}x", picked])
-    return rows
-
-
-LAYER_HEADERS = ["channels", "tokens per image", "B", "union rank", "base linear µs", "one mix µs (mean)",
-                 "B mixes, union rank µs", "B mixes, own ranks µs", "gather µs (once per set of mixes)",
-                 "own / union rank", "the cost model picks"]
+                "one mix, mean of the B mixes (B images)", "B one-image calls", "union as one mix", "B mixes",
+                "B mixes / one mix (mean)", "B mixes / B one-image calls", "B mixes / first mix only",
+                "B mixes / union"]
 
 
 # ============================================================================ the table
@@ -488,13 +388,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=5, help="calls per side of the batch-cost comparison (default 5)")
     p.add_argument("--out", default=str(C.REPO / "bench-output" / "serve"), help="LoRA files and results go here")
-    p.add_argument("--system", choices=["ours", "permix", "baseline", "batchcost", "layercost"],
-                   help="run one part alone: batchcost (the batch-cost table of --model), layercost (per layer)")
+    p.add_argument("--system", choices=["ours", "permix", "baseline", "batchcost"],
+                   help="run one part alone, e.g. batchcost (the batch-cost table of --model)")
     p.add_argument("--model", choices=["tiny", "sd15"], help="with --system batchcost: the model")
     args = p.parse_args(argv)
-    if args.system == "layercost":
-        print(C.table(LAYER_HEADERS, layer_cost(args)))
-        return 0
     if args.system:
         result = child(args)
         if args.system == "batchcost":  # run alone: the table on stderr too (stdout's last line stays the JSON)

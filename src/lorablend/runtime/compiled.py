@@ -25,9 +25,6 @@ image's weight vectors (its rows tiled over classifier-free guidance's doubled b
 the layers at it; the next step's weights are one copy into the same table, so a new mix or a new step never
 recompiles (one graph per batch size, as for any input shape). Per-sample weights need every touched layer to be a
 pair: ``per_sample=True`` makes them so up front, else the first per-sample call remakes the buffers (one recompile).
-Here every image multiplies through the buffers' whole rank: the eager hooks' per-image own-rank products
-(``runtime.sample_weights``) would need per-image factor buffers sized by the batch, rewritten per set of mixes; not
-done (static mode keeps the union's rank).
 
 Kinds: a LoRA/LoCon is a low-rank pair; LoHa/LoKr use their exact factors (rank ``r1·r2``) when they fit the
 capacity; a full diff, a DoRA, or a bias change is represented exactly on dense layers only, and refused on a

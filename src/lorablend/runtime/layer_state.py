@@ -195,17 +195,7 @@ class LayerState:
         samples = self.table.sample_var.get()
         return self.svec if samples is None else samples.vector(self, rows)
 
-    def _own_rank(self, x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor | None:
-        """A mixed batch's term through each image's own ranks (``sample_weights``), or None: the union's rank."""
-        samples = self.table.sample_var.get()
-        if samples is None or torch.is_grad_enabled():
-            return None
-        return samples.add_own_rank(self, x, out, scale)
-
     def _add_linear_pair(self, x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
-        done = self._own_rank(x, out, scale)
-        if done is not None:
-            return done
         h = F.linear(x, self.down)
         svec = self._weight_vector(h.shape[0])
         if svec.dim() == 2:  # per sample: (rows, R) against h's (rows, …, R)
@@ -220,9 +210,6 @@ class LayerState:
         return out.add_(F.linear(h, self.up), alpha=scale)
 
     def _add_conv_pair(self, m: nn.Module, x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
-        done = self._own_rank(x, out, scale)
-        if done is not None:
-            return done
         # channel matmuls: 1×1 convs through conv2d take a slow path on CPU
         if self.down.dim() == 2:  # pointwise conv: down is a channel matmul too
             n, c, hh, ww = x.shape
