@@ -5,8 +5,9 @@ A layer's low-rank term concatenates every contributing adapter's factors (rank 
 mixes); each image weighs the union's rank blocks, zero for adapters outside its mix: exact, and every image pays
 the union's rank. Per-image own-rank products (each image's factors gathered once per set of mixes, two batched
 GEMMs at the largest own rank, picked per layer by a cost model) were built, measured and taken out: 0.68–0.90× the
-union's product per layer at 320–1280 channels, but 0.99–1.10× end to end on SD1.5 (the gather per call and the
-batched GEMMs ate the gain) and slower on the tiny models (benchmarks/RESULTS.md, "Own ranks per image").
+union's product per layer at 320–1280 channels, but 0.98–1.10× end to end on SD1.5 (the gather per call and the
+batched GEMMs ate the gain) and slower on the tiny models (benchmarks/RESULTS.md, "Batch cost, the fair
+comparison; own ranks per image tried and reverted").
 
 >>> sw = SampleWeights({"a": 0, "b": 1}, torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
 >>> sw.matrix[1, sw.columns["b"]].item()
