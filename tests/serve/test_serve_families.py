@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import re
 
 import numpy as np
 import pytest
@@ -34,19 +35,26 @@ def test_a_lora_request_answers_the_librarys_picture(family, tmp_path):
     save_adapter(adapter, tmp_path / "loras" / "ink.safetensors", format="diffusers", target=pipe.pipe)
     app = create_app(pipe, ServeSettings(lora_dir=tmp_path / "loras", token="t"))
     side = SIZES[family]
-    body = {"prompt": "a red circle", "loras": {"ink": 0.8}, "seed": 3, "steps": 2, "width": side, "height": side}
+    extra = {"num_frames": 5} if family == "wan" else {}  # a clip's length is the request's (its default: 81)
+    body = {"prompt": "a red circle", "loras": {"ink": 0.8}, "seed": 3, "steps": 2, "width": side, "height": side,
+            **extra}
     with TestClient(app) as client:
         auth = {"Authorization": "Bearer t"}
         answer = client.post("/v1/images", json=body, headers=auth)
         assert answer.status_code == 200, answer.text
         got = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"), dtype=np.float32) / 255
+        refusals = ({6: "1 more than a multiple of 4 \\(e.g. 5\\)", 85: "at most 81 \\(--max-frames\\)"}
+                    if family == "wan" else {5: "makes images, not videos; leave num_frames out"})
+        for frames, reason in refusals.items():
+            refused = client.post("/v1/images", json={**body, "num_frames": frames}, headers=auth)
+            assert refused.status_code == 422 and "num_frames" in refused.text, refused.text
+            assert re.search(reason, refused.json()["detail"][0]["msg"]), refused.text
         if "negative_prompt" not in inspect.signature(pipe.pipe.__call__).parameters:
             refused = client.post("/v1/images", json={**body, "negative_prompt": "blurry"}, headers=auth)
             assert refused.status_code == 422 and "negative_prompt" in refused.text
     if "ink" not in pipe.runtime.adapters:  # (the server loaded it into this pipeline's runtime: reuse it)
         pipe.load_lora_weights(str(tmp_path / "loras" / "ink.safetensors"), adapter_name="ink")
     pipe.set_adapters(["ink"], [0.8])
-    extra = {"num_frames": 81} if family == "wan" else {}
     out = pipe(prompt="a red circle", num_inference_steps=2, width=side, height=side, output_type="np",
                generator=np.random.Generator(np.random.PCG64(3)), **extra)
     want = np.clip(np.asarray(first_picture(out), dtype=np.float32), 0, 1)

@@ -10,7 +10,7 @@ layer (LoHa, LoKr, a bias delta) batches only with its own mix. A compiled denoi
 data (``runtime.compiled``): mixes and schedules change with no recompile.
 
 >>> batch_key(Generation("a cat", seed=1, steps=2, width=64, height=64, guidance_scale=7.0), [], mixed=True)
-(None, 1.0, 2, 7.0, 64, 64, True, None)
+(None, 1.0, 2, 7.0, 64, 64, True, None, None)
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class Generation:
     schedules: dict[str, Any] = field(default_factory=dict)  # name -> keyframes (runtime/schedule.py)
     init_images: tuple = ()  # img2img: the init images (base64 as sent; PIL images once checked), image i's: [i % n]
     strength: float | None = None  # img2img's denoising strength; None: txt2img
+    num_frames: int | None = None  # a video pipeline's frames (None: its default; an image pipeline: always None)
 
     def weight_spec(self, name: str) -> Any:
         """What ``set_adapters`` takes for ``name``: its weight, or its block weights times it.
@@ -135,7 +136,7 @@ def batch_key(gen: Generation, entries: Sequence[CachedAdapter], *, mixed: bool)
     per_sample = (mixed and all(e.low_rank for e in entries) and not gen.blocks) or bool(gen.schedules)
     mix = None if per_sample else frozenset((e.name, e.version, repr(gen.weight_spec(e.name))) for e in entries)
     return (mix, gen.scale, gen.steps, gen.guidance_scale, gen.width, gen.height, gen.negative_prompt is None,
-            gen.strength)
+            gen.strength, gen.num_frames)
 
 
 @dataclass
@@ -225,6 +226,8 @@ class BatchRun:
                 generators += [np.random.Generator(np.random.PCG64(gen.seed))] * n
         kwargs = dict(prompt=prompts, generator=generators, num_inference_steps=g.steps,
                       guidance_scale=g.guidance_scale, height=g.height, width=g.width, output_type="np")
+        if g.num_frames is not None:
+            kwargs["num_frames"] = g.num_frames
         if g.negative_prompt is not None:  # (Flux.2 and Flux.1 take none; a request that gives one there is a 422)
             kwargs["negative_prompt"] = negatives
         callback = self._callback(should_stop, interrupt)

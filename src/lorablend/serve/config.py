@@ -29,7 +29,7 @@ class ServeSettings:
     auth with the token as password, as A1111 front-ends send). ``cache_bytes``: the adapter cache's bound.
     Limits (each a flag of ``lorablend serve`` and a bound in ``/openapi.json``): ``max_batch`` images generated
     together; ``max_images`` images one request may ask for; ``max_steps`` inference steps; ``max_pixels``
-    width × height of one image; ``max_queue`` requests waiting (more: 503); ``max_upload_bytes`` a LoRA upload;
+    width × height of one image (a video's frame); ``max_frames`` frames of one video; ``max_queue`` requests waiting (more: 503); ``max_upload_bytes`` a LoRA upload;
     ``max_body_bytes`` every other request body. ``drain_seconds``: how long a stopping server lets queued and
     running requests finish before answering them 503. ``upload_dir``: where uploaded LoRAs are kept (they survive
     a restart); None: a private temporary folder removed at stop. ``mixed_batches``: batch different mixes
@@ -51,6 +51,7 @@ class ServeSettings:
     max_body_bytes: int = 1 * 2**20
     default_steps: int = 30
     max_pixels: int = 1024 * 1024
+    max_frames: int = 81
     max_queue: int = 64
     drain_seconds: float = 10.0
     upload_dir: str | os.PathLike | None = None
@@ -69,7 +70,7 @@ class ServeSettings:
                             ("--max-images", self.max_images), ("--max-steps", self.max_steps),
                             ("--max-upload-bytes", self.max_upload_bytes), ("--max-body-bytes", self.max_body_bytes),
                             ("--default-steps", self.default_steps), ("--max-pixels", self.max_pixels),
-                            ("--max-queue", self.max_queue)):
+                            ("--max-frames", self.max_frames), ("--max-queue", self.max_queue)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 example = " of bytes, e.g. 4000000000" if flag == "--cache-bytes" else ", e.g. 4"
                 raise ValueError(f"{flag} {value}: must be a positive number{example}")
@@ -86,6 +87,7 @@ LIMIT_FLAGS = {  # ServeSettings field -> (type, help): each a flag of `lorablen
     "max_steps": (int, "inference steps one request may ask for (default 150)"),
     "max_pixels": (int, "width x height of one image (default 1048576: 1024x1024)"),
     "max_images": (int, "images one request may ask for (default 8)"),
+    "max_frames": (int, "frames of one video on a video pipeline (Wan; default 81)"),
     "max_queue": (int, "requests waiting for the pipeline; more answer 503 + Retry-After (default 64)"),
     "max_body_bytes": (int, "bytes of a request body other than an upload (default 1 MiB)"),
     "max_upload_bytes": (int, "bytes of a LoRA upload (default 2 GiB)"),

@@ -53,7 +53,8 @@ def _bounds(schemas: dict[str, Any], config: ServeSettings) -> None:
     """Write the server's limits into the request models' fields."""
     side = min(MAX_SIDE, config.max_pixels // 8 // 8 * 8)
     limits = {"steps": config.max_steps, "num_images": config.max_images, "n": config.max_images,
-              "batch_size": config.max_images, "n_iter": config.max_images, "width": side, "height": side}
+              "batch_size": config.max_images, "n_iter": config.max_images, "width": side, "height": side,
+              "num_frames": config.max_frames}
     for name in ("ImageRequest", "Txt2ImgRequest", "Img2ImgRequest", "OpenAIImageRequest"):
         for field, props in schemas.get(name, {}).get("properties", {}).items():
             if field in limits:

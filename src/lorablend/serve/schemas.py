@@ -135,6 +135,8 @@ class ImageRequest(BaseModel):
     width: Side | None = None
     height: Side | None = None
     num_images: Annotated[int, Field(ge=1)] = 1
+    num_frames: Annotated[int, Field(ge=1, description="a video pipeline's length in frames (Wan: 4k + 1; default "
+                                     "the pipeline's); an image pipeline answers 422")] | None = None
     response_format: Literal["png", "json"] | None = None
 
     def generation(self, config: ServeSettings) -> Generation:
@@ -150,7 +152,8 @@ class ImageRequest(BaseModel):
                                              f"{self.num_images} images", self.response_format)
         prompt, mix, blocks, schedules = _mix(self.prompt, self.loras)
         return Generation(prompt, _seed(self.seed), steps, mix, self.negative_prompt or None, self.guidance_scale,
-                          self.width, self.height, self.num_images, self.scale, blocks=blocks, schedules=schedules)
+                          self.width, self.height, self.num_images, self.scale, blocks=blocks, schedules=schedules,
+                          num_frames=self.num_frames)
 
 
 class LoraRegistration(BaseModel):

@@ -177,11 +177,31 @@ class ServerState:
         if gen.negative_prompt is not None and not self.worker.takes_negative_prompt:
             raise invalid("negative_prompt", f"this server's pipeline ({type(self.pipe.pipe).__name__}) takes no "
                                              "negative prompt; leave it out", gen.negative_prompt[:40])
+        self._check_frames(gen)
         if gen.width * gen.height > self.config.max_pixels:
             raise invalid("width", f"{gen.width}x{gen.height} is {gen.width * gen.height:,} pixels: this server "
                                    f"allows at most {self.config.max_pixels:,} (--max-pixels); ask for a smaller "
                                    "size", f"{gen.width}x{gen.height}")
         return gen
+
+
+    def _check_frames(self, gen: Generation) -> None:
+        """422 naming ``num_frames``: given to an image pipeline, past ``--max-frames``, or a length the video VAE
+        cannot pack (Wan: 4k + 1 frames, 4 to a latent after the first)."""
+        if gen.num_frames is None:
+            return
+        defaults = self.worker.defaults
+        if defaults["num_frames"] is None:
+            raise invalid("num_frames", f"this server's pipeline ({type(self.pipe.pipe).__name__}) makes images, not "
+                                        "videos; leave num_frames out", gen.num_frames)
+        if gen.num_frames > self.config.max_frames:
+            raise invalid("num_frames", f"{gen.num_frames} frames: this server allows at most "
+                                        f"{self.config.max_frames} (--max-frames); ask for fewer", gen.num_frames)
+        step = defaults["frames_per_latent"]
+        if (gen.num_frames - 1) % step:
+            raise invalid("num_frames", f"{gen.num_frames} frames: this video model packs {step} frames to a latent "
+                                        f"after the first, so ask for 1 more than a multiple of {step} (e.g. "
+                                        f"{(gen.num_frames - 1) // step * step + 1})", gen.num_frames)
 
 
 async def _client_gone(request: Request) -> None:

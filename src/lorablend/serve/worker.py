@@ -49,7 +49,10 @@ def _pipeline_defaults(pipe: Any) -> dict[str, Any]:
         given = {"height": side, "width": side}
     guidance = params.get("guidance_scale")
     default = guidance.default if guidance is not None and guidance.default is not inspect.Parameter.empty else 7.5
-    return {**given, "guidance_scale": None if default is None else float(default)}
+    frames = params.get("num_frames")  # a video pipeline (Wan): its default length, and the VAE's frames per latent
+    frames = frames.default if frames is not None and isinstance(frames.default, int) else None
+    return {**given, "guidance_scale": None if default is None else float(default), "num_frames": frames,
+            "frames_per_latent": int(getattr(pipe.pipe, "vae_scale_factor_temporal", 1) or 1)}
 
 
 class Worker:
@@ -61,7 +64,7 @@ class Worker:
     ``mixed``: batch different mixes together (default True).
 
     >>> Worker(pipe, cache, Metrics(), max_batch=4).defaults                    # doctest: +SKIP
-    {'width': 512, 'height': 512, 'guidance_scale': 7.5}
+    {'width': 512, 'height': 512, 'guidance_scale': 7.5, 'num_frames': None, 'frames_per_latent': 1}
     """
 
     def __init__(self, pipe: Any, cache: AdapterCache, metrics: Metrics, *, max_batch: int, max_queue: int = 64,
@@ -137,7 +140,7 @@ class Worker:
         """``gen`` with the pipeline's defaults filled in. >>> worker.resolve(gen).width  # doctest: +SKIP"""
         return replace(gen, width=gen.width or self.defaults["width"], height=gen.height or self.defaults["height"],
                        guidance_scale=self.defaults["guidance_scale"] if gen.guidance_scale is None
-                       else gen.guidance_scale)
+                       else gen.guidance_scale, num_frames=gen.num_frames or self.defaults["num_frames"])
 
     def submit(self, gen: Generation, entries: Sequence[CachedAdapter]) -> Job:
         """Queue a request (``entries``: the parsed adapters of ``gen.loras``); returns its :class:`Job`. Raises
